@@ -1,0 +1,1 @@
+"""openpi-compatible pi0 that exposes its hidden states (openpi module names)."""

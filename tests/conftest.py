@@ -1,0 +1,26 @@
+"""Shared test fixtures: the upstream-produced golden fixture lives in tests/data (copied from shared/fixtures)."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+TINY_A = DATA_DIR / "pi0_tiny_a"
+
+
+@pytest.fixture(scope="session")
+def tiny_a_dir() -> pathlib.Path:
+    return TINY_A
+
+
+@pytest.fixture(scope="session")
+def tiny_a_inputs() -> dict[str, np.ndarray]:
+    with np.load(TINY_A / "inputs.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_a_expected() -> dict[str, np.ndarray]:
+    with np.load(TINY_A / "expected.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
