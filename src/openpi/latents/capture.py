@@ -1,0 +1,121 @@
+"""What to capture from pi0 during inference, and how much of it to keep.
+
+A `CaptureSpec` is static (hashable): it is a `jax.jit` static argument, so every reduction it asks for is compiled
+into the inference program and only what is kept leaves the device. `CaptureSpec.off()` compiles to the plain model.
+
+Streams (see docs/INTERFACES.md for the exact keys and shapes):
+
+* `expert_0`: the PaliGemma residual stream entering each layer during the prefix pass. "full" keeps every prefix
+  token; "pooled" keeps the masked mean of each camera's tokens and of the text tokens (over valid tokens only).
+* `text`: expert 0 at the text positions only (the "text window", `max_token_len` tokens), with its validity mask.
+* `expert_1`: the action-expert residual stream entering each layer at each denoising step. "pooled" keeps the
+  state token and the mean of the action tokens.
+* `attention_to_text`: attention mass (summed softmax probability) from each expert-1 query onto the valid text keys,
+  per layer, head and denoising step.
+* `trajectory`: the flow-matching path x_t (before each step and the final x_0) and the velocities v_t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+StreamMode = Literal["off", "pooled", "full"]
+StorageDtype = Literal["bfloat16", "float16", "float32"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureSpec:
+    """Which latents `Pi0.infer_with_latents` returns; applied inside the jitted function."""
+
+    # Expert 0 (VLM) residual stream in the prefix pass: "off", "pooled" (per-camera + text means) or "full".
+    expert_0: StreamMode = "pooled"
+    # Expert 1 (action expert) residual stream per denoising step: "off", "pooled" (state, action mean) or "full".
+    expert_1: StreamMode = "pooled"
+    # Expert 0 at the text positions (the text window), with `text_mask`.
+    text: bool = True
+    # Attention mass from expert-1 queries onto valid text keys, per denoising step / layer / head.
+    attention_to_text: bool = True
+    # The denoising trajectory x_t and the velocities v_t.
+    trajectory: bool = True
+    # Layers to keep (None = all). Layer l's entry is the residual stream *entering* layer l.
+    layers: tuple[int, ...] | None = None
+    # Denoising steps to keep for the expert-1 streams (None = all). Step 0 is t = 1.0 (pure noise).
+    denoise_steps: tuple[int, ...] | None = None
+    # Storage dtype of hidden states (attention masses and the trajectory stay float32).
+    dtype: StorageDtype = "bfloat16"
+
+    def __post_init__(self):
+        for field in ("expert_0", "expert_1"):
+            value = getattr(self, field)
+            if value not in ("off", "pooled", "full"):
+                raise ValueError(f"CaptureSpec.{field}={value!r} is not valid: use 'off', 'pooled' or 'full'.")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"CaptureSpec.dtype={self.dtype!r} is not valid: use 'bfloat16', 'float16' or 'float32'.")
+        # Normalise lists (e.g. from a CLI or JSON) to tuples so the spec stays hashable.
+        for field in ("layers", "denoise_steps"):
+            value = getattr(self, field)
+            if value is not None:
+                object.__setattr__(self, field, tuple(int(v) for v in value))
+
+    @classmethod
+    def off(cls) -> CaptureSpec:
+        """Capture nothing: the compiled program is the plain model."""
+        return cls(expert_0="off", expert_1="off", text=False, attention_to_text=False, trajectory=False)
+
+    @classmethod
+    def everything(cls) -> CaptureSpec:
+        """Every stream at full token resolution, every layer and denoising step."""
+        return cls(expert_0="full", expert_1="full", text=True, attention_to_text=True, trajectory=True)
+
+    @property
+    def is_off(self) -> bool:
+        return self == CaptureSpec.off()
+
+    @property
+    def captures_expert_1(self) -> bool:
+        return self.expert_1 != "off" or self.attention_to_text
+
+    def layer_indices(self, depth: int) -> tuple[int, ...]:
+        """The captured layers for a model of `depth` layers; raises a clear error for ones that do not exist."""
+        if self.layers is None:
+            return tuple(range(depth))
+        bad = [layer for layer in self.layers if not -depth <= layer < depth]
+        if bad:
+            raise ValueError(
+                f"Capture layer(s) {bad} do not exist: this model has {depth} layers (valid indices 0..{depth - 1}). "
+                "Fix CaptureSpec.layers (--capture.layers)."
+            )
+        if not self.layers:
+            raise ValueError("CaptureSpec.layers is empty: pass None for all layers or list at least one layer.")
+        return tuple(layer % depth for layer in self.layers)
+
+    def step_indices(self, num_steps: int) -> tuple[int, ...]:
+        """The captured denoising steps out of `num_steps`; raises a clear error for ones that do not exist."""
+        if self.denoise_steps is None:
+            return tuple(range(num_steps))
+        bad = [s for s in self.denoise_steps if not -num_steps <= s < num_steps]
+        if bad:
+            raise ValueError(
+                f"Capture denoising step(s) {bad} do not exist: sampling runs {num_steps} steps "
+                f"(valid indices 0..{num_steps - 1}). Fix CaptureSpec.denoise_steps (--capture.denoise-steps)."
+            )
+        if not self.denoise_steps:
+            raise ValueError("CaptureSpec.denoise_steps is empty: pass None for all steps or list at least one.")
+        return tuple(s % num_steps for s in self.denoise_steps)
+
+    def validate(self, *, depth: int, num_steps: int) -> None:
+        """Check that the spec fits a model with `depth` layers sampled with `num_steps` steps."""
+        self.layer_indices(depth)
+        self.step_indices(num_steps)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CaptureSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown CaptureSpec field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)

@@ -1,0 +1,414 @@
+"""Multi-expert Gemma: several transformers that share one attention per layer (pi0's PaliGemma + action expert).
+
+Parameter layout and numerics follow upstream openpi exactly (see shared/spec/pi0.md section 4): expert 0 keeps the
+PaliGemma names (`q_einsum`, `mlp`, ...), expert i > 0 gets the suffix `_i`; the layer stack is an `nn.scan` with the
+layer index as the first param axis.
+
+Capture by construction: each layer returns the taps that were asked for (a residual stream entering the layer, the
+attention output, ...), already reduced over tokens, and the scan stacks them per layer. With no taps the program is
+the plain model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+PALIGEMMA_VOCAB_SIZE = 257_152
+# Upstream fills masked logits with this finite value (not -inf): rows with no valid key get a uniform softmax.
+_BIG_NEG = -2.3819763e38
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+_VARIANTS = {
+    "dummy": Config(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
+    "gemma_300m": Config(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma_2b": Config(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
+}
+
+
+def get_config(variant: str) -> Config:
+    """Gemma variant by name ("dummy", "gemma_300m", "gemma_2b")."""
+    if variant not in _VARIANTS:
+        raise ValueError(f"Unknown Gemma variant {variant!r}; known variants: {sorted(_VARIANTS)}.")
+    return _VARIANTS[variant]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Capture requests
+# ----------------------------------------------------------------------------------------------------------------
+
+Stream = Literal["residual", "post_attn_residual", "attn_out", "head_out"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """One per-layer capture: a stream of one expert, reduced over its tokens.
+
+    streams:
+      residual           — the expert's residual stream entering the layer (layer 0: the embedded input).
+      post_attn_residual — the residual stream after the attention block's residual add (before the FFN).
+      attn_out           — the attention block's output (after the output projection, before the residual add).
+      head_out           — the per-head attention output before the output projection, [.., tokens, heads, head_dim].
+    tokens:
+      "full"      — every token of this expert in this call.
+      (start, stop) — a static token window.
+      "pool"      — `pool_weights[expert] @ stream`: a weighted sum per token group ([B, G, T] weights, usually
+                    masked means), computed in float32.
+    """
+
+    name: str
+    stream: Stream
+    expert: int
+    tokens: Literal["full", "pool"] | tuple[int, int] = "full"
+
+
+def _name(base: str, expert: int) -> str:
+    # Expert 0 keeps PaliGemma's names so the VLM loads from a PaliGemma checkpoint unchanged.
+    return base if expert == 0 else f"{base}_{expert}"
+
+
+def _reduce_tokens(x: jax.Array, tokens, weights: jax.Array | None) -> jax.Array:
+    if tokens == "full":
+        return x
+    if tokens == "pool":
+        if weights is None:
+            raise ValueError("A 'pool' tap needs pool_weights for its expert.")
+        return jnp.einsum("bgt,bt...->bg...", weights.astype(jnp.float32), x.astype(jnp.float32))
+    start, stop = tokens
+    return x[:, start:stop]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        dtype = x.dtype
+        scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = x32 * jnp.reciprocal(jnp.sqrt(var + 1e-6))
+        return (normed * (1 + scale)).astype(dtype)  # scale is stored as an offset from 1
+
+
+class Einsum(nn.Module):
+    shape: tuple[int, ...]
+    in_axis: int = -2
+    out_axis: int = -1
+    batch_axis: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, eqn: str, x):
+        init = nn.initializers.lecun_normal(in_axis=self.in_axis, out_axis=self.out_axis, batch_axis=self.batch_axis)
+        w = self.param("w", init, self.shape)
+        return jnp.einsum(eqn, x, w.astype(x.dtype))  # weights follow the activation dtype
+
+
+class Embedder(nn.Module):
+    vocab_size: int
+    width: int
+
+    def setup(self):
+        self.input_embedding = self.param(
+            "input_embedding", nn.initializers.normal(stddev=1.0), (self.vocab_size, self.width)
+        )
+
+    def encode(self, tokens):
+        x = self.input_embedding[(tokens,)]
+        return x * jnp.sqrt(self.width).astype(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """GeGLU with tanh-approximate gelu; params `gating_einsum` [2, D, F] and `linear` [F, D]."""
+
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        gating = self.param(
+            "gating_einsum",
+            nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
+            (2, width, self.mlp_dim),
+        ).astype(x.dtype)
+        gate = nn.gelu(jnp.dot(x, gating[0]))  # approximate=True: the tanh form upstream uses
+        up = jnp.dot(x, gating[1])
+        linear = self.param("linear", nn.initializers.lecun_normal(), (self.mlp_dim, width)).astype(x.dtype)
+        return jnp.dot(gate * up, linear)
+
+
+def apply_rope(x, positions, max_wavelength: int = 10_000):
+    """Rotary embedding, half-split convention; computed in float32 and cast back."""
+    half = x.shape[-1] // 2
+    freq_exponents = (2.0 / x.shape[-1]) * jnp.arange(half, dtype=jnp.float32)
+    timescale = max_wavelength**freq_exponents
+    angle = positions[..., None] / timescale[None, None, :]
+    angle = angle[..., None, :]  # broadcast over heads
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Joint attention over the concatenated tokens of all present experts (expert 0 first)."""
+
+    configs: tuple[Config, ...]
+
+    @nn.compact
+    def __call__(self, xs, positions, attn_mask, kv_cache, key_groups):
+        cfg0 = self.configs[0]
+        num_heads, num_kv, head_dim = cfg0.num_heads, cfg0.num_kv_heads, cfg0.head_dim
+        dtype = next(x.dtype for x in xs if x is not None)
+
+        qs, ks, vs = [], [], []
+        for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True)):
+            if x is None:
+                continue
+            if cfg.num_kv_heads == cfg.num_heads:
+                qkv = Einsum((3, cfg.num_heads, cfg.width, cfg.head_dim), batch_axis=(0, 1), name=_name("qkv_einsum", i))
+                q, k, v = qkv("BSD,3KDH->3BSKH", x)
+            else:
+                q = Einsum((cfg.num_heads, cfg.width, cfg.head_dim), batch_axis=(0,), name=_name("q_einsum", i))(
+                    "BTD,NDH->BTNH", x
+                )
+                k, v = Einsum(
+                    (2, cfg.num_kv_heads, cfg.width, cfg.head_dim), batch_axis=(0, 1), name=_name("kv_einsum", i)
+                )("BSD,2KDH->2BSKH", x)
+            qs.append(q)
+            ks.append(k)
+            vs.append(v)
+
+        q = jnp.concatenate(qs, axis=1)
+        k = jnp.concatenate(ks, axis=1)
+        v = jnp.concatenate(vs, axis=1)
+
+        q = apply_rope(q, positions)
+        q = q * head_dim**-0.5  # after RoPE, q only
+        k = apply_rope(k, positions)
+        new_cache = (k, v) if kv_cache is None else None
+        if kv_cache is not None:
+            k = jnp.concatenate([kv_cache[0], k], axis=1)
+            v = jnp.concatenate([kv_cache[1], v], axis=1)
+            new_cache = (k, v)
+
+        batch, q_len = q.shape[:2]
+        q = q.reshape(batch, q_len, num_kv, num_heads // num_kv, head_dim)  # head n uses kv head n // G
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        if attn_mask.shape[-2:] != (q_len, k.shape[1]):
+            raise ValueError(f"Attention mask {attn_mask.shape} does not fit queries {q_len} x keys {k.shape[1]}.")
+        logits = jnp.where(attn_mask[:, :, None, :, :], logits, _BIG_NEG)
+        probs32 = jax.nn.softmax(logits, axis=-1)
+        probs = probs32.astype(dtype)
+        enc = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(batch, q_len, num_heads, head_dim)
+
+        mass = None
+        if key_groups is not None:
+            # Attention mass onto each key group: sum of the softmax probabilities over the group's keys.
+            mass = jnp.einsum("bkgts,bcs->bkgtc", probs32, key_groups.astype(jnp.float32))
+            mass = mass.reshape(batch, num_heads, q_len, key_groups.shape[1])
+
+        outs, heads, start = [], [], 0
+        for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True)):
+            if x is None:
+                outs.append(None)
+                heads.append(None)
+                continue
+            end = start + x.shape[1]
+            enc_i = enc[:, start:end]
+            o = Einsum((cfg.num_heads, cfg.head_dim, cfg.width), in_axis=(-3, -2), batch_axis=(), name=_name("attn_vec_einsum", i))(
+                "BTNH,NHD->BTD", enc_i
+            )
+            outs.append(o)
+            heads.append(enc_i)
+            start = end
+        return outs, heads, new_cache, mass
+
+
+class Block(nn.Module):
+    """One transformer layer for all experts; returns (new residual streams, (kv, captures))."""
+
+    configs: tuple[Config, ...]
+    taps: tuple[Tap, ...] = ()
+    capture_dtype: str | None = None
+
+    @nn.compact
+    def __call__(self, xs, positions, attn_mask, pool_weights, key_groups, kv_cache):
+        captures = {}
+
+        def tap(stream: str, per_expert):
+            for t in self.taps:
+                if t.stream == stream and per_expert[t.expert] is not None:
+                    weights = None if pool_weights is None else pool_weights[t.expert]
+                    value = _reduce_tokens(per_expert[t.expert], t.tokens, weights)
+                    captures[t.name] = value.astype(self.capture_dtype) if self.capture_dtype else value
+
+        tap("residual", xs)
+        normed = [
+            None if x is None else RMSNorm(name=_name("pre_attention_norm", i))(x) for i, x in enumerate(xs)
+        ]
+        attn_outs, heads, kv, mass = Attention(self.configs, name="attn")(
+            normed, positions, attn_mask, kv_cache, key_groups
+        )
+        tap("attn_out", attn_outs)
+        tap("head_out", heads)
+        xs = [None if x is None else x + a for x, a in zip(xs, attn_outs, strict=True)]
+        tap("post_attn_residual", xs)
+        if mass is not None:
+            captures["attention_mass"] = mass
+
+        out = []
+        for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True)):
+            if x is None:
+                out.append(None)
+                continue
+            h = RMSNorm(name=_name("pre_ffw_norm", i))(x)
+            out.append(x + FeedForward(cfg.mlp_dim, name=_name("mlp", i))(h))
+        return out, (kv, captures)
+
+
+class Module(nn.Module):
+    """The multi-expert transformer: `embed` (expert 0's token embedding) and `__call__` (the layer stack).
+
+    `__call__(embedded, positions, mask, *, kv_cache, pool_weights, key_groups)` returns
+    `(outputs, kv_cache, captures)`: per-expert outputs after each expert's final norm (None for experts not given),
+    the stacked (K, V) cache [L, B, S, K, H] (K after RoPE, unscaled), and `captures[tap.name]` stacked [L, ...] per
+    tap, plus `captures["attention_mass"]` [L, B, heads, T, G] when `key_groups` [B, G, S] is given.
+    """
+
+    configs: tuple[Config, ...]
+    embed_dtype: str = "bfloat16"
+    vocab_size: int = PALIGEMMA_VOCAB_SIZE
+    taps: tuple[Tap, ...] = ()
+    capture_dtype: str | None = None
+
+    def setup(self):
+        cfgs = tuple(self.configs)
+        for attr in ("depth", "num_heads", "num_kv_heads", "head_dim"):
+            values = {getattr(c, attr) for c in cfgs}
+            if len(values) != 1:
+                raise ValueError(f"All experts must share {attr}; got {[getattr(c, attr) for c in cfgs]}.")
+        for t in self.taps:
+            if not 0 <= t.expert < len(cfgs):
+                raise ValueError(f"Tap {t.name!r} asks for expert {t.expert}, but there are {len(cfgs)} experts.")
+        self.embedder = Embedder(vocab_size=self.vocab_size, width=cfgs[0].width, name="embedder")
+        scanned = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=cfgs[0].depth,
+        )
+        self.layers = scanned(configs=cfgs, taps=tuple(self.taps), capture_dtype=self.capture_dtype, name="layers")
+        self.final_norms = [RMSNorm(name=_name("final_norm", i)) for i in range(len(cfgs))]
+
+    def embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+        return self.embedder.encode(tokens).astype(self.embed_dtype)
+
+    def __call__(
+        self,
+        embedded: Sequence[Float[Array, "b _t _d"] | None],
+        positions: Int[Array, "b t"],
+        mask: Bool[Array, "b t s"],
+        *,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        pool_weights: Sequence[jax.Array | None] | None = None,
+        key_groups: Float[Array, "b g s"] | None = None,
+    ):
+        if len(embedded) != len(self.configs):
+            raise ValueError(f"Got {len(embedded)} inputs for {len(self.configs)} experts.")
+        xs = [None if e is None else e.astype(self.embed_dtype) for e in embedded]
+        attn_mask = jnp.asarray(mask)[:, None, :, :]
+        pool = None if pool_weights is None else list(pool_weights)
+        xs, (kv, captures) = self.layers(xs, positions, attn_mask, pool, key_groups, kv_cache)
+        outputs = [None if x is None else norm(x) for x, norm in zip(xs, self.final_norms, strict=True)]
+        return outputs, kv, captures
+
+    def init_all(self, batch: int = 1, tokens: tuple[int, ...] | None = None):
+        """Touch every parameter (all experts present) — used for `init`."""
+        tokens = tokens or (1,) * len(self.configs)
+        self.embed(jnp.zeros((batch, 1), jnp.int32))
+        total = sum(tokens)
+        embedded = [jnp.zeros((batch, n, c.width), jnp.float32) for n, c in zip(tokens, self.configs, strict=True)]
+        positions = jnp.zeros((batch, total), jnp.int32)
+        mask = jnp.ones((batch, total, total), bool)
+        return self(embedded, positions, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading captures
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hidden_state_taps(num_experts: int, stream: Stream = "residual") -> tuple[Tap, ...]:
+    """Taps for every expert's full residual stream, named `hidden_states_{i}` (what `Analysis` reads)."""
+    return tuple(Tap(f"hidden_states_{i}", stream, i) for i in range(num_experts))
+
+
+class Analysis:
+    """Static accessors over the `captures` of a `Module` call made with `hidden_state_taps(...)`.
+
+    Every array is stacked over layers: entry l is the residual stream entering layer l (l = 0: the embedded input).
+    """
+
+    @staticmethod
+    def get_expert_0_hidden_states(captures: dict) -> Float[Array, "l b t0 d0"]:
+        return Analysis._get(captures, 0)
+
+    @staticmethod
+    def get_expert_1_hidden_states(captures: dict) -> Float[Array, "l b t1 d1"]:
+        return Analysis._get(captures, 1)
+
+    @staticmethod
+    def get_hidden_states(captures: dict) -> jax.Array | tuple[jax.Array, ...]:
+        """All experts that ran, in token order: one [L, B, T, W] array if widths agree, else a per-expert tuple."""
+        states = [captures[k] for k in sorted(k for k in captures if k.startswith("hidden_states_"))]
+        if not states:
+            raise KeyError("No hidden states in these captures: call the Module with taps=hidden_state_taps(n).")
+        if len({s.shape[-1] for s in states}) == 1:
+            return jnp.concatenate(states, axis=2)
+        return tuple(states)
+
+    @staticmethod
+    def get_text_only_hidden_states(
+        captures: dict, *, text_start: int, text_len: int, input_mask: Bool[Array, "b t0"]
+    ) -> tuple[Float[Array, "l b n d0"], Bool[Array, "b n"]]:
+        """Expert 0 at the text positions [text_start, text_start + text_len), with the text validity mask.
+
+        The text range comes from the model config (pi0: cameras * tokens_per_camera .. + max_token_len); padding
+        positions (mask False) carry meaningless values.
+        """
+        states = Analysis._get(captures, 0)
+        if text_start + text_len > states.shape[2]:
+            raise ValueError(f"Text window [{text_start}, {text_start + text_len}) exceeds {states.shape[2]} tokens.")
+        return states[:, :, text_start : text_start + text_len], input_mask[:, text_start : text_start + text_len]
+
+    @staticmethod
+    def _get(captures: dict, expert: int):
+        key = f"hidden_states_{expert}"
+        if key not in captures:
+            raise KeyError(f"Expert {expert} did not run or was not captured (have {sorted(captures)}).")
+        return captures[key]
+
+
+def num_params(params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
