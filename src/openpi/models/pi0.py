@@ -1,0 +1,414 @@
+"""pi0: a PaliGemma VLM (expert 0) and an action expert (expert 1) sharing attention, sampling actions by flow matching.
+
+Numerics and parameter layout are upstream openpi's (shared/spec/pi0.md); the fixture tests prove it. On top of the
+plain model this module can return what happens inside, by construction: `infer_with_latents` compiles the captures a
+`CaptureSpec` asks for (reduced on device) into the same jitted program as the sampling loop.
+
+Time convention (upstream's): t = 1 is noise, t = 0 is data; Euler steps with dt = -1/num_steps.
+
+pi0 decodes nothing autoregressively: the "AR process" of the seed plan is the single prefix pass over image and text
+tokens, which fills the KV cache once; only the action expert runs in each denoising step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import einops
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from openpi.latents.capture import CaptureSpec
+from openpi.models import gemma
+from openpi.models import model as _model
+from openpi.models.pi0_config import Pi0Config
+
+__all__ = ["Pi0", "Pi0Config", "make_attn_mask", "posemb_sincos"]
+
+
+def make_attn_mask(input_mask: Bool[Array, "b n"], mask_ar: Bool[Array, "*b n"]) -> Bool[Array, "b n n"]:
+    """Token i may attend token j iff cumsum(ar)[j] <= cumsum(ar)[i] and both are valid (big_vision's prefix-LM)."""
+    mask_ar = jnp.broadcast_to(mask_ar, input_mask.shape)
+    cumsum = jnp.cumsum(mask_ar, axis=1)
+    attn_mask = cumsum[:, None, :] <= cumsum[:, :, None]
+    valid = input_mask[:, None, :] * input_mask[:, :, None]
+    return jnp.logical_and(attn_mask, valid)
+
+
+def posemb_sincos(pos: Float[Array, " b"], dim: int, min_period: float, max_period: float) -> Float[Array, "b d"]:
+    """Sine-cosine embedding of a scalar per example: [sin | cos] over `dim // 2` geometric periods."""
+    if dim % 2:
+        raise ValueError(f"posemb_sincos needs an even dimension, got {dim}.")
+    fraction = jnp.linspace(0.0, 1.0, dim // 2)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = jnp.einsum("i,j->ij", pos, 1.0 / period * 2 * jnp.pi, precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+
+
+def _linear(p: dict, x: jax.Array) -> jax.Array:
+    # nnx.Linear semantics: compute in the promoted dtype of input and params.
+    dtype = jnp.result_type(x, p["kernel"], p["bias"])
+    return jnp.dot(x.astype(dtype), p["kernel"].astype(dtype)) + p["bias"].astype(dtype)
+
+
+def _mean_weights(masks: Bool[Array, "b g t"]) -> Float[Array, "b g t"]:
+    """Masked-mean weights per token group; a group with no valid token gets all-zero weights (its mean is 0)."""
+    masks = masks.astype(jnp.float32)
+    return masks / jnp.maximum(masks.sum(-1, keepdims=True), 1.0)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
+class Pi0:
+    """The model: `params` (a pure nested dict, upstream layout) and its static `config`. A JAX pytree."""
+
+    params: dict[str, Any]
+    config: Pi0Config
+
+    # ------------------------------------------------------------------------------------------------ embeddings
+    def embed_prefix(
+        self, obs: _model.Observation
+    ) -> tuple[Float[Array, "b tp d"], Bool[Array, "b tp"], Bool[Array, " tp"]]:
+        """[camera tokens (256 each, IMAGE_KEYS order) | text embeddings]; all prefix tokens attend bidirectionally."""
+        tokens, masks = [], []
+        img = self.config.img()
+        for name in _model.IMAGE_KEYS:
+            image_tokens, _ = img.apply({"params": self.params["PaliGemma"]["img"]}, obs.images[name])
+            tokens.append(image_tokens)
+            masks.append(einops.repeat(obs.image_masks[name], "b -> b s", s=image_tokens.shape[1]))
+        if obs.tokenized_prompt is not None:
+            llm = self.config.llm()
+            tokens.append(llm.apply({"params": self.params["PaliGemma"]["llm"]}, obs.tokenized_prompt, method="embed"))
+            masks.append(obs.tokenized_prompt_mask)
+        tokens = jnp.concatenate(tokens, axis=1)
+        input_mask = jnp.concatenate(masks, axis=1)
+        return tokens, input_mask, jnp.zeros(input_mask.shape[1], dtype=bool)
+
+    def embed_suffix(
+        self, obs: _model.Observation, noisy_actions: Float[Array, "b h a"], timestep: Float[Array, " b"]
+    ) -> tuple[Float[Array, "b ts d"], Bool[Array, "b ts"], Bool[Array, " ts"]]:
+        """[state token | action_time_mlp(action_in_proj(x_t), posemb(t))]; state is causal to the actions."""
+        p = self.params
+        horizon = self.config.action_horizon
+        state_token = _linear(p["state_proj"], obs.state)[:, None, :]
+        action_tokens = _linear(p["action_in_proj"], noisy_actions)
+        time_emb = posemb_sincos(timestep, action_tokens.shape[-1], min_period=4e-3, max_period=4.0)
+        time_tokens = einops.repeat(time_emb, "b d -> b h d", h=horizon)
+        x = jnp.concatenate([action_tokens, time_tokens], axis=-1)
+        x = _linear(p["action_time_mlp_out"], jax.nn.swish(_linear(p["action_time_mlp_in"], x)))
+        tokens = jnp.concatenate([state_token, x], axis=1)
+        batch = tokens.shape[0]
+        input_mask = jnp.ones((batch, 1 + horizon), dtype=bool)
+        ar_mask = jnp.array([True, True] + [False] * (horizon - 1))
+        return tokens, input_mask, ar_mask
+
+    # ------------------------------------------------------------------------------------------------ training loss
+    def _loss_pass(self, rng, observation, actions, *, train: bool, taps=(), key_groups=None):
+        preprocess_rng, noise_rng, time_rng = jax.random.split(rng, 3)
+        obs = _model.preprocess_observation(preprocess_rng, observation, train=train)
+        batch_shape = actions.shape[:-2]
+        noise = jax.random.normal(noise_rng, actions.shape)
+        time = jax.random.beta(time_rng, 1.5, 1, batch_shape) * 0.999 + 0.001
+        t = time[..., None, None]
+        x_t = t * noise + (1 - t) * actions
+        u_t = noise - actions
+
+        prefix_tokens, prefix_mask, prefix_ar = self.embed_prefix(obs)
+        suffix_tokens, suffix_mask, suffix_ar = self.embed_suffix(obs, x_t, time)
+        input_mask = jnp.concatenate([prefix_mask, suffix_mask], axis=1)
+        attn_mask = make_attn_mask(input_mask, jnp.concatenate([prefix_ar, suffix_ar], axis=0))
+        positions = jnp.cumsum(input_mask, axis=1) - 1
+        groups = None if key_groups is None else key_groups(prefix_mask, suffix_mask)
+        llm = self.config.llm(taps)
+        (_, suffix_out), _, captures = llm.apply(
+            {"params": self.params["PaliGemma"]["llm"]},
+            [prefix_tokens, suffix_tokens],
+            positions,
+            attn_mask,
+            key_groups=groups,
+        )
+        v_t = _linear(self.params["action_out_proj"], suffix_out[:, -self.config.action_horizon :])
+        loss = jnp.mean(jnp.square(v_t - u_t), axis=-1)
+        return loss, captures, prefix_mask, suffix_mask
+
+    def compute_loss(
+        self, rng: jax.Array, observation: _model.Observation, actions: Float[Array, "b h a"], *, train: bool = False
+    ) -> Float[Array, "b h"]:
+        """Flow-matching loss per example and action step: mean over action dims of (v_t - u_t)^2."""
+        return self._loss_pass(rng, observation, actions, train=train)[0]
+
+    def compute_loss_with_extra(
+        self, rng: jax.Array, observation: _model.Observation, actions: Float[Array, "b h a"], *, train: bool = False
+    ) -> dict[str, Any]:
+        """`compute_loss`'s joint pass (prefix and suffix together, no cache) plus what happens inside it.
+
+        All `*_sum` entries are summed over the batch axis (so they can be accumulated over batches and divided by
+        the number of examples). L = depth, Tp = prefix length, Ts = 1 + horizon, n = max_token_len, N = heads.
+
+        * `loss_sum` — scalar: `compute_loss(...)` ([B, H]) summed over batch and action steps.
+        * `expert_0_hidden_states_sum` [L, Tp, W0] — expert 0's residual stream entering each layer (l = 0 is the
+          embedded prefix). `expert_1_hidden_states_sum` [L, Ts, W1] — the same for the action expert.
+        * `hidden_states_sum` — both experts in token order: [L, Tp + Ts, W] if the widths agree, else the tuple
+          (expert 0, expert 1).
+        * `text_only_hidden_states_sum` [L, n, W0] — expert 0 at the text positions, with padding positions zeroed.
+        * `post_attn_embedding_sum` — per expert (tuple), the residual stream after each layer's attention block
+          (x + attention output, before the FFN): ([L, Tp, W0], [L, Ts, W1]).
+        * `post_attn_sum` — per expert (tuple), each layer's attention output after the output projection, before
+          the residual add: ([L, Tp, W0], [L, Ts, W1]).
+        * `attention_score_sum` [L, N, G, G] — attention mass between token groups (`token_group_names`: each
+          camera, text, state, actions): entry [l, h, q, k] is the softmax probability mass that head h's queries
+          of group q put on the valid keys of group k, averaged over the valid queries of group q. Rows sum to 1
+          (over k) for groups with valid queries, and are 0 for empty groups (the masked camera).
+        * `text_representation` [L, B, n, N, head_dim] — per-head attention output (before the output projection)
+          at the text positions, not summed.
+        * `text_mask` [B, n] — which text positions hold real prompt tokens.
+        """
+        cfg = self.config
+        ts, n = cfg.text_start, cfg.max_token_len
+        taps = (
+            *gemma.hidden_state_taps(2),
+            gemma.Tap("post_attn_residual_0", "post_attn_residual", 0),
+            gemma.Tap("post_attn_residual_1", "post_attn_residual", 1),
+            gemma.Tap("attn_out_0", "attn_out", 0),
+            gemma.Tap("attn_out_1", "attn_out", 1),
+            gemma.Tap("text_representation", "head_out", 0, (ts, ts + n)),
+        )
+        loss, caps, prefix_mask, suffix_mask = self._loss_pass(
+            rng, observation, actions, train=train, taps=taps, key_groups=self._token_groups
+        )
+        text_mask = prefix_mask[:, ts : ts + n]
+        # Average over the valid queries of each group: [B, G, T] weights on the query axis.
+        query_weights = _mean_weights(self._token_groups(prefix_mask, suffix_mask))
+        scores = jnp.einsum("lbntg,bqt->lbnqg", caps["attention_mass"], query_weights)
+
+        def batch_sum(x):
+            return x.sum(axis=1)  # captures are [L, B, ...]
+
+        text_states, _ = gemma.Analysis.get_text_only_hidden_states(
+            caps, text_start=ts, text_len=n, input_mask=prefix_mask
+        )
+        hidden = gemma.Analysis.get_hidden_states(caps)
+        return {
+            "loss_sum": loss.sum(),
+            "hidden_states_sum": tuple(map(batch_sum, hidden)) if isinstance(hidden, tuple) else batch_sum(hidden),
+            "expert_0_hidden_states_sum": batch_sum(gemma.Analysis.get_expert_0_hidden_states(caps)),
+            "expert_1_hidden_states_sum": batch_sum(gemma.Analysis.get_expert_1_hidden_states(caps)),
+            "text_only_hidden_states_sum": batch_sum(text_states * text_mask[None, :, :, None]),
+            "post_attn_embedding_sum": (
+                batch_sum(caps["post_attn_residual_0"]),
+                batch_sum(caps["post_attn_residual_1"]),
+            ),
+            "post_attn_sum": (batch_sum(caps["attn_out_0"]), batch_sum(caps["attn_out_1"])),
+            "attention_score_sum": batch_sum(scores),
+            "text_representation": caps["text_representation"],
+            "text_mask": text_mask,
+        }
+
+    @property
+    def token_group_names(self) -> tuple[str, ...]:
+        return (*self.config.segment_names, "state", "actions")
+
+    def _token_groups(self, prefix_mask, suffix_mask) -> Bool[Array, "b g t"]:
+        """Valid-token masks of each group (`token_group_names`) over the sequence [prefix | suffix].
+
+        With `suffix_mask=None` only the prefix groups (each camera, text) over the prefix are returned.
+        """
+        cfg = self.config
+        tp = prefix_mask.shape[1]
+        bounds = [(c * cfg.tokens_per_camera, (c + 1) * cfg.tokens_per_camera) for c in range(cfg.num_cameras)]
+        bounds.append((cfg.text_start, tp))
+        if suffix_mask is None:
+            full_mask = prefix_mask
+        else:
+            full_mask = jnp.concatenate([prefix_mask, suffix_mask], axis=1)
+            bounds += [(tp, tp + 1), (tp + 1, full_mask.shape[1])]
+        pos = jnp.arange(full_mask.shape[1])
+        ranges = jnp.stack([(pos >= a) & (pos < b) for a, b in bounds])  # [G, T]
+        return ranges[None] & full_mask[:, None, :]
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def sample_actions(
+        self,
+        rng: jax.Array,
+        observation: _model.Observation,
+        *,
+        num_steps: int = 10,
+        noise: Float[Array, "b h a"] | None = None,
+    ) -> Float[Array, "b h a"]:
+        """Euler flow-matching from noise (t = 1) to actions (t = 0); normalized space, all action_dim dims."""
+        return _sample_jit(self, rng, observation, num_steps=num_steps, noise=noise, capture=None)["actions"]
+
+    def infer_with_latents(
+        self,
+        rng: jax.Array,
+        observation: _model.Observation,
+        *,
+        num_steps: int = 10,
+        noise: Float[Array, "b h a"] | None = None,
+        capture: CaptureSpec = CaptureSpec(),
+    ) -> dict[str, jax.Array]:
+        """`sample_actions` plus the latents `capture` asks for, in one jitted call (the prefix is computed once).
+
+        Returns "actions" (identical to `sample_actions` for the same inputs and noise) and the keys of
+        docs/INTERFACES.md: `expert_0_hidden_states` [L', B, Tp, W0] or `expert_0_segment_means` [L', B, cams+1, W0],
+        `text_only_hidden_states` [L', B, n, W0] with `text_mask` [B, n] and `tokenized_prompt`,
+        `expert_1_hidden_states` [S', L', B, Ts, W1] or `expert_1_segment_means` [S', L', B, 2, W1],
+        `attention_to_text` [S', L', B, heads, Ts], `denoise_times` [S'], `x_t` [S+1, B, H, A], `v_t` [S, B, H, A].
+        L' = captured layers (entry l = residual stream entering that layer), S' = captured denoising steps.
+        """
+        capture.validate(depth=self.config.depth, num_steps=num_steps)
+        return _sample_jit(self, rng, observation, num_steps=num_steps, noise=noise, capture=capture)
+
+    def sample_actions_with_inference_steps(
+        self,
+        rng: jax.Array,
+        observation: _model.Observation,
+        *,
+        num_steps: int = 10,
+        noise: Float[Array, "b h a"] | None = None,
+        capture: CaptureSpec = CaptureSpec.everything(),
+    ) -> dict[str, Any]:
+        """The inference as a list of steps: `{"ar_process_steps", "flow_matching_steps", "final_action"}`.
+
+        * `ar_process_steps` — pi0 has no autoregressive decoding: this is one entry, the prefix pass over image and
+          text tokens (which fills the KV cache), holding the expert-0 captures (`expert_0_hidden_states` or
+          `expert_0_segment_means`, `text_only_hidden_states`, `text_mask`).
+        * `flow_matching_steps` — one entry per denoising step s: `t` (scalar), `x_t` [B, H, A] (the input of the
+          step), `v_t` [B, H, A] (the predicted velocity), and for captured steps the expert-1 captures
+          (`expert_1_hidden_states` [L', B, Ts, W1] or `expert_1_segment_means`, `attention_to_text`).
+        * `final_action` [B, H, A] — x at t = 0, equal to `sample_actions`.
+        """
+        capture = dataclasses.replace(capture, trajectory=True)
+        out = self.infer_with_latents(rng, observation, num_steps=num_steps, noise=noise, capture=capture)
+        prefix_keys = ("expert_0_hidden_states", "expert_0_segment_means", "text_only_hidden_states", "text_mask")
+        ar_step = {"kind": "prefix", **{k: out[k] for k in prefix_keys if k in out}}
+        steps = capture.step_indices(num_steps)
+        expert_1_keys = [k for k in ("expert_1_hidden_states", "expert_1_segment_means", "attention_to_text") if k in out]
+        flow = []
+        times = _euler_times(num_steps)
+        for s in range(num_steps):
+            entry = {"step": s, "t": times[s], "x_t": out["x_t"][s], "v_t": out["v_t"][s]}
+            if s in steps:
+                entry.update({k: out[k][steps.index(s)] for k in expert_1_keys})
+            flow.append(entry)
+        return {"ar_process_steps": [ar_step], "flow_matching_steps": flow, "final_action": out["actions"]}
+
+
+def _euler_times(num_steps: int) -> jax.Array:
+    """The t of each step, accumulated in float32 exactly as the sampling loop does (1.0, 0.9, 0.79999995, ...)."""
+    dt = -1.0 / num_steps
+    t, times = jnp.float32(1.0), []
+    for _ in range(num_steps):
+        times.append(t)
+        t = t + dt
+    return jnp.stack(times)
+
+
+def _prefix_taps(cfg: Pi0Config, capture: CaptureSpec | None) -> tuple[gemma.Tap, ...]:
+    if capture is None:
+        return ()
+    taps = []
+    if capture.expert_0 == "full":
+        taps.append(gemma.Tap("expert_0_hidden_states", "residual", 0))
+    elif capture.expert_0 == "pooled":
+        taps.append(gemma.Tap("expert_0_segment_means", "residual", 0, "pool"))
+    if capture.text:
+        taps.append(gemma.Tap("text_only_hidden_states", "residual", 0, (cfg.text_start, cfg.prefix_len)))
+    return tuple(taps)
+
+
+def _suffix_taps(capture: CaptureSpec | None) -> tuple[gemma.Tap, ...]:
+    if capture is None or capture.expert_1 == "off":
+        return ()
+    if capture.expert_1 == "full":
+        return (gemma.Tap("expert_1_hidden_states", "residual", 1),)
+    return (gemma.Tap("expert_1_segment_means", "residual", 1, "pool"),)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps", "capture"))
+def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture: CaptureSpec | None):
+    """The sampling loop shared by `sample_actions` (capture=None: the plain program) and `infer_with_latents`."""
+    cfg = model.config
+    if capture is not None and capture.is_off:
+        capture = None
+    llm_params = {"params": model.params["PaliGemma"]["llm"]}
+    obs = _model.preprocess_observation(None, observation, train=False)
+    batch = obs.state.shape[0]
+    dt = -1.0 / num_steps
+    if noise is None:
+        noise = jax.random.normal(rng, (batch, cfg.action_horizon, cfg.action_dim))
+
+    # Prefix pass: once per inference; fills the KV cache.
+    prefix_tokens, prefix_mask, prefix_ar = model.embed_prefix(obs)
+    prefix_attn = make_attn_mask(prefix_mask, prefix_ar)
+    positions = jnp.cumsum(prefix_mask, axis=1) - 1
+    capture_dtype = None if capture is None else capture.dtype
+    taps0 = _prefix_taps(cfg, capture)
+    pool0 = None
+    if any(t.tokens == "pool" for t in taps0):
+        pool0 = [_mean_weights(model._token_groups(prefix_mask, None)), None]
+    _, kv_cache, prefix_caps = cfg.llm(taps0, capture_dtype).apply(
+        llm_params, [prefix_tokens, None], positions, prefix_attn, pool_weights=pool0
+    )
+
+    # Denoising loop: only the action expert runs, attending to the cached prefix.
+    taps1 = _suffix_taps(capture)
+    key_groups = None
+    if capture is not None and capture.attention_to_text:
+        suffix_none = jnp.zeros((batch, cfg.suffix_len), bool)
+        text_group = len(cfg.segment_names) - 1
+        key_groups = model._token_groups(prefix_mask, suffix_none)[:, text_group : text_group + 1]
+    pool1 = None
+    if taps1 and taps1[0].tokens == "pool":
+        state_w = jnp.zeros((cfg.suffix_len,)).at[0].set(1.0)
+        action_w = jnp.zeros((cfg.suffix_len,)).at[1:].set(1.0 / cfg.action_horizon)
+        pool1 = [None, jnp.broadcast_to(jnp.stack([state_w, action_w]), (batch, 2, cfg.suffix_len))]
+    llm1 = cfg.llm(taps1, capture_dtype)
+    suffix_positions_base = jnp.sum(prefix_mask, axis=-1)[:, None]
+    prefix_cols = einops.repeat(prefix_mask, "b p -> b s p", s=cfg.suffix_len)
+
+    def step(carry, _):
+        x_t, t = carry
+        suffix_tokens, suffix_mask, suffix_ar = model.embed_suffix(obs, x_t, jnp.broadcast_to(t, (batch,)))
+        full_mask = jnp.concatenate([prefix_cols, make_attn_mask(suffix_mask, suffix_ar)], axis=-1)
+        suffix_positions = suffix_positions_base + jnp.cumsum(suffix_mask, axis=-1) - 1
+        (_, suffix_out), _, caps = llm1.apply(
+            llm_params,
+            [None, suffix_tokens],
+            suffix_positions,
+            full_mask,
+            kv_cache=kv_cache,
+            pool_weights=pool1,
+            key_groups=key_groups,
+        )
+        v_t = _linear(model.params["action_out_proj"], suffix_out[:, -cfg.action_horizon :])
+        ys = None
+        if capture is not None:
+            ys = {"x_t": x_t, "v_t": v_t, "t": t, **caps}
+        return (x_t + dt * v_t, t + dt), ys
+
+    (x_0, _), ys = jax.lax.scan(step, (noise, jnp.array(1.0, jnp.float32)), length=num_steps)
+    out = {"actions": x_0}
+    if capture is None:
+        return out
+
+    layers = jnp.asarray(capture.layer_indices(cfg.depth))
+    steps = jnp.asarray(capture.step_indices(num_steps))
+    for key, value in prefix_caps.items():
+        out[key] = value[layers]
+    for key in ("expert_1_hidden_states", "expert_1_segment_means"):
+        if key in ys:
+            out[key] = ys[key][steps][:, layers]
+    if "attention_mass" in ys:
+        out["attention_to_text"] = ys["attention_mass"][steps][:, layers][..., 0]  # one key group: the text
+    ts = cfg.text_start
+    out["text_mask"] = prefix_mask[:, ts : ts + cfg.max_token_len]
+    out["tokenized_prompt"] = obs.tokenized_prompt
+    out["denoise_times"] = ys["t"][steps]
+    if capture.trajectory:
+        out["x_t"] = jnp.concatenate([ys["x_t"], x_0[None]], axis=0)
+        out["v_t"] = ys["v_t"]
+    return out

@@ -1,0 +1,167 @@
+"""`Pi0Config`: the hyper-parameters of pi0, and how to create or load a model from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING, Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from openpi.models import gemma
+from openpi.models import model as _model
+from openpi.models import siglip
+
+if TYPE_CHECKING:
+    from openpi.models.pi0 import Pi0
+
+# Projections outside the transformer: name -> (in features, out features) as functions of (W_action, action_dim).
+_PROJECTIONS = ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out", "action_out_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pi0Config:
+    """pi0 (not pi0.5). Defaults are upstream openpi's pi0 as used by `pi0_libero`.
+
+    `dtype` is the activation dtype; params are created in float32 and keep the dtype they are loaded with.
+    Each variant is a name (`gemma.get_config`) or a `gemma.Config`.
+    """
+
+    dtype: str = "bfloat16"
+    paligemma_variant: str | gemma.Config = "gemma_2b"
+    action_expert_variant: str | gemma.Config = "gemma_300m"
+    action_dim: int = 32
+    action_horizon: int = 50
+    max_token_len: int = 48
+    siglip_variant: str = "So400m/14"
+    siglip_depth: int | None = None
+    vocab_size: int = gemma.PALIGEMMA_VOCAB_SIZE
+
+    # ---------------------------------------------------------------- derived sizes
+    @property
+    def paligemma_config(self) -> gemma.Config:
+        v = self.paligemma_variant
+        return v if isinstance(v, gemma.Config) else gemma.get_config(v)
+
+    @property
+    def action_expert_config(self) -> gemma.Config:
+        v = self.action_expert_variant
+        return v if isinstance(v, gemma.Config) else gemma.get_config(v)
+
+    @property
+    def depth(self) -> int:
+        return self.paligemma_config.depth
+
+    @property
+    def num_cameras(self) -> int:
+        return len(_model.IMAGE_KEYS)
+
+    @property
+    def tokens_per_camera(self) -> int:
+        return siglip.num_patches(self.siglip_variant, _model.IMAGE_RESOLUTION)
+
+    @property
+    def text_start(self) -> int:
+        """First text position in the prefix: the image tokens of every camera come first."""
+        return self.num_cameras * self.tokens_per_camera
+
+    @property
+    def prefix_len(self) -> int:
+        return self.text_start + self.max_token_len
+
+    @property
+    def suffix_len(self) -> int:
+        return 1 + self.action_horizon  # state token + action tokens
+
+    @property
+    def segment_names(self) -> tuple[str, ...]:
+        """Token groups of the prefix, in order (the `expert_0_segment_means` axis)."""
+        return (*_model.IMAGE_KEYS, "text")
+
+    # ---------------------------------------------------------------- modules
+    def llm(self, taps: tuple[gemma.Tap, ...] = (), capture_dtype: str | None = None) -> gemma.Module:
+        return gemma.Module(
+            configs=(self.paligemma_config, self.action_expert_config),
+            embed_dtype=self.dtype,
+            vocab_size=self.vocab_size,
+            taps=taps,
+            capture_dtype=capture_dtype,
+        )
+
+    def img(self) -> siglip.Module:
+        return siglip.Module(
+            num_classes=self.paligemma_config.width,
+            variant=self.siglip_variant,
+            depth=self.siglip_depth,
+            pool_type="none",
+            scan=True,
+            dtype_mm=self.dtype,
+        )
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        w = self.action_expert_config.width
+        return {
+            "state_proj": (self.action_dim, w),
+            "action_in_proj": (self.action_dim, w),
+            "action_time_mlp_in": (2 * w, w),
+            "action_time_mlp_out": (w, w),
+            "action_out_proj": (w, self.action_dim),
+        }
+
+    # ---------------------------------------------------------------- create / load
+    def init_params(self, rng: jax.Array) -> dict[str, Any]:
+        """Fresh float32 params with upstream's tree layout (pure nested dict)."""
+        rng_llm, rng_img, rng_proj = jax.random.split(rng, 3)
+        llm = self.llm()
+        llm_params = llm.init(rng_llm, method=llm.init_all)["params"]
+        res = _model.IMAGE_RESOLUTION
+        img_params = self.img().init(rng_img, jnp.zeros((1, *res, 3), jnp.float32))["params"]
+        params: dict[str, Any] = {"PaliGemma": {"llm": llm_params, "img": img_params}}
+        kernel_init = nn.initializers.lecun_normal()
+        for key, (name, (d_in, d_out)) in zip(
+            jax.random.split(rng_proj, len(_PROJECTIONS)), self.projection_shapes().items(), strict=True
+        ):
+            params[name] = {"kernel": kernel_init(key, (d_in, d_out), jnp.float32), "bias": jnp.zeros((d_out,))}
+        return params
+
+    def create(self, rng: jax.Array) -> Pi0:
+        """A randomly initialised model (works under `jax.eval_shape` without allocating weights)."""
+        from openpi.models.pi0 import Pi0
+
+        return Pi0(params=self.init_params(rng), config=self)
+
+    def param_shapes(self) -> dict[str, Any]:
+        return _abstract_params(self)
+
+    def load(self, params: dict[str, Any]) -> Pi0:
+        """Wraps restored params. Params the model lacks (e.g. LoRA leaves) are dropped; structure and shapes are
+        checked (not dtypes: params keep the dtype they were restored with, bf16 at inference)."""
+        from openpi.models.pi0 import Pi0
+
+        expected = self.param_shapes()
+        params = _intersect(params, expected)
+        _model.check_params_match(expected, params, what=f"params for {self.describe()}")
+        return Pi0(params=params, config=self)
+
+    def describe(self) -> str:
+        def name(v):
+            return v if isinstance(v, str) else f"{v.width}w/{v.depth}L"
+
+        return (
+            f"Pi0Config(paligemma={name(self.paligemma_variant)}, action_expert={name(self.action_expert_variant)}, "
+            f"siglip={self.siglip_variant}, vocab={self.vocab_size}, horizon={self.action_horizon})"
+        )
+
+
+@functools.cache
+def _abstract_params(config: Pi0Config) -> dict[str, Any]:
+    return jax.eval_shape(config.init_params, jax.random.key(0))
+
+
+def _intersect(params: Any, reference: Any) -> Any:
+    """Keeps only the keys of `params` that `reference` also has (recursively); leaves extra keys out."""
+    if not isinstance(params, dict) or not isinstance(reference, dict):
+        return params
+    return {k: _intersect(v, reference[k]) for k, v in params.items() if k in reference}
