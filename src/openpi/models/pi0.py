@@ -106,12 +106,15 @@ class Pi0:
         return tokens, input_mask, ar_mask
 
     # ------------------------------------------------------------------------------------------------ training loss
-    def _loss_pass(self, rng, observation, actions, *, train: bool, taps=(), key_groups=None):
+    def _loss_pass(self, rng, observation, actions, *, train: bool, taps=(), key_groups=None, noise=None, time=None):
+        """The joint training pass. `noise` / `time` override the draws from `rng` (tests use the fixture's)."""
         preprocess_rng, noise_rng, time_rng = jax.random.split(rng, 3)
         obs = _model.preprocess_observation(preprocess_rng, observation, train=train)
         batch_shape = actions.shape[:-2]
-        noise = jax.random.normal(noise_rng, actions.shape)
-        time = jax.random.beta(time_rng, 1.5, 1, batch_shape) * 0.999 + 0.001
+        if noise is None:
+            noise = jax.random.normal(noise_rng, actions.shape)
+        if time is None:
+            time = jax.random.beta(time_rng, 1.5, 1, batch_shape) * 0.999 + 0.001
         t = time[..., None, None]
         x_t = t * noise + (1 - t) * actions
         u_t = noise - actions
