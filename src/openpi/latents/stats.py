@@ -1,0 +1,370 @@
+"""Statistics for the language-loss analysis: the task-decoding probe and bootstrap confidence intervals.
+
+Pure numpy / scikit-learn, deterministic given ``seed``. The representation metrics live in
+:mod:`openpi.latents.metrics` (which re-exports everything here).
+
+* :func:`task_probe`: cross-validated multinomial logistic regression of a label (the task id) from features,
+  folds grouped by episode, with chance levels and a group-level shuffled-label control.
+* :func:`bootstrap_ci`: percentile bootstrap interval of a statistic of one sample.
+* :func:`split_by_success`: a per-episode metric split by episode success, with a bootstrap interval for each side and
+  for their difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["BootstrapCI", "ProbeResult", "SuccessSplit", "bootstrap_ci", "split_by_success", "task_probe"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Task-decoding probe
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """Outcome of :func:`task_probe`. Accuracies are fractions in [0, 1]; NaN means "not computable" (see ``reason``).
+
+    Attributes:
+        accuracy: mean over folds of the held-out accuracy (fraction of test samples whose predicted label is right).
+        accuracy_ci: Student-t interval of that mean over the folds, ``mean ± t(1-α/2, k-1)·sd/sqrt(k)``, clipped to
+            [0, 1]. Folds share training data, so this interval is optimistic; read it as fold-to-fold spread.
+        fold_accuracies: [k] held-out accuracy of each fold.
+        chance_majority: share of the most frequent label among all samples (accuracy of always guessing it).
+        chance_uniform: 1 / n_classes.
+        shuffled_mean: mean cross-validated accuracy over the label permutations (same folds, labels permuted across
+            groups so that each group keeps a single label). NaN when the control was not run (see ``notes``).
+        shuffled_ci: central ``ci`` percentile interval of the shuffled accuracies.
+        shuffled_accuracies: [n_shuffles] the mean-over-folds accuracy of each permutation.
+        p_value: ``(1 + #{shuffled >= accuracy}) / (1 + n_shuffles)``, the permutation p-value.
+        n_splits: number of folds actually used (may be smaller than requested, see ``notes``).
+        n_samples, n_groups, n_classes: sizes of the input.
+        notes: human-readable remarks (fewer folds, dropped empty folds, single-class training folds, non-convergence).
+        reason: why ``accuracy`` is NaN, or None.
+    """
+
+    accuracy: float
+    accuracy_ci: tuple[float, float]
+    fold_accuracies: np.ndarray
+    chance_majority: float
+    chance_uniform: float
+    shuffled_mean: float
+    shuffled_ci: tuple[float, float]
+    shuffled_accuracies: np.ndarray
+    p_value: float
+    n_splits: int
+    n_samples: int
+    n_groups: int
+    n_classes: int
+    notes: tuple[str, ...] = ()
+    reason: str | None = None
+
+
+def _t_interval(x: np.ndarray, ci: float) -> tuple[float, float]:
+    from scipy import stats as sps
+
+    k = len(x)
+    m = float(np.mean(x))
+    if k < 2:
+        return (float("nan"), float("nan"))
+    half = float(sps.t.ppf(0.5 + ci / 2, k - 1) * np.std(x, ddof=1) / np.sqrt(k))
+    return (max(0.0, m - half), min(1.0, m + half))
+
+
+def _cv_accuracy(x, y, splits, c, max_iter, notes: set[str]) -> np.ndarray:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    accs = []
+    for train, test in splits:
+        classes = np.unique(y[train])
+        if len(classes) == 1:
+            notes.add("a training fold held one class; that fold predicts it for every test sample")
+            pred = np.full(len(test), classes[0])
+        else:
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                model.fit(x[train], y[train])
+            if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+                notes.add(f"lbfgs did not converge within max_iter={max_iter} in some fits")
+            pred = model.predict(x[test])
+        accs.append(float(np.mean(pred == y[test])))
+    return np.asarray(accs)
+
+
+def task_probe(
+    features,
+    labels,
+    groups,
+    *,
+    n_splits: int = 5,
+    seed: int = 0,
+    n_shuffles: int = 10,
+    ci: float = 0.95,
+    C: float = 1.0,
+    max_iter: int = 1000,
+) -> ProbeResult:
+    """Cross-validated linear probe: how well can ``labels`` be decoded from ``features``?
+
+    Model: ``StandardScaler`` (fit on the training fold only) followed by multinomial ``LogisticRegression`` (lbfgs,
+    L2 penalty with inverse strength ``C``). Folds: ``StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)``
+    over ``groups``, so no group (use the episode) is in both train and test; rollout steps of one episode are strongly
+    correlated and would otherwise leak. Empty test folds are dropped.
+
+    Score: held-out accuracy per fold; ``accuracy`` is their mean, ``accuracy_ci`` a t-interval over folds.
+
+    Shuffled-label control: each group is given the label of another group (a random permutation of the per-group
+    labels, so a whole episode keeps one label), then the same folds are scored; repeated ``n_shuffles`` times.
+    Requires every group to carry a single label; otherwise the control is skipped (NaN, noted).
+
+    Degenerate inputs give NaN with ``reason``: fewer than two classes, or fewer than two groups. When there are fewer
+    groups than ``n_splits``, the number of folds is reduced to the number of groups (noted).
+
+    Args:
+        features: [n, d] (any float dtype, bf16 included; upcast to float64).
+        labels: [n] class labels (any hashable numpy dtype).
+        groups: [n] group ids (episode ids).
+        n_splits: requested number of folds.
+        seed: seeds the fold assignment and the permutations.
+        n_shuffles: number of label permutations for the control (0 skips it). Each costs ``n_splits`` fits.
+        ci: coverage of the fold interval and of the shuffled interval.
+        C, max_iter: passed to ``LogisticRegression``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    x = np.asarray(features).astype(np.float64)
+    y = np.asarray(labels)
+    g = np.asarray(groups)
+    if x.ndim != 2 or y.shape != (x.shape[0],) or g.shape != (x.shape[0],):
+        raise ValueError(f"need features [n, d], labels [n], groups [n]; got {x.shape}, {y.shape}, {g.shape}")
+    n = x.shape[0]
+    classes, counts = np.unique(y, return_counts=True)
+    uniq_groups = np.unique(g)
+    n_classes, n_groups = len(classes), len(uniq_groups)
+    chance_majority = float(counts.max() / n) if n else float("nan")
+    chance_uniform = 1.0 / n_classes if n_classes else float("nan")
+    nan2 = (float("nan"), float("nan"))
+    notes: set[str] = set()
+
+    def empty(reason: str, k: int = 0) -> ProbeResult:
+        return ProbeResult(
+            float("nan"),
+            nan2,
+            np.zeros(0),
+            chance_majority,
+            chance_uniform,
+            float("nan"),
+            nan2,
+            np.zeros(0),
+            float("nan"),
+            k,
+            n,
+            n_groups,
+            n_classes,
+            tuple(sorted(notes)),
+            reason,
+        )
+
+    if n_classes < 2:
+        return empty(f"only {n_classes} class(es) in labels: nothing to decode")
+    if n_groups < 2:
+        return empty(f"only {n_groups} group(s): cannot hold out a group")
+    k = n_splits
+    if n_groups < n_splits:
+        k = n_groups
+        notes.add(f"n_splits reduced from {n_splits} to {k} (only {n_groups} groups)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class has fewer members than n_splits"
+        splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y, g))
+    splits = [(tr, te) for tr, te in splits if len(te) and len(tr)]
+    if len(splits) < k:
+        notes.add(f"{k - len(splits)} empty fold(s) dropped")
+    if not splits:
+        return empty("no usable fold", k)
+
+    fold_acc = _cv_accuracy(x, y, splits, C, max_iter, notes)
+    acc = float(fold_acc.mean())
+
+    shuffled = np.zeros(0)
+    group_index = np.searchsorted(uniq_groups, g)
+    per_group = [np.unique(y[group_index == i]) for i in range(n_groups)]
+    if n_shuffles > 0 and any(len(p) > 1 for p in per_group):
+        notes.add("shuffled control skipped: some group carries more than one label")
+    elif n_shuffles > 0:
+        group_labels = np.array([p[0] for p in per_group])
+        rng = np.random.default_rng(seed)
+        shuffled = np.array(
+            [
+                _cv_accuracy(x, rng.permutation(group_labels)[group_index], splits, C, max_iter, notes).mean()
+                for _ in range(n_shuffles)
+            ]
+        )
+    if len(shuffled):
+        s_mean = float(shuffled.mean())
+        s_ci = (float(np.quantile(shuffled, 0.5 - ci / 2)), float(np.quantile(shuffled, 0.5 + ci / 2)))
+        p_value = float((1 + np.sum(shuffled >= acc)) / (1 + len(shuffled)))
+    else:
+        s_mean, s_ci, p_value = float("nan"), nan2, float("nan")
+    return ProbeResult(
+        accuracy=acc,
+        accuracy_ci=_t_interval(fold_acc, ci),
+        fold_accuracies=fold_acc,
+        chance_majority=chance_majority,
+        chance_uniform=chance_uniform,
+        shuffled_mean=s_mean,
+        shuffled_ci=s_ci,
+        shuffled_accuracies=shuffled,
+        p_value=p_value,
+        n_splits=len(splits),
+        n_samples=n,
+        n_groups=n_groups,
+        n_classes=n_classes,
+        notes=tuple(sorted(notes)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+@dataclasses.dataclass(frozen=True)
+class BootstrapCI:
+    """A statistic with a percentile-bootstrap interval.
+
+    Attributes:
+        estimate: the statistic of the observed (non-NaN) values.
+        low, high: the ``(1-ci)/2`` and ``(1+ci)/2`` quantiles (linear interpolation) of the statistic over ``n_boot``
+            resamples with replacement. NaN when fewer than 2 values.
+        n: number of non-NaN values used.
+        ci: the coverage asked for.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    ci: float
+
+    def excludes_zero(self) -> bool:
+        """True when the whole interval lies strictly on one side of 0 (False if it is NaN)."""
+        return bool(self.low > 0 or self.high < 0)
+
+
+def _apply_stat(statistic: Callable, samples: np.ndarray) -> np.ndarray:
+    """``statistic`` of each row of ``samples`` [n_boot, n]: vectorized via ``axis=-1`` when supported."""
+    try:
+        out = np.asarray(statistic(samples, axis=-1), dtype=np.float64)
+        if out.shape == samples.shape[:1]:
+            return out
+    except TypeError:
+        pass
+    return np.array([float(statistic(row)) for row in samples])
+
+
+def _resampled(v: np.ndarray, n_boot: int, rng: np.random.Generator, statistic: Callable) -> np.ndarray:
+    """The statistic over ``n_boot`` resamples with replacement of ``v``, drawn in blocks to bound memory."""
+    out = np.empty(n_boot)
+    block = max(1, 2_000_000 // max(len(v), 1))
+    for s in range(0, n_boot, block):
+        b = min(block, n_boot - s)
+        out[s : s + b] = _apply_stat(statistic, v[rng.integers(0, len(v), size=(b, len(v)))])
+    return out
+
+
+def _ci_from(estimate: float, boots: np.ndarray | None, n: int, ci: float) -> BootstrapCI:
+    if boots is None:
+        return BootstrapCI(estimate, float("nan"), float("nan"), n, ci)
+    return BootstrapCI(
+        estimate, float(np.quantile(boots, 0.5 - ci / 2)), float(np.quantile(boots, 0.5 + ci / 2)), n, ci
+    )
+
+
+def _clean_1d(values) -> np.ndarray:
+    v = np.asarray(values).astype(np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"expected a 1-D array of per-episode values, got shape {v.shape}")
+    return v
+
+
+def bootstrap_ci(
+    values, *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0, statistic: Callable = np.mean
+) -> BootstrapCI:
+    """Percentile bootstrap interval of ``statistic(values)``.
+
+    ``values`` is 1-D (e.g. one number per episode; resample the independent unit, not rollout steps). NaN values are
+    dropped first (``n`` counts the rest). With no value everything is NaN; with one value the estimate is that value
+    and the interval is NaN. ``statistic`` is called as ``statistic(x, axis=-1)`` on a [block, n] array when it accepts
+    ``axis``, else once per resample. Deterministic given ``seed``. A constant sample gives a zero-width interval.
+    """
+    v = _clean_1d(values)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return BootstrapCI(float("nan"), float("nan"), float("nan"), 0, ci)
+    est = float(statistic(v))
+    if len(v) < 2:
+        return _ci_from(est, None, 1, ci)
+    return _ci_from(est, _resampled(v, n_boot, np.random.default_rng(seed), statistic), len(v), ci)
+
+
+@dataclasses.dataclass(frozen=True)
+class SuccessSplit:
+    """A per-episode metric split by episode success (see :func:`split_by_success`).
+
+    Attributes:
+        success: statistic and interval over successful episodes.
+        failure: statistic and interval over failed episodes.
+        difference: ``statistic(success) - statistic(failure)`` with a bootstrap interval from resampling each side
+            independently (stratified bootstrap). NaN when either side has fewer than 2 episodes (estimate NaN when
+            either side is empty). Its ``n`` is the total number of episodes.
+        n_success, n_failure: episodes on each side after dropping NaN values.
+    """
+
+    success: BootstrapCI
+    failure: BootstrapCI
+    difference: BootstrapCI
+    n_success: int
+    n_failure: int
+
+
+def split_by_success(
+    per_episode_values,
+    success_flags,
+    *,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    statistic: Callable = np.mean,
+) -> SuccessSplit:
+    """Compare a per-episode metric between successful and failed episodes.
+
+    ``per_episode_values`` [n_episodes] (one number per episode, e.g. a layer's language loss averaged over the
+    episode's rollout steps) and ``success_flags`` [n_episodes] (bool). Episodes whose value is NaN are dropped. Each
+    side gets :func:`bootstrap_ci`-style intervals, and the difference success − failure gets an interval from
+    ``n_boot`` paired draws (one resample of each side per draw, same generator). Deterministic given ``seed``.
+    """
+    v = _clean_1d(per_episode_values)
+    f = np.asarray(success_flags).astype(bool)
+    if f.shape != v.shape:
+        raise ValueError(f"values {v.shape} and success_flags {f.shape} differ")
+    keep = ~np.isnan(v)
+    vs, vf = v[keep & f], v[keep & ~f]
+    rng = np.random.default_rng(seed)
+    boots, ests = [], []
+    for side in (vs, vf):
+        ests.append(float(statistic(side)) if len(side) else float("nan"))
+        boots.append(_resampled(side, n_boot, rng, statistic) if len(side) >= 2 else None)
+    diff_boots = boots[0] - boots[1] if boots[0] is not None and boots[1] is not None else None
+    return SuccessSplit(
+        success=_ci_from(ests[0], boots[0], len(vs), ci),
+        failure=_ci_from(ests[1], boots[1], len(vf), ci),
+        difference=_ci_from(ests[0] - ests[1], diff_boots, len(vs) + len(vf), ci),
+        n_success=len(vs),
+        n_failure=len(vf),
+    )
