@@ -1,0 +1,184 @@
+"""`Policy`: raw observation -> transforms -> jitted pi0 -> output transforms -> actions (and latents).
+
+Mirrors upstream openpi's `Policy.infer` (one unbatched observation in, one action chunk out) and adds
+`infer_with_latents`, which also returns the hidden states asked for by a `CaptureSpec`, the noise used and the
+model-space actions, so that a run can be recorded and rerun counterfactually with the same noise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Float
+
+from openpi import transforms as _transforms
+from openpi.latents.capture import CaptureSpec
+from openpi.models import model as _model
+
+
+def _batch(tree: Any) -> Any:
+    """Adds a leading batch axis to every numeric leaf (as jax arrays); drops string leaves (nothing consumes them)."""
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            batched = _batch(v)
+            if batched is not None:
+                out[k] = batched
+        return out
+    arr = np.asarray(tree)
+    if arr.dtype.kind in "USO":
+        return None
+    return jnp.asarray(arr)[np.newaxis, ...]
+
+
+def _model_dims(model: Any) -> tuple[int, int]:
+    config = getattr(model, "config", model)
+    try:
+        return int(config.action_horizon), int(config.action_dim)
+    except AttributeError as e:
+        raise TypeError(
+            "Policy needs a model with config.action_horizon and config.action_dim (a Pi0); "
+            f"got {type(model).__name__}."
+        ) from e
+
+
+class Policy:
+    """Runs a pi0 model on single (unbatched) observations.
+
+    Args:
+        model: a `Pi0` (a JAX pytree with `sample_actions` and `infer_with_latents`).
+        transforms: input transforms (raw observation -> model input dict), applied in order.
+        output_transforms: output transforms applied to ``{"state": model-input state, "actions": [H, AD]}``.
+        rng: the key that sampling rngs (and, in `infer_with_latents`, the noise) are split from; default key(0).
+        sample_kwargs: extra static keyword arguments of the model's sampling (e.g. ``{"num_steps": 10}``).
+        metadata: free-form information about the policy (preset, checkpoint, ...).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        transforms: Sequence[_transforms.DataTransformFn] = (),
+        output_transforms: Sequence[_transforms.DataTransformFn] = (),
+        rng: jax.Array | None = None,
+        sample_kwargs: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._model = model
+        self._input_transform = _transforms.compose(transforms)
+        self._output_transform = _transforms.compose(output_transforms)
+        self._rng = jax.random.key(0) if rng is None else rng
+        self._sample_kwargs = dict(sample_kwargs or {})
+        if "noise" in self._sample_kwargs or "capture" in self._sample_kwargs:
+            raise ValueError(
+                "sample_kwargs must not contain 'noise' or 'capture': pass them to infer / infer_with_latents."
+            )
+        self._metadata = dict(metadata or {})
+        self._action_horizon, self._action_dim = _model_dims(model)
+        model_cls = type(model)
+        # The model is a pytree (params are leaves, config is static), so it is an ordinary argument of the jit.
+        self._sample_actions = jax.jit(model_cls.sample_actions, static_argnames=("num_steps",))
+        self._infer_with_latents = jax.jit(model_cls.infer_with_latents, static_argnames=("num_steps", "capture"))
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._metadata)
+
+    @property
+    def action_horizon(self) -> int:
+        return self._action_horizon
+
+    @property
+    def action_dim(self) -> int:
+        return self._action_dim
+
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def prepare(self, obs: Mapping[str, Any]) -> tuple[dict[str, Any], _model.Observation]:
+        """Applies the input transforms and batches: (model input dict with batch axis, Observation)."""
+        inputs = self._input_transform(dict(obs))
+        batched = _batch(inputs)
+        return batched, _model.Observation.from_dict(batched)
+
+    def _batched_noise(self, noise: Any) -> Float[jax.Array, "1 h ad"]:
+        noise = jnp.asarray(noise, dtype=jnp.float32)
+        expected = (self._action_horizon, self._action_dim)
+        if noise.ndim == 3 and noise.shape[0] == 1:
+            noise = noise[0]
+        if noise.shape != expected:
+            raise ValueError(
+                f"noise must have shape [action_horizon, action_dim] = {list(expected)} (one sample), got "
+                f"{list(noise.shape)}."
+            )
+        return noise[None]
+
+    def _finish(self, state: jax.Array, model_actions: jax.Array, t_model: float) -> dict[str, Any]:
+        state_np = np.asarray(state[0])
+        actions_np = np.asarray(model_actions[0])
+        outputs = self._output_transform({"state": state_np, "actions": actions_np})
+        outputs = dict(outputs)
+        outputs["state"] = state_np
+        outputs["policy_timing"] = {"infer_ms": t_model * 1000.0}
+        return outputs
+
+    def infer(self, obs: Mapping[str, Any], *, noise: Any = None) -> dict[str, Any]:
+        """One action chunk for one observation.
+
+        Args:
+            obs: the raw (unbatched) observation, e.g. LIBERO's ``observation/...`` keys plus ``prompt``.
+            noise: optional [action_horizon, action_dim] starting noise (x at t = 1).
+
+        Returns:
+            ``actions`` (after the output transforms; [H, 7] float64 for LIBERO), ``state`` (the model-input state:
+            normalized and padded, [action_dim] float32) and ``policy_timing`` (``infer_ms``: the model call).
+        """
+        inputs, observation = self.prepare(obs)
+        kwargs = dict(self._sample_kwargs)
+        if noise is not None:
+            kwargs["noise"] = self._batched_noise(noise)
+        self._rng, sample_rng = jax.random.split(self._rng)
+        start = time.monotonic()
+        actions = self._sample_actions(self._model, sample_rng, observation, **kwargs)
+        actions = jax.block_until_ready(actions)
+        return self._finish(inputs["state"], actions, time.monotonic() - start)
+
+    def infer_with_latents(
+        self, obs: Mapping[str, Any], *, noise: Any = None, capture: CaptureSpec | None = None
+    ) -> dict[str, Any]:
+        """Like `infer`, plus the captured hidden states.
+
+        The noise is drawn from the policy's rng (``jax.random.normal``) when not given and returned, so a
+        counterfactual rerun (e.g. another prompt) can reuse it. Requesting capture does not change the actions.
+
+        Returns `infer`'s keys plus ``latents`` (dict of numpy arrays with the batch axis kept; keys and shapes in
+        docs/INTERFACES.md), ``noise`` ([H, AD] float32, the noise used) and ``model_actions`` ([H, AD] float32,
+        the model output in normalized space, before the output transforms).
+        """
+        capture = CaptureSpec() if capture is None else capture
+        inputs, observation = self.prepare(obs)
+        self._rng, sample_rng = jax.random.split(self._rng)
+        if noise is None:
+            sample_rng, noise_rng = jax.random.split(sample_rng)
+            noise = jax.random.normal(noise_rng, (self._action_horizon, self._action_dim), dtype=jnp.float32)
+        batched_noise = self._batched_noise(noise)
+        start = time.monotonic()
+        result = self._infer_with_latents(
+            self._model, sample_rng, observation, noise=batched_noise, capture=capture, **self._sample_kwargs
+        )
+        result = jax.block_until_ready(result)
+        elapsed = time.monotonic() - start
+        model_actions = result["actions"]
+        outputs = self._finish(inputs["state"], model_actions, elapsed)
+        outputs["latents"] = {k: np.asarray(v) for k, v in result.items() if k != "actions"}
+        outputs["noise"] = np.asarray(batched_noise[0])
+        outputs["model_actions"] = np.asarray(model_actions[0])
+        return outputs
