@@ -130,7 +130,7 @@ class Pi0Config:
         """A randomly initialised model (works under `jax.eval_shape` without allocating weights)."""
         from openpi.models.pi0 import Pi0
 
-        return Pi0(params=self.init_params(rng), config=self)
+        return Pi0(params=jax.jit(self.init_params)(rng), config=self)
 
     def param_shapes(self) -> dict[str, Any]:
         return _abstract_params(self)
