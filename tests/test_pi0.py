@@ -1,5 +1,6 @@
 """pi0 against upstream openpi's golden fixture (tests/data/pi0_tiny_a), float32 on CPU, plus the bf16 path."""
 
+import dataclasses
 import json
 
 import jax
@@ -174,3 +175,14 @@ def _abstract_observation(config):
         tokenized_prompt=jnp.zeros((b, config.max_token_len), jnp.int32),
         tokenized_prompt_mask=jnp.ones((b, config.max_token_len), bool),
     )
+
+
+def test_load_names_first_mismatching_param(tiny_a_dir):
+    params = _model.restore_params(tiny_a_dir / "checkpoint" / "params", restore_type=np.ndarray)
+    wrong = dataclasses.replace(tiny_a_config(), action_horizon=50, vocab_size=2048)
+    with pytest.raises(ValueError, match=r"PaliGemma/llm/embedder/input_embedding: the model expects \(2048, 64\), got \(1024, 64\)"):
+        wrong.load(params)
+    # A checkpoint missing leaves: the first missing path is named.
+    del params["action_out_proj"]
+    with pytest.raises(ValueError, match=r"missing \(first: action_out_proj/bias"):
+        tiny_a_config().load(params)
