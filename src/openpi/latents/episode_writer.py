@@ -1,0 +1,198 @@
+"""One episode of the latent store writer: the producer-side handle and the writer-thread state.
+
+:class:`EpisodeWriter` (returned by ``LatentStoreWriter.begin_episode``) validates each record in the caller's
+thread, so a wrong key/shape/dtype is raised where it was made, then queues it. :class:`EpisodeSink` lives on the
+writer thread and does the zarr writes: per step, each array is grown by one row and the row written, then the
+episode attrs (committed_steps, step_t, fields, sparse_steps, string_tables) are rewritten in one atomic JSON write.
+
+Record rules: ``t`` (int env timestep, distinct within the episode) is required. The first step's keys are required
+on every step; keys starting with ``cf_`` and keys first seen after the first step are optional (stored compactly,
+with the rollout steps where they occur in the attr ``sparse_steps``). A key keeps the shape and dtype of its first
+occurrence: pad variable-length values (e.g. ``executed_actions`` of a truncated last chunk) to that shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from openpi.latents import manifest as manifest_lib
+from openpi.latents import store_format as sf
+
+if TYPE_CHECKING:
+    from openpi.latents.store import LatentStoreWriter
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepItem:
+    """One validated rollout step on its way to the writer thread."""
+
+    values: dict[str, np.ndarray | str]
+    t: int
+    new_fields: dict[str, sf.FieldSpec]
+    extra_attrs: dict[str, Any]
+
+
+class EpisodeSink:
+    """Writer-thread state of one episode (never touched by the producer after construction)."""
+
+    def __init__(self, task_id: int, episode_index: int, attrs: dict[str, Any]):
+        self.task_id = task_id
+        self.episode_index = episode_index
+        self.attrs = attrs
+        self.group: zarr.Group | None = None
+        self.arrays: dict[str, zarr.Array] = {}
+        self.fields: dict[str, sf.FieldSpec] = {}
+        self.committed = 0
+        self.step_t: list[int] = []
+        self.sparse: dict[str, list[int]] = {}
+        self.strings: dict[str, list[str]] = {}
+        self._string_index: dict[str, dict[str, int]] = {}
+
+    def open(self, task_group: zarr.Group) -> None:
+        self.group = task_group.create_group(sf.episode_group_name(self.episode_index), attributes=self.attrs)
+
+    def _encode_string(self, key: str, value: str) -> np.ndarray:
+        index = self._string_index.setdefault(key, {})
+        if value not in index:
+            index[value] = len(index)
+            self.strings.setdefault(key, []).append(value)
+        return np.asarray(index[value], dtype=np.int32)
+
+    def _bookkeeping(self) -> dict[str, Any]:
+        return {
+            sf.EPISODE_COMMITTED: self.committed,
+            sf.EPISODE_STEP_T: list(self.step_t),
+            sf.EPISODE_FIELDS: {k: spec.to_json() for k, spec in self.fields.items()},
+            sf.EPISODE_SPARSE: {k: list(v) for k, v in self.sparse.items()},
+            sf.EPISODE_STRINGS: {k: list(v) for k, v in self.strings.items()},
+        }
+
+    def write_step(self, item: StepItem) -> None:
+        assert self.group is not None, "episode group not created"
+        for key, spec in item.new_fields.items():
+            self.fields[key] = spec
+            self.arrays[key] = self.group.create_array(key, **sf.array_create_kwargs(spec))
+            if spec.optional:
+                self.sparse[key] = []
+        for key, value in item.values.items():
+            spec = self.fields[key]
+            row = len(self.sparse[key]) if spec.optional else self.committed
+            data = self._encode_string(key, value) if spec.is_string else value
+            arr = self.arrays[key]
+            arr.resize((row + 1, *spec.shape))
+            arr[row] = data
+        for key in item.values:
+            if self.fields[key].optional:
+                self.sparse[key].append(self.committed)
+        self.committed += 1
+        self.step_t.append(item.t)
+        # The commit point: after this write the step counts.
+        self.group.attrs.update({**item.extra_attrs, **self._bookkeeping()})
+
+    def finish(self, metadata: dict[str, Any]) -> None:
+        assert self.group is not None, "episode group not created"
+        self.group.attrs.update({**metadata, **self._bookkeeping(), sf.EPISODE_COMPLETE: True})
+
+
+class EpisodeWriter:
+    """Producer-side handle of one episode: ``append_step(record)`` per inference, then ``finish(metadata)``."""
+
+    def __init__(self, writer: LatentStoreWriter, sink: EpisodeSink):
+        self._writer = writer
+        self._sink = sink
+        self.task_id = sink.task_id
+        self.episode_index = sink.episode_index
+        self._has_prompt_attr = "prompt" in sink.attrs
+        self._fields: dict[str, sf.FieldSpec] = {}
+        self._required: frozenset[str] | None = None
+        self._seen_t: set[int] = set()
+        self._num_steps = 0
+        self._finished = False
+        self._t0 = time.monotonic()
+
+    @property
+    def num_steps(self) -> int:
+        """Steps appended so far (queued, not necessarily on disk yet)."""
+        return self._num_steps
+
+    def _where(self) -> str:
+        return f"task {self.task_id} episode {self.episode_index} step {self._num_steps}"
+
+    def append_step(self, record: Mapping[str, Any]) -> None:
+        """Queues one rollout step (blocks only while the writer queue is full).
+
+        Writable numpy arrays are copied; read-only ones (e.g. from jax) are queued by reference: don't modify them.
+        """
+        self._writer._check()
+        if self._finished:
+            raise RuntimeError(f"{self._where()}: episode already finished; begin a new episode.")
+        if not isinstance(record, Mapping) or "t" not in record:
+            raise ValueError(f"{self._where()}: a step record is a dict that includes 't' (the env timestep).")
+        values: dict[str, np.ndarray | str] = {}
+        for key, value in record.items():
+            if not isinstance(key, str) or not _KEY_RE.match(key):
+                raise ValueError(f"{self._where()}: record key {key!r} must match {_KEY_RE.pattern}.")
+            values[key] = sf.normalize_value(key, value)
+        t_arr = values["t"]
+        if isinstance(t_arr, str) or t_arr.shape != () or t_arr.dtype.kind not in "iu":
+            raise TypeError(f"{self._where()}: 't' must be an int scalar (env timestep), got {record['t']!r}.")
+        t = int(t_arr)
+        if t in self._seen_t:
+            raise ValueError(f"{self._where()}: t={t} was already recorded; each rollout step needs a distinct t.")
+        new_fields: dict[str, sf.FieldSpec] = {}
+        for key, value in values.items():
+            spec = sf.field_spec_for(key, value)
+            if self._num_steps > 0 and key not in self._fields:
+                spec = dataclasses.replace(spec, optional=True)
+            old = self._fields.get(key)
+            if old is None:
+                new_fields[key] = spec
+            elif (old.shape, old.dtype) != (spec.shape, spec.dtype):
+                raise ValueError(
+                    f"{self._where()}: record[{key!r}] has {spec.describe()}, but the episode's first {key!r} had "
+                    f"{old.describe()}; every step must match it (pad or cast the value)."
+                )
+        if self._required is None:
+            self._required = frozenset(k for k, s in new_fields.items() if not s.optional)
+        missing = sorted(self._required - values.keys())
+        if missing:
+            raise ValueError(
+                f"{self._where()}: record lacks {missing}, which the first step had; every step needs the first "
+                "step's keys (only 'cf_*' keys may come and go)."
+            )
+        extra_attrs = {}
+        if not self._has_prompt_attr and isinstance(values.get("prompt"), str):
+            extra_attrs["prompt"] = values["prompt"]
+            self._has_prompt_attr = True
+        self._writer._put(("step", self._sink, StepItem(values, t, new_fields, extra_attrs)))
+        self._fields.update(new_fields)
+        self._seen_t.add(t)
+        self._num_steps += 1
+
+    def finish(self, metadata: Mapping[str, Any]) -> None:
+        """Queues the end of the episode: ``metadata`` (must include ``success``) is merged into the episode attrs
+        and ``complete`` is set True once every queued step of it is on disk. Adds ``num_inferences`` and
+        ``wall_time_s`` (since begin_episode) unless given."""
+        self._writer._check()
+        if self._finished:
+            raise RuntimeError(f"task {self.task_id} episode {self.episode_index}: finish() was already called.")
+        meta = manifest_lib.to_json_compatible(dict(metadata), where="metadata")
+        if "success" not in meta:
+            raise ValueError("finish(metadata) needs 'success' (LIBERO's done flag; False if the episode failed).")
+        clash = sorted(set(meta) & sf.RESERVED_EPISODE_ATTRS)
+        if clash:
+            raise ValueError(f"metadata keys {clash} are set by the store; rename them.")
+        meta.setdefault("num_inferences", self._num_steps)
+        meta.setdefault("wall_time_s", round(time.monotonic() - self._t0, 3))
+        self._writer._put(("finish", self._sink, meta))
+        self._finished = True
+        self._writer._episode_finished(self._sink)

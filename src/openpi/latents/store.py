@@ -1,0 +1,345 @@
+"""Streaming, crash-safe, resumable latent store (zarr v3): the writer.
+
+Use::
+
+    with LatentStoreWriter.create_or_open(out_dir, manifest, resume=args.resume) as writer:
+        done = writer.completed            # {(task_id, episode_index)} already in the store
+        ep = writer.begin_episode(task, k, {"init_state_index": k, "seed": 7, "prompt": task["language"]})
+        for ...: ep.append_step({"t": t, "actions": ..., **latents})   # blocks only when the queue is full
+        ep.finish({"success": done, "total_steps": t, "error": None})
+
+One background thread does all writing, fed by a bounded queue; a failure there is re-raised (as
+:class:`LatentStoreWriteError`) by the next writer call and by ``close()``. Each step's arrays are written first, then
+the episode attr ``committed_steps`` (one atomic JSON write), so a crash at any point leaves every committed step and
+every finished episode intact; the unfinished episode stays ``complete=False`` and resuming deletes it. The layout is
+documented in ``store_format``; reading is ``store_reader`` / ``loading``; the pickle compat format is
+``pickle_format``. Local directories only (zarr's LocalStore writes each file atomically, which the crash story needs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import pathlib
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import zarr
+
+from openpi.latents import manifest as manifest_lib
+from openpi.latents import store_format as sf
+from openpi.latents import zarr_bf16  # noqa: F401 - registers bfloat16 with zarr
+from openpi.latents.episode_writer import EpisodeSink, EpisodeWriter
+from openpi.latents.loading import load_inference_task_data
+from openpi.latents.pickle_format import PickleTaskWriter, export_pickle
+from openpi.latents.store_format import estimate_bytes, format_bytes
+from openpi.latents.store_reader import (
+    LatentStore,
+    StoreFormatError,
+    completed_episodes,
+    is_store,
+    open_store,
+    read_group_attrs,
+    scan_episode_dirs,
+)
+
+logger = logging.getLogger(__name__)
+_STOP = object()
+
+
+class LatentStoreWriteError(RuntimeError):
+    """The background writer failed; the message says where. The episode being written stays incomplete."""
+
+
+def check_writable(root: str | pathlib.Path) -> pathlib.Path:
+    """Raises PermissionError/NotADirectoryError (naming the path and the fix) unless ``root`` can be written.
+
+    Checks the nearest existing ancestor when ``root`` does not exist yet, by creating and deleting a file.
+    """
+    root = pathlib.Path(root).expanduser().absolute()
+    probe_dir = root
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise NotADirectoryError(f"Output path {root}: {probe_dir} is not a directory; choose another --output-dir.")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write_probe_", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise PermissionError(
+            f"Output dir {root} is not writable ({probe_dir}: {e.strerror or e}); fix its permissions or choose "
+            "another --output-dir."
+        ) from e
+    return root
+
+
+def _write_json_atomic(path: pathlib.Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class LatentStoreWriter:
+    """Writer of one store directory; create with :meth:`create_or_open`, use as a context manager."""
+
+    def __init__(self, root: pathlib.Path, group: zarr.Group, manifest: dict[str, Any], *, queue_size: int = 8):
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}.")
+        self.root = root
+        self.manifest = manifest
+        self._group = group
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._error_where = ""
+        self._closed = False
+        # (task_id, episode_index) complete in the store, or finished (queued) in this run: don't run them again.
+        self.completed: set[tuple[int, int]] = set()
+        self._tasks: dict[int, dict[str, Any]] = {}
+        self._task_groups: dict[int, zarr.Group] = {}
+        self._open: set[tuple[int, int]] = set()
+        for task_id, episodes in scan_episode_dirs(root).items():
+            task_path = root / sf.task_group_name(task_id)
+            self._tasks[task_id] = read_group_attrs(task_path)
+            for k, path in episodes.items():
+                if read_group_attrs(path).get(sf.EPISODE_COMPLETE):
+                    self.completed.add((task_id, k))
+        self._thread = threading.Thread(target=self._run, name="latent-store-writer", daemon=True)
+        self._thread.start()
+
+    # --- opening ------------------------------------------------------------------------------------
+    @classmethod
+    def create_or_open(
+        cls,
+        root: str | pathlib.Path,
+        manifest: Mapping[str, Any],
+        *,
+        resume: bool,
+        queue_size: int = 8,
+        resume_ignore: Collection[str] = manifest_lib.DEFAULT_RESUME_IGNORE,
+    ) -> LatentStoreWriter:
+        """Creates a store at ``root`` (or, with ``resume``, reopens it and deletes its incomplete episodes).
+
+        Errors before anything is written: root not writable; root non-empty but not a store; a store holding
+        episodes without ``resume``; on resume, a manifest that differs (outside ``resume_ignore``) from the stored.
+        """
+        root = check_writable(root)
+        requested = manifest_lib.complete_manifest(manifest)
+        if root.exists() and any(root.iterdir()):
+            if not is_store(root):
+                raise FileExistsError(
+                    f"{root} is not empty and is not a latent store (no zarr.json with format {sf.FORMAT_NAME!r}); "
+                    "choose a new --output-dir."
+                )
+            n_episodes = sum(len(eps) for eps in scan_episode_dirs(root).values())
+            if not resume and n_episodes:
+                plural = "s" if n_episodes != 1 else ""
+                raise FileExistsError(
+                    f"{root} already holds {n_episodes} episode{plural}; pass --resume to continue or choose a new "
+                    "--output-dir."
+                )
+            if resume and n_episodes:
+                return cls._reopen(root, requested, queue_size, resume_ignore)
+        if resume:
+            logger.info("--resume: %s holds no episodes yet; starting a new store.", root)
+        root.mkdir(parents=True, exist_ok=True)
+        attrs = {"format": sf.FORMAT_NAME, "format_version": sf.FORMAT_VERSION, "manifest": requested, "resumes": []}
+        # overwrite: root is empty, or a store without episodes (e.g. from a run that died before its first one).
+        group = zarr.create_group(store=str(root), zarr_format=3, attributes=attrs, overwrite=True)
+        _write_json_atomic(root / sf.MANIFEST_FILE, requested)
+        return cls(root, group, requested, queue_size=queue_size)
+
+    @classmethod
+    def _reopen(
+        cls, root: pathlib.Path, requested: dict[str, Any], queue_size: int, resume_ignore: Collection[str]
+    ) -> LatentStoreWriter:
+        stored = LatentStore(root).manifest  # validates root attrs and manifest.json
+        diffs = manifest_lib.manifest_differences(stored, requested, ignore=resume_ignore)
+        if diffs:
+            raise ValueError(
+                f"Cannot resume {root}: it was written with a different manifest. Differing fields:\n  "
+                + "\n  ".join(diffs)
+                + "\nResume with the original settings, or choose a new --output-dir."
+            )
+        if stored.get("code_version") != requested.get("code_version"):
+            logger.warning(
+                "Resuming %s with code %s; it was started with %s.",
+                root,
+                requested.get("code_version"),
+                stored.get("code_version"),
+            )
+        deleted = []
+        for task_id, episodes in scan_episode_dirs(root).items():
+            for k, path in sorted(episodes.items()):
+                if not read_group_attrs(path).get(sf.EPISODE_COMPLETE):
+                    shutil.rmtree(path)
+                    deleted.append([task_id, k])
+        if deleted:
+            logger.info("Resume: deleted %d incomplete episodes (task, episode): %s", len(deleted), deleted)
+        group = zarr.open_group(store=str(root), mode="r+", zarr_format=3)
+        resumes = list(group.attrs.get("resumes", []))
+        resumes.append(
+            {
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "code_version": requested.get("code_version"),
+                "deleted_incomplete": deleted,
+            }
+        )
+        group.attrs.update({"resumes": resumes})
+        return cls(root, group, stored, queue_size=queue_size)
+
+    # --- producer API -------------------------------------------------------------------------------
+    def begin_episode(
+        self, task: Mapping[str, Any], episode_index: int, attrs: Mapping[str, Any] | None = None
+    ) -> EpisodeWriter:
+        """Starts episode ``episode_index`` of ``task`` (dict with task_id, task_name, suite, language, ...)."""
+        self._check()
+        missing = [k for k in sf.TASK_REQUIRED_ATTRS if k not in task]
+        if missing:
+            raise ValueError(f"task dict lacks {missing}; it needs {list(sf.TASK_REQUIRED_ATTRS)}.")
+        task_attrs = manifest_lib.to_json_compatible(dict(task), where="task")
+        task_id, episode_index = int(task_attrs["task_id"]), int(episode_index)
+        task_attrs["task_id"] = task_id
+        known = self._tasks.get(task_id)
+        if known is not None:
+            diffs = [k for k in sf.TASK_REQUIRED_ATTRS if known.get(k) != task_attrs.get(k)]
+            if diffs:
+                raise ValueError(
+                    f"task {task_id}: {diffs} differ from what the store holds "
+                    f"({ {k: known.get(k) for k in diffs} }); task ids must keep their meaning across a run."
+                )
+        ident = (task_id, episode_index)
+        if ident in self.completed:
+            raise ValueError(f"task {task_id} episode {episode_index} is already complete in {self.root}; skip it.")
+        if ident in self._open:
+            raise ValueError(f"task {task_id} episode {episode_index} was already begun in this run.")
+        ep_attrs = manifest_lib.to_json_compatible(dict(attrs or {}), where="attrs")
+        clash = sorted(set(ep_attrs) & sf.RESERVED_EPISODE_ATTRS)
+        if clash:
+            raise ValueError(f"episode attrs {clash} are set by the store; rename them.")
+        ep_attrs = {"episode_index": episode_index, **ep_attrs}
+        ep_attrs.update({sf.EPISODE_COMMITTED: 0, sf.EPISODE_COMPLETE: False})
+        self._tasks.setdefault(task_id, task_attrs)
+        self._open.add(ident)
+        sink = EpisodeSink(task_id, episode_index, ep_attrs)
+        self._put(("begin", sink, task_attrs))
+        return EpisodeWriter(self, sink)
+
+    def flush(self) -> None:
+        """Blocks until everything queued so far is on disk; raises a writer failure."""
+        self._check()
+        self._queue.join()
+        self._check()
+
+    def close(self) -> None:
+        """Writes what is queued, stops the thread, and raises a writer failure (also on later calls)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join()
+        if self._error is not None:
+            raise self._wrapped_error()
+
+    def __enter__(self) -> LatentStoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except LatentStoreWriteError:
+            logger.exception("The latent store writer also failed while handling another exception.")
+
+    # --- internals used by EpisodeWriter ------------------------------------------------------------
+    def _episode_finished(self, sink: EpisodeSink) -> None:
+        ident = (sink.task_id, sink.episode_index)
+        self._open.discard(ident)
+        self.completed.add(ident)
+
+    def _put(self, item: tuple) -> None:
+        if self._closed:
+            raise RuntimeError(f"LatentStoreWriter for {self.root} is closed.")
+        self._queue.put(item)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._wrapped_error()
+
+    def _wrapped_error(self) -> LatentStoreWriteError:
+        err = LatentStoreWriteError(
+            f"The background writer of {self.root} failed while {self._error_where}: "
+            f"{type(self._error).__name__}: {self._error}. Episodes finished before it are intact; the failed "
+            "episode stays incomplete (resume deletes and re-runs it)."
+        )
+        err.__cause__ = self._error
+        return err
+
+    # --- writer thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._error is None:
+                    self._handle(item)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the producer
+                self._error = e
+                logger.error("latent store writer failed while %s: %r", self._error_where, e)
+            finally:
+                self._queue.task_done()
+
+    def _handle(self, item: tuple) -> None:
+        kind, sink = item[0], item[1]
+        where = f"task {sink.task_id} episode {sink.episode_index}"
+        if kind == "begin":
+            self._error_where = f"creating {where}"
+            sink.open(self._task_group(item[2]))
+        elif kind == "step":
+            self._error_where = f"writing {where} rollout step {sink.committed}"
+            sink.write_step(item[2])
+        elif kind == "finish":
+            self._error_where = f"finishing {where}"
+            sink.finish(item[2])
+        else:  # pragma: no cover - internal
+            raise AssertionError(kind)
+
+    def _task_group(self, task_attrs: dict[str, Any]) -> zarr.Group:
+        task_id = task_attrs["task_id"]
+        group = self._task_groups.get(task_id)
+        if group is None:
+            name = sf.task_group_name(task_id)
+            if (self.root / name / "zarr.json").exists():
+                group = zarr.open_group(store=str(self.root / name), mode="r+", zarr_format=3)
+            else:
+                group = self._group.create_group(name, attributes=task_attrs)
+            self._task_groups[task_id] = group
+        return group
+
+
+create_or_open = LatentStoreWriter.create_or_open
+
+__all__ = [
+    "LatentStore",
+    "LatentStoreWriteError",
+    "LatentStoreWriter",
+    "EpisodeWriter",
+    "PickleTaskWriter",
+    "StoreFormatError",
+    "check_writable",
+    "completed_episodes",
+    "create_or_open",
+    "estimate_bytes",
+    "export_pickle",
+    "format_bytes",
+    "load_inference_task_data",
+    "open_store",
+]
