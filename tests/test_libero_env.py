@@ -74,7 +74,7 @@ class _FakeEnv:
             "robot0_gripper_qpos": np.array([0.04, -0.04]),
         }
 
-    def reset(self, k):
+    def reset(self, k, *, num_steps_wait=10):
         self.steps = 0
         return self._obs()
 

@@ -220,13 +220,13 @@ class LiberoEnv:
                 f"valid indices are 0..{n - 1}."
             )
 
-    def reset(self, init_state_index: int) -> dict[str, Any]:
+    def reset(self, init_state_index: int, *, num_steps_wait: int = NUM_STEPS_WAIT) -> dict[str, Any]:
         """Resets to the suite's initial state `init_state_index`, runs the wait steps, returns the observation."""
         env = self._live()
         self.check_init_state_index(init_state_index)
         env.reset()
         obs = env.set_init_state(self._init_states[init_state_index])
-        for _ in range(NUM_STEPS_WAIT):
+        for _ in range(num_steps_wait):
             obs, _, _, _ = env.step(list(DUMMY_ACTION))
         return obs
 
@@ -325,12 +325,14 @@ def run_episode(
     prompt: str | None = None,
     on_inference: InferenceCallback | None = None,
     record_frames: bool = False,
+    num_steps_wait: int = NUM_STEPS_WAIT,
 ) -> EpisodeResult:
     """Runs one episode with openpi's protocol.
 
     policy_fn(policy_input) -> action chunk [H, 7] with H >= replan_steps; its first `replan_steps` actions are
     executed before it is asked again. on_inference(t, policy_input, chunk) is called right after each policy call.
-    `max_steps` defaults to the suite's value; `prompt` to the task's instruction.
+    `max_steps` defaults to the suite's value; `prompt` to the task's instruction; `num_steps_wait` no-op steps run
+    after the reset (not counted in t).
     An exception raised by the env (reset or step) ends the episode as a failure with the error recorded;
     exceptions from policy_fn or on_inference propagate.
     """
@@ -358,7 +360,7 @@ def run_episode(
 
     env.check_init_state_index(init_state_index)  # a caller error raises, it is not a failed episode
     try:
-        obs = env.reset(init_state_index)
+        obs = env.reset(init_state_index, num_steps_wait=num_steps_wait)
     except Exception as e:  # noqa: BLE001 - the simulator may raise anything; recorded as a failed episode
         error = f"env.reset failed: {type(e).__name__}: {e}"
     if error is not None:
