@@ -1,0 +1,38 @@
+"""Run pi0 in LIBERO episodes (openpi's evaluation protocol) and record its latents at every inference.
+
+Offline smoke run (tiny random-weight model, no download, a few minutes on 2 CPU cores):
+
+    uv run python scripts/inference_latent_collection.py --preset pi0_libero_tiny --task-suite libero_goal \\
+        --task-ids 0 --episodes-per-task 1 --max-steps 20 --output-dir data/smoke
+
+The real job (openpi's released pi0_libero checkpoint; needs the `gcs` extra for gs://, or a local copy):
+
+    uv run python scripts/inference_latent_collection.py --preset pi0_libero --task-suite libero_goal \\
+        --episodes-per-task 10 --output-dir data/pi0_libero_goal
+"""
+
+import logging
+import sys
+
+import tyro
+
+from openpi.latents import collection
+
+
+def main(args: collection.CollectionArgs) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        plan = collection.make_plan(args)
+        outcomes = collection.collect(args)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as e:
+        # Bad input: a clear message, no traceback (nothing collected so far is touched).
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print()
+    print(collection.summary_table(plan, outcomes))
+    print(f"\nLatents in {args.output_dir} ({args.output_format}). Open them with:")
+    print(f"  import expert_data_utils; task_data = expert_data_utils.load_inference_task_data({str(args.output_dir)!r}, task_id=...)")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(collection.CollectionArgs, description=__doc__))
