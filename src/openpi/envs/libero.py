@@ -16,7 +16,6 @@ rendering backend is chosen at import time.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Mapping, Sequence
 import contextlib
 import dataclasses
 import functools
@@ -28,6 +27,7 @@ import pathlib
 import sys
 import time
 import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Self
 
 import numpy as np
@@ -361,7 +361,7 @@ def run_episode(
     env.check_init_state_index(init_state_index)  # a caller error raises, it is not a failed episode
     try:
         obs = env.reset(init_state_index, num_steps_wait=num_steps_wait)
-    except Exception as e:  # noqa: BLE001 - the simulator may raise anything; recorded as a failed episode
+    except Exception as e:  # the simulator may raise anything; recorded as a failed episode
         error = f"env.reset failed: {type(e).__name__}: {e}"
     if error is not None:
         logger.warning("Episode %d failed: %s", init_state_index, error)
@@ -385,7 +385,7 @@ def run_episode(
         action = plan.popleft()
         try:
             obs, _, done, _ = env.step(action)
-        except Exception as e:  # noqa: BLE001 - see above
+        except Exception as e:  # see above
             error = f"env.step failed at t={t}: {type(e).__name__}: {e}"
             logger.warning("Episode %d failed: %s", init_state_index, error)
             break

@@ -185,8 +185,8 @@ class Attention(nn.Module):
             if x is None:
                 continue
             if cfg.num_kv_heads == cfg.num_heads:
-                qkv = Einsum((3, cfg.num_heads, cfg.width, cfg.head_dim), batch_axis=(0, 1), name=_name("qkv_einsum", i))
-                q, k, v = qkv("BSD,3KDH->3BSKH", x)
+                shape = (3, cfg.num_heads, cfg.width, cfg.head_dim)
+                q, k, v = Einsum(shape, batch_axis=(0, 1), name=_name("qkv_einsum", i))("BSD,3KDH->3BSKH", x)
             else:
                 q = Einsum((cfg.num_heads, cfg.width, cfg.head_dim), batch_axis=(0,), name=_name("q_einsum", i))(
                     "BTD,NDH->BTNH", x
@@ -235,9 +235,10 @@ class Attention(nn.Module):
                 continue
             end = start + x.shape[1]
             enc_i = enc[:, start:end]
-            o = Einsum((cfg.num_heads, cfg.head_dim, cfg.width), in_axis=(-3, -2), batch_axis=(), name=_name("attn_vec_einsum", i))(
-                "BTNH,NHD->BTD", enc_i
+            out_proj = Einsum(
+                (cfg.num_heads, cfg.head_dim, cfg.width), in_axis=(-3, -2), name=_name("attn_vec_einsum", i)
             )
+            o = out_proj("BTNH,NHD->BTD", enc_i)
             outs.append(o)
             heads.append(enc_i)
             start = end
@@ -263,9 +264,7 @@ class Block(nn.Module):
                     captures[t.name] = value.astype(self.capture_dtype) if self.capture_dtype else value
 
         tap("residual", xs)
-        normed = [
-            None if x is None else RMSNorm(name=_name("pre_attention_norm", i))(x) for i, x in enumerate(xs)
-        ]
+        normed = [None if x is None else RMSNorm(name=_name("pre_attention_norm", i))(x) for i, x in enumerate(xs)]
         attn_outs, heads, kv, mass = Attention(self.configs, name="attn")(
             normed, positions, attn_mask, kv_cache, key_groups
         )

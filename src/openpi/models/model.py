@@ -3,18 +3,18 @@
 Shared by every model in the package; compatible with upstream openpi's `openpi.models.model` names.
 """
 
-from collections.abc import Mapping, Sequence
 import dataclasses
 import logging
 import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
-from jaxtyping import ArrayLike, Bool, Float, Int
 import numpy as np
 import orbax.checkpoint as ocp
+from jaxtyping import ArrayLike, Bool, Float, Int
 
 from openpi.shared import image_tools
 

@@ -289,7 +289,9 @@ class Pi0:
         prefix_keys = ("expert_0_hidden_states", "expert_0_segment_means", "text_only_hidden_states", "text_mask")
         ar_step = {"kind": "prefix", **{k: out[k] for k in prefix_keys if k in out}}
         steps = capture.step_indices(num_steps)
-        expert_1_keys = [k for k in ("expert_1_hidden_states", "expert_1_segment_means", "attention_to_text") if k in out]
+        expert_1_keys = [
+            k for k in ("expert_1_hidden_states", "expert_1_segment_means", "attention_to_text") if k in out
+        ]
         flow = []
         times = _euler_times(num_steps)
         for s in range(num_steps):

@@ -10,9 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from openpi.models import gemma
+from openpi.models import gemma, siglip
 from openpi.models import model as _model
-from openpi.models import siglip
 
 if TYPE_CHECKING:
     from openpi.models.pi0 import Pi0

@@ -12,8 +12,8 @@ pi0 uses `variant="So400m/14"`, `pool_type="none"`, `scan=True`, `num_classes=<V
 224x224 image becomes one token, 256 per image, with no pooling and no CLS token.
 """
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn

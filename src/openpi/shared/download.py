@@ -115,7 +115,7 @@ def _filesystem_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `url` and the URL's path in that filesystem's terms."""
     scheme = urllib.parse.urlparse(url).scheme
     fs = _make_filesystem(scheme)
-    return fs, fs._strip_protocol(url)  # noqa: SLF001 (fsspec's public-in-practice path normaliser)
+    return fs, fs._strip_protocol(url)  # fsspec's public-in-practice path normaliser
 
 
 def _make_filesystem(scheme: str) -> fsspec.AbstractFileSystem:

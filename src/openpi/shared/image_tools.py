@@ -12,8 +12,8 @@ Both are no-ops when the images already have the target size, so 224x224 inputs 
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, UInt8
 import numpy as np
+from jaxtyping import Array, Float, UInt8
 from PIL import Image
 
 
