@@ -1,0 +1,95 @@
+"""Language-loss report of a latent collection: metrics.json, CSV tables, PNG plots and report.md.
+
+    uv run python scripts/expert_language_analysis.py --collection data/pi0_libero_goal --output-dir reports/goal
+
+Every metric of design.md section 6 is computed per layer and stream (text_only / expert_0 / expert_1), reading one
+layer at a time. The token embedding and final norm for text decoding are read (those two leaves only) from the
+checkpoint recorded in the collection's manifest. Definitions: `openpi.latents.metrics`, `openpi.latents.analysis`
+and `openpi.latents.language_loss`.
+
+The seed's entry points are kept here (they delegate to the package):
+
+    analyze_inference_language_loss(task_data)  # per-layer expert_0 / expert_1 / text_only language loss + overall
+    analyze_rollout_step(step_data)             # the same for one rollout step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import sys
+import time
+
+import tyro
+
+from openpi.latents import analysis, report
+from openpi.latents.language_loss import analyze_inference_language_loss, analyze_rollout_step
+
+__all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Turn a latent collection into a language-loss report folder."""
+
+    # The collection: a latent store directory (or a pickle directory/file with --allow-pickle).
+    collection: pathlib.Path
+    # Where metrics.json, the CSV tables, the PNG plots and report.md go.
+    output_dir: pathlib.Path = pathlib.Path("reports/language_loss")
+    # Only these task ids (default: all).
+    task_ids: tuple[int, ...] = ()
+    # Checkpoint (local dir or gs://) to read the token embedding / final norm from, instead of the manifest's.
+    checkpoint: str | None = None
+    # Skip text reconstruction and the logit lens (no embedding is read).
+    no_text_decoding: bool = False
+    # Decode text at every k-th rollout step only (text decoding dominates the cost at full size).
+    text_step_stride: int = 1
+    # Task-probe folds and shuffled-label permutations (0 skips the control).
+    probe_splits: int = 5
+    probe_shuffles: int = 10
+    # Bootstrap resamples for every confidence interval, and the seed of everything random.
+    n_boot: int = 1000
+    seed: int = 0
+    # Read at most this many MiB of one layer per block (bounds memory).
+    max_block_mib: int = 64
+    # Open pickles (unpickling executes code from the file: only for files you trust).
+    allow_pickle: bool = False
+
+
+def main(args: Args) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    embedding: object = "auto"
+    if args.no_text_decoding:
+        embedding = None
+    elif args.checkpoint:
+        from openpi.latents.checkpoint_leaves import read_checkpoint_leaves
+
+        embedding = read_checkpoint_leaves(args.checkpoint)
+    t0 = time.monotonic()
+    res = analysis.analyze_collection(
+        args.collection,
+        embedding=embedding,
+        task_ids=list(args.task_ids) or None,
+        probe_splits=args.probe_splits,
+        probe_shuffles=args.probe_shuffles,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        text_step_stride=args.text_step_stride,
+        max_block_bytes=args.max_block_mib << 20,
+        allow_pickle=args.allow_pickle,
+        progress=lambda msg: print(msg, flush=True),
+    )
+    data = report.write_report(res, args.output_dir)
+    print(f"Report in {args.output_dir}/report.md ({time.monotonic() - t0:.1f}s)")
+    for line in report.readings(res).values():
+        print("  " + line)
+    return data
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args, description=__doc__))
+    except (ValueError, FileNotFoundError, PermissionError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,176 @@
+"""CSV tables of a :class:`~openpi.latents.analysis.CollectionAnalysis` (one row per stream/metric/layer/...).
+
+* ``episodes.csv``: task, episode, success, rollout steps, prompt, counterfactual prompt, error.
+* ``per_layer.csv``: per stream, metric and layer, the mean over episodes with its 95% bootstrap interval.
+* ``per_step.csv``: the layer × rollout-step heatmap data (mean over the episodes that reached the step).
+* ``per_episode.csv``: each episode's mean over its rollout steps, per stream, metric and layer.
+* ``probe.csv``: task probe per stream and layer (accuracy, fold interval, chance, shuffled control, p-value).
+* ``success_split.csv``: success / failure means with intervals and their difference.
+* ``attention.csv``: expert-1 attention mass on text per denoising step and layer, by query type.
+* ``action_divergence.csv``: per episode, the action-chunk divergence under the counterfactual prompt.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import pathlib
+
+import numpy as np
+
+from openpi.latents import analysis as A
+from openpi.latents import report_plots as P
+
+TABLES = (
+    "episodes.csv",
+    "per_layer.csv",
+    "per_step.csv",
+    "per_episode.csv",
+    "probe.csv",
+    "success_split.csv",
+    "attention.csv",
+    "action_divergence.csv",
+)
+
+
+def _write_csv(path: pathlib.Path, header: list[str], rows) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            w.writerow(["" if isinstance(x, float) and math.isnan(x) else x for x in r])
+
+
+def write_tables(res: A.CollectionAnalysis, out: pathlib.Path) -> list[str]:
+    eps = res.episodes
+    _write_csv(
+        out / "episodes.csv",
+        ["task_id", "episode", "success", "n_steps", "prompt", "counterfactual_prompt", "error"],
+        [[e.task_id, e.episode, e.success, e.n_steps, e.prompt, e.counterfactual_prompt, e.error] for e in eps],
+    )
+    keys = sorted(res.step_values)
+    rows, step_rows, ep_rows, split_rows = [], [], [], []
+    for s, m in keys:
+        layers = res.layers(s)
+        for layer, c in zip(layers, res.per_layer(s, m)):
+            rows.append([s, m, layer, c.estimate, c.low, c.high, c.n])
+        grid = res.heatmap(s, m)
+        for j, layer in enumerate(layers):
+            step_rows += [[s, m, layer, i, float(grid[j, i])] for i in range(grid.shape[1])]
+        pe = res.per_episode(s, m)
+        for i, e in enumerate(eps):
+            ep_rows += [
+                [e.task_id, e.episode, e.success, s, m, layer, float(pe[i, j])] for j, layer in enumerate(layers)
+            ]
+        if m in P.HEATMAP_METRICS:
+            for layer, x in zip(layers, res.success_split(s, m)):
+                split_rows.append(
+                    [
+                        s,
+                        m,
+                        layer,
+                        x.success.estimate,
+                        x.success.low,
+                        x.success.high,
+                        x.n_success,
+                        x.failure.estimate,
+                        x.failure.low,
+                        x.failure.high,
+                        x.n_failure,
+                        x.difference.estimate,
+                        x.difference.low,
+                        x.difference.high,
+                    ]
+                )
+    _write_csv(out / "per_layer.csv", ["stream", "metric", "layer", "mean", "ci_low", "ci_high", "n_episodes"], rows)
+    _write_csv(
+        out / "per_step.csv", ["stream", "metric", "layer", "rollout_step_index", "mean_over_episodes"], step_rows
+    )
+    _write_csv(
+        out / "per_episode.csv", ["task_id", "episode", "success", "stream", "metric", "layer", "value"], ep_rows
+    )
+    _write_csv(
+        out / "success_split.csv",
+        [
+            "stream",
+            "metric",
+            "layer",
+            "success_mean",
+            "success_low",
+            "success_high",
+            "n_success",
+            "failure_mean",
+            "failure_low",
+            "failure_high",
+            "n_failure",
+            "difference",
+            "difference_low",
+            "difference_high",
+        ],
+        split_rows,
+    )
+    _write_csv(
+        out / "probe.csv",
+        [
+            "stream",
+            "layer",
+            "accuracy",
+            "ci_low",
+            "ci_high",
+            "chance_majority",
+            "chance_uniform",
+            "shuffled_mean",
+            "shuffled_low",
+            "shuffled_high",
+            "p_value",
+            "n_samples",
+            "n_groups",
+            "n_splits",
+        ],
+        [
+            [
+                s,
+                layer,
+                p.accuracy,
+                *p.accuracy_ci,
+                p.chance_majority,
+                p.chance_uniform,
+                p.shuffled_mean,
+                *p.shuffled_ci,
+                p.p_value,
+                p.n_samples,
+                p.n_groups,
+                p.n_splits,
+            ]
+            for s, ps in res.probes.items()
+            for layer, p in zip(res.layers(s), ps)
+        ],
+    )
+    att = A.attention_means(res)
+    times = res.attention.get("denoise_times")
+    _write_csv(
+        out / "attention.csv",
+        ["denoise_step", "t", "layer", "all_queries", "state_query", "action_queries"],
+        [
+            [
+                i,
+                float(times[i]) if times is not None else "",
+                layer,
+                att["all"][i, j],
+                att["state"][i, j],
+                att["actions"][i, j],
+            ]
+            for i in range(att["all"].shape[0])
+            for j, layer in enumerate(res.layers("expert_1"))
+        ]
+        if att
+        else [],
+    )
+    per_ep = res.action_divergence_per_episode()
+    mx = [np.nanmax(v) if np.any(~np.isnan(v)) else np.nan for v in res.actions["max_abs"]]
+    _write_csv(
+        out / "action_divergence.csv",
+        ["task_id", "episode", "success", "mean_l2", "max_abs"],
+        [[e.task_id, e.episode, e.success, per_ep[i], mx[i]] for i, e in enumerate(eps)],
+    )
+    return list(TABLES)
