@@ -21,9 +21,11 @@ episode as the unit: a metric is first averaged over an episode's rollout steps 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -122,7 +124,7 @@ class CollectionAnalysis:
         out = []
         for v in self.step_values[(stream, metric)]:
             v = v[1:] if metric == "drift" and len(v) > 1 else v
-            with np.errstate(all="ignore"), _quiet():
+            with quiet_nan_warnings():
                 out.append(np.nanmean(v, axis=0) if len(v) else np.full(v.shape[1], np.nan))
         return np.asarray(out)
 
@@ -139,7 +141,7 @@ class CollectionAnalysis:
         grid = np.full((len(vals), n, vals[0].shape[1]), np.nan)
         for i, v in enumerate(vals):
             grid[i, : len(v)] = v
-        with np.errstate(all="ignore"), _quiet():
+        with quiet_nan_warnings():
             return np.nanmean(grid, axis=0).T
 
     def success_split(self, stream: str, metric: str) -> list[M.SuccessSplit]:
@@ -149,20 +151,16 @@ class CollectionAnalysis:
         return [M.split_by_success(pe[:, j], flags, n_boot=s["n_boot"], seed=s["seed"]) for j in range(pe.shape[1])]
 
     def action_divergence_per_episode(self) -> np.ndarray:
-        with np.errstate(all="ignore"), _quiet():
+        with quiet_nan_warnings():
             return np.array([np.nanmean(v) if np.any(~np.isnan(v)) else np.nan for v in self.actions["mean_l2"]])
 
 
-class _quiet:
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
+@contextlib.contextmanager
+def quiet_nan_warnings():
+    """Silences numpy's RuntimeWarnings (mean of empty slice, ...): NaN already says "undefined" in the results."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
+        yield
 
 
 def _blocks(n: int, step_bytes: int, max_bytes: int) -> list[list[int]]:

@@ -129,9 +129,9 @@ def make_source(data: Any, *, task_ids: Sequence[int] | None = None, allow_pickl
     if isinstance(data, LatentStore):
         return StoreSource(data, task_ids)
     if isinstance(data, TaskData):  # the store behind a lazy task view
-        return StoreSource(data._store, [data["task_id"]], data._include_incomplete)
+        return StoreSource(data.store, [data["task_id"]], data.include_incomplete)
     if isinstance(data, TasksView):
-        return StoreSource(data._store, task_ids, data._include_incomplete)
+        return StoreSource(data.store, task_ids, data.include_incomplete)
     if isinstance(data, Mapping) and "episodes" in data:
         data = {int(data.get("task_id", 0)): data}
     if isinstance(data, Mapping):

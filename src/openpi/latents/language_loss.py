@@ -129,7 +129,7 @@ def analyze_language_loss_across_rollout_steps(
             entry[slot] = None if metric is None else res.step_values[(stream, metric)][i].tolist()
             if stream == "text_only":
                 v = None if metric is None else res.step_values[(stream, metric)][i]
-                with A._quiet():
+                with A.quiet_nan_warnings():
                     entry["overall_loss"] = None if v is None else np.nanmean(v, axis=1).tolist()
     return {
         "episodes": episodes,
@@ -141,7 +141,7 @@ def analyze_language_loss_across_rollout_steps(
 
 def _manifest_of(step_data) -> Mapping[str, Any]:
     """The run manifest behind a lazy store view (best effort; {} for plain dicts)."""
-    episode = getattr(step_data, "_episode", None)
+    episode = getattr(step_data, "episode", None)
     if episode is not None:
         try:
             from openpi.latents.store_reader import open_store
@@ -165,7 +165,7 @@ def analyze_rollout_step(
     store the step came from, or ``manifest``), or None (text slot None).
     """
     manifest = dict(manifest or _manifest_of(step_data))
-    episode = getattr(step_data, "_episode", None)
+    episode = getattr(step_data, "episode", None)
     if episode is not None:  # a lazy store step: shapes from the episode attrs, arrays read only when used
         fields = {k: (episode.fields[k].shape, episode.fields[k].dims) for k in step_data}
     else:

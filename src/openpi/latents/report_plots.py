@@ -240,7 +240,7 @@ def prompt_sensitivity(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str
             pe = res.per_episode(s, "prompt_sensitivity")
             for t in tasks:
                 rows = [i for i, e in enumerate(res.episodes) if e.task_id == t]
-                with A._quiet():
+                with A.quiet_nan_warnings():
                     ax.plot(res.layers(s), np.nanmean(pe[rows], axis=0), lw=0.8, alpha=0.6, label=f"task {t}")
             ax.set_xlabel("layer")
             ax.set_ylabel(LABELS["prompt_sensitivity"], fontsize=8)

@@ -35,6 +35,11 @@ class StepView(_LazyMapping):
         self._step = step
         self._keys = episode.keys_at(step)
 
+    @property
+    def episode(self) -> EpisodeReader:
+        """The episode reader behind this step (field shapes and dims without reading arrays)."""
+        return self._episode
+
     def __getitem__(self, key: str) -> Any:
         if key not in self._keys:
             raise KeyError(f"step_{self._episode.step_t[self._step]} has no key {key!r}; keys are {self._keys}.")
@@ -123,6 +128,15 @@ class TaskData(_LazyMapping):
         self._scalars = {k: info[k] for k in _TASK_SCALAR_KEYS}
         self._scalars.update({k: v for k, v in info.items() if k not in self._scalars and k != "episodes"})
 
+    @property
+    def store(self) -> LatentStore:
+        """The store this lazy view reads from."""
+        return self._store
+
+    @property
+    def include_incomplete(self) -> bool:
+        return self._include_incomplete
+
     def __getitem__(self, key: str) -> Any:
         if key == "episodes":
             return EpisodesView(self._store, self._task_id, self._include_incomplete)
@@ -145,6 +159,15 @@ class TasksView(_LazyMapping):
     def __init__(self, store: LatentStore, include_incomplete: bool):
         self._store = store
         self._include_incomplete = include_incomplete
+
+    @property
+    def store(self) -> LatentStore:
+        """The store this lazy view reads from."""
+        return self._store
+
+    @property
+    def include_incomplete(self) -> bool:
+        return self._include_incomplete
 
     def __getitem__(self, task_id: int) -> TaskData:
         return self._store.task_data(task_id, include_incomplete=self._include_incomplete)
