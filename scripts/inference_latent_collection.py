@@ -22,16 +22,17 @@ from openpi.latents import collection
 def main(args: collection.CollectionArgs) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        plan = collection.make_plan(args)
         outcomes = collection.collect(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as e:
-        # Bad input: a clear message, no traceback (nothing collected so far is touched).
+    except collection.SetupError as e:
+        # Bad input, found before any rollout: a clear message, no traceback, nothing written.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print()
-    print(collection.summary_table(plan, outcomes))
+    print(collection.summary_table(collection.make_plan(args), outcomes))
     print(f"\nLatents in {args.output_dir} ({args.output_format}). Open them with:")
-    print(f"  import expert_data_utils; task_data = expert_data_utils.load_inference_task_data({str(args.output_dir)!r}, task_id=...)")
+    print("  import expert_data_utils")
+    extra = ", allow_pickle=True" if args.output_format == "pickle" else ""  # only for pickles you trust
+    print(f"  task_data = expert_data_utils.load_inference_task_data({str(args.output_dir)!r}, task_id=...{extra})")
 
 
 if __name__ == "__main__":
