@@ -191,6 +191,21 @@ class LiberoEnv:
             bddl_file_name=self.task.bddl_file, camera_heights=resolution, camera_widths=resolution
         )
         self._env.seed(seed)  # openpi: the seed affects object placement even with a fixed initial state
+        self._num_resets = 0
+
+    @property
+    def num_resets(self) -> int:
+        """Resets so far. LIBERO re-samples fixture placement at every reset (not part of an initial state), so in
+        openpi's protocol episode k's scene depends on the k resets before it."""
+        return self._num_resets
+
+    def replay_resets(self, until: int) -> None:
+        """Resets without running episodes until `num_resets == until`, so that the next episode sees the scene it
+        would see after `until` earlier episodes (used when a resumed run skips finished episodes)."""
+        env = self._live()
+        while self._num_resets < until:
+            env.reset()
+            self._num_resets += 1
 
     @property
     def prompt(self) -> str:
@@ -225,6 +240,7 @@ class LiberoEnv:
         env = self._live()
         self.check_init_state_index(init_state_index)
         env.reset()
+        self._num_resets += 1
         obs = env.set_init_state(self._init_states[init_state_index])
         for _ in range(num_steps_wait):
             obs, _, _, _ = env.step(list(DUMMY_ACTION))

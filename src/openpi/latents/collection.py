@@ -6,7 +6,7 @@ layout). Everything that can be checked cheaply is checked before the model is l
 
 An episode is the same whether it runs in one go, after a resume, or in a run with counterfactual reruns: its noise is
 drawn from `seed`, `task_id` and the episode index, and its env has had exactly as many resets before it as in an
-uninterrupted run (LIBERO re-places the fixtures at every reset, see `_replay_resets`).
+uninterrupted run (LIBERO re-places the fixtures at every reset, see `LiberoEnv.replay_resets`).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def describe_capture(args: CollectionArgs, plan: Plan, policy: Policy) -> str:
     lines = ["Capture per inference:"]
     for key, s in sorted(shapes.items()):
         nbytes = int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
-        lines.append(f"  {key:26s} {str(list(s.shape)):28s} {np.dtype(s.dtype).name:9s} {_store.format_bytes(nbytes)}")
+        lines.append(f"  {key:26s} {list(s.shape)!s:28s} {np.dtype(s.dtype).name:9s} {_store.format_bytes(nbytes)}")
     config = policy.model.config
     extra = config.action_horizon * (7 + 2 * config.action_dim) * 4  # actions, model actions, noise
     if args.store_images:
@@ -482,21 +482,6 @@ def collect(args: CollectionArgs, *, policy: Policy | None = None) -> list[Episo
         output.close()
 
 
-def _replay_resets(env: libero.LiberoEnv, resets: int, k: int) -> int:
-    """Resets `env` until it has had `k` resets, so that episode k starts in the scene of an uninterrupted run.
-
-    LIBERO re-samples the placement of the fixtures (cabinet, rack, ...; model positions, not part of the sim state
-    that an initial state sets) from the env's RNG at every reset. In openpi's protocol episode k is the (k+1)-th
-    reset of an env seeded once, so its scene depends on the k resets before it; when earlier episodes are skipped
-    (--resume) their resets are replayed (about 2 s each). Returns the new reset count.
-    """
-    if k > resets:
-        logger.info("Replaying %d env resets so that episode %d sees the scene of an uninterrupted run.", k - resets, k)
-    for _ in range(k - resets):
-        env.raw.reset()
-    return max(resets, k)
-
-
 def _run(args: CollectionArgs, plan: Plan, policy: Policy, output: _ZarrOutput | _PickleOutput) -> list[EpisodeOutcome]:
     outcomes: list[EpisodeOutcome] = []
     todo: dict[int, list[int]] = {}
@@ -518,9 +503,10 @@ def _run(args: CollectionArgs, plan: Plan, policy: Policy, output: _ZarrOutput |
             continue
         task_dict = _task_dict(task)
         with libero.LiberoEnv(task.suite, task.task_id, seed=args.seed) as env:
-            resets = 0
             for k in todo[task.task_id]:
-                resets = _replay_resets(env, resets, k)
+                if env.num_resets < k:  # --resume skipped episodes: give episode k the scene of an uninterrupted run
+                    logger.info("Replaying %d env resets for episode %d.", k - env.num_resets, k)
+                    env.replay_resets(k)
                 attrs = {
                     "init_state_index": k,
                     "seed": args.seed,
@@ -530,7 +516,6 @@ def _run(args: CollectionArgs, plan: Plan, policy: Policy, output: _ZarrOutput |
                 }
                 writer = output.begin(task_dict, k, attrs)
                 result = run_task_episode(args, plan, policy, env, writer, k)
-                resets += 1
                 writer.finish(
                     {
                         "success": bool(result.success),
