@@ -41,15 +41,17 @@ class Args:
     task_ids: tuple[int, ...] = ()
     # Checkpoint (local dir or gs://) to read the token embedding / final norm from, instead of the manifest's.
     checkpoint: str | None = None
-    # Skip text reconstruction and the logit lens (no embedding is read).
-    no_text_decoding: bool = False
+    # Text reconstruction and the logit lens (--no-text-decoding skips them and reads no embedding).
+    text_decoding: bool = True
     # Decode text at every k-th rollout step only (text decoding dominates the cost at full size).
     text_step_stride: int = 1
-    # Task-probe folds and shuffled-label permutations (0 skips the control).
+    # Task-probe cross-validation folds (grouped by episode).
     probe_splits: int = 5
+    # Shuffled-label permutations of the task-probe control (0 skips the control).
     probe_shuffles: int = 10
-    # Bootstrap resamples for every confidence interval, and the seed of everything random.
+    # Bootstrap resamples for every confidence interval.
     n_boot: int = 1000
+    # Seed of everything random (bootstrap, probe folds, permutations).
     seed: int = 0
     # Read at most this many MiB of one layer per block (bounds memory).
     max_block_mib: int = 64
@@ -60,7 +62,7 @@ class Args:
 def main(args: Args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     embedding: object = "auto"
-    if args.no_text_decoding:
+    if not args.text_decoding:
         embedding = None
     elif args.checkpoint:
         from openpi.latents.checkpoint_leaves import read_checkpoint_leaves

@@ -479,7 +479,7 @@ def test_report_and_cli_on_synthetic_store(tmp_path):
         np.mean(data["language_loss"]["text_only_language_loss"])
     )
     out = cli.main(
-        cli.Args(collection=root, output_dir=tmp_path / "cli", no_text_decoding=True, probe_shuffles=2, n_boot=100)
+        cli.Args(collection=root, output_dir=tmp_path / "cli", text_decoding=False, probe_shuffles=2, n_boot=100)
     )
     check_report(tmp_path / "cli", out)
     assert out["metrics"]["language_loss"]["text_only"]["reason"].startswith("text decoding skipped")
