@@ -29,7 +29,9 @@ from openpi.models import model as _model
 from openpi.models.pi0_config import Pi0Config
 
 CONFIGS = {
-    "dummy": Pi0Config(paligemma_variant="dummy", action_expert_variant="dummy", siglip_variant="mu/14", vocab_size=1024),
+    "dummy": Pi0Config(
+        paligemma_variant="dummy", action_expert_variant="dummy", siglip_variant="mu/14", vocab_size=1024
+    ),
     # A mid-size model: 6 layers, widths 512/256, SigLIP S/14 (12 layers, width 384).
     "mid": Pi0Config(
         paligemma_variant=gemma.Config(width=512, depth=6, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=64),
@@ -68,8 +70,11 @@ def _observation(config: Pi0Config) -> _model.Observation:
 
 
 def _bench_config(name: str, config: Pi0Config, args: Args) -> dict:
-    model = config.create(jax.random.key(0))
-    model = dataclasses.replace(model, params=jax.tree.map(lambda x: x.astype(config.dtype), model.params))
+    # Random weights created directly in the compute dtype (as a bf16 checkpoint is loaded), without a float32 copy.
+    params = jax.jit(lambda rng: jax.tree.map(lambda x: x.astype(config.dtype), config.init_params(rng)))(
+        jax.random.key(0)
+    )
+    model = config.load(params)
     obs = _observation(config)
     rng = jax.random.key(1)
 

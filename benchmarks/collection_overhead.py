@@ -338,7 +338,7 @@ def run(args: Args) -> dict[str, Any]:
     growth = (max(peaks[1:]) - peaks[0]) / peaks[0] if len(peaks) > 1 else 0.0
     report = {
         "benchmark": "collection_overhead",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine,
         "setup": {
             "preset": "pi0_libero_tiny",

@@ -615,7 +615,7 @@ def test_sigkill_mid_episode_then_resume_runs_each_episode_once(tmp_path):
     # Without --resume: refused. With --resume but other settings: refused, naming the field, deleting nothing.
     before = tree_snapshot(root)
     refused = cli(*cli_args(root, "--episodes-per-task", "2", "--max-steps", str(max_steps)), timeout=120)
-    assert refused.returncode == 2 and "already holds 2 episode(s); pass --resume" in refused.stderr
+    assert refused.returncode == 2 and "already holds 2 episodes; pass --resume" in refused.stderr
     changed = cli(*cli_args(root, "--episodes-per-task", "2", "--max-steps", "40", "--resume"), timeout=120)
     assert changed.returncode == 2 and "Cannot resume" in changed.stderr and "max_steps" in changed.stderr
     assert tree_snapshot(root) == before

@@ -6,8 +6,8 @@ At most one real env is alive at a time (module-scoped fixture, ~2 GB RSS).
 import math
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from openpi.envs import libero as L
 

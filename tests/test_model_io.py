@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
-from PIL import Image
 import pytest
 import tensorstore as ts
+from PIL import Image
 
 from openpi.models import model as _model
 from openpi.shared import image_tools

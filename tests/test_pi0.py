@@ -147,17 +147,13 @@ def test_eval_shape_full_size_outputs(tiny_a_dir):
     reference = json.loads((tiny_a_dir.parent / "pi0_default_param_shapes.json").read_text())["eval_shape_batch1"]
     config = pi0.Pi0Config()
     model = jax.eval_shape(lambda: config.create(jax.random.key(0)))
-    obs = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_observation(config)
-    )
+    obs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_observation(config))
     actions = jax.eval_shape(lambda m, o: m.sample_actions(jax.random.key(0), o), model, obs)
     assert (list(actions.shape), str(actions.dtype)) == (
         reference["sample_actions_output"]["shape"],
         reference["sample_actions_output"]["dtype"],
     )
-    loss = jax.eval_shape(
-        lambda m, o: m.compute_loss(jax.random.key(0), o, jnp.zeros((1, 50, 32))), model, obs
-    )
+    loss = jax.eval_shape(lambda m, o: m.compute_loss(jax.random.key(0), o, jnp.zeros((1, 50, 32))), model, obs)
     assert list(loss.shape) == reference["compute_loss_output"]["shape"]
     tokens = jax.eval_shape(lambda m, o: m.embed_prefix(o)[0], model, obs)
     assert (list(tokens.shape), str(tokens.dtype)) == (
@@ -180,7 +176,9 @@ def _abstract_observation(config):
 def test_load_names_first_mismatching_param(tiny_a_dir):
     params = _model.restore_params(tiny_a_dir / "checkpoint" / "params", restore_type=np.ndarray)
     wrong = dataclasses.replace(tiny_a_config(), action_horizon=50, vocab_size=2048)
-    with pytest.raises(ValueError, match=r"PaliGemma/llm/embedder/input_embedding: the model expects \(2048, 64\), got \(1024, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"PaliGemma/llm/embedder/input_embedding: the model expects \(2048, 64\), got \(1024, 64\)"
+    ):
         wrong.load(params)
     # A checkpoint missing leaves: the first missing path is named.
     del params["action_out_proj"]

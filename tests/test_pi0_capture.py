@@ -8,18 +8,32 @@ import pytest
 from model_inputs import random_observation
 
 from openpi.latents.capture import CaptureSpec
-from openpi.models import gemma
-from openpi.models import pi0
+from openpi.models import gemma, pi0
 
 # Two configs that differ in batch size, depth, widths (equal vs different expert widths), heads and horizon.
 CONFIGS = {
-    "dummy_b1": (pi0.Pi0Config(dtype="float32", paligemma_variant="dummy", action_expert_variant="dummy",
-                               siglip_variant="mu/14", vocab_size=1024), 1),
-    "narrow_b2": (pi0.Pi0Config(
-        dtype="float32",
-        paligemma_variant=gemma.Config(width=48, depth=2, mlp_dim=96, num_heads=4, num_kv_heads=1, head_dim=8),
-        action_expert_variant=gemma.Config(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=8),
-        action_horizon=8, max_token_len=16, siglip_variant="mu/14", vocab_size=512), 2),
+    "dummy_b1": (
+        pi0.Pi0Config(
+            dtype="float32",
+            paligemma_variant="dummy",
+            action_expert_variant="dummy",
+            siglip_variant="mu/14",
+            vocab_size=1024,
+        ),
+        1,
+    ),
+    "narrow_b2": (
+        pi0.Pi0Config(
+            dtype="float32",
+            paligemma_variant=gemma.Config(width=48, depth=2, mlp_dim=96, num_heads=4, num_kv_heads=1, head_dim=8),
+            action_expert_variant=gemma.Config(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=8),
+            action_horizon=8,
+            max_token_len=16,
+            siglip_variant="mu/14",
+            vocab_size=512,
+        ),
+        2,
+    ),
 }
 NUM_STEPS = 3
 
@@ -63,7 +77,9 @@ def test_infer_with_latents_shapes(setup):
     assert full["denoise_times"].shape == (S,)
     np.testing.assert_array_equal(full["text_mask"], obs.tokenized_prompt_mask)
     # The text window is expert 0 at positions [cams * tokens_per_camera, + max_token_len): derived from the config.
-    np.testing.assert_array_equal(full["text_only_hidden_states"], full["expert_0_hidden_states"][:, :, cfg.text_start:])
+    np.testing.assert_array_equal(
+        full["text_only_hidden_states"], full["expert_0_hidden_states"][:, :, cfg.text_start :]
+    )
 
     pooled = _run(model, obs, noise, CaptureSpec(dtype="float32"))
     assert pooled["expert_0_segment_means"].shape == (L, b, cfg.num_cameras + 1, W0)
@@ -76,10 +92,10 @@ def test_infer_with_latents_shapes(setup):
     tpc = cfg.tokens_per_camera
     for c, key in enumerate(("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")):
         m = np.asarray(obs.image_masks[key], np.float64)[None, :, None]
-        expected = e0[:, :, c * tpc:(c + 1) * tpc].mean(axis=2) * m
+        expected = e0[:, :, c * tpc : (c + 1) * tpc].mean(axis=2) * m
         np.testing.assert_allclose(pooled["expert_0_segment_means"][:, :, c], expected, atol=1e-5)
     tm = np.asarray(obs.tokenized_prompt_mask, np.float64)
-    text_mean = (e0[:, :, cfg.text_start:] * tm[None, :, :, None]).sum(2) / tm.sum(1)[None, :, None]
+    text_mean = (e0[:, :, cfg.text_start :] * tm[None, :, :, None]).sum(2) / tm.sum(1)[None, :, None]
     np.testing.assert_allclose(pooled["expert_0_segment_means"][:, :, -1], text_mean, atol=1e-5)
     e1 = np.asarray(full["expert_1_hidden_states"], np.float64)
     np.testing.assert_allclose(pooled["expert_1_segment_means"][:, :, :, 0], e1[:, :, :, 0], atol=1e-5)
@@ -109,7 +125,9 @@ def test_layer_and_step_selection_and_dtype(setup):
 def test_capture_layer_that_does_not_exist(setup):
     model, obs, noise, _ = setup
     depth = model.config.depth
-    with pytest.raises(ValueError, match=rf"do not exist: this model has {depth} layers \(valid indices 0..{depth - 1}\)"):
+    with pytest.raises(
+        ValueError, match=rf"do not exist: this model has {depth} layers \(valid indices 0..{depth - 1}\)"
+    ):
         _run(model, obs, noise, CaptureSpec(layers=(depth,)))
     with pytest.raises(ValueError, match="denoising step"):
         _run(model, obs, noise, CaptureSpec(denoise_steps=(NUM_STEPS,)))
@@ -119,7 +137,10 @@ def test_sample_actions_with_inference_steps(setup):
     model, obs, noise, b = setup
     cfg = model.config
     out = model.sample_actions_with_inference_steps(
-        jax.random.key(0), obs, num_steps=NUM_STEPS, noise=noise,
+        jax.random.key(0),
+        obs,
+        num_steps=NUM_STEPS,
+        noise=noise,
         capture=dataclasses.replace(CaptureSpec.everything(), dtype="float32"),
     )
     assert set(out) == {"ar_process_steps", "flow_matching_steps", "final_action"}

@@ -8,19 +8,17 @@ import shutil
 import uuid
 
 import fsspec
-from fsspec.implementations.memory import MemoryFileSystem
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from openpi import transforms as T
 from openpi.latents.capture import CaptureSpec
-from openpi.policies import libero_policy
+from openpi.policies import libero_policy, policy_config
 from openpi.policies import policy as _policy
-from openpi.policies import policy_config
-from openpi.shared import download
-from openpi.shared import normalize
+from openpi.shared import download, normalize
 
 HAVE_PI0 = importlib.util.find_spec("openpi.models.pi0") is not None
 needs_pi0 = pytest.mark.skipif(not HAVE_PI0, reason="openpi.models.pi0 is not in the tree yet")
@@ -353,7 +351,9 @@ def test_transform_order_matches_openpi(tiny_a_dir):
     from openpi.models.tokenizer import PaligemmaTokenizer
 
     preset = policy_config.get_preset("pi0_libero_tiny")
-    inputs, outputs = policy_config.make_transforms(preset, stats, PaligemmaTokenizer(48, tiny_a_dir / "tokenizer.model"))
+    inputs, outputs = policy_config.make_transforms(
+        preset, stats, PaligemmaTokenizer(48, tiny_a_dir / "tokenizer.model")
+    )
     assert [type(t).__name__ for t in inputs] == [
         "InjectDefaultPrompt",
         "LiberoInputs",

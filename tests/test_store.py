@@ -23,7 +23,7 @@ from openpi.latents import store_format as sf
 from openpi.latents.store_reader import StoreFormatError
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from store_kill_helper import MANIFEST, STEPS_PER_EPISODE, TASK, L, make_record, write_episode  # noqa: E402
+from store_kill_helper import MANIFEST, STEPS_PER_EPISODE, TASK, L, make_record, write_episode
 
 HELPER = pathlib.Path(__file__).parent / "store_kill_helper.py"
 

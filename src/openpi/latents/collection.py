@@ -406,24 +406,9 @@ def check_output(args: CollectionArgs, plan: Plan, manifest: dict[str, Any]) -> 
                 "choose a new --output-dir."
             )
         return
-    if not root.is_dir() or not any(root.iterdir()):
-        return
-    if not store_reader.is_store(root):
-        raise FileExistsError(f"{root} is not empty and is not a latent store; choose a new --output-dir.")
-    n_episodes = sum(len(eps) for eps in store_reader.scan_episode_dirs(root).values())
-    if n_episodes and not args.resume:
-        raise FileExistsError(
-            f"{root} already holds {n_episodes} episode(s); pass --resume to continue or choose a new --output-dir."
-        )
-    if n_episodes:
-        stored = store_reader.open_store(root).manifest
-        diffs = manifest_lib.manifest_differences(stored, manifest, ignore=RESUME_IGNORE)
-        if diffs:
-            raise ValueError(
-                f"Cannot resume {root}: it was written with different settings:\n  "
-                + "\n  ".join(diffs)
-                + "\nResume with the original settings, or choose a new --output-dir."
-            )
+    _store.LatentStoreWriter.check_can_open(
+        root, manifest_lib.complete_manifest(manifest), resume=args.resume, resume_ignore=RESUME_IGNORE
+    )
 
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter

@@ -34,7 +34,7 @@ def load_inference_task_data(
     path: str | pathlib.Path,
     task_id: int | None = None,
     *,
-    format: Literal["auto", "store", "pickle"] = "auto",  # noqa: A002 - the documented argument name
+    format: Literal["auto", "store", "pickle"] = "auto",  # the documented argument name
     allow_pickle: bool = False,
     include_incomplete: bool = False,
 ) -> Mapping[str, Any] | Mapping[int, Mapping[str, Any]]:

@@ -106,7 +106,7 @@ def complete_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"manifest must be a dict (arguments, capture_spec, checkpoint, ...), got {type(manifest)}.")
     out = to_json_compatible(dict(manifest), where="manifest")
     out.setdefault("code_version", code_version())
-    out.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    out.setdefault("created", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     out["content_hash"] = content_hash(out)
     return out
 

@@ -266,8 +266,9 @@ def logit_lens(
     """Same-position logit lens: how well does each valid position's state predict its *own* token?
 
     ``z = E · RMSNorm(h; final_norm_scale)`` (tied embedding, float32), ``nll = logsumexp(z) − z[id]`` computed with a
-    streaming log-sum-exp over vocab chunks (float64 accumulation; clipped at 0 against float32 rounding), ``rank = #{v ≠ id : z[v] > z[id]}`` (ties count
-    in the token's favour). ``final_norm_scale`` is expert 0's ``PaliGemma/llm/final_norm/scale`` [W].
+    streaming log-sum-exp over vocab chunks (float64 accumulation; clipped at 0 against float32 rounding),
+    ``rank = #{v ≠ id : z[v] > z[id]}`` (ties count in the token's favour). ``final_norm_scale`` is expert 0's
+    ``PaliGemma/llm/final_norm/scale`` [W].
 
     This is not next-token prediction: the pi0 prefix is bidirectional (every prompt token attends to every other),
     so a next-token loss on the prompt would be read off the answer; the same-position lens asks whether the token's

@@ -115,7 +115,7 @@ class PickleTaskWriter:
             if not resume:
                 raise FileExistsError(f"{self.path} exists; pass --resume to continue or choose a new --output-dir.")
             with open(self.path, "rb") as f:
-                self.data: dict[str, Any] = pickle.load(f)  # noqa: S301 - our own output, resume requested
+                self.data: dict[str, Any] = pickle.load(f)  # our own output, resume requested
         else:
             self.data = {**info, "episodes": {}}
         self._open: set[int] = set()
@@ -174,7 +174,7 @@ def pickle_files(path: pathlib.Path) -> dict[int, pathlib.Path]:
 def load_pickle_task(path: pathlib.Path, *, include_incomplete: bool = False) -> dict[str, Any]:
     """Unpickles one task file (executes code from the file: callers must have been allowed to)."""
     with open(path, "rb") as f:
-        data = pickle.load(f)  # noqa: S301 - gated by allow_pickle in load_inference_task_data
+        data = pickle.load(f)  # gated by allow_pickle in load_inference_task_data
     if not include_incomplete:
         episodes = data.get("episodes", {})
         data["episodes"] = {k: v for k, v in episodes.items() if v.get("metadata", {}).get("complete", True)}

@@ -131,21 +131,9 @@ class LatentStoreWriter:
         """
         root = check_writable(root)
         requested = manifest_lib.complete_manifest(manifest)
-        if root.exists() and any(root.iterdir()):
-            if not is_store(root):
-                raise FileExistsError(
-                    f"{root} is not empty and is not a latent store (no zarr.json with format {sf.FORMAT_NAME!r}); "
-                    "choose a new --output-dir."
-                )
-            n_episodes = sum(len(eps) for eps in scan_episode_dirs(root).values())
-            if not resume and n_episodes:
-                plural = "s" if n_episodes != 1 else ""
-                raise FileExistsError(
-                    f"{root} already holds {n_episodes} episode{plural}; pass --resume to continue or choose a new "
-                    "--output-dir."
-                )
-            if resume and n_episodes:
-                return cls._reopen(root, requested, queue_size, resume_ignore)
+        n_episodes = cls.check_can_open(root, requested, resume=resume, resume_ignore=resume_ignore)
+        if resume and n_episodes:
+            return cls._reopen(root, requested, queue_size, resume_ignore)
         if resume:
             logger.info("--resume: %s holds no episodes yet; starting a new store.", root)
         root.mkdir(parents=True, exist_ok=True)
@@ -155,18 +143,51 @@ class LatentStoreWriter:
         _write_json_atomic(root / sf.MANIFEST_FILE, requested)
         return cls(root, group, requested, queue_size=queue_size)
 
+    @staticmethod
+    def check_can_open(
+        root: str | pathlib.Path,
+        manifest: Mapping[str, Any],
+        *,
+        resume: bool,
+        resume_ignore: Collection[str] = manifest_lib.DEFAULT_RESUME_IGNORE,
+    ) -> int:
+        """The checks of `create_or_open`, writing nothing (so a caller can fail before expensive setup).
+
+        Returns the number of episodes already in the store. Raises PermissionError / NotADirectoryError (not
+        writable), FileExistsError (non-empty non-store directory; a store with episodes without ``resume``) and
+        ValueError (on resume, a manifest differing outside ``resume_ignore``).
+        """
+        root = check_writable(root)
+        if not (root.exists() and any(root.iterdir())):
+            return 0
+        if not is_store(root):
+            raise FileExistsError(
+                f"{root} is not empty and is not a latent store (no zarr.json with format {sf.FORMAT_NAME!r}); "
+                "choose a new --output-dir."
+            )
+        n_episodes = sum(len(eps) for eps in scan_episode_dirs(root).values())
+        if n_episodes and not resume:
+            plural = "s" if n_episodes != 1 else ""
+            raise FileExistsError(
+                f"{root} already holds {n_episodes} episode{plural}; pass --resume to continue or choose a new "
+                "--output-dir."
+            )
+        if n_episodes:
+            stored = LatentStore(root).manifest  # validates root attrs and manifest.json
+            diffs = manifest_lib.manifest_differences(stored, dict(manifest), ignore=resume_ignore)
+            if diffs:
+                raise ValueError(
+                    f"Cannot resume {root}: it was written with a different manifest. Differing fields:\n  "
+                    + "\n  ".join(diffs)
+                    + "\nResume with the original settings, or choose a new --output-dir."
+                )
+        return n_episodes
+
     @classmethod
     def _reopen(
         cls, root: pathlib.Path, requested: dict[str, Any], queue_size: int, resume_ignore: Collection[str]
     ) -> LatentStoreWriter:
-        stored = LatentStore(root).manifest  # validates root attrs and manifest.json
-        diffs = manifest_lib.manifest_differences(stored, requested, ignore=resume_ignore)
-        if diffs:
-            raise ValueError(
-                f"Cannot resume {root}: it was written with a different manifest. Differing fields:\n  "
-                + "\n  ".join(diffs)
-                + "\nResume with the original settings, or choose a new --output-dir."
-            )
+        stored = LatentStore(root).manifest  # checked against `requested` by check_can_open
         if stored.get("code_version") != requested.get("code_version"):
             logger.warning(
                 "Resuming %s with code %s; it was started with %s.",
@@ -186,7 +207,7 @@ class LatentStoreWriter:
         resumes = list(group.attrs.get("resumes", []))
         resumes.append(
             {
-                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "code_version": requested.get("code_version"),
                 "deleted_incomplete": deleted,
             }
@@ -291,7 +312,7 @@ class LatentStoreWriter:
                     return
                 if self._error is None:
                     self._handle(item)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the producer
+            except BaseException as e:  # re-raised in the producer
                 self._error = e
                 logger.error("latent store writer failed while %s: %r", self._error_where, e)
             finally:
@@ -328,10 +349,10 @@ class LatentStoreWriter:
 create_or_open = LatentStoreWriter.create_or_open
 
 __all__ = [
+    "EpisodeWriter",
     "LatentStore",
     "LatentStoreWriteError",
     "LatentStoreWriter",
-    "EpisodeWriter",
     "PickleTaskWriter",
     "StoreFormatError",
     "check_writable",

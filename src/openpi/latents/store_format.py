@@ -171,7 +171,7 @@ def normalize_value(key: str, value: Any) -> np.ndarray | str:
         return np.asarray(value, dtype=np.float64)
     try:
         arr = np.asarray(value)
-    except Exception as e:  # noqa: BLE001 - report which key failed
+    except Exception as e:  # report which key failed
         raise TypeError(f"record[{key!r}]: cannot convert {type(value).__name__} to a numpy array: {e}") from e
     if arr.dtype != zarr_bf16.BF16 and arr.dtype.kind not in _SUPPORTED_KINDS:
         raise TypeError(
