@@ -112,6 +112,7 @@ def expected_fields(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         "expert_0_segment_means": ((L_, 1, config.num_cameras + 1, w0), np.dtype(BF16)),
         "text_only_hidden_states": ((L_, 1, n_tok, w0), np.dtype(BF16)),
         "text_mask": ((1, n_tok), np.dtype(bool)),
+        "segment_mask": ((1, config.num_cameras + 1), np.dtype(bool)),
         "tokenized_prompt": ((1, n_tok), np.dtype(np.int32)),
         "expert_1_segment_means": ((S, L_, 1, 2, w1), np.dtype(BF16)),
         "attention_to_text": ((S, L_, 1, heads, 1 + H), np.dtype(np.float32)),
@@ -122,8 +123,8 @@ def expected_fields(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 
 LATENT_KEYS = (
-    "expert_0_segment_means", "text_only_hidden_states", "text_mask", "tokenized_prompt", "expert_1_segment_means",
-    "attention_to_text", "denoise_times", "x_t", "v_t",
+    "expert_0_segment_means", "text_only_hidden_states", "text_mask", "segment_mask", "tokenized_prompt",
+    "expert_1_segment_means", "attention_to_text", "denoise_times", "x_t", "v_t",
 )  # fmt: skip
 CF_KEYS = {"cf_prompt", "cf_actions", "cf_model_actions", *(f"cf_{k}" for k in LATENT_KEYS)}
 

@@ -76,6 +76,10 @@ def test_infer_with_latents_shapes(setup):
     assert full["x_t"].shape == (S + 1, b, H, A) and full["v_t"].shape == (S, b, H, A)
     assert full["denoise_times"].shape == (S,)
     np.testing.assert_array_equal(full["text_mask"], obs.tokenized_prompt_mask)
+    cams = np.stack(
+        [np.asarray(obs.image_masks[k]) for k in ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")], 1
+    )
+    np.testing.assert_array_equal(full["segment_mask"], np.concatenate([cams, np.ones((b, 1), bool)], axis=1))
     # The text window is expert 0 at positions [cams * tokens_per_camera, + max_token_len): derived from the config.
     np.testing.assert_array_equal(
         full["text_only_hidden_states"], full["expert_0_hidden_states"][:, :, cfg.text_start :]

@@ -257,7 +257,8 @@ class Pi0:
 
         Returns "actions" (identical to `sample_actions` for the same inputs and noise) and the keys of
         docs/INTERFACES.md: `expert_0_hidden_states` [L', B, Tp, W0] or `expert_0_segment_means` [L', B, cams+1, W0],
-        `text_only_hidden_states` [L', B, n, W0] with `text_mask` [B, n] and `tokenized_prompt`,
+        `text_only_hidden_states` [L', B, n, W0] with `text_mask` [B, n] and `tokenized_prompt`, `segment_mask`
+        [B, cams+1] (which cameras / the text hold valid tokens),
         `expert_1_hidden_states` [S', L', B, Ts, W1] or `expert_1_segment_means` [S', L', B, 2, W1],
         `attention_to_text` [S', L', B, heads, Ts], `denoise_times` [S'], `x_t` [S+1, B, H, A], `v_t` [S, B, H, A].
         L' = captured layers (entry l = residual stream entering that layer), S' = captured denoising steps.
@@ -411,6 +412,9 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
         out["attention_to_text"] = ys["attention_mass"][steps][:, layers][..., 0]  # one key group: the text
     ts = cfg.text_start
     out["text_mask"] = prefix_mask[:, ts : ts + cfg.max_token_len]
+    # Which prefix segments (each camera, then the text) hold any valid token: a masked camera's tokens attend to
+    # nothing valid, so their states are meaningless and analyses must leave them out.
+    out["segment_mask"] = model._token_groups(prefix_mask, None).any(axis=-1)
     out["tokenized_prompt"] = obs.tokenized_prompt
     out["denoise_times"] = ys["t"][steps]
     if capture.trajectory:
