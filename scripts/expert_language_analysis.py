@@ -20,6 +20,7 @@ import logging
 import pathlib
 import sys
 import time
+from typing import Literal
 
 import tyro
 
@@ -57,6 +58,9 @@ class Args:
     max_block_mib: int = 64
     # Open pickles (unpickling executes code from the file: only for files you trust).
     allow_pickle: bool = False
+    # Success vs failure over the first N rollout steps of every episode (N = fewest any episode has; "common"), or
+    # over each episode's own steps ("all": failed episodes run longer, so step-dependent metrics are confounded).
+    success_window: Literal["common", "all"] = "common"
 
 
 def main(args: Args) -> dict:
@@ -80,6 +84,7 @@ def main(args: Args) -> dict:
         text_step_stride=args.text_step_stride,
         max_block_bytes=args.max_block_mib << 20,
         allow_pickle=args.allow_pickle,
+        success_window=args.success_window,
         progress=lambda msg: print(msg, flush=True),
     )
     data = report.write_report(res, args.output_dir)

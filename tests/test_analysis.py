@@ -72,7 +72,18 @@ class Synth:
         return CL.TokenEmbedding(self.embedding, self.scale, "synthetic")
 
 
-def build_store(root, record_fn, *, tasks=(0, 1), episodes=2, steps=4, success=lambda t, k: k == 0, manifest=None):
+def build_store(
+    root,
+    record_fn,
+    *,
+    tasks=(0, 1),
+    episodes=2,
+    steps=4,
+    success=lambda t, k: k == 0,
+    error=lambda t, k: None,
+    manifest=None,
+):
+    """A synthetic store; ``steps`` is an int or ``steps(t, k)`` (0: the episode has no rollout step)."""
     man = {
         "kind": "synthetic",
         "segment_names": SEGMENTS,
@@ -84,10 +95,11 @@ def build_store(root, record_fn, *, tasks=(0, 1), episodes=2, steps=4, success=l
         for t in tasks:
             task = {"task_id": t, "task_name": f"task{t}", "suite": "synthetic", "language": f"do task {t}"}
             for k in range(episodes):
+                n = steps(t, k) if callable(steps) else steps
                 ep = writer.begin_episode(task, k, {"prompt": f"do task {t}"})
-                for i in range(steps):
+                for i in range(n):
                     ep.append_step(record_fn(t, k, i))
-                ep.finish({"success": bool(success(t, k)), "total_steps": 5 * steps})
+                ep.finish({"success": bool(success(t, k)), "total_steps": 5 * n, "error": error(t, k)})
     return pathlib.Path(root)
 
 
@@ -688,3 +700,272 @@ def test_end_to_end_collection_and_report(tmp_path):
         "action divergence under the counterfactual prompt"
     ]
     assert len(figures["attention_to_text"]["panels"]) == 2 and len(figures["overview"]["panels"]) == 6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Masked cameras, manifests in pickles, episodes without steps, denoising-step ids, the success-split window
+
+CAMS, PER_CAM, N_TEXT = 3, 4, 8  # full expert-0 capture: 3 cameras of 4 tokens, then the text window
+TEXT_START = CAMS * PER_CAM
+
+
+def full_capture_record(syn: Synth, t, k, i, *, seg_mask=True, cf=True, cam2_task_signal=0.0):
+    """Full expert-0 capture: cameras 0 and 1 hold ones (constant over steps), camera 2 is masked (pi0 LIBERO's right
+    wrist) and holds step- and prompt-dependent garbage. The counterfactual doubles camera 0 and keeps camera 1, so
+    over the valid cameras ‖a − b‖/‖a‖ = sqrt(4W) / sqrt(8W) = 1/√2 exactly, and drift over the valid cameras is 0."""
+    rng = np.random.default_rng([t, k, i, 3])
+    r = syn.record(t, k, i)
+    text = r.pop("text_only_hidden_states")
+    r.pop("expert_0_segment_means")
+
+    def prefix(cam0):
+        img = np.ones((syn.L, 1, TEXT_START, syn.W), np.float32)
+        img[:, :, :PER_CAM] = cam0
+        img[:, :, 2 * PER_CAM :] = 5 * rng.standard_normal((syn.L, 1, PER_CAM, syn.W)) + cam2_task_signal * t
+        return np.concatenate([img.astype(BF16), text], axis=2)
+
+    r["expert_0_hidden_states"] = prefix(1.0)
+    mask = np.array([[True, True, False, True]])
+    if seg_mask:
+        r["segment_mask"] = mask
+    if cf:
+        r["cf_prompt"] = ""
+        r["cf_expert_0_hidden_states"] = prefix(2.0)
+        r["cf_text_mask"], r["cf_tokenized_prompt"] = r["text_mask"], r["tokenized_prompt"]
+        if seg_mask:
+            r["cf_segment_mask"] = mask
+    return r
+
+
+FULL_MANIFEST = {"text_start": TEXT_START}
+
+
+def test_masked_camera_is_left_out_of_expert0_sensitivity_drift_and_probe(tmp_path):
+    syn = Synth(L=3, W=8, T=N_TEXT)
+    kw = dict(tasks=(0, 1), episodes=3, steps=3)
+    stored = build_store(
+        tmp_path / "stored", lambda t, k, i: full_capture_record(syn, t, k, i, cam2_task_signal=3.0), **kw,
+        manifest=FULL_MANIFEST,
+    )  # fmt: skip
+    res = A.analyze_collection(stored, embedding=None, probe_shuffles=2, n_boot=50)
+    e0 = res.streams["expert_0"]
+    assert (e0.mode, e0.n_cams, e0.tokens_per_camera, e0.segment_mask_stored) == ("full", 3, 4, True)
+    sens = np.concatenate(res.step_values[("expert_0", "prompt_sensitivity")])
+    np.testing.assert_allclose(sens, 1 / np.sqrt(2), rtol=1e-12)
+    assert np.all(np.concatenate(res.step_values[("expert_0", "drift")]) == 0.0)
+    # The masked camera carries the task (3 · task id); the valid cameras are constant: nothing left to decode.
+    assert not res.probes["expert_0"][0].accuracy >= 0.9
+    data = report.write_report(res, tmp_path / "rep")
+    assert data["streams"]["expert_0"]["camera_validity"] == "segment_mask"
+    # The seed view of one step masks the same way.
+    step = A.src.make_source(stored).store.task_data(0)["episodes"]["episode_0"]["rollout_steps"]["step_5"]
+    one = analyze_rollout_step(step, embedding=None, manifest={"segment_names": SEGMENTS, **FULL_MANIFEST})
+    np.testing.assert_allclose(one["expert_0_language_loss"], [1 / np.sqrt(2)] * syn.L, rtol=1e-12)
+
+    # A store written before segment_mask existed: the preset's masks (pi0 LIBERO: right wrist masked) give the same.
+    old = build_store(
+        tmp_path / "old",
+        lambda t, k, i: full_capture_record(syn, t, k, i, seg_mask=False, cam2_task_signal=3.0),
+        **kw,
+        manifest={**FULL_MANIFEST, "preset": "pi0_libero"},
+    )
+    res_old = A.analyze_collection(old, embedding=None, probe_shuffles=2, n_boot=50)
+    assert res_old.streams["expert_0"].fallback_segment_mask == (True, True, False)
+    assert "right_wrist_0_rgb=masked" in res_old.notes["expert_0.cameras"]
+    for metric in ("prompt_sensitivity", "drift"):
+        for x, y in zip(res.step_values[("expert_0", metric)], res_old.step_values[("expert_0", metric)]):
+            np.testing.assert_array_equal(x, y)
+    # Unknown preset and no segment_mask: every camera counts (noted) and the garbage shows up: what the fix removes.
+    blind = build_store(
+        tmp_path / "blind",
+        lambda t, k, i: full_capture_record(syn, t, k, i, seg_mask=False, cam2_task_signal=3.0),
+        **kw,
+        manifest=FULL_MANIFEST,
+    )
+    res_blind = A.analyze_collection(blind, embedding=None, probe_shuffles=2, n_boot=50)
+    assert "every camera is treated as valid" in res_blind.notes["expert_0.cameras"]
+    blind_sens = np.concatenate(res_blind.step_values[("expert_0", "prompt_sensitivity")])
+    assert np.all(np.abs(blind_sens - 1 / np.sqrt(2)) > 0.1)
+    assert np.all(np.concatenate([v[1:] for v in res_blind.step_values[("expert_0", "drift")]]) > 0.1)
+    assert res_blind.probes["expert_0"][0].accuracy >= 0.9
+
+
+def test_pooled_probe_features_drop_the_masked_camera():
+    from openpi.latents import analysis_source as src
+
+    stream = src.Stream("expert_0", "expert_0_segment_means", "pooled", 1, (0,), False, n_cams=3)
+    x = np.arange(2 * 1 * 3 * 2, dtype=np.float32).reshape(2, 1, 3, 2) + 1  # [steps, B, cams, W]
+    x[:, :, 2] = 0  # what the capture stores for an all-masked segment
+    cam = src.camera_valid(stream, np.array([[[True, True, False, True]]] * 2), (2, 1))
+    feats = src.drop_invalid_cameras(stream, src.probe_features(stream, x, cam_valid=cam), cam.reshape(-1, 3))
+    np.testing.assert_array_equal(feats, x[:, 0, :2].reshape(2, 4))
+
+
+def test_pickles_carry_the_manifest_layer_ids_and_camera_layout(tmp_path):
+    import pickle
+
+    from openpi.latents.pickle_format import PickleTaskWriter, pickle_files
+    from openpi.latents.store_reader import materialize
+
+    syn = Synth(L=3, W=8, T=N_TEXT)
+    manifest = {**FULL_MANIFEST, "capture_spec": {"layers": [0, 9, 17]}, "arguments": {"num_denoise_steps": 2}}
+    root = build_store(tmp_path / "s", lambda t, k, i: full_capture_record(syn, t, k, i), steps=2, manifest=manifest)
+    store_res = A.analyze_collection(root, embedding=None, probe=False, n_boot=50)
+    assert all(store_res.layers(s) == [0, 9, 17] for s in STREAMS) and not store_res.notes
+    (path0, _) = export_pickle(root, tmp_path / "p")
+    with open(path0, "rb") as f:
+        assert pickle.load(f)["manifest"]["capture_spec"] == {"layers": [0, 9, 17]}
+    res = A.analyze_collection(tmp_path / "p", embedding=None, probe=False, n_boot=50, allow_pickle=True)
+    assert all(res.layers(s) == [0, 9, 17] and res.streams[s].layer_kind == "model" for s in STREAMS)
+    assert res.streams["expert_0"].n_cams == 3
+    for key in store_res.step_values:
+        for x, y in zip(store_res.step_values[key], res.step_values[key]):
+            np.testing.assert_array_equal(x, y)
+
+    # A pickle written before the manifest was stored: layers labelled by capture position, and the result says so.
+    old = {}
+    for t, path in sorted(pickle_files(tmp_path / "p").items()):
+        with open(path, "rb") as f:
+            old[t] = pickle.load(f)
+        del old[t]["manifest"]
+    res_old = A.analyze_collection(old, embedding=None, probe=False, n_boot=50)
+    for s in STREAMS:
+        assert res_old.layers(s) == [0, 1, 2] and res_old.streams[s].layer_kind == "capture_position"
+        assert "capture position" in res_old.notes[f"{s}.layers"] and "no run manifest" in res_old.notes[f"{s}.layers"]
+    assert res_old.streams["expert_0"].n_cams == 3  # from the stored segment_mask
+    data = report.write_report(res_old, tmp_path / "rep")
+    assert data["streams"]["expert_0"]["layer_ids"] == "capture_position" and data["notes"] == res_old.notes
+    assert "capture position" in (tmp_path / "rep" / "report.md").read_text()
+
+    # No manifest, but the count equals the depth of the only preset of that width: model ids, with a note.
+    tiny = Synth(L=4, W=64)
+    tiny_root = build_store(tmp_path / "tiny", lambda t, k, i: tiny.record(t, k, i), tasks=(0,), steps=2)
+    data = materialize(A.src.make_source(tiny_root).store.task_data(0))
+    res_tiny = A.analyze_collection(data, embedding=None, probe=False, n_boot=50)
+    assert res_tiny.streams["expert_1"].layer_kind == "model" and res_tiny.layers("expert_1") == [0, 1, 2, 3]
+    assert "pi0_libero_tiny" in res_tiny.notes["expert_1.layers"]
+
+    # PickleTaskWriter stores the manifest it is given (what a --output-format pickle collection passes).
+    task = {"task_id": 5, "task_name": "t5", "suite": "synthetic", "language": "do task 5"}
+    writer = PickleTaskWriter(tmp_path / "w", task, manifest={"segment_names": SEGMENTS, **manifest})
+    ep = writer.begin_episode(0)
+    for i in range(2):
+        ep.append_step(full_capture_record(syn, 5, 0, i))
+    ep.finish({"success": True})
+    res_w = A.analyze_collection(tmp_path / "w", embedding=None, probe=False, n_boot=50, allow_pickle=True)
+    assert res_w.layers("expert_0") == [0, 9, 17] and res_w.source["manifest"]["segment_names"] == SEGMENTS
+
+
+def test_episodes_without_steps_and_errored_episodes(tmp_path):
+    syn = Synth()
+    a = np.zeros(syn.W, np.float32)
+    a[:4] = 1.0
+
+    def rec(t, k, i):
+        r = syn.record(t, k, 0)  # every step identical: drift 0 ...
+        r["t"] = 5 * i
+        if k == 3:  # ... except the episode that ended with an env.step error: expert 1 turns to -a (drift 2)
+            r["expert_1_segment_means"] = np.broadcast_to(a if i == 0 else -a, (syn.S, syn.L, 1, 2, syn.W)).astype(BF16)
+        return r
+
+    errors = {0: "env.reset failed: RuntimeError: boom", 3: "env.step failed at t=10: RuntimeError: boom"}
+    root = build_store(
+        tmp_path / "s",
+        rec,
+        tasks=(0,),
+        episodes=5,
+        steps=lambda t, k: 0 if k == 0 else 3,
+        success=lambda t, k: k == 1,
+        error=lambda t, k: errors.get(k),
+    )
+    res = A.analyze_collection(root, embedding=None, probe=False, n_boot=50)
+    assert set(res.streams) == set(STREAMS)  # discovered from the first episode with steps
+    assert res.step_values[("expert_1", "drift")][0].shape == (0, syn.L)
+    assert np.all(np.isnan(res.per_episode("expert_1", "drift")[0]))
+    assert res.source["episodes_without_steps"] == [{"task_id": 0, "episode": 0, "error": errors[0]}]
+    # The success split leaves both errored episodes out: the failures left (episodes 2, 4) do not drift.
+    assert res.split_counts() == (1, 2)
+    assert all(x.failure.estimate == 0.0 and x.n_failure == 2 for x in res.success_split("expert_1", "drift"))
+    assert res.per_episode("expert_1", "drift")[3, 0] == 2.0  # but it is in the per-episode values
+    data = report.write_report(res, tmp_path / "rep")
+    check_report(tmp_path / "rep", data)
+    info = data["metrics"]["success_split"]
+    assert [e["episode"] for e in info["excluded_errored"]] == [0, 3] and info["n_inferences"] == 3
+    assert data["source"]["n_errored"] == 2
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert errors[0] in md and errors[3] in md and "2 episode(s) that ended with an error left out" in md
+
+    # Only episodes without steps: nothing to compute, and the report says why.
+    empty = build_store(tmp_path / "e", rec, tasks=(0,), episodes=2, steps=0, error=lambda t, k: errors[0])
+    res = A.analyze_collection(empty, embedding=None, probe=False)
+    assert not res.streams and "no episode has a rollout step" in res.reason("expert_1", "drift")
+
+
+def test_denoising_step_ids_from_the_capture_spec(tmp_path):
+    syn = Synth(S=2)
+    manifest = {"capture_spec": {"denoise_steps": [0, 9]}, "arguments": {"num_denoise_steps": 10}}
+    root = build_store(tmp_path / "s", lambda t, k, i: syn.record(t, k, i), tasks=(0,), steps=2, manifest=manifest)
+    res = A.analyze_collection(root, embedding=None, probe=False, n_boot=50)
+    report.write_report(res, tmp_path / "rep")
+    data = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert data["metrics"]["attention_by_denoise_step"]["denoise_steps"] == [0, 9]
+    assert data["metrics"]["attention_by_denoise_step"]["denoise_step_ids"] == "model"
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "attention.csv")))
+    assert sorted({(r["denoise_step"], r["capture_position"]) for r in rows}) == [("0", "0"), ("9", "1")]
+    # Negative ids resolve with num_steps (here 5); no capture_spec: capture positions, noted.
+    assert A.src.resolve_denoise_steps(
+        {"capture_spec": {"denoise_steps": [-1]}, "arguments": {"num_denoise_steps": 5}}, 1
+    )[:2] == ((4,), "model")
+    ids, kind, note = A.src.resolve_denoise_steps({}, 2)
+    assert (ids, kind) == ((0, 1), "capture_position") and "capture position" in note
+
+
+def drift_patterns(W):
+    a, b = np.zeros(W, np.float32), np.zeros(W, np.float32)
+    a[:4], b[4:8] = 1.0, 1.0
+    return [a, a + b, b, -a]  # cosines to step 0: 1, 1/√2, 0, −1 → drift 0, 1 − 1/√2, 1, 2
+
+
+def test_success_split_compares_a_common_window_of_rollout_steps(tmp_path):
+    """Drift grows with the rollout step the same way in every episode; failures run 4 steps, successes 2. Over the
+    common window (2 steps) success − failure is exactly 0; whole-episode means would show a gap from length alone."""
+    syn = Synth()
+    patterns = drift_patterns(syn.W)
+    rng = np.random.default_rng(0)
+
+    def rec(t, k, i):
+        r = syn.record(t, k, i)
+        e1 = np.broadcast_to(patterns[i], (syn.S, syn.L, 1, 2, syn.W)).copy()
+        e1[0] = rng.standard_normal(e1[0].shape)  # denoising step 0 is the fresh per-inference noise
+        r["expert_1_segment_means"] = e1.astype(BF16)
+        return r
+
+    root = build_store(
+        tmp_path / "s",
+        rec,
+        tasks=(0,),
+        episodes=4,
+        steps=lambda t, k: 2 if k < 2 else 4,
+        success=lambda t, k: k < 2,
+    )
+    res = A.analyze_collection(root, embedding=None, probe=False, n_boot=100)
+    assert res.settings["success_window"] == "common" and res.split_window() == 2
+    d1 = 1 - 1 / np.sqrt(2)
+    # expert_1 drift is read at the last captured denoising step: the step-0 noise does not enter.
+    np.testing.assert_allclose(res.step_values[("expert_1", "drift")][3][:, 0], [0, d1, 1, 2], atol=1e-6)
+    for x in res.success_split("expert_1", "drift"):
+        assert x.success.estimate == pytest.approx(d1) and x.failure.estimate == pytest.approx(d1)
+        assert x.difference.estimate == pytest.approx(0.0, abs=1e-12)
+    for x in res.success_split("expert_1", "drift", window="all"):
+        assert x.difference.estimate == pytest.approx(d1 - (d1 + 1 + 2) / 3)
+    data = report.write_report(res, tmp_path / "rep")
+    assert data["metrics"]["success_split"]["n_inferences"] == 2
+    assert data["metrics"]["success_relation"]["drift"]["expert_1"]["per_layer"][0]["difference"]["estimate"] == 0.0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "first 2 rollout steps" in md and report.DRIFT_NOTE in md and report.TEXT_CF_NOTE in md
+    rows = (tmp_path / "rep" / "success_split.csv").read_text().splitlines()
+    assert rows[0].endswith(",window_steps") and all(r.endswith(",2") for r in rows[1:])
+    res_all = A.analyze_collection(root, embedding=None, probe=False, n_boot=100, success_window="all")
+    assert res_all.split_window() is None

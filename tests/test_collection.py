@@ -525,6 +525,9 @@ def test_pickle_output_other_task_counterfactual_and_resume(goal_run, tiny_polic
     assert sorted(p.name for p in (tmp_path / "inference_latents").iterdir()) == [path.name]
     data = store.load_inference_task_data(path, TASK_ID, allow_pickle=True)
     assert (data["task_id"], data["task_name"], data["suite"], data["language"]) == (TASK_ID, TASK_NAME, SUITE, PROMPT)
+    man = data["manifest"]  # the run manifest travels with the pickle (layer ids, cameras for the analysis)
+    assert CaptureSpec.from_dict(man["capture_spec"]) == args.capture and man["content_hash"].startswith("sha256:")
+    assert man["segment_names"] == list(tiny_policy.model.config.segment_names)
     episode = data["episodes"]["episode_0"]
     meta = episode["metadata"]
     other_prompt = L.get_task(SUITE, 1).language

@@ -410,6 +410,7 @@ def test_pickle_export_equals_store_content(tmp_path):
     assert isinstance(eager, dict)
     lazy = store.load_inference_task_data(root, 3)
     assert {k: eager[k] for k in TASK} == TASK
+    assert eager["manifest"] == store.open_store(root).manifest  # the analysis reads layer ids / cameras from it
     for k in (0, 1):
         check_episode(eager, k)
         assert eager["episodes"][f"episode_{k}"]["metadata"] == lazy["episodes"][f"episode_{k}"]["metadata"]

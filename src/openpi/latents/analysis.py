@@ -11,12 +11,25 @@ layer (``max_block_bytes``), never a whole episode. Every number comes from :mod
   ``attention_to_text`` (expert_1: mean mass on the valid text keys over denoising steps, heads and queries).
 * ``probes[stream]``: one :class:`ProbeResult` per layer (task id from the stream's pooled features, folds grouped
   by episode, chance and shuffled control).
-* ``attention``: [S, L] means over all rollout steps (all queries / state query / action queries), for the heatmap.
+* ``attention``: [S, L] means over all rollout steps (all queries / state query / action queries), for the heatmap;
+  ``attention["denoise_steps"]`` the denoising-step id of each row (from the manifest's capture_spec).
 * ``actions``: per episode [steps] action-chunk divergence (mean L2 over the chunk) under the counterfactual prompt.
+
+expert_0 counts valid cameras only (``segment_mask``, or the preset's masks for older stores; see
+:mod:`openpi.latents.analysis_source`): a masked camera's image positions are left out of prompt sensitivity and
+drift, and its block out of the probe features. expert_1 drift is taken at the last captured denoising step (see
+``METRICS["drift"]``).
+
+Episodes with no rollout step (env.reset failed: stored with an error and no steps) get empty rows and are skipped;
+streams are discovered from the first episode with steps; both are reported (``source["episodes_without_steps"]``).
 
 Summaries over episodes (:meth:`CollectionAnalysis.per_layer`, :meth:`heatmap`, :meth:`success_split`) treat the
 episode as the unit: a metric is first averaged over an episode's rollout steps (``drift`` without step 0, which is
-0 by definition), then bootstrapped over episodes.
+0 by definition), then bootstrapped over episodes. The success split (:meth:`success_split`) leaves out episodes that
+ended with an error and, by default (``success_window="common"``), averages every episode over the same window: the
+first N rollout steps, N = the fewest steps of any episode in the split. Failed episodes run to max_steps while
+successful ones stop early, and per-step metrics such as drift grow with t, so whole-episode means would differ by
+episode length alone.
 """
 
 from __future__ import annotations
@@ -60,9 +73,15 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     "prompt_sensitivity": (
         src.STREAMS,
         "‖a − b‖/‖a‖ between the stream under the prompt (a) and the counterfactual prompt (b), same observation and "
-        "noise (text_only: over the positions that hold the same token under both prompts)",
+        "noise (expert_0: image positions of valid cameras only; text_only: over the positions that hold the same "
+        "token under both prompts, which with a blank counterfactual is BOS alone: a one-position measure)",
     ),
-    "drift": (src.STREAMS, "1 − cos(x_t, x_0) to the first rollout step of the same episode"),
+    "drift": (
+        src.STREAMS,
+        "1 − cos(x_t, x_0) to the first rollout step of the same episode (expert_0: valid cameras only; expert_1: at "
+        "the last captured denoising step, the one closest to the action: openpi draws fresh noise at every "
+        "inference, so early denoising steps drift by the noise alone)",
+    ),
     "attention_to_text": (
         ("expert_1",),
         "attention mass of expert-1 queries on the valid text keys, mean over denoising steps, heads and queries",
@@ -102,6 +121,10 @@ class CollectionAnalysis:
     actions: dict[str, list[np.ndarray]]
     settings: dict[str, Any]
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    # {what: note}: how layer / denoising-step ids and camera validity were resolved when not read off the manifest
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    # text_only counterfactual reruns: positions compared per rerun (same token under both prompts)
+    cf_text_positions: list[int] = dataclasses.field(default_factory=list)
 
     def has(self, stream: str, metric: str) -> bool:
         return (stream, metric) in self.step_values
@@ -119,11 +142,13 @@ class CollectionAnalysis:
             return self.missing.get(stream, "stream not captured")
         return self.missing.get(f"{stream}.{metric}", "not computed")
 
-    def per_episode(self, stream: str, metric: str) -> np.ndarray:
-        """[episodes, layers]: each episode's mean over its rollout steps (drift: steps ≥ 1)."""
+    def per_episode(self, stream: str, metric: str, n_steps: int | None = None) -> np.ndarray:
+        """[episodes, layers]: each episode's mean over its rollout steps, or over its first ``n_steps`` only (drift:
+        without step 0, which is 0 by definition; NaN for an episode without a value)."""
         out = []
         for v in self.step_values[(stream, metric)]:
-            v = v[1:] if metric == "drift" and len(v) > 1 else v
+            v = v if n_steps is None else v[:n_steps]
+            v = v[1:] if metric == "drift" else v
             with quiet_nan_warnings():
                 out.append(np.nanmean(v, axis=0) if len(v) else np.full(v.shape[1], np.nan))
         return np.asarray(out)
@@ -144,15 +169,57 @@ class CollectionAnalysis:
         with quiet_nan_warnings():
             return np.nanmean(grid, axis=0).T
 
-    def success_split(self, stream: str, metric: str) -> list[M.SuccessSplit]:
-        pe = self.per_episode(stream, metric)
-        flags = np.array([e.success for e in self.episodes])
-        s = self.settings
-        return [M.split_by_success(pe[:, j], flags, n_boot=s["n_boot"], seed=s["seed"]) for j in range(pe.shape[1])]
+    def split_mask(self) -> np.ndarray:
+        """[episodes] bool: the episodes of the success split (no error, at least one rollout step)."""
+        return np.array([e.error is None and e.n_steps > 0 for e in self.episodes], bool)
 
-    def action_divergence_per_episode(self) -> np.ndarray:
+    def split_counts(self) -> tuple[int, int]:
+        """(successful, failed) episodes in the success split."""
+        keep = self.split_mask()
+        n_s = sum(e.success for e, k in zip(self.episodes, keep) if k)
+        return n_s, int(keep.sum()) - n_s
+
+    def split_window(self, window: str | None = None) -> int | None:
+        """Rollout steps each episode is averaged over in the success split: None (all its steps) for
+        ``window="all"``; for "common" (the default setting) the fewest steps of any episode in the split."""
+        window = window or self.settings.get("success_window", "common")
+        if window not in ("common", "all"):
+            raise ValueError(f"success window must be 'common' or 'all', got {window!r}")
+        if window == "all":
+            return None
+        n = [e.n_steps for e, k in zip(self.episodes, self.split_mask()) if k]
+        return min(n) if n else None
+
+    def split_info(self, window: str | None = None) -> dict[str, Any]:
+        """What the success split compares: window, steps, episodes left out (errors) and the counts per side."""
+        window = window or self.settings.get("success_window", "common")
+        n_s, n_f = self.split_counts()
+        errored = [e for e in self.episodes if e.error is not None]
+        return {
+            "window": window,
+            "n_inferences": self.split_window(window),
+            "n_success": n_s,
+            "n_failure": n_f,
+            "excluded_errored": [
+                {"task_id": e.task_id, "episode": e.episode, "n_steps": e.n_steps, "error": e.error} for e in errored
+            ],
+        }
+
+    def success_split(self, stream: str, metric: str, window: str | None = None) -> list[M.SuccessSplit]:
+        """Per layer: successful vs failed episodes (errored episodes left out), each averaged over the window of
+        :meth:`split_window` (default: the rollout steps every episode of the split has)."""
+        pe = self.per_episode(stream, metric, n_steps=self.split_window(window))
+        keep = self.split_mask()
+        flags = np.array([e.success for e in self.episodes])[keep]
+        s = self.settings
+        return [M.split_by_success(pe[keep, j], flags, n_boot=s["n_boot"], seed=s["seed"]) for j in range(pe.shape[1])]
+
+    def action_divergence_per_episode(self, n_steps: int | None = None) -> np.ndarray:
+        """[episodes] mean over the reruns (among the first ``n_steps`` rollout steps) of the action divergence."""
         with quiet_nan_warnings():
-            return np.array([np.nanmean(v) if np.any(~np.isnan(v)) else np.nan for v in self.actions["mean_l2"]])
+            return np.array(
+                [np.nanmean(v[:n_steps]) if np.any(~np.isnan(v[:n_steps])) else np.nan for v in self.actions["mean_l2"]]
+            )
 
 
 @contextlib.contextmanager
@@ -218,6 +285,7 @@ def analyze_collection(
     seed: int = 0,
     text_step_stride: int = 1,
     max_block_bytes: int = 64 << 20,
+    success_window: str = "common",
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> CollectionAnalysis:
@@ -231,14 +299,37 @@ def analyze_collection(
         n_boot, seed: bootstrap resamples and seed for every interval.
         text_step_stride: decode text at every k-th rollout step only (text decoding dominates the cost at full size).
         max_block_bytes: rollout steps of one layer read per block (bounds memory).
+        success_window: "common" (default): the success split averages every episode over the first N rollout steps,
+            N = the fewest any episode of the split has; "all": over each episode's own steps (length-confounded).
     """
     t0 = time.monotonic()
+    if success_window not in ("common", "all"):
+        raise ValueError(f"success_window must be 'common' or 'all', got {success_window!r}")
     source = src.make_source(data, task_ids=task_ids, allow_pickle=allow_pickle)
     episodes = _episodes(source)
     if not episodes:
         raise ValueError(f"{source.root}: no complete episode to analyse")
-    fields = source.fields(episodes[0].task_id, episodes[0].episode)
-    streams, missing = src.discover_streams(fields, source.manifest)
+    no_steps = [e for e in episodes if e.n_steps == 0]
+    first = next((e for e in episodes if e.n_steps > 0), None)
+    if first is None:
+        why = f"no episode has a rollout step (all {len(episodes)} ended before their first inference)"
+        streams, missing = {}, dict.fromkeys(src.STREAMS, why)
+    else:
+        streams, missing = src.discover_streams(source.fields(first.task_id, first.episode), source.manifest)
+    notes: dict[str, str] = {}
+    for name, stream in streams.items():
+        if stream.layer_note:
+            notes[f"{name}.layers"] = stream.layer_note
+        if stream.segment_note:
+            notes[f"{name}.cameras"] = stream.segment_note
+    denoise: dict[str, Any] = {}
+    if "expert_1" in streams and first is not None:
+        e1 = streams["expert_1"]
+        n_s = source.fields(first.task_id, first.episode)[e1.key or "attention_to_text"][0][0]
+        ids, kind, note = src.resolve_denoise_steps(source.manifest, n_s)
+        denoise = {"ids": list(ids), "kind": kind}
+        if note:
+            notes["expert_1.denoise_steps"] = note
     emb, why = resolve_embedding(source, embedding) if "text_only" in streams else (None, None)
     if why:
         for m in ("language_loss", "text_accuracy", "logit_nll", "logit_rank", "logit_top1"):
@@ -251,6 +342,11 @@ def analyze_collection(
             "n_tasks": n_tasks,
             "n_episodes": len(episodes),
             "embedding": None if emb is None else emb.source,
+            "episodes_without_steps": [
+                {"task_id": e.task_id, "episode": e.episode, "error": e.error} for e in no_steps
+            ],
+            "n_errored": sum(e.error is not None for e in episodes),
+            "denoise_steps": denoise or None,
         },
         episodes=episodes,
         streams=streams,
@@ -266,7 +362,9 @@ def analyze_collection(
             probe_shuffles=probe_shuffles,
             text_step_stride=text_step_stride,
             max_block_bytes=max_block_bytes,
+            success_window=success_window,
         ),
+        notes=notes,
     )
     say = progress or (lambda msg: logger.info(msg))
     for name, stream in streams.items():
@@ -295,37 +393,59 @@ def _put(res: CollectionAnalysis, stream: src.Stream, metric: str, ep_i: int, ro
 
 def _analyze_layer(source, res: CollectionAnalysis, stream: src.Stream, j: int, emb: TokenEmbedding | None):
     """All per-step metrics of one layer of one stream over every episode; returns the probe features."""
-    feats, labels, groups = [], [], []
+    feats, labels, groups, cams = [], [], [], []
     is_text = stream.name == "text_only"
+    is_e0 = stream.name == "expert_0"
     stride = res.settings["text_step_stride"]
     for ep_i, ep in enumerate(res.episodes):
+        if ep.n_steps == 0:  # env.reset failed: no rollout step (its rows stay empty / NaN)
+            continue
         t, k = ep.task_id, ep.episode
-        if stream.key is not None:
-            shape, dims = source.fields(t, k)[stream.key]
+        fields = source.fields(t, k)
+        if stream.key is not None and stream.key in fields:
+            shape, dims = fields[stream.key]
             per_step = int(np.prod([s for d, s in zip(dims, shape) if d != "layer"])) * 4
             cf_steps = set(source.present_steps(t, k, stream.cf_key)) if stream.has_cf else set()
+            seg_stored = is_e0 and "segment_mask" in fields
+            cf_seg = is_e0 and src.CF + "segment_mask" in fields
             x0 = m0 = None
             for block in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
                 x = src.states(stream, source.read(t, k, stream.key, layer=j, steps=block))
                 mask = source.read(t, k, "text_mask", steps=block).astype(bool) if is_text else None
+                cam = None
+                if is_e0:  # valid cameras only: a masked camera's states are meaningless
+                    seg = source.read(t, k, "segment_mask", steps=block) if seg_stored else None
+                    cam = src.camera_valid(stream, seg, x.shape[:2])
+                    mask = src.position_mask(stream, cam)
+                    if cam is not None:
+                        cams.append(cam.reshape(-1, stream.n_cams))
+                # expert_1: drift at the last captured denoising step (earlier ones drift by the fresh noise alone)
+                xd = x[:, -1] if stream.name == "expert_1" else x
                 if x0 is None:
-                    x0, m0 = x[:1], None if mask is None else mask[:1]
-                both = np.concatenate([x0, x])
+                    x0, m0 = xd[:1], None if mask is None else mask[:1]
+                both = np.concatenate([x0, xd])
                 bm = None if mask is None else np.concatenate([m0, mask])
                 _put(res, stream, "drift", ep_i, block, j, M.rollout_drift(both, mask=bm)[1:])
-                feats.append(src.probe_features(stream, x, mask))
+                feats.append(src.probe_features(stream, x, mask if is_text else None, cam))
                 labels += [t] * len(feats[-1])
                 groups += [ep_i] * len(feats[-1])
                 sel = [i for i, s in enumerate(block) if s in cf_steps]
                 if sel:
                     steps = [block[i] for i in sel]
                     b = src.states(stream, source.read(t, k, stream.cf_key, layer=j, steps=steps))
-                    cm = None
+                    cm = None if mask is None else mask[sel]
                     if is_text:  # positions valid under both prompts that hold the same token
                         same = source.read(t, k, "tokenized_prompt", steps=steps) == source.read(
                             t, k, src.CF + "tokenized_prompt", steps=steps
                         )
-                        cm = mask[sel] & source.read(t, k, src.CF + "text_mask", steps=steps).astype(bool) & same
+                        cm = cm & source.read(t, k, src.CF + "text_mask", steps=steps).astype(bool) & same
+                        if j == 0:
+                            res.cf_text_positions += [int(c) for c in cm.reshape(len(steps), -1).sum(-1)]
+                    elif cf_seg and cm is not None:  # cameras valid in both runs
+                        cf_cam = src.camera_valid(
+                            stream, source.read(t, k, src.CF + "segment_mask", steps=steps), b.shape[:2]
+                        )
+                        cm = cm & src.position_mask(stream, cf_cam)
                     _put(
                         res,
                         stream,
@@ -348,11 +468,12 @@ def _analyze_layer(source, res: CollectionAnalysis, stream: src.Stream, j: int, 
                         _put(res, stream, "logit_nll", ep_i, rows, j, ll.mean_nll)
                         _put(res, stream, "logit_rank", ep_i, rows, j, ll.mean_rank)
                         _put(res, stream, "logit_top1", ep_i, rows, j, ll.top1)
-        if stream.attention:
+        if stream.attention and "attention_to_text" in fields:
             _attention(source, res, stream, ep_i, j)
     if not feats:
         return None
-    return np.concatenate(feats), np.asarray(labels), np.asarray(groups)
+    x = src.drop_invalid_cameras(stream, np.concatenate(feats), np.concatenate(cams) if cams else None)
+    return x, np.asarray(labels), np.asarray(groups)
 
 
 def _attention(source, res: CollectionAnalysis, stream: src.Stream, ep_i: int, j: int) -> None:
@@ -374,6 +495,8 @@ def _attention(source, res: CollectionAnalysis, stream: src.Stream, ep_i: int, j
     _put(res, stream, "attention_to_text", ep_i, slice(None), j, np.asarray(per_step))
     if "denoise_times" not in res.attention:
         res.attention["denoise_times"] = np.asarray(source.read(ep.task_id, ep.episode, "denoise_times", steps=[0])[0])
+        ids = (res.source.get("denoise_steps") or {}).get("ids")
+        res.attention["denoise_steps"] = np.asarray(ids if ids and len(ids) == a.shape[1] else range(a.shape[1]))
 
 
 def _probe(res: CollectionAnalysis, feats, n_tasks: int) -> M.ProbeResult:

@@ -5,12 +5,25 @@ A *source* answers one-layer questions: ``read(task, episode, key, layer=l, step
 reads only that layer's chunks (:meth:`LatentStore.read_array`); over pickled / in-memory seed dicts (already in RAM)
 it stacks the steps.
 
+Layer and denoising-step ids: stored layer / step j is labelled with the model layer / denoising step it holds,
+resolved from the manifest's ``capture_spec`` (:func:`resolve_layers`, :func:`resolve_denoise_steps`). Pickles carry
+the run manifest under ``data["manifest"]``; without one (older pickles, plain dicts) the layers are labelled by capture
+position 0..n-1 unless the stored count equals the depth of the preset whose width matches the data, and the analysis
+says which (``Stream.layer_note``).
+
 Streams (names used throughout the report):
 
 * ``text_only``: expert 0 at the valid prompt positions, from ``text_only_hidden_states`` [L, B, T, W] (or, if only
   the full prefix was captured, ``expert_0_hidden_states[..., text_start:text_start+T, :]``).
 * ``expert_0``: expert 0 at the image positions: the camera segments of ``expert_0_segment_means`` (pooled) or the
-  first ``text_start`` tokens of ``expert_0_hidden_states`` (full). The text part of expert 0 is ``text_only``.
+  first ``text_start`` tokens of ``expert_0_hidden_states`` (full; camera c holds tokens
+  ``[c·tokens_per_camera, (c+1)·tokens_per_camera)`` with ``tokens_per_camera = text_start / n_cams``). The text part
+  of expert 0 is ``text_only``. Only *valid* cameras count: ``segment_mask`` [B, n_cams+1] (stored with every record
+  since the capture added it) says which cameras hold valid tokens; a masked camera (pi0 LIBERO masks
+  ``right_wrist_0_rgb``) attends to no valid key, so its states are meaningless yet prompt-dependent. Stores written
+  before ``segment_mask`` existed fall back to the masks the manifest's preset feeds the model
+  (:func:`preset_segment_mask`: pi0 LIBERO = base, left wrist valid, right wrist masked; every camera valid when the
+  preset is unknown, which the analysis notes).
 * ``expert_1``: the action expert, ``expert_1_segment_means`` [S, L, B, 2, W] (state token, mean of the action
   tokens) or ``expert_1_hidden_states`` [S, L, B, Ts, W]; plus ``attention_to_text`` [S, L, B, heads, Ts].
 """
@@ -35,7 +48,11 @@ class DictSource:
     """Seed-style nested dicts (``{task_id: task_data}``; pickles or :func:`materialize` output), already in RAM."""
 
     def __init__(self, tasks: Mapping[int, Mapping[str, Any]], manifest: Mapping[str, Any] | None = None):
+        """``manifest``: the run manifest; default: the ``"manifest"`` a task dict carries (pickles written since
+        the pickle format stored it), else none (then layer ids and camera layout are inferred and flagged)."""
         self.tasks = {int(k): v for k, v in tasks.items()}
+        if manifest is None:
+            manifest = next((v["manifest"] for v in self.tasks.values() if v.get("manifest")), None)
         self.manifest = dict(manifest or {})
         self.root = "<in-memory task data>"
 
@@ -43,7 +60,7 @@ class DictSource:
         return sorted(self.tasks)
 
     def task_info(self, t: int) -> dict[str, Any]:
-        return {k: v for k, v in self.tasks[t].items() if k != "episodes"}
+        return {k: v for k, v in self.tasks[t].items() if k not in ("episodes", "manifest")}
 
     def _ep(self, t: int, k: int) -> Mapping[str, Any]:
         return self.tasks[t]["episodes"][f"episode_{k}"]
@@ -152,33 +169,196 @@ class Stream:
     key: str | None  # stored hidden-state key (None: only attention, for expert_1)
     mode: str  # text | text_from_full | pooled | full | none
     n_layers: int
-    layers: tuple[int, ...]  # model layer index of each stored layer
+    layers: tuple[int, ...]  # label of each stored layer: model layer id, or capture position (see layer_kind)
     has_cf: bool
     text_start: int = 0
     n_text: int = 0
     n_cams: int = 0
     attention: bool = False  # expert_1: attention_to_text captured
     attention_cf: bool = False
+    layer_kind: str = "model"  # "model": layers are model layer ids; "capture_position": stored order 0..n-1
+    layer_note: str | None = None  # how the layer labels were resolved, when not from the manifest's capture_spec
+    segment_mask_stored: bool = False  # expert_0: the records hold segment_mask
+    fallback_segment_mask: tuple[bool, ...] | None = None  # expert_0 camera validity when not stored (None: all)
+    segment_note: str | None = None  # expert_0: how camera validity / layout was determined, when not stored
 
     @property
     def cf_key(self) -> str | None:
         return None if self.key is None else CF + self.key
 
+    @property
+    def tokens_per_camera(self) -> int:
+        """Image tokens per camera of a full expert-0 capture (``text_start / n_cams``)."""
+        return self.text_start // max(self.n_cams, 1)
 
-def model_layers(manifest: Mapping[str, Any], n_stored: int) -> tuple[int, ...]:
-    """Model layer index of each stored layer (CaptureSpec.layers; negative indices resolved with the preset)."""
-    layers = (manifest.get("capture_spec") or {}).get("layers")
-    if layers is None or len(layers) != n_stored:
-        return tuple(range(n_stored))
-    if any(int(x) < 0 for x in layers):
-        try:
-            from openpi.policies import policy_config
 
-            depth = policy_config.get_preset(manifest["preset"]).model_config.depth
-            return tuple(int(x) % depth for x in layers)
-        except (KeyError, ValueError):
-            return tuple(int(x) for x in layers)
-    return tuple(int(x) for x in layers)
+def _preset(manifest: Mapping[str, Any]):
+    try:
+        from openpi.policies import policy_config
+
+        return policy_config.get_preset(manifest.get("preset"))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _preset_for_width(width: int | None, expert: int):
+    """The presets whose expert ``expert`` has this width (the only hint about depth when there is no manifest)."""
+    if width is None:
+        return []
+    from openpi.policies import policy_config
+
+    out = []
+    for name in policy_config.list_presets():
+        cfg = policy_config.get_preset(name).model_config
+        w = (cfg.paligemma_config if expert == 0 else cfg.action_expert_config).width
+        if w == width:
+            out.append((name, cfg.depth))
+    return out
+
+
+def resolve_layers(
+    manifest: Mapping[str, Any], n_stored: int, width: int | None = None, expert: int = 0
+) -> tuple[tuple[int, ...], str, str | None]:
+    """(label of each stored layer, "model" | "capture_position", note or None).
+
+    With the manifest's ``capture_spec``: ``layers`` (None = all; negatives resolved with the preset's depth) are the
+    model layer ids. Without one (no manifest: older pickles, plain dicts), the stored layers are model layers
+    0..n-1 only if ``n_stored`` equals the depth of the manifest's preset, or of every preset whose expert-``expert``
+    width equals ``width`` (what the data implies); otherwise they are labelled by capture position 0..n-1. Every
+    case that is not read off a capture_spec comes with a note saying so.
+    """
+    positions = tuple(range(n_stored))
+    spec = manifest.get("capture_spec")
+    preset = _preset(manifest)
+    depth = None if preset is None else preset.model_config.depth
+    if isinstance(spec, Mapping):
+        layers = spec.get("layers")
+        if layers is None:
+            if depth is None or depth == n_stored:
+                return positions, "model", None
+            return (
+                positions,
+                "capture_position",
+                (
+                    f"capture_spec.layers is None (all layers) but {n_stored} layers are stored and preset "
+                    f"{preset.name} has {depth}: layers labelled by capture position, not model layer ids"
+                ),
+            )
+        if len(layers) != n_stored:
+            return (
+                positions,
+                "capture_position",
+                (
+                    f"capture_spec.layers lists {len(layers)} layers but {n_stored} are stored: layers labelled by "
+                    "capture position, not model layer ids"
+                ),
+            )
+        if any(int(x) < 0 for x in layers):
+            if depth is None:
+                return (
+                    positions,
+                    "capture_position",
+                    (
+                        f"capture_spec.layers {list(layers)} has negative ids and the preset's depth is unknown: "
+                        "layers labelled by capture position, not model layer ids"
+                    ),
+                )
+            return tuple(int(x) % depth for x in layers), "model", None
+        return tuple(int(x) for x in layers), "model", None
+    what = "the manifest has no capture_spec" if manifest else "no run manifest (e.g. a pickle written before "
+    what += "" if manifest else "pickles stored it, or in-memory task data)"
+    if preset is not None:
+        candidates = [(preset.name, depth)]
+    else:
+        candidates = _preset_for_width(width, expert)
+    depths = {d for _, d in candidates}
+    if depths == {n_stored}:
+        names = ", ".join(n for n, _ in candidates)
+        return (
+            positions,
+            "model",
+            (
+                f"{what}: the {n_stored} stored layers are taken as all layers of the model (their count equals the "
+                f"depth of {names}{'' if preset is not None else f', whose width {width} matches the data'})"
+            ),
+        )
+    implied = (
+        "no known preset matches the data"
+        if not candidates
+        else "; ".join(f"{n} has {d} layers" for n, d in candidates)
+    )
+    return (
+        positions,
+        "capture_position",
+        (
+            f"{what}: the {n_stored} stored layers are labelled by capture position 0..{n_stored - 1}, not model layer "
+            f"ids ({implied})"
+        ),
+    )
+
+
+def resolve_denoise_steps(manifest: Mapping[str, Any], n_stored: int) -> tuple[tuple[int, ...], str, str | None]:
+    """(denoising-step id of each captured step, "model" | "capture_position", note or None).
+
+    Ids come from the manifest's ``capture_spec`` (``CaptureSpec.step_indices(num_steps)``, num_steps = the
+    manifest's ``arguments.num_denoise_steps``, default 10); step 0 is t = 1.0 (pure noise). Without a usable
+    capture_spec the steps are labelled by capture position, with a note.
+    """
+    from openpi.latents.capture import CaptureSpec
+
+    positions = tuple(range(n_stored))
+    spec = manifest.get("capture_spec")
+    if not isinstance(spec, Mapping):
+        return (
+            positions,
+            "capture_position",
+            ("no capture_spec in the manifest: denoising steps labelled by capture position, not step ids"),
+        )
+    num_steps = int((manifest.get("arguments") or {}).get("num_denoise_steps", 10))
+    try:
+        ids = CaptureSpec.from_dict(dict(spec)).step_indices(num_steps)
+    except (ValueError, TypeError) as e:
+        return positions, "capture_position", f"capture_spec unusable ({e}): denoising steps labelled by position"
+    if len(ids) != n_stored:
+        return (
+            positions,
+            "capture_position",
+            (
+                f"capture_spec gives {len(ids)} denoising steps of {num_steps} but {n_stored} are stored: labelled by "
+                "capture position"
+            ),
+        )
+    return tuple(int(i) for i in ids), "model", None
+
+
+def preset_segment_mask(
+    manifest: Mapping[str, Any], camera_names: Sequence[str]
+) -> tuple[tuple[bool, ...] | None, str]:
+    """Camera validity for records without ``segment_mask``: the image masks the manifest's preset feeds the model.
+
+    pi0 LIBERO (``LiberoInputs``): base and left wrist valid, ``right_wrist_0_rgb`` masked (valid only for
+    pi0-FAST). Returns (None, note) when the preset or the camera names are unknown: then every camera counts as valid.
+    """
+    preset = _preset(manifest)
+    if preset is None or not camera_names:
+        return None, (
+            "no segment_mask stored and no known preset/camera names in the manifest: every camera is treated as "
+            "valid (a masked camera's meaningless states would count)"
+        )
+    from openpi.policies import libero_policy
+
+    img = np.zeros((1, 1, 3), np.uint8)
+    masks = libero_policy.LiberoInputs(preset.model_type)(
+        {"observation/image": img, "observation/wrist_image": img, "observation/state": np.zeros(8)}
+    )["image_mask"]
+    if any(n not in masks for n in camera_names):
+        return None, f"no segment_mask stored and cameras {list(camera_names)} unknown to the preset: all valid"
+    valid = tuple(bool(masks[n]) for n in camera_names)
+    shown = ", ".join(f"{n}={'valid' if v else 'masked'}" for n, v in zip(camera_names, valid))
+    return (
+        valid,
+        f"no segment_mask stored (written before the capture recorded it): preset {preset.name}'s masks ({shown})",
+    )
 
 
 def discover_streams(fields: Mapping[str, tuple], manifest: Mapping[str, Any]) -> tuple[dict[str, Stream], dict]:
@@ -187,11 +367,13 @@ def discover_streams(fields: Mapping[str, tuple], manifest: Mapping[str, Any]) -
     missing: dict[str, str] = {}
     spec = manifest.get("capture_spec") or {}
     seg_names = list(manifest.get("segment_names") or [])
+    cam_names = [s for s in seg_names if s != "text"]
 
-    def mk(name, key, mode, **kw):
+    def mk(name, key, mode, expert=0, **kw):
         shape, dims = fields[key]
         n = shape[dims.index("layer")]
-        return Stream(name, key, mode, n, model_layers(manifest, n), CF + key in fields, **kw)
+        layers, kind, note = resolve_layers(manifest, n, shape[-1], expert)
+        return Stream(name, key, mode, n, layers, CF + key in fields, layer_kind=kind, layer_note=note, **kw)
 
     n_text = fields["text_mask"][0][-1] if "text_mask" in fields else 0
     if "text_only_hidden_states" in fields:
@@ -206,28 +388,64 @@ def discover_streams(fields: Mapping[str, tuple], manifest: Mapping[str, Any]) -
         missing["text_only"] = (
             f"text window not captured (CaptureSpec.text={spec.get('text')}, expert_0={spec.get('expert_0')!r})"
         )
+    seg_stored = "segment_mask" in fields
+    notes = []
+    if cam_names:
+        n_cams = len(cam_names)
+    elif seg_stored:
+        n_cams = fields["segment_mask"][0][-1] - 1
+    elif "expert_0_segment_means" in fields:
+        n_cams = fields["expert_0_segment_means"][0][-2] - 1
+    else:
+        n_cams = 1
+        notes.append("camera layout unknown (no segment_names, no segment_mask): the image tokens form one segment")
+    fallback = None
+    if not seg_stored:
+        fallback, why = preset_segment_mask(manifest, cam_names)
+        notes.append(why)
     if "expert_0_hidden_states" in fields:
         tp = fields["expert_0_hidden_states"][0][-2]
         start = int(manifest.get("text_start", tp - max(n_text, 0)))
-        n_cams = sum(1 for s in seg_names if s != "text") or 1
-        streams["expert_0"] = mk("expert_0", "expert_0_hidden_states", "full", text_start=start, n_cams=n_cams)
+        if start % n_cams:
+            notes.append(f"text_start {start} is not a multiple of {n_cams} cameras: the image tokens form one segment")
+            n_cams, fallback = 1, None
+        mode, kw = "full", {"text_start": start}
+        key = "expert_0_hidden_states"
     elif "expert_0_segment_means" in fields:
         n_seg = fields["expert_0_segment_means"][0][-2]
-        n_cams = seg_names.index("text") if "text" in seg_names else n_seg - 1
-        streams["expert_0"] = mk("expert_0", "expert_0_segment_means", "pooled", n_cams=n_cams)
+        mode, kw, key = "pooled", {}, "expert_0_segment_means"
+        n_cams = min(n_cams, n_seg - 1)
     else:
+        key = None
         missing["expert_0"] = f"expert 0 not captured (CaptureSpec.expert_0={spec.get('expert_0')!r})"
+    if key is not None:
+        if fallback is not None and len(fallback) != n_cams:
+            notes.append(f"the preset's {len(fallback)} camera masks do not fit {n_cams} cameras: all treated as valid")
+            fallback = None
+        streams["expert_0"] = mk(
+            "expert_0",
+            key,
+            mode,
+            n_cams=n_cams,
+            segment_mask_stored=seg_stored,
+            fallback_segment_mask=fallback,
+            segment_note="; ".join(notes) or None,
+            **kw,
+        )
     att = "attention_to_text" in fields
     att_cf = CF + "attention_to_text" in fields
     for key, mode in (("expert_1_hidden_states", "full"), ("expert_1_segment_means", "pooled")):
         if key in fields:
-            streams["expert_1"] = mk("expert_1", key, mode, attention=att, attention_cf=att_cf)
+            streams["expert_1"] = mk("expert_1", key, mode, expert=1, attention=att, attention_cf=att_cf)
             break
     else:
         if att:
             shape, dims = fields["attention_to_text"]
             n = shape[dims.index("layer")]
-            streams["expert_1"] = Stream("expert_1", None, "none", n, model_layers(manifest, n), False, attention=True)
+            layers, kind, note = resolve_layers(manifest, n, None, 1)
+            streams["expert_1"] = Stream(
+                "expert_1", None, "none", n, layers, False, attention=True, layer_kind=kind, layer_note=note
+            )
             missing["expert_1_hidden"] = (
                 f"expert 1 hidden states not captured (CaptureSpec.expert_1={spec.get('expert_1')!r})"
             )
@@ -247,12 +465,42 @@ def states(stream: Stream, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def probe_features(stream: Stream, x: np.ndarray, text_mask: np.ndarray | None = None) -> np.ndarray:
+def camera_valid(stream: Stream, segment_mask: np.ndarray | None, batch_shape: tuple[int, ...]) -> np.ndarray | None:
+    """expert_0: [*batch_shape, n_cams] bool, which cameras hold valid tokens; None for other streams or when every
+    camera counts as valid (no segment_mask and no preset fallback).
+
+    ``segment_mask`` [*batch_shape, n_cams+1] as stored (the cameras, then the text), or None: then the stream's
+    preset fallback (:func:`preset_segment_mask`), broadcast to ``batch_shape`` (e.g. (steps, B)).
+    """
+    if stream.name != "expert_0":
+        return None
+    if segment_mask is not None:
+        cam = np.asarray(segment_mask).astype(bool)[..., : stream.n_cams]
+    elif stream.fallback_segment_mask is not None:
+        cam = np.asarray(stream.fallback_segment_mask, bool)
+    else:
+        return None
+    return np.broadcast_to(cam, (*batch_shape, stream.n_cams))
+
+
+def position_mask(stream: Stream, cam_valid: np.ndarray | None) -> np.ndarray | None:
+    """Valid positions of the expert-0 states (the token/segment axis) from :func:`camera_valid`: pooled, one
+    position per camera; full, each camera's flag repeated over its ``tokens_per_camera`` tokens."""
+    if cam_valid is None:
+        return None
+    return np.repeat(cam_valid, stream.tokens_per_camera, axis=-1) if stream.mode == "full" else cam_valid
+
+
+def probe_features(
+    stream: Stream, x: np.ndarray, text_mask: np.ndarray | None = None, cam_valid: np.ndarray | None = None
+) -> np.ndarray:
     """One feature vector per (rollout step, batch row) from a layer's states ``x`` [steps, ...] → [steps·B, d].
 
     text_only: mean over the valid prompt tokens. expert_0: the per-camera means, concatenated (pooled capture:
-    over valid tokens; full: over all of a camera's tokens). expert_1: state token and mean of the action tokens,
-    concatenated, averaged over the captured denoising steps (axis 1 of ``x`` [steps, S, B, tokens, W]).
+    over valid tokens; full: over all of a camera's tokens), an invalid camera's block set to 0 (``cam_valid``
+    [steps, B, n_cams]; :func:`drop_invalid_cameras` then removes cameras invalid in every row). expert_1: state token
+    and mean of the action tokens, concatenated, averaged over the captured denoising steps (axis 1 of ``x``
+    [steps, S, B, tokens, W]).
     """
     if stream.name == "text_only":
         f = M.masked_mean(x, text_mask)  # [steps, B, W]
@@ -261,6 +509,8 @@ def probe_features(stream: Stream, x: np.ndarray, text_mask: np.ndarray | None =
             s, b, tp, w = x.shape
             x = x.reshape(s, b, stream.n_cams, tp // stream.n_cams, w).astype(np.float32).mean(-2)
         f = x.astype(np.float32)
+        if cam_valid is not None:
+            f = np.where(cam_valid[..., None], f, np.float32(0))
     else:
         x = x.astype(np.float32)
         if stream.mode == "full":
@@ -268,6 +518,15 @@ def probe_features(stream: Stream, x: np.ndarray, text_mask: np.ndarray | None =
         f = x.mean(1)  # over denoising steps -> [steps, B, 2, W]
     steps, b = f.shape[:2]
     return f.reshape(steps * b, -1)
+
+
+def drop_invalid_cameras(stream: Stream, feats: np.ndarray, cam_rows: np.ndarray | None) -> np.ndarray:
+    """expert_0 probe features [N, n_cams·W] without the cameras that are valid in no row (``cam_rows`` [N, n_cams])."""
+    if stream.name != "expert_0" or cam_rows is None:
+        return feats
+    keep = cam_rows.any(axis=0)
+    n = len(feats)
+    return feats.reshape(n, stream.n_cams, -1)[:, keep].reshape(n, -1)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -262,14 +262,17 @@ class _ZarrOutput:
 
 
 class _PickleOutput:
-    def __init__(self, args: CollectionArgs):
+    def __init__(self, args: CollectionArgs, manifest: dict[str, Any]):
         self.args = args
+        self.manifest = manifest  # stored in each pickle (the analysis reads layer ids and cameras from it)
         self.writers: dict[int, pickle_format.PickleTaskWriter] = {}
 
     def _writer(self, task: dict[str, Any]) -> pickle_format.PickleTaskWriter:
         tid = task["task_id"]
         if tid not in self.writers:
-            self.writers[tid] = pickle_format.PickleTaskWriter(self.args.output_dir, task, resume=self.args.resume)
+            self.writers[tid] = pickle_format.PickleTaskWriter(
+                self.args.output_dir, task, resume=self.args.resume, manifest=self.manifest
+            )
         return self.writers[tid]
 
     def completed(self, task: dict[str, Any]) -> set[int]:
@@ -456,7 +459,7 @@ def collect(args: CollectionArgs, *, policy: Policy | None = None) -> list[Episo
                 rng_seed=args.seed,
             )
         output: _ZarrOutput | _PickleOutput = (
-            _ZarrOutput(args, manifest) if args.output_format == "zarr" else _PickleOutput(args)
+            _ZarrOutput(args, manifest) if args.output_format == "zarr" else _PickleOutput(args, manifest)
         )
     except _SETUP_ERRORS as e:
         raise SetupError(str(e)) from e

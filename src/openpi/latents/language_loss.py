@@ -8,8 +8,10 @@ Definitions (per layer l):
 * ``overall_loss`` = the mean over layers of ``text_only_language_loss``.
 * ``expert_0_language_loss``: expert 0's *image* positions hold no prompt token, so nothing can be decoded there (its
   text positions are the text_only stream). Stand-in: **prompt sensitivity** of expert 0's image states,
-  ‖a − b‖/‖a‖ under the counterfactual prompt (same observation and noise). It is not a loss: higher = the prompt
-  changes the image states more. None (with the reason) when the collection has no counterfactual reruns.
+  ‖a − b‖/‖a‖ under the counterfactual prompt (same observation and noise), over the image positions of the *valid*
+  cameras only (``segment_mask``, else the preset's masks: a masked camera's states are meaningless but
+  prompt-dependent). It is not a loss: higher = the prompt changes the image states more. None (with the reason) when
+  the collection has no counterfactual reruns.
 * ``expert_1_language_loss``: expert 1 reads no text tokens. Stand-in: **prompt sensitivity** of expert 1 (over all
   captured denoising steps and tokens) when counterfactual reruns exist, else the **attention mass** its queries put
   on the valid text keys; None with the reason when neither was captured.
@@ -197,7 +199,11 @@ def analyze_rollout_step(
             layer_axis = 1 if stream == "expert_1" else 0
             if s.key is not None and s.has_cf and s.cf_key in step_data:
                 a, b = src.states(s, step_data[s.key]), src.states(s, step_data[s.cf_key])
-                value = np.atleast_1d(M.prompt_sensitivity(a, b, keep_axes=layer_axis)).tolist()
+                mask = None
+                if stream == "expert_0":  # image positions of the valid cameras only
+                    seg = step_data["segment_mask"] if s.segment_mask_stored else None
+                    mask = src.position_mask(s, src.camera_valid(s, seg, a.shape[1:2]))
+                value = np.atleast_1d(M.prompt_sensitivity(a, b, mask=mask, keep_axes=layer_axis)).tolist()
                 metric = "prompt_sensitivity"
             elif stream == "expert_1" and s.attention:
                 value = M.attention_to_language(step_data["attention_to_text"]).per_layer.tolist()

@@ -2,8 +2,12 @@
 
 ``<out_dir>/inference_latents/task_{id}_{name}.pkl`` holds one task as an eager nested dict::
 
-    {"task_id", "task_name", "language", "suite", ...,
+    {"task_id", "task_name", "language", "suite", ..., "manifest": {...},
      "episodes": {"episode_{k}": {"metadata": {...}, "rollout_steps": {"step_{t}": {key: np.ndarray | str | scalar}}}}}
+
+``manifest`` is the run manifest (what the store keeps in manifest.json: capture_spec, preset, text_start,
+segment_names, ...); the analysis needs it for model layer ids and the camera layout. Pickles written before it was
+stored lack the key (the analysis then says how it labelled the layers).
 
 Memory: a pickle is built and loaded whole. :class:`PickleTaskWriter` keeps every step of every finished episode of
 the task in RAM and rewrites the whole file after each finished episode, so it needs about
@@ -103,9 +107,17 @@ class PickleTaskWriter:
     """Writes one task in the seed's pickle layout (see the module docstring for the memory cost).
 
     ``resume=True`` loads an existing file written by this class (unpickling it: only do so for your own output).
+    ``manifest``: the run manifest, stored as ``data["manifest"]`` (also added to a resumed file that lacks one).
     """
 
-    def __init__(self, out_dir: str | pathlib.Path, task: Mapping[str, Any], *, resume: bool = False):
+    def __init__(
+        self,
+        out_dir: str | pathlib.Path,
+        task: Mapping[str, Any],
+        *,
+        resume: bool = False,
+        manifest: Mapping[str, Any] | None = None,
+    ):
         missing = [k for k in sf.TASK_REQUIRED_ATTRS if k not in task]
         if missing:
             raise ValueError(f"task dict lacks {missing}; it needs {list(sf.TASK_REQUIRED_ATTRS)}.")
@@ -118,6 +130,8 @@ class PickleTaskWriter:
                 self.data: dict[str, Any] = pickle.load(f)  # our own output, resume requested
         else:
             self.data = {**info, "episodes": {}}
+        if manifest is not None and not self.data.get("manifest"):
+            self.data["manifest"] = to_json_compatible(dict(manifest), where="manifest")
         self._open: set[int] = set()
 
     @property
@@ -146,12 +160,13 @@ def export_pickle(
     include_incomplete: bool = False,
 ) -> list[pathlib.Path]:
     """Writes ``out_dir/inference_latents/task_{id}_{name}.pkl`` for each task of the store (one task in RAM at a
-    time); returns the written paths."""
+    time), each with the store's manifest; returns the written paths."""
     store = open_store(store_root)
     ids = store.task_ids() if task_ids is None else [int(t) for t in task_ids]
     paths = []
     for task_id in ids:
         data = materialize(store.task_data(task_id, include_incomplete=include_incomplete))
+        data["manifest"] = dict(store.manifest)
         path = pathlib.Path(out_dir) / PICKLE_DIR / pickle_file_name(task_id, data["task_name"])
         write_pickle_atomic(path, data)
         paths.append(path)

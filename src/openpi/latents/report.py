@@ -2,14 +2,20 @@
 
 ``metrics.json`` (strict JSON: NaN is written as null):
 
-* ``source``, ``settings``, ``timings``: what was analysed and how; ``episodes``: task, episode, success, steps.
-* ``streams``: for text_only / expert_0 / expert_1, the stored key, capture mode (full / pooled / text), layers;
-  ``missing``: {what: reason} for everything that could not be computed.
+* ``source``, ``settings``, ``timings``: what was analysed and how (``source.episodes_without_steps``: episodes that
+  ended before their first inference, with their errors; ``source.n_errored``); ``episodes``: task, episode, success,
+  steps, error.
+* ``streams``: for text_only / expert_0 / expert_1, the stored key, capture mode (full / pooled / text), layers and
+  whether they are model layer ids or capture positions, expert_0's cameras and where their validity came from;
+  ``missing``: {what: reason} for everything that could not be computed; ``notes``: {what: note} for labels or
+  camera masks not read off the manifest / records.
 * ``metrics[metric][stream]``: for *every* metric and *every* stream, either ``{"layers", "per_layer", "ci_low",
   "ci_high", "n_episodes"}`` (mean over episodes of per-episode means, 95% bootstrap interval over episodes) or
   ``{"per_layer": null, "reason": ...}``. Also ``task_probe[stream]`` (one entry per layer, with chance and the
   shuffled control), ``success_relation[metric][stream]`` (per layer: success / failure / difference with
-  intervals), ``attention_by_denoise_step`` ([S, L]), ``action_divergence``.
+  intervals) and ``success_split`` (its window: the first ``n_inferences`` rollout steps of every episode by default,
+  and the errored episodes it leaves out), ``attention_by_denoise_step`` ([S, L], rows labelled by denoising-step
+  id), ``action_divergence``.
 * ``language_loss``: the seed's per-layer ``expert_0`` / ``expert_1`` / ``text_only`` language loss, ``overall_loss``
   and which measure fills each slot (:mod:`openpi.latents.language_loss`).
 * ``definitions``: one line per metric; ``figures``: file, grid, panel titles and pixel size of every PNG.
@@ -101,9 +107,16 @@ def metrics_json(res: A.CollectionAnalysis) -> dict[str, Any]:
                 ],
             }
     metrics["success_relation"] = success
+    metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}
     att = A.attention_means(res)
     metrics["attention_by_denoise_step"] = (
-        {"denoise_times": res.attention.get("denoise_times"), "layers": res.layers("expert_1"), **att}
+        {
+            "denoise_steps": res.attention.get("denoise_steps"),
+            "denoise_step_ids": (res.source.get("denoise_steps") or {}).get("kind", "capture_position"),
+            "denoise_times": res.attention.get("denoise_times"),
+            "layers": res.layers("expert_1"),
+            **att,
+        }
         if att
         else {"reason": res.reason("expert_1", "attention_to_text")}
     )
@@ -111,12 +124,13 @@ def metrics_json(res: A.CollectionAnalysis) -> dict[str, Any]:
         metrics["action_divergence"] = {"reason": res.missing["action_divergence"]}
     else:
         per_ep = res.action_divergence_per_episode()
-        flags = np.array([e.success for e in res.episodes])
+        keep = res.split_mask()
+        window = res.action_divergence_per_episode(res.split_window())[keep]
+        flags = np.array([e.success for e in res.episodes])[keep]
+        split = M.split_by_success(window, flags, n_boot=res.settings["n_boot"], seed=res.settings["seed"])
         metrics["action_divergence"] = {
             "mean_l2": _ci(M.bootstrap_ci(per_ep, n_boot=res.settings["n_boot"], seed=res.settings["seed"])),
-            "success_split": {
-                k: _ci(getattr(M.split_by_success(per_ep, flags), k)) for k in ("success", "failure", "difference")
-            },
+            "success_split": {k: _ci(getattr(split, k)) for k in ("success", "failure", "difference")},
             "per_episode": per_ep,
         }
     streams = {
@@ -124,8 +138,20 @@ def metrics_json(res: A.CollectionAnalysis) -> dict[str, Any]:
             "key": st.key,
             "mode": st.mode,
             "layers": list(st.layers),
+            "layer_ids": st.layer_kind,
             "counterfactual": st.has_cf,
             "attention_to_text": st.attention,
+            **(
+                {
+                    "n_cams": st.n_cams,
+                    "tokens_per_camera": st.tokens_per_camera if st.mode == "full" else None,
+                    "camera_validity": "segment_mask"
+                    if st.segment_mask_stored
+                    else ("preset" if st.fallback_segment_mask is not None else "all cameras assumed valid"),
+                }
+                if s == "expert_0"
+                else {}
+            ),
         }
         for s, st in res.streams.items()
     }
@@ -147,6 +173,7 @@ def metrics_json(res: A.CollectionAnalysis) -> dict[str, Any]:
                 )
             },
             "success_rate": float(np.mean([e.success for e in res.episodes])),
+            "text_only_cf_positions": _positions(res),
         },
         "settings": res.settings,
         "timings": res.timings,
@@ -156,6 +183,7 @@ def metrics_json(res: A.CollectionAnalysis) -> dict[str, Any]:
         ],
         "streams": streams,
         "missing": res.missing,
+        "notes": res.notes,
         "definitions": {m: d for m, (_, d) in A.METRICS.items()}
         | {
             "task_probe": "held-out accuracy of a logistic-regression probe of the task id (folds grouped by episode) "
@@ -170,6 +198,27 @@ def metrics_json(res: A.CollectionAnalysis) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------------------
 # report.md
+
+
+SPLIT_NOTE = (
+    "success vs failure compares each episode's mean over the first n_inferences rollout steps (the fewest any "
+    "episode of the split has): failed episodes run to max_steps while successful ones stop early, and per-step "
+    "metrics such as drift grow with t, so whole-episode means would differ by length alone; episodes that ended "
+    "with an error are left out"
+)
+DRIFT_NOTE = (
+    "expert_1 drift is taken at the last captured denoising step (closest to the action): openpi draws fresh noise "
+    "at every inference, so expert 1 at early denoising steps drifts by the noise alone"
+)
+TEXT_CF_NOTE = (
+    "text_only prompt sensitivity compares only the positions whose token is the same under both prompts; with a "
+    "blank counterfactual that is BOS alone, a one-position measure"
+)
+
+
+def _positions(res: A.CollectionAnalysis) -> dict[str, Any] | None:
+    v = res.cf_text_positions
+    return {"mean": float(np.mean(v)), "min": int(min(v)), "max": int(max(v)), "n_reruns": len(v)} if v else None
 
 
 def _fmt(x, nd=3) -> str:
@@ -198,6 +247,12 @@ def readings(res: A.CollectionAnalysis) -> dict[str, str]:
             j = int(np.nanargmax(v))
             parts.append(f"{s} peaks at {_fmt(v[j])} (layer {res.layers(s)[j]})")
     ad = res.action_divergence_per_episode()
+    pos = _positions(res)
+    if res.has("text_only", "prompt_sensitivity") and pos:
+        parts.append(
+            f"text_only compares {_fmt(pos['mean'], 1)} position(s) per rerun on average (the positions holding the "
+            "same token under both prompts; with a blank counterfactual only BOS: a one-position measure)"
+        )
     out["sensitivity"] = (
         "Prompt sensitivity: " + "; ".join(parts) + "."
         if parts
@@ -230,8 +285,17 @@ def readings(res: A.CollectionAnalysis) -> dict[str, str]:
     parts = [
         f"{s} {_fmt(float(np.nanmean(res.per_episode(s, 'drift')[:, -1])))}" for s in src.STREAMS if res.has(s, "drift")
     ]
+    last = ((res.source.get("denoise_steps") or {}).get("ids") or [None])[-1]
     out["drift"] = (
-        "Mean drift from the first rollout step at the last captured layer: " + ", ".join(parts) + "."
+        "Mean drift from the first rollout step at the last captured layer: "
+        + ", ".join(parts)
+        + "."
+        + (
+            f" expert_1 drift is measured at the last captured denoising step ({last}), closest to the action: "
+            "openpi draws fresh noise at every inference, so earlier denoising steps drift by the noise alone."
+            if res.has("expert_1", "drift")
+            else ""
+        )
         if parts
         else "Drift not computed: no hidden-state stream captured."
     )
@@ -244,19 +308,31 @@ def readings(res: A.CollectionAnalysis) -> dict[str, str]:
         )
     else:
         out["attention"] = f"Attention to text not captured: {res.reason('expert_1', 'attention_to_text')}."
-    n_s = sum(e.success for e in res.episodes)
-    n_f = len(res.episodes) - n_s
+    n_s, n_f = res.split_counts()
+    info = res.split_info()
+    n_err = len(info["excluded_errored"])
+    window = (
+        f"each episode averaged over its first {info['n_inferences']} rollout steps, the fewest any episode has: "
+        "failed episodes run longer and per-step metrics such as drift grow with t"
+        if info["window"] == "common"
+        else "each episode averaged over all its rollout steps (length-confounded: failed episodes run longer)"
+    )
+    errors = f"; {n_err} episode(s) that ended with an error left out" if n_err else ""
     if n_s and n_f and res.has("text_only", "language_loss"):
         d = res.success_split("text_only", "language_loss")
-        j = int(np.nanargmax([abs(x.difference.estimate) for x in d]))
-        x = d[j].difference
-        out["success"] = (
-            f"{n_s} successful / {n_f} failed episodes; the largest success − failure gap in language "
-            f"loss is {_fmt(x.estimate)} [{_fmt(x.low)}, {_fmt(x.high)}] at layer "
-            f"{res.layers('text_only')[j]}."
-        )
+        diffs = [abs(x.difference.estimate) for x in d]
+        if np.all(np.isnan(diffs)):
+            out["success"] = f"{n_s} successful / {n_f} failed episodes ({window}{errors}); no defined gap."
+        else:
+            j = int(np.nanargmax(diffs))
+            x = d[j].difference
+            out["success"] = (
+                f"{n_s} successful / {n_f} failed episodes ({window}{errors}); the largest success − failure gap in "
+                f"language loss is {_fmt(x.estimate)} [{_fmt(x.low)}, {_fmt(x.high)}] at layer "
+                f"{res.layers('text_only')[j]}."
+            )
     else:
-        out["success"] = f"{n_s} successful / {n_f} failed episodes" + (
+        out["success"] = f"{n_s} successful / {n_f} failed episodes ({window}{errors})" + (
             "; a success/failure comparison needs both outcomes." if not (n_s and n_f) else "."
         )
     return out
@@ -266,12 +342,19 @@ def report_md(res: A.CollectionAnalysis, figures: dict[str, Any], summary: dict[
     r = readings(res)
     man = res.source["manifest"]
     n_s = sum(e.success for e in res.episodes)
+    no_steps = res.source.get("episodes_without_steps") or []
     lines = [
         "# Language-loss report",
         "",
         f"Collection `{res.source['root']}`: preset `{man.get('preset')}`, checkpoint `{man.get('checkpoint')}`, suite "
         f"`{man.get('suite')}`; {res.source['n_tasks']} tasks, {len(res.episodes)} episodes, {n_s} successful. "
-        f"Capture: `{json.dumps(man.get('capture_spec'))}`. Token embedding: `{res.source.get('embedding')}`.",
+        f"Capture: `{json.dumps(man.get('capture_spec'))}`. Token embedding: `{res.source.get('embedding')}`."
+        + (
+            f" {res.source.get('n_errored', 0)} episode(s) ended with an error, {len(no_steps)} of them before the "
+            "first inference (no rollout step: skipped by every metric; listed under Episodes with errors)."
+            if res.source.get("n_errored")
+            else ""
+        ),
         "",
         "## At a glance",
         "",
@@ -299,10 +382,32 @@ def report_md(res: A.CollectionAnalysis, figures: dict[str, Any], summary: dict[
         lines += [f"## {title}", "", r[key], "", f"![{name}]({figures[name]['file']})", ""]
     lines += ["## Definitions", ""] + [f"* **{m}**: {d}" for m, (_, d) in A.METRICS.items()]
     lines += [
-        "* **task_probe**: logistic-regression probe of the task id from the stream's pooled features, folds "
-        "grouped by episode; chance = majority share; control = labels permuted across episodes.",
+        "* **task_probe**: logistic-regression probe of the task id from the stream's pooled features (expert_0: "
+        "valid cameras only), folds grouped by episode; chance = majority share; control = labels permuted across "
+        "episodes.",
+        "",
+        "## Method notes",
+        "",
+        f"* Success split: {SPLIT_NOTE}"
+        + (
+            f" (this report: first {res.split_window()} rollout steps)."
+            if res.settings.get("success_window", "common") == "common"
+            else " — this report used the whole-episode window instead (success_window='all')."
+        ),
+        f"* Drift: {DRIFT_NOTE}.",
+        f"* Prompt sensitivity: {TEXT_CF_NOTE}. expert_0 counts only the image positions of valid cameras "
+        "(segment_mask; a masked camera's states are meaningless but prompt-dependent).",
         "",
     ]
+    if res.notes:
+        lines += ["## Labels and masks not read off the manifest", ""]
+        lines += [f"* `{k}`: {v}" for k, v in sorted(res.notes.items())] + [""]
+    errored = [e for e in res.episodes if e.error is not None]
+    if errored:
+        lines += ["## Episodes with errors", ""]
+        lines += [f"* task {e.task_id} episode {e.episode} ({e.n_steps} rollout steps): {e.error}" for e in errored] + [
+            ""
+        ]
     if res.missing:
         lines += ["## Not computed", ""] + [f"* `{k}`: {v}" for k, v in sorted(res.missing.items())] + [""]
     lines += [

@@ -102,6 +102,12 @@ def _ylabel(ax, metric: str) -> None:
         ax.set_ylim(-0.03, 1.03)
 
 
+def _layer_label(res: A.CollectionAnalysis, streams) -> str:
+    """x label of a per-layer panel: "layer", or says which streams are labelled by capture position."""
+    pos = [s for s in ([streams] if isinstance(streams, str) else streams) if res.streams[s].layer_kind != "model"]
+    return "layer" if not pos else f"layer (capture position: {', '.join(pos)})"
+
+
 def _band(ax, x, cis, color, label):
     est = np.array([c.estimate for c in cis], float)
     lo, hi = np.array([c.low for c in cis], float), np.array([c.high for c in cis], float)
@@ -120,7 +126,7 @@ def layer_curves(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]
         def draw(ax, metric=metric, have=have):
             for s in have:
                 _band(ax, res.layers(s), res.per_layer(s, metric), STREAM_COLORS[s], s)
-            ax.set_xlabel("layer")
+            ax.set_xlabel(_layer_label(res, have))
             _ylabel(ax, metric)
             ax.legend(fontsize=7)
 
@@ -145,7 +151,7 @@ def _probe_draw(res, stream, probes):
         ax.fill_between(x, slo, shi, color="gray", alpha=0.2, lw=0)
         ax.plot(x, [p.chance_majority for p in probes], ":", color="k", label="chance (majority)")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("layer")
+        ax.set_xlabel(_layer_label(res, stream))
         ax.set_ylabel("task-id accuracy", fontsize=8)
         ax.legend(fontsize=7)
 
@@ -180,7 +186,7 @@ def heatmaps(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
                 )
                 ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
                 ax.set_xlabel("rollout step (inference index)")
-                ax.set_ylabel("layer")
+                ax.set_ylabel(_layer_label(res, s))
                 ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
 
             panels.append((f"{s}: {metric}", draw))
@@ -192,8 +198,8 @@ def heatmaps(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
 def success_failure(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     """Per-layer metric of successful vs failed episodes, each with a 95% bootstrap band over episodes."""
     panels = []
-    n_s = sum(e.success for e in res.episodes)
-    n_f = len(res.episodes) - n_s
+    n_s, n_f = res.split_counts()
+    window = res.split_window()
     for metric in HEATMAP_METRICS:
         for s in A.METRICS[metric][0]:
             if not res.has(s, metric):
@@ -217,14 +223,19 @@ def success_failure(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, A
                         fontsize=7,
                         color="gray",
                     )
-                ax.set_xlabel("layer")
+                ax.set_xlabel(_layer_label(res, s))
                 _ylabel(ax, metric)
                 ax.legend(fontsize=7)
 
             panels.append((f"{s}: {metric}", draw))
     if not panels:
         panels = [("no metric", _note("no per-layer metric to split by success"))]
-    return _figure(panels, out / "success_failure.png", "Success vs failure (mean over episodes, 95% bootstrap CI)")
+    scope = "all rollout steps" if window is None else f"first {window} rollout steps of every episode"
+    return _figure(
+        panels,
+        out / "success_failure.png",
+        f"Success vs failure ({scope}; errored episodes left out; mean over episodes, 95% bootstrap CI)",
+    )
 
 
 def prompt_sensitivity(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
@@ -242,7 +253,7 @@ def prompt_sensitivity(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str
                 rows = [i for i, e in enumerate(res.episodes) if e.task_id == t]
                 with A.quiet_nan_warnings():
                     ax.plot(res.layers(s), np.nanmean(pe[rows], axis=0), lw=0.8, alpha=0.6, label=f"task {t}")
-            ax.set_xlabel("layer")
+            ax.set_xlabel(_layer_label(res, s))
             ax.set_ylabel(LABELS["prompt_sensitivity"], fontsize=8)
             ax.legend(fontsize=6)
 
@@ -277,13 +288,21 @@ def attention_figure(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, 
         )
     layers = res.layers("expert_1")
     times = res.attention.get("denoise_times")
+    ids = res.attention.get("denoise_steps")
+    ids = list(range(means["all"].shape[0])) if ids is None else [int(i) for i in ids]
+    by_id = (res.source.get("denoise_steps") or {}).get("kind") == "model"
 
     def heat(ax):
         g = means["all"]
         im = ax.imshow(g, aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
         ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("denoising step" + (" (t from 1.0)" if times is not None else ""))
+        ax.set_yticks(
+            range(len(ids)),
+            [f"{i} (t={float(times[n]):.2f})" if times is not None else str(i) for n, i in enumerate(ids)],
+            fontsize=6,
+        )
+        ax.set_xlabel(_layer_label(res, "expert_1"))
+        ax.set_ylabel("denoising step" if by_id else "denoising step (capture position)")
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
 
     def curves(ax):
@@ -293,7 +312,7 @@ def attention_figure(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, 
             ("actions", "action-token queries", "tab:orange"),
         ):
             ax.plot(layers, np.nanmean(means[name], axis=0), "o-", ms=3, color=color, label=label)
-        ax.set_xlabel("layer")
+        ax.set_xlabel(_layer_label(res, "expert_1"))
         ax.set_ylabel("mass on valid text keys", fontsize=8)
         ax.legend(fontsize=7)
 
@@ -311,7 +330,7 @@ def overview(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
             def draw(ax, metric=metric, have=have):
                 for s in have:
                     _band(ax, res.layers(s), res.per_layer(s, metric), STREAM_COLORS[s], s)
-                ax.set_xlabel("layer")
+                ax.set_xlabel(_layer_label(res, have))
                 _ylabel(ax, metric)
                 ax.legend(fontsize=7)
 
@@ -323,7 +342,7 @@ def overview(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
 
         def att(ax):
             _band(ax, res.layers("expert_1"), res.per_layer("expert_1", "attention_to_text"), "tab:red", "expert_1")
-            ax.set_xlabel("layer")
+            ax.set_xlabel(_layer_label(res, "expert_1"))
             ax.set_ylabel(LABELS["attention_to_text"], fontsize=8)
 
         panels.append(("expert-1 attention to text", att))

@@ -1,12 +1,16 @@
 """CSV tables of a :class:`~openpi.latents.analysis.CollectionAnalysis` (one row per stream/metric/layer/...).
 
 * ``episodes.csv``: task, episode, success, rollout steps, prompt, counterfactual prompt, error.
-* ``per_layer.csv``: per stream, metric and layer, the mean over episodes with its 95% bootstrap interval.
+* ``per_layer.csv``: per stream, metric and layer, the mean over episodes with its 95% bootstrap interval
+  (``layer_ids``: "model" layer ids, or "capture_position" when the manifest could not resolve them).
 * ``per_step.csv``: the layer × rollout-step heatmap data (mean over the episodes that reached the step).
 * ``per_episode.csv``: each episode's mean over its rollout steps, per stream, metric and layer.
 * ``probe.csv``: task probe per stream and layer (accuracy, fold interval, chance, shuffled control, p-value).
-* ``success_split.csv``: success / failure means with intervals and their difference.
-* ``attention.csv``: expert-1 attention mass on text per denoising step and layer, by query type.
+* ``success_split.csv``: success / failure means with intervals and their difference (``window_steps``: each
+  episode averaged over its first that many rollout steps; empty = all its steps; errored episodes left out).
+* ``attention.csv``: expert-1 attention mass on text per denoising step and layer, by query type
+  (``denoise_step``: the denoising-step id from the manifest's capture_spec, step 0 = t 1.0; ``capture_position``:
+  its index among the captured steps).
 * ``action_divergence.csv``: per episode, the action-chunk divergence under the counterfactual prompt.
 """
 
@@ -50,10 +54,11 @@ def write_tables(res: A.CollectionAnalysis, out: pathlib.Path) -> list[str]:
     )
     keys = sorted(res.step_values)
     rows, step_rows, ep_rows, split_rows = [], [], [], []
+    window = res.split_window()
     for s, m in keys:
         layers = res.layers(s)
         for layer, c in zip(layers, res.per_layer(s, m)):
-            rows.append([s, m, layer, c.estimate, c.low, c.high, c.n])
+            rows.append([s, m, layer, res.streams[s].layer_kind, c.estimate, c.low, c.high, c.n])
         grid = res.heatmap(s, m)
         for j, layer in enumerate(layers):
             step_rows += [[s, m, layer, i, float(grid[j, i])] for i in range(grid.shape[1])]
@@ -80,9 +85,14 @@ def write_tables(res: A.CollectionAnalysis, out: pathlib.Path) -> list[str]:
                         x.difference.estimate,
                         x.difference.low,
                         x.difference.high,
+                        "" if window is None else window,
                     ]
                 )
-    _write_csv(out / "per_layer.csv", ["stream", "metric", "layer", "mean", "ci_low", "ci_high", "n_episodes"], rows)
+    _write_csv(
+        out / "per_layer.csv",
+        ["stream", "metric", "layer", "layer_ids", "mean", "ci_low", "ci_high", "n_episodes"],
+        rows,
+    )
     _write_csv(
         out / "per_step.csv", ["stream", "metric", "layer", "rollout_step_index", "mean_over_episodes"], step_rows
     )
@@ -106,6 +116,7 @@ def write_tables(res: A.CollectionAnalysis, out: pathlib.Path) -> list[str]:
             "difference",
             "difference_low",
             "difference_high",
+            "window_steps",
         ],
         split_rows,
     )
@@ -148,11 +159,13 @@ def write_tables(res: A.CollectionAnalysis, out: pathlib.Path) -> list[str]:
     )
     att = A.attention_means(res)
     times = res.attention.get("denoise_times")
+    ids = res.attention.get("denoise_steps")
     _write_csv(
         out / "attention.csv",
-        ["denoise_step", "t", "layer", "all_queries", "state_query", "action_queries"],
+        ["denoise_step", "capture_position", "t", "layer", "all_queries", "state_query", "action_queries"],
         [
             [
+                int(ids[i]) if ids is not None else i,
                 i,
                 float(times[i]) if times is not None else "",
                 layer,
