@@ -72,37 +72,21 @@ class CaptureSpec:
     def is_off(self) -> bool:
         return self == CaptureSpec.off()
 
-    @property
-    def captures_expert_1(self) -> bool:
-        return self.expert_1 != "off" or self.attention_to_text
-
     def layer_indices(self, depth: int) -> tuple[int, ...]:
         """The captured layers for a model of `depth` layers; raises a clear error for ones that do not exist."""
-        if self.layers is None:
-            return tuple(range(depth))
-        bad = [layer for layer in self.layers if not -depth <= layer < depth]
-        if bad:
-            raise ValueError(
-                f"Capture layer(s) {bad} do not exist: this model has {depth} layers (valid indices 0..{depth - 1}). "
-                "Fix CaptureSpec.layers (--capture.layers)."
-            )
-        if not self.layers:
-            raise ValueError("CaptureSpec.layers is empty: pass None for all layers or list at least one layer.")
-        return tuple(layer % depth for layer in self.layers)
+        return _resolve_indices(
+            self.layers, depth, what="Capture layer(s)", size=f"this model has {depth} layers", flag="layers"
+        )
 
     def step_indices(self, num_steps: int) -> tuple[int, ...]:
         """The captured denoising steps out of `num_steps`; raises a clear error for ones that do not exist."""
-        if self.denoise_steps is None:
-            return tuple(range(num_steps))
-        bad = [s for s in self.denoise_steps if not -num_steps <= s < num_steps]
-        if bad:
-            raise ValueError(
-                f"Capture denoising step(s) {bad} do not exist: sampling runs {num_steps} steps "
-                f"(valid indices 0..{num_steps - 1}). Fix CaptureSpec.denoise_steps (--capture.denoise-steps)."
-            )
-        if not self.denoise_steps:
-            raise ValueError("CaptureSpec.denoise_steps is empty: pass None for all steps or list at least one.")
-        return tuple(s % num_steps for s in self.denoise_steps)
+        return _resolve_indices(
+            self.denoise_steps,
+            num_steps,
+            what="Capture denoising step(s)",
+            size=f"sampling runs {num_steps} steps",
+            flag="denoise_steps",
+        )
 
     def validate(self, *, depth: int, num_steps: int) -> None:
         """Check that the spec fits a model with `depth` layers sampled with `num_steps` steps."""
@@ -119,3 +103,18 @@ class CaptureSpec:
         if unknown:
             raise ValueError(f"Unknown CaptureSpec field(s) {unknown}; known fields: {sorted(known)}.")
         return cls(**data)
+
+
+def _resolve_indices(indices: tuple[int, ...] | None, n: int, *, what: str, size: str, flag: str) -> tuple[int, ...]:
+    """`indices` (None = all, negative counts from the end) as non-negative indices into range(n)."""
+    if indices is None:
+        return tuple(range(n))
+    bad = [i for i in indices if not -n <= i < n]
+    if bad:
+        raise ValueError(
+            f"{what} {bad} do not exist: {size} (valid indices 0..{n - 1}). "
+            f"Fix CaptureSpec.{flag} (--capture.{flag.replace('_', '-')})."
+        )
+    if not indices:
+        raise ValueError(f"CaptureSpec.{flag} is empty: pass None for all or list at least one index.")
+    return tuple(i % n for i in indices)

@@ -12,7 +12,6 @@ the plain model.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -407,7 +406,3 @@ class Analysis:
         if key not in captures:
             raise KeyError(f"Expert {expert} did not run or was not captured (have {sorted(captures)}).")
         return captures[key]
-
-
-def num_params(params) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

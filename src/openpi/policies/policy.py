@@ -80,10 +80,6 @@ class Policy:
             )
         self._metadata = dict(metadata or {})
         self._action_horizon, self._action_dim = _model_dims(model)
-        model_cls = type(model)
-        # The model is a pytree (params are leaves, config is static), so it is an ordinary argument of the jit.
-        self._sample_actions = jax.jit(model_cls.sample_actions, static_argnames=("num_steps",))
-        self._infer_with_latents = jax.jit(model_cls.infer_with_latents, static_argnames=("num_steps", "capture"))
 
     @property
     def model(self) -> Any:
@@ -147,7 +143,7 @@ class Policy:
             kwargs["noise"] = self._batched_noise(noise)
         self._rng, sample_rng = jax.random.split(self._rng)
         start = time.monotonic()
-        actions = self._sample_actions(self._model, sample_rng, observation, **kwargs)
+        actions = self._model.sample_actions(sample_rng, observation, **kwargs)  # jitted by the model
         actions = jax.block_until_ready(actions)
         return self._finish(inputs["state"], actions, time.monotonic() - start)
 
@@ -171,8 +167,8 @@ class Policy:
             noise = jax.random.normal(noise_rng, (self._action_horizon, self._action_dim), dtype=jnp.float32)
         batched_noise = self._batched_noise(noise)
         start = time.monotonic()
-        result = self._infer_with_latents(
-            self._model, sample_rng, observation, noise=batched_noise, capture=capture, **self._sample_kwargs
+        result = self._model.infer_with_latents(  # one jitted call (the capture spec is static)
+            sample_rng, observation, noise=batched_noise, capture=capture, **self._sample_kwargs
         )
         result = jax.block_until_ready(result)
         elapsed = time.monotonic() - start
