@@ -1,0 +1,207 @@
+"""The package layout rules of docs/INTERFACES.md: import direction, no import cycles, a light store read.
+
+The graph is built from the source text with ``ast`` (module-level imports, ``if TYPE_CHECKING:`` blocks excluded;
+imports inside functions are deferred, so they cannot form an import-time cycle).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from openpi.latents import store
+
+SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
+OPENPI = SRC / "openpi"
+# What reading a store must not import (model, policy and env code, and jax under them).
+HEAVY = ("jax", "flax", "openpi.models", "openpi.policies", "openpi.envs")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    return {_module_name(p): p for p in sorted(OPENPI.rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports executed when the module is imported: top-level, in top-level if/try/with, not under TYPE_CHECKING."""
+    out: list[ast.Import | ast.ImportFrom] = []
+    todo: list[ast.stmt] = list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.append(node)
+        elif isinstance(node, ast.If):
+            if not _is_type_checking(node):
+                todo += node.body
+            todo += node.orelse
+        elif isinstance(node, ast.Try):
+            todo += node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body]
+        elif isinstance(node, ast.With):
+            todo += node.body
+    return out
+
+
+def _from_base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute module named by ``from <...> import`` in ``module`` (relative imports resolved)."""
+    if not node.level:
+        return node.module or ""
+    anchor = module.split(".") if is_package else module.split(".")[:-1]
+    anchor = anchor[: len(anchor) - (node.level - 1)]
+    return ".".join([*anchor, node.module] if node.module else anchor)
+
+
+def _targets(module: str, is_package: bool, node: ast.Import | ast.ImportFrom, known: set[str]) -> set[str]:
+    """The modules of ``known`` that ``node`` (in ``module``) imports; ``from pkg import sub`` means ``pkg.sub``."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name in known}
+    base = _from_base(module, is_package, node)
+    out = set()
+    for alias in node.names:
+        sub = f"{base}.{alias.name}"
+        if sub in known:
+            out.add(sub)
+        elif base in known:
+            out.add(base)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        edges: set[str] = set()
+        for node in _module_level_imports(tree):
+            edges |= _targets(name, path.name == "__init__.py", node, known)
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (iterative DFS with white/grey/black colouring)."""
+    colour = dict.fromkeys(graph, 0)
+    for root in sorted(graph):
+        if colour[root]:
+            continue
+        stack = [(root, iter(sorted(graph[root])))]
+        path = [root]
+        colour[root] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                colour[node] = 2
+                stack.pop()
+                path.pop()
+            elif colour.get(child) == 1:
+                return [*path[path.index(child) :], child]
+            elif colour.get(child) == 0:
+                colour[child] = 1
+                path.append(child)
+                stack.append((child, iter(sorted(graph[child]))))
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_graph_sees_submodule_imports_and_skips_type_checking():
+    graph = import_graph()
+    # writer.py: `from openpi.latents.store import format as sf` is an edge to the submodule, not the package
+    assert "openpi.latents.store.format" in graph["openpi.latents.store.writer"]
+    assert "openpi.latents.store" not in graph["openpi.latents.store.writer"]
+    # views.py imports the reader only for type checking; the reader imports the views at run time
+    assert "openpi.latents.store.views" in graph["openpi.latents.store.reader"]
+    assert "openpi.latents.store.reader" not in graph["openpi.latents.store.views"]
+
+
+def test_no_import_cycles_in_openpi():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_store_writer_imports_no_reader():
+    graph = import_graph()
+    readers = {f"openpi.latents.store.{m}" for m in ("reader", "views", "loading", "pickle_format")}
+    for writer in ("openpi.latents.store.writer", "openpi.latents.store.episode_writer"):
+        assert not graph[writer] & readers, f"{writer} imports {sorted(graph[writer] & readers)}"
+
+
+def test_models_import_nothing_from_latents_policies_envs():
+    forbidden = ("openpi.latents", "openpi.policies", "openpi.envs")
+    bad = []
+    for path in sorted((OPENPI / "models").glob("*.py")):
+        module = _module_name(path)
+        for node in ast.walk(ast.parse(path.read_text())):  # every import, TYPE_CHECKING and function bodies too
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    names = [_from_base(module, path.name == "__init__.py", node)]
+                bad += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.startswith(forbidden)]
+    assert not bad, bad
+
+
+def test_schema_is_pure_numpy():
+    tree = ast.parse((OPENPI / "latents" / "schema.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"__future__", "dataclasses", "math", "collections", "typing", "numpy", "ml_dtypes"}, imported
+
+
+_READ_SCRIPT = """
+import json, sys
+import expert_data_utils as edu
+data = edu.load_inference_task_data(sys.argv[1], task_id=3)
+mask = data["episodes"]["episode_0"]["rollout_steps"]["step_5"]["text_mask"]
+heavy = sorted(m for m in sys.modules if m.startswith(tuple(sys.argv[2].split(","))))
+print(json.dumps({"mask": mask.tolist(), "heavy": heavy}))
+"""
+
+
+def test_reading_a_store_imports_no_model_policy_env_or_jax(tmp_path):
+    root = tmp_path / "store"
+    task = {"task_id": 3, "task_name": "t", "suite": "libero_goal", "language": "put the bowl on the plate"}
+    mask = np.array([[True, True, False, False]])
+    with store.LatentStoreWriter.create_or_open(root, {"arguments": {}}, resume=False) as writer:
+        ep = writer.begin_episode(task, 0)
+        for t in (0, 5):
+            ep.append_step({"t": t, "prompt": task["language"], "text_mask": mask if t else ~mask})
+        ep.finish({"success": True})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_SCRIPT, str(root), ",".join(HEAVY)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["mask"] == mask.tolist()  # the step_5 row, not step_0's inverted mask
+    assert out["heavy"] == [], f"reading a store imported {out['heavy']}"
