@@ -23,9 +23,9 @@ import jax
 import numpy as np
 import tyro
 
-from openpi.latents.capture import CaptureSpec
 from openpi.models import gemma
 from openpi.models import model as _model
+from openpi.models.capture import CaptureSpec
 from openpi.models.pi0_config import Pi0Config
 
 CONFIGS = {

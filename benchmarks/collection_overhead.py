@@ -43,8 +43,8 @@ import psutil
 import tyro
 
 from openpi.envs import libero
-from openpi.latents import collection, store
-from openpi.latents.capture import CaptureSpec
+from openpi.latents import collection, schema, store
+from openpi.models.capture import CaptureSpec
 from openpi.models.pi0_config import Pi0Config
 from openpi.policies import policy_config
 
@@ -282,7 +282,7 @@ def full_size_raw_bytes() -> dict[str, int]:
     for name, spec in (("default", CaptureSpec()), ("everything", CaptureSpec.everything())):
         shapes = collection.latent_shapes(holder, spec, 10)
         shapes.pop("actions", None)
-        out[name] = collection.record_bytes(shapes)
+        out[name] = schema.estimate_bytes(shapes)
     return out
 
 

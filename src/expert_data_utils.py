@@ -22,33 +22,49 @@ Language loss (definitions in ``openpi.latents.language_loss`` / ``openpi.latent
     edu.analyze_rollout_step(task_data["episodes"]["episode_0"]["rollout_steps"]["step_15"])
     res = edu.analyze_collection("data/pi0_libero_goal"); edu.write_report(res, "reports/goal")
 
-Pickles (the seed's format) execute code when loaded: pass ``allow_pickle=True`` only for files you trust, and pass
+Pickles (the original format) execute code when loaded: pass ``allow_pickle=True`` only for files you trust, and pass
 ``embedding=edu.read_checkpoint_leaves(checkpoint)`` to the analysis (pickles carry no run manifest).
 """
 
 from __future__ import annotations
 
-from openpi.latents.analysis import CollectionAnalysis, analyze_collection
-from openpi.latents.analysis_source import (
-    get_hidden_states_for_dimensions,
-    get_layer_across_steps,
-    rollout_steps,
-)
-from openpi.latents.checkpoint_leaves import (
-    TokenEmbedding,
-    read_checkpoint_leaves,
-    token_embedding_for_manifest,
-    token_embedding_from_preset,
-)
-from openpi.latents.language_loss import (
-    analyze_inference_language_loss,
-    analyze_language_loss_across_rollout_steps,
-    analyze_rollout_step,
-)
-from openpi.latents.loading import load_inference_task_data
-from openpi.latents.report import write_report
-from openpi.latents.store import export_pickle, open_store
-from openpi.latents.store_reader import materialize
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from openpi.latents.store import export_pickle, load_inference_task_data, materialize, open_store
+
+if TYPE_CHECKING:
+    from openpi.latents.analysis import CollectionAnalysis, analyze_collection
+    from openpi.latents.analysis_source import get_hidden_states_for_dimensions, get_layer_across_steps, rollout_steps
+    from openpi.latents.checkpoint_leaves import (
+        TokenEmbedding,
+        read_checkpoint_leaves,
+        token_embedding_for_manifest,
+        token_embedding_from_preset,
+    )
+    from openpi.latents.language_loss import (
+        analyze_inference_language_loss,
+        analyze_language_loss_across_rollout_steps,
+        analyze_rollout_step,
+    )
+    from openpi.latents.report import write_report
+
+# The analysis is imported on first use, so that reading a store stays light (no plotting or checkpoint code).
+_LAZY = {
+    "CollectionAnalysis": "openpi.latents.analysis",
+    "analyze_collection": "openpi.latents.analysis",
+    "get_hidden_states_for_dimensions": "openpi.latents.analysis_source",
+    "get_layer_across_steps": "openpi.latents.analysis_source",
+    "rollout_steps": "openpi.latents.analysis_source",
+    "TokenEmbedding": "openpi.latents.checkpoint_leaves",
+    "read_checkpoint_leaves": "openpi.latents.checkpoint_leaves",
+    "token_embedding_for_manifest": "openpi.latents.checkpoint_leaves",
+    "token_embedding_from_preset": "openpi.latents.checkpoint_leaves",
+    "analyze_inference_language_loss": "openpi.latents.language_loss",
+    "analyze_language_loss_across_rollout_steps": "openpi.latents.language_loss",
+    "analyze_rollout_step": "openpi.latents.language_loss",
+    "write_report": "openpi.latents.report",
+}
 
 __all__ = [
     "CollectionAnalysis",
@@ -88,3 +104,16 @@ def list_tasks(path, *, allow_pickle: bool = False) -> list[dict]:
 def list_episodes(task_data) -> list[str]:
     """The task's episode keys (``episode_k``), by index."""
     return sorted(task_data["episodes"], key=lambda name: int(name.split("_", 1)[1]))
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -171,7 +171,7 @@ def test_checkpoint_leaves_nnx_value_suffix_and_errors(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_a_inputs):
     """One LIBERO-style observation through the tiny preset (random params from its seed), with reruns."""
-    from openpi.latents.capture import CaptureSpec
+    from openpi.models.capture import CaptureSpec
     from openpi.policies import policy_config
 
     policy = policy_config.create_trained_policy("pi0_libero_tiny", sample_kwargs={"num_steps": 3})
@@ -804,8 +804,8 @@ def test_pooled_probe_features_drop_the_masked_camera():
 def test_pickles_carry_the_manifest_layer_ids_and_camera_layout(tmp_path):
     import pickle
 
-    from openpi.latents.pickle_format import PickleTaskWriter, pickle_files
-    from openpi.latents.store_reader import materialize
+    from openpi.latents.store.pickle_format import PickleTaskWriter, pickle_files
+    from openpi.latents.store.reader import materialize
 
     syn = Synth(L=3, W=8, T=N_TEXT)
     manifest = {**FULL_MANIFEST, "capture_spec": {"layers": [0, 9, 17]}, "arguments": {"num_denoise_steps": 2}}

@@ -31,7 +31,7 @@ import pytest
 
 from openpi.envs import libero as L
 from openpi.latents import collection, store
-from openpi.latents.capture import CaptureSpec
+from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config
 
 pytestmark = [

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from model_inputs import fixture_observation, tiny_a_config
 
-from openpi.latents.capture import CaptureSpec
 from openpi.models import model as _model
 from openpi.models import pi0
+from openpi.models.capture import CaptureSpec
 
 ATOL = 1e-4
 

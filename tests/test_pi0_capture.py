@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from model_inputs import random_observation
 
-from openpi.latents.capture import CaptureSpec
 from openpi.models import gemma, pi0
+from openpi.models.capture import CaptureSpec
 
 # Two configs that differ in batch size, depth, widths (equal vs different expert widths), heads and horizon.
 CONFIGS = {

@@ -15,7 +15,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from openpi import transforms as T
-from openpi.latents.capture import CaptureSpec
+from openpi.models.capture import CaptureSpec
 from openpi.policies import libero_policy, policy_config
 from openpi.policies import policy as _policy
 from openpi.shared import download, normalize

@@ -1,4 +1,4 @@
-"""Tests of the latent store (openpi.latents.store and friends): small synthetic records with the real keys."""
+"""Tests of the latent store (the openpi.latents.store package): small synthetic records with the real keys."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ import pytest
 import tensorstore as ts
 import zarr
 
-from openpi.latents import episode_writer, store
-from openpi.latents import store_format as sf
-from openpi.latents.store_reader import StoreFormatError
+from openpi.latents import schema, store
+from openpi.latents.store import StoreFormatError, episode_writer
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from store_kill_helper import MANIFEST, STEPS_PER_EPISODE, TASK, L, make_record, write_episode
@@ -441,4 +440,4 @@ def test_estimate_bytes():
     expected = sum(np.asarray(v).nbytes for k, v in rec.items() if k != "prompt") + 4
     assert store.estimate_bytes(rec) == expected
     assert store.estimate_bytes({"expert_0_hidden_states": ((18, 1, 816, 2048), "bfloat16")}) == 60162048
-    assert sf.format_bytes(60162048) == "60.2 MB"
+    assert schema.format_bytes(60162048) == "60.2 MB"

@@ -46,6 +46,7 @@ import numpy as np
 
 from openpi.latents import analysis_source as src
 from openpi.latents import metrics as M
+from openpi.latents import schema
 from openpi.latents.checkpoint_leaves import TokenEmbedding, token_embedding_for_manifest
 
 logger = logging.getLogger(__name__)
@@ -404,10 +405,10 @@ def _analyze_layer(source, res: CollectionAnalysis, stream: src.Stream, j: int, 
         fields = source.fields(t, k)
         if stream.key is not None and stream.key in fields:
             shape, dims = fields[stream.key]
-            per_step = int(np.prod([s for d, s in zip(dims, shape) if d != "layer"])) * 4
+            per_step = schema.nbytes([s for d, s in zip(dims, shape) if d != "layer"], np.float32)  # read as float32
             cf_steps = set(source.present_steps(t, k, stream.cf_key)) if stream.has_cf else set()
             seg_stored = is_e0 and "segment_mask" in fields
-            cf_seg = is_e0 and src.CF + "segment_mask" in fields
+            cf_seg = is_e0 and schema.counterfactual("segment_mask") in fields
             x0 = m0 = None
             for block in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
                 x = src.states(stream, source.read(t, k, stream.key, layer=j, steps=block))
@@ -436,14 +437,14 @@ def _analyze_layer(source, res: CollectionAnalysis, stream: src.Stream, j: int, 
                     cm = None if mask is None else mask[sel]
                     if is_text:  # positions valid under both prompts that hold the same token
                         same = source.read(t, k, "tokenized_prompt", steps=steps) == source.read(
-                            t, k, src.CF + "tokenized_prompt", steps=steps
+                            t, k, schema.counterfactual("tokenized_prompt"), steps=steps
                         )
-                        cm = cm & source.read(t, k, src.CF + "text_mask", steps=steps).astype(bool) & same
+                        cm = cm & source.read(t, k, schema.counterfactual("text_mask"), steps=steps).astype(bool) & same
                         if j == 0:
                             res.cf_text_positions += [int(c) for c in cm.reshape(len(steps), -1).sum(-1)]
                     elif cf_seg and cm is not None:  # cameras valid in both runs
                         cf_cam = src.camera_valid(
-                            stream, source.read(t, k, src.CF + "segment_mask", steps=steps), b.shape[:2]
+                            stream, source.read(t, k, schema.counterfactual("segment_mask"), steps=steps), b.shape[:2]
                         )
                         cm = cm & src.position_mask(stream, cf_cam)
                     _put(
@@ -512,12 +513,12 @@ def _action_divergence(source, res: CollectionAnalysis) -> None:
     for ep in res.episodes:
         l2, mx = np.full(ep.n_steps, np.nan), np.full(ep.n_steps, np.nan)
         fields = source.fields(ep.task_id, ep.episode)
-        if "cf_actions" in fields and "actions" in fields:
-            steps = source.present_steps(ep.task_id, ep.episode, "cf_actions")
+        if schema.counterfactual("actions") in fields and "actions" in fields:
+            steps = source.present_steps(ep.task_id, ep.episode, schema.counterfactual("actions"))
             if steps:
                 d = M.action_divergence(
                     source.read(ep.task_id, ep.episode, "actions", steps=steps),
-                    source.read(ep.task_id, ep.episode, "cf_actions", steps=steps),
+                    source.read(ep.task_id, ep.episode, schema.counterfactual("actions"), steps=steps),
                 )
                 l2[steps], mx[steps] = d.mean_l2, d.max_abs
         res.actions["mean_l2"].append(l2)

@@ -38,10 +38,9 @@ from typing import Any
 import numpy as np
 
 from openpi.latents import metrics as M
-from openpi.latents import store_format as sf
+from openpi.latents import schema
 
 STREAMS = ("text_only", "expert_0", "expert_1")
-CF = "cf_"
 
 
 class DictSource:
@@ -83,7 +82,7 @@ class DictSource:
         for step in self._steps(t, k):
             for key, v in step.items():
                 if key not in out and isinstance(v, np.ndarray):
-                    out[key] = (v.shape, sf.dims_for(key, v.ndim))
+                    out[key] = (v.shape, schema.dims_for(key, v.ndim))
         return out
 
     def present_steps(self, t: int, k: int, key: str) -> list[int]:
@@ -94,7 +93,7 @@ class DictSource:
         idx = range(len(all_steps)) if steps is None else steps
         arr = np.stack([np.asarray(all_steps[i][key]) for i in idx])
         if layer is not None:
-            arr = np.take(arr, layer, axis=1 + sf.dims_for(key, arr.ndim - 1).index("layer"))
+            arr = np.take(arr, layer, axis=1 + schema.dims_for(key, arr.ndim - 1).index("layer"))
         return arr
 
 
@@ -135,9 +134,9 @@ class StoreSource:
 
 def make_source(data: Any, *, task_ids: Sequence[int] | None = None, allow_pickle: bool = False, manifest=None):
     """A source over a store path, a pickle path, a ``LatentStore``, a (lazy or eager) task dict or ``{id: task}``."""
-    from openpi.latents import loading
-    from openpi.latents.store_reader import LatentStore, open_store
-    from openpi.latents.store_views import TaskData, TasksView
+    from openpi.latents.store import loading
+    from openpi.latents.store.reader import LatentStore, open_store
+    from openpi.latents.store.views import TaskData, TasksView
 
     if isinstance(data, (str, pathlib.Path)):
         if loading.detect_format(pathlib.Path(data)) == "store":
@@ -184,7 +183,7 @@ class Stream:
 
     @property
     def cf_key(self) -> str | None:
-        return None if self.key is None else CF + self.key
+        return None if self.key is None else schema.counterfactual(self.key)
 
     @property
     def tokens_per_camera(self) -> int:
@@ -304,7 +303,7 @@ def resolve_denoise_steps(manifest: Mapping[str, Any], n_stored: int) -> tuple[t
     manifest's ``arguments.num_denoise_steps``, default 10); step 0 is t = 1.0 (pure noise). Without a usable
     capture_spec the steps are labelled by capture position, with a note.
     """
-    from openpi.latents.capture import CaptureSpec
+    from openpi.models.capture import CaptureSpec
 
     positions = tuple(range(n_stored))
     spec = manifest.get("capture_spec")
@@ -373,7 +372,9 @@ def discover_streams(fields: Mapping[str, tuple], manifest: Mapping[str, Any]) -
         shape, dims = fields[key]
         n = shape[dims.index("layer")]
         layers, kind, note = resolve_layers(manifest, n, shape[-1], expert)
-        return Stream(name, key, mode, n, layers, CF + key in fields, layer_kind=kind, layer_note=note, **kw)
+        return Stream(
+            name, key, mode, n, layers, schema.counterfactual(key) in fields, layer_kind=kind, layer_note=note, **kw
+        )
 
     n_text = fields["text_mask"][0][-1] if "text_mask" in fields else 0
     if "text_only_hidden_states" in fields:
@@ -433,7 +434,7 @@ def discover_streams(fields: Mapping[str, tuple], manifest: Mapping[str, Any]) -
             **kw,
         )
     att = "attention_to_text" in fields
-    att_cf = CF + "attention_to_text" in fields
+    att_cf = schema.counterfactual("attention_to_text") in fields
     for key, mode in (("expert_1_hidden_states", "full"), ("expert_1_segment_means", "pooled")):
         if key in fields:
             streams["expert_1"] = mk("expert_1", key, mode, expert=1, attention=att, attention_cf=att_cf)
@@ -554,7 +555,7 @@ def _episode_index(episode) -> int:
 
 def resolve_key(fields: Mapping[str, Any], expert_type: str, counterfactual: bool = False) -> str:
     """The stored key behind ``expert_type`` (a stream name, or a stored key itself), ``cf_`` prefixed if asked."""
-    prefix = CF if counterfactual else ""
+    prefix = schema.CF_PREFIX if counterfactual else ""
     for key in _STREAM_KEYS.get(expert_type, (expert_type,)):
         if prefix + key in fields:
             return prefix + key

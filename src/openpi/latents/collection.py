@@ -27,11 +27,12 @@ import numpy as np
 import tqdm
 
 from openpi.envs import libero
-from openpi.latents import manifest as manifest_lib
-from openpi.latents import pickle_format, store_reader
+from openpi.latents import schema
 from openpi.latents import store as _store
-from openpi.latents.capture import CaptureSpec
+from openpi.latents.store import manifest as manifest_lib
+from openpi.latents.store import pickle_format
 from openpi.models import model as _model
+from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config
 from openpi.policies.policy import Policy
 
@@ -48,7 +49,6 @@ class SetupError(ValueError):
 
 # What the setup phase raises for bad input (wrapped in SetupError by `collect`).
 _SETUP_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ImportError)
-COUNTERFACTUAL_PREFIX = "cf_"
 # Arguments a resumed run may change: they add or show work but do not change what an episode records.
 RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
     "arguments.task_ids",
@@ -199,31 +199,27 @@ def latent_shapes(policy: Policy, capture: CaptureSpec, num_steps: int) -> dict[
     return {k: v for k, v in out.items() if v is not None}
 
 
-def record_bytes(shapes: dict[str, Any]) -> int:
-    return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in shapes.values())
-
-
 def describe_capture(args: CollectionArgs, plan: Plan, policy: Policy) -> str:
     """What will be captured, and the estimated bytes per inference / episode / run (uncompressed)."""
     shapes = latent_shapes(policy, args.capture, args.num_denoise_steps)
     shapes.pop("actions", None)
     lines = ["Capture per inference:"]
     for key, s in sorted(shapes.items()):
-        nbytes = int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
-        lines.append(f"  {key:26s} {list(s.shape)!s:28s} {np.dtype(s.dtype).name:9s} {_store.format_bytes(nbytes)}")
+        nbytes = schema.nbytes(s.shape, s.dtype)
+        lines.append(f"  {key:26s} {list(s.shape)!s:28s} {np.dtype(s.dtype).name:9s} {schema.format_bytes(nbytes)}")
     config = policy.model.config
     extra = config.action_horizon * (7 + 2 * config.action_dim) * 4  # actions, model actions, noise
     if args.store_images:
         extra += 2 * 224 * 224 * 3
-    per_inference = record_bytes(shapes) + extra
+    per_inference = schema.estimate_bytes(shapes) + extra
     if args.counterfactual != "none":
-        per_inference += record_bytes(shapes) // args.counterfactual_every
+        per_inference += schema.estimate_bytes(shapes) // args.counterfactual_every
     per_episode = per_inference * plan.inferences_per_episode
     n_episodes = len(plan.tasks) * len(plan.episodes)
     lines.append(
-        f"Estimated size (uncompressed, at most): {_store.format_bytes(per_inference)} per inference, "
-        f"{_store.format_bytes(per_episode)} per episode (<= {plan.inferences_per_episode} inferences), "
-        f"{_store.format_bytes(per_episode * n_episodes)} for {n_episodes} episodes."
+        f"Estimated size (uncompressed, at most): {schema.format_bytes(per_inference)} per inference, "
+        f"{schema.format_bytes(per_episode)} per episode (<= {plan.inferences_per_episode} inferences), "
+        f"{schema.format_bytes(per_episode * n_episodes)} for {n_episodes} episodes."
     )
     return "\n".join(lines)
 
@@ -243,7 +239,7 @@ class _ZarrOutput:
         self.writer = _store.LatentStoreWriter.create_or_open(
             args.output_dir, manifest, resume=args.resume, queue_size=args.queue_size, resume_ignore=RESUME_IGNORE
         )
-        self._reader: store_reader.LatentStore | None = None  # the episodes complete before this run
+        self._reader: _store.LatentStore | None = None  # the episodes complete before this run
 
     def completed(self, task: dict[str, Any]) -> set[int]:
         return {k for t, k in self.writer.completed if t == task["task_id"]}
@@ -356,10 +352,10 @@ def run_task_episode(
         record = _step_record(t, pending.pop("element"), pending.pop("result"), args.replan_steps, args.store_images)
         cf = pending.pop("cf", None)
         if cf is not None:
-            record[f"{COUNTERFACTUAL_PREFIX}prompt"] = cf_prompt
-            record[f"{COUNTERFACTUAL_PREFIX}actions"] = np.asarray(cf["actions"], np.float32)
-            record[f"{COUNTERFACTUAL_PREFIX}model_actions"] = np.asarray(cf["model_actions"], np.float32)
-            record.update({f"{COUNTERFACTUAL_PREFIX}{key}": v for key, v in cf["latents"].items()})
+            record[schema.counterfactual("prompt")] = cf_prompt
+            record[schema.counterfactual("actions")] = np.asarray(cf["actions"], np.float32)
+            record[schema.counterfactual("model_actions")] = np.asarray(cf["model_actions"], np.float32)
+            record.update({schema.counterfactual(key): v for key, v in cf["latents"].items()})
         writer.append_step(record)
 
     return libero.run_episode(

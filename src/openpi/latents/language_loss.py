@@ -30,7 +30,7 @@ import numpy as np
 from openpi.latents import analysis as A
 from openpi.latents import analysis_source as src
 from openpi.latents import metrics as M
-from openpi.latents import store_format as sf
+from openpi.latents import schema
 from openpi.latents.checkpoint_leaves import TokenEmbedding, token_embedding_for_manifest
 
 SLOTS = {
@@ -146,7 +146,7 @@ def _manifest_of(step_data) -> Mapping[str, Any]:
     episode = getattr(step_data, "episode", None)
     if episode is not None:
         try:
-            from openpi.latents.store_reader import open_store
+            from openpi.latents.store.reader import open_store
 
             return open_store(episode.path.parent.parent).manifest
         except (OSError, ValueError):
@@ -172,7 +172,7 @@ def analyze_rollout_step(
         fields = {k: (episode.fields[k].shape, episode.fields[k].dims) for k in step_data}
     else:
         fields = {
-            k: (np.shape(v), sf.dims_for(k, np.ndim(v))) for k, v in step_data.items() if isinstance(v, np.ndarray)
+            k: (np.shape(v), schema.dims_for(k, np.ndim(v))) for k, v in step_data.items() if isinstance(v, np.ndarray)
         }
     streams, missing = src.discover_streams(fields, manifest)
     out: dict[str, Any] = {"layers": {}, "measures": {}}

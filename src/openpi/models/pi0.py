@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from openpi.latents.capture import CaptureSpec
 from openpi.models import gemma
 from openpi.models import model as _model
+from openpi.models.capture import CaptureSpec
 from openpi.models.pi0_config import Pi0Config
 
 __all__ = ["Pi0", "Pi0Config", "make_attn_mask", "posemb_sincos"]

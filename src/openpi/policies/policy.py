@@ -17,8 +17,8 @@ import numpy as np
 from jaxtyping import Float
 
 from openpi import transforms as _transforms
-from openpi.latents.capture import CaptureSpec
 from openpi.models import model as _model
+from openpi.models.capture import CaptureSpec
 
 
 def _batch(tree: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Lazy reader of the latent store (layout in ``store_format``).
+"""Lazy reader of the latent store (layout in ``format``).
 
 ``open_store(root)`` scans the directory tree (one small JSON read per task and episode group, no array reads) and
 returns a :class:`LatentStore`. Arrays are opened on first use and read one rollout step (or one layer) at a time.
@@ -10,69 +10,19 @@ The store is read as a snapshot taken at ``open_store``; reopen it to see episod
 
 from __future__ import annotations
 
-import json
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import zarr
 
-from openpi.latents import store_format as sf
-from openpi.latents import zarr_bf16  # noqa: F401 - registers bfloat16 with zarr
-from openpi.latents.store_views import TaskData, TasksView
+from openpi.latents.store import bf16  # noqa: F401 - registers bfloat16 with zarr
+from openpi.latents.store import format as sf
+from openpi.latents.store.format import StoreFormatError, read_group_attrs, require_attrs, scan_episode_dirs
+from openpi.latents.store.views import TaskData, TasksView
 
 _INTERNAL_ATTRS = frozenset({sf.EPISODE_FIELDS, sf.EPISODE_SPARSE, sf.EPISODE_STRINGS, sf.EPISODE_STEP_T})
-
-
-class StoreFormatError(ValueError):
-    """The directory is not a (complete, uncorrupted) latent store; the message names the offending path."""
-
-
-def read_group_attrs(path: pathlib.Path) -> dict[str, Any]:
-    """Attributes of the zarr v3 group at ``path`` (read from its zarr.json)."""
-    meta_path = path / "zarr.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise StoreFormatError(f"{path}: no zarr.json; this is not a zarr v3 group of a latent store.") from None
-    except (OSError, ValueError) as e:
-        raise StoreFormatError(f"{meta_path}: unreadable or corrupt JSON ({e}).") from e
-    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
-        raise StoreFormatError(f"{meta_path}: not a zarr v3 group (zarr_format/node_type).")
-    return dict(meta.get("attributes") or {})
-
-
-def _require_attrs(path: pathlib.Path, attrs: dict[str, Any], required: Iterable[str], what: str) -> None:
-    missing = [k for k in required if k not in attrs]
-    if missing:
-        raise StoreFormatError(
-            f"{path}: {what} group lacks attrs {missing}; the store is corrupt or was not written by "
-            "openpi.latents.store (delete this group, or resume the run to rewrite it)."
-        )
-
-
-def is_store(root: str | pathlib.Path) -> bool:
-    root = pathlib.Path(root)
-    try:
-        return read_group_attrs(root).get("format") == sf.FORMAT_NAME
-    except StoreFormatError:
-        return False
-
-
-def scan_episode_dirs(root: pathlib.Path) -> dict[int, dict[int, pathlib.Path]]:
-    """task_id -> episode_index -> group directory, from the directory names alone."""
-    out: dict[int, dict[int, pathlib.Path]] = {}
-    for task_dir in sorted(root.iterdir()) if root.is_dir() else []:
-        task_id = sf.parse_task_group_name(task_dir.name)
-        if task_id is None or not task_dir.is_dir():
-            continue
-        episodes = out.setdefault(task_id, {})
-        for ep_dir in task_dir.iterdir():
-            k = sf.parse_episode_group_name(ep_dir.name)
-            if k is not None and ep_dir.is_dir():
-                episodes[k] = ep_dir
-    return out
 
 
 class EpisodeReader:
@@ -83,7 +33,7 @@ class EpisodeReader:
         self.task_id = task_id
         self.episode_index = episode_index
         self.attrs = read_group_attrs(path)
-        _require_attrs(path, self.attrs, [sf.EPISODE_COMMITTED, sf.EPISODE_COMPLETE], "episode")
+        require_attrs(path, self.attrs, [sf.EPISODE_COMMITTED, sf.EPISODE_COMPLETE], "episode")
         self.complete = bool(self.attrs[sf.EPISODE_COMPLETE])
         self.committed = int(self.attrs[sf.EPISODE_COMMITTED])
         fields_json = self.attrs.get(sf.EPISODE_FIELDS, {})
@@ -205,21 +155,7 @@ class LatentStore:
         self.root = pathlib.Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such latent store directory.")
-        attrs = read_group_attrs(self.root)
-        if attrs.get("format") != sf.FORMAT_NAME:
-            raise StoreFormatError(
-                f"{self.root}: root group attr format={attrs.get('format')!r}, expected {sf.FORMAT_NAME!r}."
-            )
-        manifest_path = self.root / sf.MANIFEST_FILE
-        try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        except FileNotFoundError:
-            raise StoreFormatError(
-                f"{manifest_path}: missing; the store is incomplete or not a latent store."
-            ) from None
-        except ValueError as e:
-            raise StoreFormatError(f"{manifest_path}: corrupt JSON ({e}).") from e
-        self.attrs = attrs
+        self.manifest, self.attrs = sf.read_store_manifest(self.root)
         self._dirs = scan_episode_dirs(self.root)
         self._tasks: dict[int, dict[str, Any]] = {}
         self._episodes: dict[tuple[int, int], EpisodeReader] = {}
@@ -234,7 +170,7 @@ class LatentStore:
                 raise KeyError(f"{self.root}: no task {task_id}; tasks are {self.task_ids()}.")
             path = self.root / sf.task_group_name(task_id)
             attrs = read_group_attrs(path)
-            _require_attrs(path, attrs, sf.TASK_REQUIRED_ATTRS, "task")
+            require_attrs(path, attrs, sf.TASK_REQUIRED_ATTRS, "task")
             self._tasks[task_id] = attrs
         return self._tasks[task_id]
 

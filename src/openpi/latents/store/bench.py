@@ -1,7 +1,7 @@
 """Throughput / latency / RSS benchmark of the latent store at full pi0 size.
 
-    uv run python -m openpi.latents.store_bench --out /tmp/store_bench --steps 40 --spec default
-    uv run python -m openpi.latents.store_bench --out /tmp/store_bench --steps 40 --spec full
+    uv run python -m openpi.latents.store.bench --out /tmp/store_bench --steps 40 --spec default
+    uv run python -m openpi.latents.store.bench --out /tmp/store_bench --steps 40 --spec full
 
 Hidden states are random normal values in bf16 (compress about like real ones, ~1.3x). Reads hit the page cache
 (no root to drop it), so read latencies are warm-cache numbers plus decode.
@@ -19,8 +19,9 @@ import ml_dtypes
 import numpy as np
 import psutil
 
-from openpi.latents import store_format as sf
-from openpi.latents.store import LatentStoreWriter, open_store
+from openpi.latents.schema import estimate_bytes, format_bytes
+from openpi.latents.store.reader import open_store
+from openpi.latents.store.writer import LatentStoreWriter
 
 BF16 = ml_dtypes.bfloat16
 L, S, TP, TT, TS, W0, W1, H = 18, 10, 816, 48, 51, 2048, 1024, 50
@@ -87,7 +88,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     shapes = record_shapes(args.spec)
     pool = [make_record(shapes, rng) for _ in range(3)]
-    step_bytes = sf.estimate_bytes(pool[0])
+    step_bytes = estimate_bytes(pool[0])
     task = {"task_id": 0, "task_name": "bench", "suite": "bench", "language": "pick up the bowl"}
 
     sampler = RssSampler()
@@ -107,11 +108,11 @@ def main() -> None:
     sampler.join()
     disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     raw = step_bytes * args.steps
-    print(f"spec={args.spec} steps={args.steps} raw/step={sf.format_bytes(step_bytes)} raw={sf.format_bytes(raw)}")
+    print(f"spec={args.spec} steps={args.steps} raw/step={format_bytes(step_bytes)} raw={format_bytes(raw)}")
     print(f"write: {wall:.2f} s, {raw / wall / 1e6:.0f} MB/s raw, {wall / args.steps * 1e3:.0f} ms/step")
     print(f"producer append_step: median {np.median(put_times) * 1e3:.2f} ms, max {max(put_times) * 1e3:.0f} ms")
     print(
-        f"disk {sf.format_bytes(disk)} (ratio {raw / disk:.2f}x); RSS growth peak {(sampler.peak - rss0) / 1e6:.0f} MB "
+        f"disk {format_bytes(disk)} (ratio {raw / disk:.2f}x); RSS growth peak {(sampler.peak - rss0) / 1e6:.0f} MB "
         f"(record pool {3 * step_bytes / 1e6:.0f} MB, queue {args.queue_size})"
     )
 

@@ -6,8 +6,9 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from openpi.latents import pickle_format
-from openpi.latents.store_reader import StoreFormatError, open_store
+from openpi.latents.store import pickle_format
+from openpi.latents.store.format import StoreFormatError
+from openpi.latents.store.reader import open_store
 
 _PICKLE_WARNING = (
     "unpickling executes arbitrary code from the file, so pickles are opened only with allow_pickle=True; pass it "
@@ -38,7 +39,7 @@ def load_inference_task_data(
     allow_pickle: bool = False,
     include_incomplete: bool = False,
 ) -> Mapping[str, Any] | Mapping[int, Mapping[str, Any]]:
-    """The seed's nested task structure: ``data["episodes"]["episode_0"]["rollout_steps"]["step_15"][key]``.
+    """The original nested task structure: ``data["episodes"]["episode_0"]["rollout_steps"]["step_15"][key]``.
 
     ``task_id`` int: that task. ``task_id`` None: a mapping task_id -> task structure over all tasks. From a store
     everything is lazy (arrays are read on access, one step of one key at a time); from pickles it is eager and

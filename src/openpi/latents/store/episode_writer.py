@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from openpi.latents import manifest as manifest_lib
-from openpi.latents import store_format as sf
+from openpi.latents.store import format as sf
+from openpi.latents.store import manifest as manifest_lib
 
 if TYPE_CHECKING:
-    from openpi.latents.store import LatentStoreWriter
+    from openpi.latents.store.writer import LatentStoreWriter
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 

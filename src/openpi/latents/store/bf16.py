@@ -9,7 +9,7 @@ Only zarr format 3 is supported: zarr v2 has no bfloat16 type name. Fill values 
 number, ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, or ``"0x"`` + 4 hex digits giving the raw bf16 bits.
 
 Call :func:`register_bfloat16` (idempotent) before creating or opening arrays; importing ``openpi.latents.store``
-does it for you.
+(or any of its modules that touch zarr arrays) does it for you.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The seed's pickle layout, offered as an export / compatibility format.
+"""The original pickle layout (before the zarr store), offered as an export / compatibility format.
 
 ``<out_dir>/inference_latents/task_{id}_{name}.pkl`` holds one task as an eager nested dict::
 
@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents import store_format as sf
-from openpi.latents.manifest import to_json_compatible
-from openpi.latents.store_reader import materialize, open_store
+from openpi.latents.store import format as sf
+from openpi.latents.store.manifest import to_json_compatible
+from openpi.latents.store.reader import materialize, open_store
 
 PICKLE_DIR = "inference_latents"
 _PICKLE_RE = re.compile(r"^task_(\d+)_.*\.pkl$")
@@ -104,7 +104,7 @@ class PickleEpisodeWriter:
 
 
 class PickleTaskWriter:
-    """Writes one task in the seed's pickle layout (see the module docstring for the memory cost).
+    """Writes one task in the original pickle layout (see the module docstring for the memory cost).
 
     ``resume=True`` loads an existing file written by this class (unpickling it: only do so for your own output).
     ``manifest``: the run manifest, stored as ``data["manifest"]`` (also added to a resumed file that lacks one).

@@ -1,4 +1,4 @@
-"""Lazy nested Mappings over a latent store, shaped like the seed's pickle::
+"""Lazy nested Mappings over a latent store, shaped like the original pickle layout::
 
     task_data["episodes"]["episode_0"]["rollout_steps"]["step_15"]["expert_0_hidden_states"]  # one array read
     task_data["episodes"]["episode_0"]["metadata"]["success"]
@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from openpi.latents.store_reader import EpisodeReader, LatentStore
+    from openpi.latents.store.reader import EpisodeReader, LatentStore
 
 _TASK_SCALAR_KEYS = ("task_id", "task_name", "language", "suite")
 

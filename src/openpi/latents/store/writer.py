@@ -12,8 +12,9 @@ One background thread does all writing, fed by a bounded queue; a failure there 
 :class:`LatentStoreWriteError`) by the next writer call and by ``close()``. Each step's arrays are written first, then
 the episode attr ``committed_steps`` (one atomic JSON write), so a crash at any point leaves every committed step and
 every finished episode intact; the unfinished episode stays ``complete=False`` and resuming deletes it. The layout is
-documented in ``store_format``; reading is ``store_reader`` / ``loading``; the pickle compat format is
-``pickle_format``. Local directories only (zarr's LocalStore writes each file atomically, which the crash story needs).
+documented in ``format``; reading is ``reader`` / ``loading``; the pickle compat format is ``pickle_format`` (the
+package ``openpi.latents.store`` exports all of them). Local directories only (zarr's LocalStore writes each file
+atomically, which the crash story needs).
 """
 
 from __future__ import annotations
@@ -32,22 +33,11 @@ from typing import Any
 
 import zarr
 
-from openpi.latents import manifest as manifest_lib
-from openpi.latents import store_format as sf
-from openpi.latents import zarr_bf16  # noqa: F401 - registers bfloat16 with zarr
-from openpi.latents.episode_writer import EpisodeSink, EpisodeWriter
-from openpi.latents.loading import load_inference_task_data
-from openpi.latents.pickle_format import PickleTaskWriter, export_pickle
-from openpi.latents.store_format import estimate_bytes, format_bytes
-from openpi.latents.store_reader import (
-    LatentStore,
-    StoreFormatError,
-    completed_episodes,
-    is_store,
-    open_store,
-    read_group_attrs,
-    scan_episode_dirs,
-)
+from openpi.latents.store import bf16  # noqa: F401 - registers bfloat16 with zarr
+from openpi.latents.store import format as sf
+from openpi.latents.store import manifest as manifest_lib
+from openpi.latents.store.episode_writer import EpisodeSink, EpisodeWriter
+from openpi.latents.store.format import is_store, read_group_attrs, scan_episode_dirs
 
 logger = logging.getLogger(__name__)
 _STOP = object()
@@ -173,7 +163,7 @@ class LatentStoreWriter:
                 "--output-dir."
             )
         if n_episodes:
-            stored = LatentStore(root).manifest  # validates root attrs and manifest.json
+            stored, _ = sf.read_store_manifest(root)  # validates root attrs and manifest.json
             diffs = manifest_lib.manifest_differences(stored, dict(manifest), ignore=resume_ignore)
             if diffs:
                 raise ValueError(
@@ -187,7 +177,7 @@ class LatentStoreWriter:
     def _reopen(
         cls, root: pathlib.Path, requested: dict[str, Any], queue_size: int, resume_ignore: Collection[str]
     ) -> LatentStoreWriter:
-        stored = LatentStore(root).manifest  # checked against `requested` by check_can_open
+        stored, _ = sf.read_store_manifest(root)  # checked against `requested` by check_can_open
         if stored.get("code_version") != requested.get("code_version"):
             logger.warning(
                 "Resuming %s with code %s; it was started with %s.",
@@ -347,20 +337,3 @@ class LatentStoreWriter:
 
 
 create_or_open = LatentStoreWriter.create_or_open
-
-__all__ = [
-    "EpisodeWriter",
-    "LatentStore",
-    "LatentStoreWriteError",
-    "LatentStoreWriter",
-    "PickleTaskWriter",
-    "StoreFormatError",
-    "check_writable",
-    "completed_episodes",
-    "create_or_open",
-    "estimate_bytes",
-    "export_pickle",
-    "format_bytes",
-    "load_inference_task_data",
-    "open_store",
-]

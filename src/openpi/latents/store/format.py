@@ -20,16 +20,18 @@ String values (``prompt``, ``cf_prompt``, ...) are stored as int32 arrays of ind
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from zarr.codecs import BloscCodec
 
-from openpi.latents import zarr_bf16
+from openpi.latents import schema
+from openpi.latents.store import bf16
 
 FORMAT_NAME = "openpi-latents-store"
 FORMAT_VERSION = 1
@@ -47,33 +49,8 @@ RESERVED_EPISODE_ATTRS = frozenset(
 )
 TASK_REQUIRED_ATTRS = ("task_id", "task_name", "suite", "language")
 
-# Keys with this prefix may be missing on some steps (counterfactual reruns); all other keys of the first step are
-# required on every step.
-OPTIONAL_PREFIXES = ("cf_",)
-STRING_DTYPE = "string"
 BLOSC_CLEVEL = 1  # zstd level: hidden states barely compress (1.28x at 1, 1.34x at 3) and 3 is ~2x slower
 MIN_INNER_CHUNK_BYTES = 512 * 1024  # axes before the layer axis are split only while inner chunks stay this big
-
-# Per-step axis names of the record keys (docs/INTERFACES.md). A key "cf_<name>" uses the axes of "<name>".
-KNOWN_DIMS: dict[str, tuple[str, ...]] = {
-    "expert_0_hidden_states": ("layer", "batch", "token", "width"),
-    "expert_0_segment_means": ("layer", "batch", "segment", "width"),
-    "text_only_hidden_states": ("layer", "batch", "token", "width"),
-    "text_mask": ("batch", "token"),
-    "tokenized_prompt": ("batch", "token"),
-    "expert_1_hidden_states": ("denoise_step", "layer", "batch", "token", "width"),
-    "expert_1_segment_means": ("denoise_step", "layer", "batch", "segment", "width"),
-    "attention_to_text": ("denoise_step", "layer", "batch", "head", "query"),
-    "denoise_times": ("denoise_step",),
-    "x_t": ("denoise_point", "batch", "horizon", "action_dim"),
-    "v_t": ("denoise_step", "batch", "horizon", "action_dim"),
-    "actions": ("horizon", "action_dim"),
-    "executed_actions": ("executed", "action_dim"),
-    "model_actions": ("horizon", "model_action_dim"),
-    "image": ("height", "width", "channel"),
-    "wrist_image": ("height", "width", "channel"),
-    "state": ("state_dim",),
-}
 
 _TASK_RE = re.compile(r"^task_(\d+)$")
 _EPISODE_RE = re.compile(r"^episode_(\d+)$")
@@ -98,20 +75,70 @@ def parse_episode_group_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def is_optional_key(key: str) -> bool:
-    return key.startswith(OPTIONAL_PREFIXES)
+class StoreFormatError(ValueError):
+    """The directory is not a (complete, uncorrupted) latent store; the message names the offending path."""
 
 
-def dims_for(key: str, ndim: int) -> tuple[str, ...]:
-    """Per-step axis names of ``key`` (without the leading "step" axis); generic names for unknown keys."""
-    base = key
-    for prefix in OPTIONAL_PREFIXES:
-        if base.startswith(prefix):
-            base = base[len(prefix) :]
-    dims = KNOWN_DIMS.get(base)
-    if dims is not None and len(dims) == ndim:
-        return dims
-    return tuple(f"dim_{i}" for i in range(ndim))
+def read_group_attrs(path: pathlib.Path) -> dict[str, Any]:
+    """Attributes of the zarr v3 group at ``path`` (read from its zarr.json)."""
+    meta_path = path / "zarr.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise StoreFormatError(f"{path}: no zarr.json; this is not a zarr v3 group of a latent store.") from None
+    except (OSError, ValueError) as e:
+        raise StoreFormatError(f"{meta_path}: unreadable or corrupt JSON ({e}).") from e
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        raise StoreFormatError(f"{meta_path}: not a zarr v3 group (zarr_format/node_type).")
+    return dict(meta.get("attributes") or {})
+
+
+def require_attrs(path: pathlib.Path, attrs: dict[str, Any], required: Iterable[str], what: str) -> None:
+    missing = [k for k in required if k not in attrs]
+    if missing:
+        raise StoreFormatError(
+            f"{path}: {what} group lacks attrs {missing}; the store is corrupt or was not written by "
+            "openpi.latents.store (delete this group, or resume the run to rewrite it)."
+        )
+
+
+def is_store(root: str | pathlib.Path) -> bool:
+    root = pathlib.Path(root)
+    try:
+        return read_group_attrs(root).get("format") == FORMAT_NAME
+    except StoreFormatError:
+        return False
+
+
+def scan_episode_dirs(root: pathlib.Path) -> dict[int, dict[int, pathlib.Path]]:
+    """task_id -> episode_index -> group directory, from the directory names alone."""
+    out: dict[int, dict[int, pathlib.Path]] = {}
+    for task_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        task_id = parse_task_group_name(task_dir.name)
+        if task_id is None or not task_dir.is_dir():
+            continue
+        episodes = out.setdefault(task_id, {})
+        for ep_dir in task_dir.iterdir():
+            k = parse_episode_group_name(ep_dir.name)
+            if k is not None and ep_dir.is_dir():
+                episodes[k] = ep_dir
+    return out
+
+
+def read_store_manifest(root: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run manifest (manifest.json) and root attrs of the store at ``root``; StoreFormatError naming the path
+    if the root is not a latent store or its manifest is missing or corrupt."""
+    attrs = read_group_attrs(root)
+    if attrs.get("format") != FORMAT_NAME:
+        raise StoreFormatError(f"{root}: root group attr format={attrs.get('format')!r}, expected {FORMAT_NAME!r}.")
+    manifest_path = root / MANIFEST_FILE
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise StoreFormatError(f"{manifest_path}: missing; the store is incomplete or not a latent store.") from None
+    except ValueError as e:
+        raise StoreFormatError(f"{manifest_path}: corrupt JSON ({e}).") from e
+    return manifest, attrs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +153,7 @@ class FieldSpec:
 
     @property
     def is_string(self) -> bool:
-        return self.dtype == STRING_DTYPE
+        return self.dtype == schema.STRING_DTYPE
 
     @property
     def layer_axis(self) -> int | None:
@@ -139,7 +166,7 @@ class FieldSpec:
 
     @property
     def step_nbytes(self) -> int:
-        return int(math.prod(self.shape)) * self.numpy_dtype.itemsize
+        return schema.nbytes(self.shape, self.numpy_dtype)
 
     def to_json(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "dtype": self.dtype, "dims": list(self.dims), "optional": self.optional}
@@ -153,7 +180,7 @@ class FieldSpec:
 
 
 def dtype_name(dtype: np.dtype) -> str:
-    return "bfloat16" if dtype == zarr_bf16.BF16 else dtype.name
+    return "bfloat16" if dtype == bf16.BF16 else dtype.name
 
 
 def normalize_value(key: str, value: Any) -> np.ndarray | str:
@@ -173,7 +200,7 @@ def normalize_value(key: str, value: Any) -> np.ndarray | str:
         arr = np.asarray(value)
     except Exception as e:  # report which key failed
         raise TypeError(f"record[{key!r}]: cannot convert {type(value).__name__} to a numpy array: {e}") from e
-    if arr.dtype != zarr_bf16.BF16 and arr.dtype.kind not in _SUPPORTED_KINDS:
+    if arr.dtype != bf16.BF16 and arr.dtype.kind not in _SUPPORTED_KINDS:
         raise TypeError(
             f"record[{key!r}]: dtype {arr.dtype} is not supported (use bool/int/uint/float16/32/64/bfloat16 arrays, "
             "or a str for text)."
@@ -185,8 +212,9 @@ def normalize_value(key: str, value: Any) -> np.ndarray | str:
 
 def field_spec_for(key: str, value: np.ndarray | str) -> FieldSpec:
     if isinstance(value, str):
-        return FieldSpec(key, (), STRING_DTYPE, (), is_optional_key(key))
-    return FieldSpec(key, tuple(value.shape), dtype_name(value.dtype), dims_for(key, value.ndim), is_optional_key(key))
+        return FieldSpec(key, (), schema.STRING_DTYPE, (), schema.is_counterfactual(key))
+    dims = schema.dims_for(key, value.ndim)
+    return FieldSpec(key, tuple(value.shape), dtype_name(value.dtype), dims, schema.is_counterfactual(key))
 
 
 def inner_chunk_shape(step_shape: tuple[int, ...], layer_axis: int, itemsize: int) -> tuple[int, ...]:
@@ -225,36 +253,3 @@ def array_create_kwargs(spec: FieldSpec) -> dict[str, Any]:
     else:
         kwargs["chunks"] = (1, *step_shape)
     return kwargs
-
-
-def estimate_bytes(record: Mapping[str, Any]) -> int:
-    """Uncompressed bytes one rollout step (one inference) adds to the store.
-
-    ``record`` maps keys to arrays, to objects with ``shape``/``dtype`` (e.g. ``jax.ShapeDtypeStruct``) or to
-    ``(shape, dtype)`` pairs; strings count 4 bytes (an index). Hidden states compress only ~1.2-1.4x, so this is
-    close to the disk cost. Multiply by inferences per episode (max_steps / replan_steps) for an episode.
-    """
-    total = 0
-    for key, value in record.items():
-        if isinstance(value, str):
-            total += 4
-            continue
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (tuple, list)):
-            shape, dtype = value
-        elif hasattr(value, "shape") and hasattr(value, "dtype"):
-            shape, dtype = value.shape, value.dtype
-        else:
-            arr = normalize_value(key, value)
-            shape, dtype = np.shape(arr), np.asarray(arr).dtype
-        if dtype == "bfloat16":
-            dtype = ml_dtypes.bfloat16
-        total += int(math.prod(shape)) * np.dtype(dtype).itemsize
-    return total
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
