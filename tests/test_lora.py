@@ -13,9 +13,9 @@ from model_inputs import fixture_observation, lora_tiny_a_config, tiny_a_config
 from test_pi0 import _maxdiff
 from test_policy import _raw_obs
 
-from openpi.models.capture import CaptureSpec
 from openpi.models import gemma, lora, pi0
 from openpi.models import model as _model
+from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config
 
 ATOL = 1e-4
