@@ -1,5 +1,7 @@
 """Builders for model inputs in tests (fixture observation, random observations for any config)."""
 
+import dataclasses
+
 import numpy as np
 
 from openpi.models import model as _model
@@ -45,4 +47,11 @@ def tiny_a_config(dtype: str = "float32") -> Pi0Config:
         action_expert_variant="dummy",
         siglip_variant="mu/14",
         vocab_size=1024,
+    )
+
+
+def lora_tiny_a_config(dtype: str = "float32") -> Pi0Config:
+    """The LoRA fixture's config (fixtures/pi0_lora_tiny_a/config.json): tiny_a's with the tiny LoRA variants."""
+    return dataclasses.replace(
+        tiny_a_config(dtype), paligemma_variant="dummy_lora_vlm", action_expert_variant="dummy_lora_expert"
     )

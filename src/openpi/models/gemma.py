@@ -12,13 +12,15 @@ the plain model.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+from openpi.models import lora as _lora
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 # Upstream fills masked logits with this finite value (not -inf): rows with no valid key get a uniform softmax.
@@ -33,6 +35,22 @@ class Config:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # LoRA per kind ("attn": every attention projection, "ffn": the feed-forward); a mapping is accepted and stored
+    # as sorted (kind, LoRAConfig) pairs so the config stays hashable.
+    lora_configs: tuple[tuple[str, _lora.LoRAConfig], ...] | Mapping[str, _lora.LoRAConfig] = ()
+
+    def __post_init__(self):
+        items = self.lora_configs.items() if isinstance(self.lora_configs, Mapping) else self.lora_configs
+        object.__setattr__(self, "lora_configs", _lora.lora_configs(**dict(items)))
+
+    def lora(self, kind: str) -> _lora.LoRAConfig | None:
+        """The LoRA setting of `kind` ("attn" or "ffn"), None when that kind has no adapter."""
+        return dict(self.lora_configs).get(kind)
+
+
+def _with_lora(base: Config, rank: int, alpha: float) -> Config:
+    cfg = _lora.LoRAConfig(rank=rank, alpha=alpha)
+    return dataclasses.replace(base, lora_configs={"attn": cfg, "ffn": cfg})
 
 
 _VARIANTS = {
@@ -40,13 +58,26 @@ _VARIANTS = {
     "gemma_300m": Config(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
     "gemma_2b": Config(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
 }
+_VARIANTS |= {
+    # openpi's low-memory fine-tuning variants (pi0_libero_low_mem_finetune).
+    "gemma_2b_lora": _with_lora(_VARIANTS["gemma_2b"], rank=16, alpha=16.0),
+    "gemma_300m_lora": _with_lora(_VARIANTS["gemma_300m"], rank=32, alpha=32.0),
+    # Tiny LoRA variants of the fixture pi0_lora_tiny_a (alpha != rank, so a wrong scale shows).
+    "dummy_lora_vlm": _with_lora(_VARIANTS["dummy"], rank=4, alpha=8.0),
+    "dummy_lora_expert": _with_lora(_VARIANTS["dummy"], rank=2, alpha=1.0),
+}
 
 
 def get_config(variant: str) -> Config:
-    """Gemma variant by name ("dummy", "gemma_300m", "gemma_2b")."""
+    """Gemma variant by name ("dummy", "gemma_300m", "gemma_2b", their LoRA forms "gemma_2b_lora", ...)."""
     if variant not in _VARIANTS:
         raise ValueError(f"Unknown Gemma variant {variant!r}; known variants: {sorted(_VARIANTS)}.")
     return _VARIANTS[variant]
+
+
+def variants() -> tuple[str, ...]:
+    """The names `get_config` knows."""
+    return tuple(_VARIANTS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,12 +146,17 @@ class Einsum(nn.Module):
     in_axis: int = -2
     out_axis: int = -1
     batch_axis: tuple[int, ...] = ()
+    lora: _lora.LoRAConfig | None = None  # adds params `lora_a`, `lora_b` beside `w`
 
     @nn.compact
     def __call__(self, eqn: str, x):
         init = nn.initializers.lecun_normal(in_axis=self.in_axis, out_axis=self.out_axis, batch_axis=self.batch_axis)
         w = self.param("w", init, self.shape)
-        return jnp.einsum(eqn, x, w.astype(x.dtype))  # weights follow the activation dtype
+        y = jnp.einsum(eqn, x, w.astype(x.dtype))  # weights follow the activation dtype
+        if self.lora is not None:
+            a, b = _lora.factors(self, "", self.shape, self.lora)
+            y = y + _lora.einsum_delta(eqn, x, a, b, self.lora)
+        return y
 
 
 class Embedder(nn.Module):
@@ -138,9 +174,14 @@ class Embedder(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GeGLU with tanh-approximate gelu; params `gating_einsum` [2, D, F] and `linear` [F, D]."""
+    """GeGLU with tanh-approximate gelu; params `gating_einsum` [2, D, F] and `linear` [F, D].
+
+    With `lora`, each of the three matmuls adds `(x @ A) @ B` unscaled (upstream ignores alpha here); params
+    `gating_einsum_lora_{a,b}` [2, D, r], [2, r, F] and `linear_lora_{a,b}` [F, r], [r, D].
+    """
 
     mlp_dim: int
+    lora: _lora.LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -150,10 +191,19 @@ class FeedForward(nn.Module):
             nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
             (2, width, self.mlp_dim),
         ).astype(x.dtype)
-        gate = nn.gelu(jnp.dot(x, gating[0]))  # approximate=True: the tanh form upstream uses
+        gate = jnp.dot(x, gating[0])
         up = jnp.dot(x, gating[1])
+        if self.lora is not None:
+            ga, gb = _lora.factors(self, "gating_einsum_", (2, width, self.mlp_dim), self.lora)
+            gate = gate + _lora.dot_delta(x, ga[0], gb[0])
+            up = up + _lora.dot_delta(x, ga[1], gb[1])
+        gate = nn.gelu(gate)  # approximate=True: the tanh form upstream uses
         linear = self.param("linear", nn.initializers.lecun_normal(), (self.mlp_dim, width)).astype(x.dtype)
-        return jnp.dot(gate * up, linear)
+        out = jnp.dot(gate * up, linear)
+        if self.lora is not None:
+            la, lb = _lora.factors(self, "linear_", (self.mlp_dim, width), self.lora)
+            out = out + _lora.dot_delta(gate * up, la, lb)
+        return out
 
 
 def apply_rope(x, positions, max_wavelength: int = 10_000):
@@ -183,15 +233,19 @@ class Attention(nn.Module):
         for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True)):
             if x is None:
                 continue
+            lora = cfg.lora("attn")
             if cfg.num_kv_heads == cfg.num_heads:
                 shape = (3, cfg.num_heads, cfg.width, cfg.head_dim)
-                q, k, v = Einsum(shape, batch_axis=(0, 1), name=_name("qkv_einsum", i))("BSD,3KDH->3BSKH", x)
+                q, k, v = Einsum(shape, batch_axis=(0, 1), lora=lora, name=_name("qkv_einsum", i))("BSD,3KDH->3BSKH", x)
             else:
-                q = Einsum((cfg.num_heads, cfg.width, cfg.head_dim), batch_axis=(0,), name=_name("q_einsum", i))(
-                    "BTD,NDH->BTNH", x
-                )
+                q = Einsum(
+                    (cfg.num_heads, cfg.width, cfg.head_dim), batch_axis=(0,), lora=lora, name=_name("q_einsum", i)
+                )("BTD,NDH->BTNH", x)
                 k, v = Einsum(
-                    (2, cfg.num_kv_heads, cfg.width, cfg.head_dim), batch_axis=(0, 1), name=_name("kv_einsum", i)
+                    (2, cfg.num_kv_heads, cfg.width, cfg.head_dim),
+                    batch_axis=(0, 1),
+                    lora=lora,
+                    name=_name("kv_einsum", i),
                 )("BSD,2KDH->2BSKH", x)
             qs.append(q)
             ks.append(k)
@@ -235,7 +289,10 @@ class Attention(nn.Module):
             end = start + x.shape[1]
             enc_i = enc[:, start:end]
             out_proj = Einsum(
-                (cfg.num_heads, cfg.head_dim, cfg.width), in_axis=(-3, -2), name=_name("attn_vec_einsum", i)
+                (cfg.num_heads, cfg.head_dim, cfg.width),
+                in_axis=(-3, -2),
+                lora=cfg.lora("attn"),
+                name=_name("attn_vec_einsum", i),
             )
             o = out_proj("BTNH,NHD->BTD", enc_i)
             outs.append(o)
@@ -280,7 +337,7 @@ class Block(nn.Module):
                 out.append(None)
                 continue
             h = RMSNorm(name=_name("pre_ffw_norm", i))(x)
-            out.append(x + FeedForward(cfg.mlp_dim, name=_name("mlp", i))(h))
+            out.append(x + FeedForward(cfg.mlp_dim, lora=cfg.lora("ffn"), name=_name("mlp", i))(h))
         return out, (kv, captures)
 
 

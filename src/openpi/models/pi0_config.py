@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
 from openpi.models import gemma, siglip
+from openpi.models import lora as _lora
 from openpi.models import model as _model
 
 if TYPE_CHECKING:
     from openpi.models.pi0 import Pi0
+
+logger = logging.getLogger(__name__)
 
 # Projections outside the transformer: name -> (in features, out features) as functions of (W_action, action_dim).
 _PROJECTIONS = ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out", "action_out_proj")
@@ -135,14 +140,40 @@ class Pi0Config:
         return _abstract_params(self)
 
     def load(self, params: dict[str, Any]) -> Pi0:
-        """Wraps restored params. Params the model lacks (e.g. LoRA leaves) are dropped; structure and shapes are
-        checked (not dtypes: params keep the dtype they were restored with, bf16 at inference)."""
+        """Wraps restored params; structure and shapes are checked (not dtypes: params keep the dtype they were
+        restored with, bf16 at inference).
+
+        Leaves the model lacks are dropped, as upstream does (a base checkpoint may initialise a smaller model), but
+        never silently: LoRA leaves raise (the checkpoint is a LoRA fine-tune; the error names the variants to use),
+        any other dropped leaf is named in a logged warning.
+        """
         from openpi.models.pi0 import Pi0
 
         expected = self.param_shapes()
-        params = _intersect(params, expected)
+        dropped: dict[str, tuple[int, ...]] = {}
+        params = _intersect(params, expected, dropped)
+        self._check_dropped(dropped)
+        _check_lora_present(expected, params, self.describe())
         _model.check_params_match(expected, params, what=f"params for {self.describe()}")
         return Pi0(params=params, config=self)
+
+    def _check_dropped(self, dropped: dict[str, tuple[int, ...]]) -> None:
+        lora_leaves = {p: s for p, s in dropped.items() if _lora.is_lora_path(p)}
+        if lora_leaves:
+            shown = ", ".join(list(lora_leaves)[:3])
+            raise ValueError(
+                f"The params hold {len(lora_leaves)} LoRA leaves that {self.describe()} has no place for (e.g. "
+                f"{shown}): the checkpoint is a LoRA fine-tune, and dropping them would silently run the base model. "
+                f"{_lora_fix(self, lora_leaves)}"
+            )
+        if dropped:
+            logger.warning(
+                "Dropping %d checkpoint leaves that %s does not have: %s%s",
+                len(dropped),
+                self.describe(),
+                ", ".join(list(dropped)[:10]),
+                f", ... ({len(dropped) - 10} more)" if len(dropped) > 10 else "",
+            )
 
     def describe(self) -> str:
         def name(v):
@@ -159,8 +190,60 @@ def _abstract_params(config: Pi0Config) -> dict[str, Any]:
     return jax.eval_shape(config.init_params, jax.random.key(0))
 
 
-def _intersect(params: Any, reference: Any) -> Any:
-    """Keeps only the keys of `params` that `reference` also has (recursively); leaves extra keys out."""
+def _intersect(params: Any, reference: Any, dropped: dict[str, tuple[int, ...]], prefix: str = "") -> Any:
+    """Keeps only the keys of `params` that `reference` also has (recursively); records the leaves left out."""
     if not isinstance(params, dict) or not isinstance(reference, dict):
         return params
-    return {k: _intersect(v, reference[k]) for k, v in params.items() if k in reference}
+    kept = {}
+    for k, v in params.items():
+        if k in reference:
+            kept[k] = _intersect(v, reference[k], dropped, f"{prefix}{k}/")
+        else:
+            tree = v if isinstance(v, dict) else {"": v}
+            for path, leaf in flax.traverse_util.flatten_dict(tree, sep="/").items():
+                dropped[f"{prefix}{k}/{path}".rstrip("/")] = tuple(jnp.shape(leaf))
+    return kept
+
+
+def _expert_of(path: str) -> int:
+    """Expert index of a Gemma leaf path: its module name (`q_einsum_1`, `mlp_1`) ends in `_<i>` for i > 0."""
+    module = path.split("/")[-2]
+    suffix = module.rsplit("_", 1)[-1]
+    return int(suffix) if suffix.isdigit() else 0
+
+
+def _lora_fix(config: Pi0Config, lora_leaves: dict[str, tuple[int, ...]]) -> str:
+    """Which variants to load LoRA leaves with: named variants of the same sizes and ranks, else a custom config."""
+    ranks: dict[int, set[int]] = {}
+    for path, shape in lora_leaves.items():
+        if path.endswith("lora_a"):  # A replaces the weight's output (last) axis by the rank
+            ranks.setdefault(_expert_of(path), set()).add(shape[-1])
+    fields, fixes = ("paligemma_variant", "action_expert_variant"), []
+    for i, (field, base) in enumerate(zip(fields, (config.paligemma_config, config.action_expert_config))):
+        if i not in ranks:
+            continue
+        want = dataclasses.replace(base, lora_configs=())
+        names = [
+            n
+            for n in gemma.variants()
+            if dataclasses.replace(gemma.get_config(n), lora_configs=()) == want
+            and {c.rank for _, c in gemma.get_config(n).lora_configs} == ranks[i]
+        ]
+        fixes.append(f"{field}={names[0]!r}" if names else f"{field}=<gemma.Config with LoRA rank {sorted(ranks[i])}>")
+    return (
+        f"Load it with {', '.join(fixes)} (openpi's pi0_libero_low_mem_finetune uses 'gemma_2b_lora' and "
+        "'gemma_300m_lora'). A custom gemma.Config needs lora_configs={'attn': LoRAConfig(rank, alpha), 'ffn': ...} "
+        "with the rank and alpha used in training (alpha is not stored in the checkpoint)."
+    )
+
+
+def _check_lora_present(expected: dict[str, Any], params: dict[str, Any], what: str) -> None:
+    """A LoRA config given a checkpoint without adapters: upstream fails on the tree structure; say why."""
+    have = flax.traverse_util.flatten_dict(params, sep="/")
+    missing = [p for p in flax.traverse_util.flatten_dict(expected, sep="/") if p not in have and _lora.is_lora_path(p)]
+    if missing:
+        raise ValueError(
+            f"{what} expects {len(missing)} LoRA leaves the params lack (first: {missing[0]}): the checkpoint is not "
+            "a LoRA fine-tune of this config. Load a base checkpoint with the base variants (e.g. 'gemma_2b' rather "
+            "than 'gemma_2b_lora')."
+        )

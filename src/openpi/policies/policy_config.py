@@ -5,6 +5,9 @@ Presets:
 * ``pi0_libero``: full-size pi0 (PaliGemma gemma_2b + gemma_300m action expert, SigLIP So400m/14), bf16, the
   released checkpoint ``gs://openpi-assets/checkpoints/pi0_libero`` with asset id ``physical-intelligence/libero``
   and the PaliGemma tokenizer (downloaded once into the cache; needs the ``gcs`` extra).
+* ``pi0_libero_low_mem_finetune``: the same model with LoRA adapters (``gemma_2b_lora`` + ``gemma_300m_lora``), as
+  openpi's low-memory fine-tuning config trains it; no default checkpoint (pass your fine-tune's). A preset for any
+  other LoRA fine-tune only swaps the variant names.
 * ``pi0_libero_tiny``: a tiny pi0 (Gemma "dummy" experts, SigLIP mu/14, vocab 1024) for smoke tests and
   development. Without a checkpoint it uses random weights from a seed and the tokenizer and identity-like norm
   stats shipped in `openpi.assets` (no download at all). It can also load a tiny checkpoint (e.g. the test fixture,
@@ -71,6 +74,12 @@ def _presets() -> dict[str, PolicyPreset]:
             asset_id="physical-intelligence/libero",
             default_checkpoint="gs://openpi-assets/checkpoints/pi0_libero",
             description="full-size pi0 fine-tuned on LIBERO (openpi release), bf16",
+        ),
+        "pi0_libero_low_mem_finetune": PolicyPreset(
+            name="pi0_libero_low_mem_finetune",
+            model_config=Pi0Config(paligemma_variant="gemma_2b_lora", action_expert_variant="gemma_300m_lora"),
+            asset_id="physical-intelligence/libero",
+            description="a LoRA fine-tune from openpi's pi0_libero_low_mem_finetune (pass checkpoint_dir), bf16",
         ),
         "pi0_libero_tiny": PolicyPreset(
             name="pi0_libero_tiny",
