@@ -2,12 +2,12 @@
 
     uv run python scripts/expert_language_analysis.py --collection data/pi0_libero_goal --output-dir reports/goal
 
-Every metric of design.md section 6 is computed per layer and stream (text_only / expert_0 / expert_1), reading one
-layer at a time. The token embedding and final norm for text decoding are read (those two leaves only) from the
-checkpoint recorded in the collection's manifest. Definitions: `openpi.latents.metrics`, `openpi.latents.analysis`
-and `openpi.latents.language_loss`.
+Every registered metric (`openpi.latents.analysis.registry`) is computed per layer and stream (text_only / expert_0 /
+expert_1), reading one layer at a time. The token embedding and final norm for text decoding are read (those two
+leaves only) from the checkpoint recorded in the collection's manifest. Definitions: `openpi.latents.analysis.metrics`,
+`openpi.latents.analysis.registry` and `openpi.latents.analysis.language_loss`.
 
-The seed's entry points are kept here (they delegate to the package):
+The original notebook API's entry points are kept here (they delegate to the package):
 
     analyze_inference_language_loss(task_data)  # per-layer expert_0 / expert_1 / text_only language loss + overall
     analyze_rollout_step(step_data)             # the same for one rollout step
@@ -25,7 +25,7 @@ from typing import Literal
 import tyro
 
 from openpi.latents import analysis, report
-from openpi.latents.language_loss import analyze_inference_language_loss, analyze_rollout_step
+from openpi.latents.analysis.language_loss import analyze_inference_language_loss, analyze_rollout_step
 
 __all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "main"]
 
@@ -69,7 +69,7 @@ def main(args: Args) -> dict:
     if not args.text_decoding:
         embedding = None
     elif args.checkpoint:
-        from openpi.latents.checkpoint_leaves import read_checkpoint_leaves
+        from openpi.latents.analysis.embedding import read_checkpoint_leaves
 
         embedding = read_checkpoint_leaves(args.checkpoint)
     t0 = time.monotonic()

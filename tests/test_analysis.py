@@ -1,4 +1,4 @@
-"""Known-answer tests of the language-loss analysis (openpi.latents.analysis / language_loss / report / checkpoint
+"""Known-answer tests of the language-loss analysis (openpi.latents.analysis, openpi.latents.report, checkpoint
 leaves), on synthetic stores with planted answers, on the real tiny pi0, and end to end on LIBERO."""
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from openpi.latents import analysis as A
-from openpi.latents import checkpoint_leaves as CL
-from openpi.latents import metrics as M
 from openpi.latents import report
-from openpi.latents import report_plots as P
-from openpi.latents.language_loss import analyze_rollout_step
+from openpi.latents.analysis import embedding as CL
+from openpi.latents.analysis import metrics as M
+from openpi.latents.analysis.labels import resolve_denoise_steps
+from openpi.latents.analysis.language_loss import analyze_rollout_step
+from openpi.latents.analysis.source import make_source
+from openpi.latents.report import plots as P
 from openpi.latents.store import LatentStoreWriter, export_pickle
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -197,9 +199,15 @@ def _step(run) -> dict:
     }
 
 
+# What a collection with the tiny preset records in its manifest (model_config = Pi0Config.describe()).
+TINY_MODEL_CONFIG = "Pi0Config(paligemma=dummy, action_expert=dummy, siglip=mu/14, vocab=1024, horizon=50)"
+TINY_MANIFEST = {"checkpoint": "random(seed=0)", "preset": "pi0_libero_tiny", "model_config": TINY_MODEL_CONFIG}
+
+
 def test_tiny_model_embedding_from_seed_equals_policy(tiny_run):
     policy = tiny_run[0]
-    emb = CL.token_embedding_for_manifest({"checkpoint": "random(seed=0)", "preset": "pi0_libero_tiny"})
+    assert policy.model.config.describe() == TINY_MODEL_CONFIG
+    emb = CL.token_embedding_for_manifest(TINY_MANIFEST)
     llm = policy.model.params["PaliGemma"]["llm"]
     np.testing.assert_array_equal(emb.embedding, np.asarray(llm["embedder"]["input_embedding"]))
     np.testing.assert_array_equal(emb.final_norm_scale, np.asarray(llm["final_norm"]["scale"]))
@@ -208,7 +216,7 @@ def test_tiny_model_embedding_from_seed_equals_policy(tiny_run):
 def test_layer0_text_reconstruction_real_tiny_model_is_exact_and_random_is_chance(tiny_run):
     _, run, _, _ = tiny_run
     lat = run["latents"]
-    emb = CL.token_embedding_from_preset("pi0_libero_tiny", 0)
+    emb = CL.token_embedding_from_model_config(TINY_MODEL_CONFIG, 0)
     mask, ids = lat["text_mask"], lat["tokenized_prompt"]
     n_valid = int(mask.sum())
     assert n_valid >= 7  # BOS + "put the bowl on the stove" + "\n"
@@ -220,7 +228,7 @@ def test_layer0_text_reconstruction_real_tiny_model_is_exact_and_random_is_chanc
     full_text = lat["expert_0_hidden_states"][0][:, start:, :]
     assert M.text_reconstruction(full_text, ids, mask, emb.embedding).accuracy == 1.0
     # The seed view of this step: text_only language loss 0 at layer 0 (the embedding comes from the manifest).
-    seed = analyze_rollout_step(_step(run), manifest={"checkpoint": "random(seed=0)", "preset": "pi0_libero_tiny"})
+    seed = analyze_rollout_step(_step(run), manifest=TINY_MANIFEST)
     assert seed["text_only_language_loss"][0] == 0.0 and seed["measures"]["text_only"]["measure"] == "language_loss"
     # Random vectors of the same width: chance is 1/1024; 4000 positions give ~4 hits (P(>=40) < 1e-20).
     rand = np.random.default_rng(0).standard_normal((4000, emb.width)).astype(np.float32)
@@ -524,7 +532,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     matplotlib.use("Agg")
     import matplotlib.pyplot, sklearn.linear_model, scipy.stats
     from openpi.latents import analysis, report
-    from openpi.latents.checkpoint_leaves import TokenEmbedding
+    from openpi.latents.analysis.embedding import TokenEmbedding
     import expert_data_utils as edu
 
     small, big, out = sys.argv[1:4]
@@ -758,32 +766,21 @@ def test_masked_camera_is_left_out_of_expert0_sensitivity_drift_and_probe(tmp_pa
     data = report.write_report(res, tmp_path / "rep")
     assert data["streams"]["expert_0"]["camera_validity"] == "segment_mask"
     # The seed view of one step masks the same way.
-    step = A.src.make_source(stored).store.task_data(0)["episodes"]["episode_0"]["rollout_steps"]["step_5"]
+    step = make_source(stored).store.task_data(0)["episodes"]["episode_0"]["rollout_steps"]["step_5"]
     one = analyze_rollout_step(step, embedding=None, manifest={"segment_names": SEGMENTS, **FULL_MANIFEST})
     np.testing.assert_allclose(one["expert_0_language_loss"], [1 / np.sqrt(2)] * syn.L, rtol=1e-12)
 
-    # A store written before segment_mask existed: the preset's masks (pi0 LIBERO: right wrist masked) give the same.
-    old = build_store(
-        tmp_path / "old",
-        lambda t, k, i: full_capture_record(syn, t, k, i, seg_mask=False, cam2_task_signal=3.0),
-        **kw,
-        manifest={**FULL_MANIFEST, "preset": "pi0_libero"},
-    )
-    res_old = A.analyze_collection(old, embedding=None, probe_shuffles=2, n_boot=50)
-    assert res_old.streams["expert_0"].fallback_segment_mask == (True, True, False)
-    assert "right_wrist_0_rgb=masked" in res_old.notes["expert_0.cameras"]
-    for metric in ("prompt_sensitivity", "drift"):
-        for x, y in zip(res.step_values[("expert_0", metric)], res_old.step_values[("expert_0", metric)]):
-            np.testing.assert_array_equal(x, y)
-    # Unknown preset and no segment_mask: every camera counts (noted) and the garbage shows up: what the fix removes.
+    # A store written before segment_mask existed: every camera counts (noted, whatever the preset) and the garbage
+    # shows up: what segment_mask removes.
     blind = build_store(
         tmp_path / "blind",
         lambda t, k, i: full_capture_record(syn, t, k, i, seg_mask=False, cam2_task_signal=3.0),
         **kw,
-        manifest=FULL_MANIFEST,
+        manifest={**FULL_MANIFEST, "preset": "pi0_libero"},
     )
     res_blind = A.analyze_collection(blind, embedding=None, probe_shuffles=2, n_boot=50)
     assert "every camera is treated as valid" in res_blind.notes["expert_0.cameras"]
+    assert not res_blind.streams["expert_0"].segment_mask_stored
     blind_sens = np.concatenate(res_blind.step_values[("expert_0", "prompt_sensitivity")])
     assert np.all(np.abs(blind_sens - 1 / np.sqrt(2)) > 0.1)
     assert np.all(np.concatenate([v[1:] for v in res_blind.step_values[("expert_0", "drift")]]) > 0.1)
@@ -791,7 +788,7 @@ def test_masked_camera_is_left_out_of_expert0_sensitivity_drift_and_probe(tmp_pa
 
 
 def test_pooled_probe_features_drop_the_masked_camera():
-    from openpi.latents import analysis_source as src
+    from openpi.latents.analysis import streams as src
 
     stream = src.Stream("expert_0", "expert_0_segment_means", "pooled", 1, (0,), False, n_cams=3)
     x = np.arange(2 * 1 * 3 * 2, dtype=np.float32).reshape(2, 1, 3, 2) + 1  # [steps, B, cams, W]
@@ -837,13 +834,13 @@ def test_pickles_carry_the_manifest_layer_ids_and_camera_layout(tmp_path):
     assert data["streams"]["expert_0"]["layer_ids"] == "capture_position" and data["notes"] == res_old.notes
     assert "capture position" in (tmp_path / "rep" / "report.md").read_text()
 
-    # No manifest, but the count equals the depth of the only preset of that width: model ids, with a note.
+    # No manifest, but the count equals the depth of every named Gemma variant of that width: model ids, with a note.
     tiny = Synth(L=4, W=64)
     tiny_root = build_store(tmp_path / "tiny", lambda t, k, i: tiny.record(t, k, i), tasks=(0,), steps=2)
-    data = materialize(A.src.make_source(tiny_root).store.task_data(0))
+    data = materialize(make_source(tiny_root).store.task_data(0))
     res_tiny = A.analyze_collection(data, embedding=None, probe=False, n_boot=50)
     assert res_tiny.streams["expert_1"].layer_kind == "model" and res_tiny.layers("expert_1") == [0, 1, 2, 3]
-    assert "pi0_libero_tiny" in res_tiny.notes["expert_1.layers"]
+    assert "dummy" in res_tiny.notes["expert_1.layers"] and "width 64" in res_tiny.notes["expert_1.layers"]
 
     # PickleTaskWriter stores the manifest it is given (what a --output-format pickle collection passes).
     task = {"task_id": 5, "task_name": "t5", "suite": "synthetic", "language": "do task 5"}
@@ -915,10 +912,10 @@ def test_denoising_step_ids_from_the_capture_spec(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "rep" / "attention.csv")))
     assert sorted({(r["denoise_step"], r["capture_position"]) for r in rows}) == [("0", "0"), ("9", "1")]
     # Negative ids resolve with num_steps (here 5); no capture_spec: capture positions, noted.
-    assert A.src.resolve_denoise_steps(
+    assert resolve_denoise_steps(
         {"capture_spec": {"denoise_steps": [-1]}, "arguments": {"num_denoise_steps": 5}}, 1
     )[:2] == ((4,), "model")
-    ids, kind, note = A.src.resolve_denoise_steps({}, 2)
+    ids, kind, note = resolve_denoise_steps({}, 2)
     assert (ids, kind) == ((0, 1), "capture_position") and "capture position" in note
 
 

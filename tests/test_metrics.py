@@ -1,4 +1,4 @@
-"""Known-answer tests for openpi.latents.metrics / stats (small synthetic data, no model, fast)."""
+"""Known-answer tests for openpi.latents.analysis.metrics / stats (small synthetic data, no model, fast)."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from openpi.latents import metrics
+from openpi.latents.analysis import metrics
 
 BF16 = ml_dtypes.bfloat16
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# What describe() writes, read back by from_description().
+_DESCRIPTION_RE = re.compile(
+    r"Pi0Config\(paligemma=(?P<paligemma>[^,]+), action_expert=(?P<action_expert>[^,]+), siglip=(?P<siglip>[^,]+), "
+    r"vocab=(?P<vocab>\d+), horizon=(?P<horizon>\d+)\)"
+)
 # Projections outside the transformer: name -> (in features, out features) as functions of (W_action, action_dim).
 _PROJECTIONS = ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out", "action_out_proj")
 
@@ -182,6 +188,29 @@ class Pi0Config:
         return (
             f"Pi0Config(paligemma={name(self.paligemma_variant)}, action_expert={name(self.action_expert_variant)}, "
             f"siglip={self.siglip_variant}, vocab={self.vocab_size}, horizon={self.action_horizon})"
+        )
+
+    @classmethod
+    def from_description(cls, text: str) -> Pi0Config:
+        """The config :meth:`describe` wrote (what a collection's manifest records as ``model_config``).
+
+        ``describe`` leaves out dtype, action_dim, max_token_len and siglip_depth, which take their defaults here: the
+        transformer's sizes, vocabulary and params created from a seed are the same (params are float32 whatever the
+        dtype). Raises ValueError when ``text`` is not a description, or names a custom (unnamed) Gemma config.
+        """
+        m = _DESCRIPTION_RE.fullmatch(text.strip())
+        if m is None:
+            raise ValueError(f"not a Pi0Config description: {text!r} (expected what Pi0Config.describe() writes)")
+        variants = m.group("paligemma"), m.group("action_expert")
+        unknown = [v for v in variants if v not in gemma.variants()]
+        if unknown:
+            raise ValueError(f"{text!r} names Gemma configs {unknown} that are not named variants {gemma.variants()}")
+        return cls(
+            paligemma_variant=variants[0],
+            action_expert_variant=variants[1],
+            siglip_variant=m.group("siglip"),
+            vocab_size=int(m.group("vocab")),
+            action_horizon=int(m.group("horizon")),
         )
 
 

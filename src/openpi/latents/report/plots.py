@@ -1,4 +1,4 @@
-"""PNG figures of a :class:`~openpi.latents.analysis.CollectionAnalysis` (matplotlib, Agg backend).
+"""PNG figures of a :class:`~openpi.latents.analysis.result.CollectionAnalysis` (matplotlib, Agg backend).
 
 Every figure is a grid of equally sized panels (``PANEL_IN`` inches at ``DPI``, no tight bbox), so a figure with
 ``rows × cols`` panels is exactly ``cols·PANEL_IN[0]·DPI × rows·PANEL_IN[1]·DPI`` pixels; each plot function returns
@@ -15,23 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents import analysis as A
+from openpi.latents.analysis import registry as R
+from openpi.latents.analysis.result import CollectionAnalysis, attention_means, quiet_nan_warnings
 
 PANEL_IN = (4.4, 3.3)
 DPI = 100
 STREAM_COLORS = {"text_only": "tab:blue", "expert_0": "tab:green", "expert_1": "tab:red"}
-CURVE_METRICS = ("language_loss", "logit_nll", "prompt_sensitivity", "drift", "attention_to_text")
-HEATMAP_METRICS = ("language_loss", "prompt_sensitivity", "drift", "attention_to_text")
-LABELS = {
-    "language_loss": "language loss (1 − text reconstruction acc.)",
-    "text_accuracy": "text reconstruction accuracy",
-    "logit_nll": "logit-lens NLL (nats)",
-    "logit_rank": "logit-lens rank",
-    "logit_top1": "logit-lens top-1",
-    "prompt_sensitivity": "prompt sensitivity ‖a−b‖/‖a‖",
-    "drift": "drift 1 − cos(x_t, x_0)",
-    "attention_to_text": "attention mass on text",
-}
+CURVE_METRICS = R.CURVE_METRICS
+HEATMAP_METRICS = R.HEATMAP_METRICS
+LABELS = {m.name: m.label for m in R.REGISTRY}
 
 
 def _plt():
@@ -98,11 +90,11 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def _ylabel(ax, metric: str) -> None:
     ax.set_ylabel(LABELS[metric], fontsize=8)
-    if metric in ("language_loss", "text_accuracy", "logit_top1"):  # fractions: keep the full scale
+    if R.BY_NAME[metric].fraction:  # fractions: keep the full scale
         ax.set_ylim(-0.03, 1.03)
 
 
-def _layer_label(res: A.CollectionAnalysis, streams) -> str:
+def _layer_label(res: CollectionAnalysis, streams) -> str:
     """x label of a per-layer panel: "layer", or says which streams are labelled by capture position."""
     pos = [s for s in ([streams] if isinstance(streams, str) else streams) if res.streams[s].layer_kind != "model"]
     return "layer" if not pos else f"layer (capture position: {', '.join(pos)})"
@@ -115,11 +107,11 @@ def _band(ax, x, cis, color, label):
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
 
 
-def layer_curves(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
+def layer_curves(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     """Per-layer curves, one panel per metric, one line per stream (mean over episodes, 95% bootstrap band)."""
     panels = []
     for metric in CURVE_METRICS:
-        have = [s for s in A.METRICS[metric][0] if res.has(s, metric)]
+        have = [s for s in R.BY_NAME[metric].streams if res.has(s, metric)]
         if not have:
             continue
 
@@ -158,18 +150,18 @@ def _probe_draw(res, stream, probes):
     return draw
 
 
-def probe_figure(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
+def probe_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     panels = [(f"task probe: {s}", _probe_draw(res, s, p)) for s, p in res.probes.items()]
     if not res.probes:
         panels = [("task probe not run", _note(res.missing.get("probe", "the probe was disabled")))]
     return _figure(panels, out / "probe.png", "Task-id probe vs chance and shuffled-label control (folds by episode)")
 
 
-def heatmaps(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
+def heatmaps(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     """Layer × rollout-step heatmaps (mean over the episodes that reached each step), per stream and metric."""
     panels = []
     for metric in HEATMAP_METRICS:
-        for s in A.METRICS[metric][0]:
+        for s in R.BY_NAME[metric].streams:
             if not res.has(s, metric):
                 continue
 
@@ -195,13 +187,13 @@ def heatmaps(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     return _figure(panels, out / "heatmaps.png", "Layer × rollout-step heatmaps (mean over episodes)")
 
 
-def success_failure(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
+def success_failure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     """Per-layer metric of successful vs failed episodes, each with a 95% bootstrap band over episodes."""
     panels = []
     n_s, n_f = res.split_counts()
     window = res.split_window()
     for metric in HEATMAP_METRICS:
-        for s in A.METRICS[metric][0]:
+        for s in R.BY_NAME[metric].streams:
             if not res.has(s, metric):
                 continue
 
@@ -238,11 +230,11 @@ def success_failure(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, A
     )
 
 
-def prompt_sensitivity(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
+def prompt_sensitivity(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     """Prompt sensitivity per layer for each stream, by task, plus the action-chunk divergence per episode."""
     panels = []
     tasks = sorted({e.task_id for e in res.episodes})
-    for s in A.METRICS["prompt_sensitivity"][0]:
+    for s in R.BY_NAME["prompt_sensitivity"].streams:
         if not res.has(s, "prompt_sensitivity"):
             continue
 
@@ -251,7 +243,7 @@ def prompt_sensitivity(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str
             pe = res.per_episode(s, "prompt_sensitivity")
             for t in tasks:
                 rows = [i for i, e in enumerate(res.episodes) if e.task_id == t]
-                with A.quiet_nan_warnings():
+                with quiet_nan_warnings():
                     ax.plot(res.layers(s), np.nanmean(pe[rows], axis=0), lw=0.8, alpha=0.6, label=f"task {t}")
             ax.set_xlabel(_layer_label(res, s))
             ax.set_ylabel(LABELS["prompt_sensitivity"], fontsize=8)
@@ -277,9 +269,9 @@ def prompt_sensitivity(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str
     return _figure(panels, out / "prompt_sensitivity.png", title)
 
 
-def attention_figure(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
+def attention_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     """Expert-1 attention mass on text: denoising step × layer heatmap, and per layer by query type."""
-    means = A.attention_means(res)
+    means = attention_means(res)
     if not means:
         return _figure(
             [("attention to text not captured", _note(res.reason("expert_1", "attention_to_text") or ""))],
@@ -320,11 +312,11 @@ def attention_figure(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, 
     return _figure(panels, out / "attention_to_text.png", "Expert-1 attention to language (mean over rollout steps)")
 
 
-def overview(res: A.CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
+def overview(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     """One figure at a glance: text loss, sensitivity, probe, drift, attention, success split (where present)."""
     panels: list[tuple[str, Callable]] = []
     for metric in ("language_loss", "prompt_sensitivity", "drift"):
-        have = [s for s in A.METRICS[metric][0] if res.has(s, metric)]
+        have = [s for s in R.BY_NAME[metric].streams if res.has(s, metric)]
         if have:
 
             def draw(ax, metric=metric, have=have):

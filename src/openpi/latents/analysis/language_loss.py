@@ -1,17 +1,18 @@
-"""The seed's per-layer "language loss" view: ``expert_0`` / ``expert_1`` / ``text_only`` language loss and
-``overall_loss``, for one rollout step, a task, or every rollout step of a task's episodes.
+"""The per-layer "language loss" view of the original notebook API (``expert_data_utils``): ``expert_0`` /
+``expert_1`` / ``text_only`` language loss and ``overall_loss``, for one rollout step, a task, or every rollout step
+of a task's episodes.
 
 Definitions (per layer l):
 
 * ``text_only_language_loss[l]`` = 1 − text reconstruction accuracy at layer l: the fraction of valid prompt positions
-  (``text_mask``) whose state's nearest token embedding by cosine is not the prompt token (metrics.text_reconstruction).
+  (``text_mask``) whose state's nearest token embedding by cosine is not the prompt token (text_reconstruction).
 * ``overall_loss`` = the mean over layers of ``text_only_language_loss``.
 * ``expert_0_language_loss``: expert 0's *image* positions hold no prompt token, so nothing can be decoded there (its
   text positions are the text_only stream). Stand-in: **prompt sensitivity** of expert 0's image states,
   ‖a − b‖/‖a‖ under the counterfactual prompt (same observation and noise), over the image positions of the *valid*
-  cameras only (``segment_mask``, else the preset's masks: a masked camera's states are meaningless but
-  prompt-dependent). It is not a loss: higher = the prompt changes the image states more. None (with the reason) when
-  the collection has no counterfactual reruns.
+  cameras only (``segment_mask``: a masked camera's states are meaningless but prompt-dependent). It is not a loss:
+  higher = the prompt changes the image states more. None (with the reason) when the collection has no
+  counterfactual reruns.
 * ``expert_1_language_loss``: expert 1 reads no text tokens. Stand-in: **prompt sensitivity** of expert 1 (over all
   captured denoising steps and tokens) when counterfactual reruns exist, else the **attention mass** its queries put
   on the valid text keys; None with the reason when neither was captured.
@@ -27,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents import analysis as A
-from openpi.latents import analysis_source as src
-from openpi.latents import metrics as M
 from openpi.latents import schema
-from openpi.latents.checkpoint_leaves import TokenEmbedding, token_embedding_for_manifest
+from openpi.latents.analysis import metrics as M
+from openpi.latents.analysis import streams as src
+from openpi.latents.analysis.driver import analyze_collection
+from openpi.latents.analysis.embedding import TokenEmbedding, token_embedding_for_manifest
+from openpi.latents.analysis.registry import BY_NAME
+from openpi.latents.analysis.result import CollectionAnalysis, quiet_nan_warnings
 
 SLOTS = {
     "text_only": "text_only_language_loss",
@@ -42,11 +45,6 @@ _CHOICES = {
     "text_only": ("language_loss",),
     "expert_0": ("prompt_sensitivity",),
     "expert_1": ("prompt_sensitivity", "attention_to_text"),
-}
-_HIGHER = {
-    "language_loss": "more of the prompt is lost (not decodable)",
-    "prompt_sensitivity": "the prompt changes the stream more (not a loss)",
-    "attention_to_text": "expert 1 attends more to the text (not a loss)",
 }
 _WHY = {
     "text_only": "text reconstruction of the prompt tokens",
@@ -60,13 +58,13 @@ def _measure(stream: str, metric: str | None, reason: str | None) -> dict[str, A
         return {"measure": None, "definition": None, "higher_means": None, "reason": reason}
     return {
         "measure": metric,
-        "definition": A.METRICS[metric][1],
-        "higher_means": _HIGHER[metric],
+        "definition": BY_NAME[metric].definition,
+        "higher_means": BY_NAME[metric].higher_means,
         "reason": _WHY[stream],
     }
 
 
-def language_loss_summary(res: A.CollectionAnalysis) -> dict[str, Any]:
+def language_loss_summary(res: CollectionAnalysis) -> dict[str, Any]:
     """Per-layer slots (mean over episodes of each episode's mean over rollout steps) from an analysis."""
     out: dict[str, Any] = {"layers": {}, "measures": {}}
     for stream, slot in SLOTS.items():
@@ -89,10 +87,11 @@ def analyze_inference_language_loss(
 
     ``task_data``: from ``load_inference_task_data`` (lazy store view or a pickle dict) or a store path. The token
     embedding comes from the run manifest's checkpoint; pass ``embedding=`` for pickles (they carry no manifest).
-    Extra keyword arguments go to :func:`analysis.analyze_collection` (the probe is off: one task has no label).
+    Extra keyword arguments go to :func:`~openpi.latents.analysis.analyze_collection` (the probe is off: one task
+    has no label).
     """
     kwargs.setdefault("probe", False)
-    res = A.analyze_collection(task_data, embedding=embedding, **kwargs)
+    res = analyze_collection(task_data, embedding=embedding, **kwargs)
     out = language_loss_summary(res)
     per_ep: dict[str, Any] = {}
     for i, ep in enumerate(res.episodes):
@@ -118,7 +117,7 @@ def analyze_language_loss_across_rollout_steps(
     "by_rollout_step": {"<slot>": [layers, steps]}, "measures": ...}`` with the slots of the module docstring.
     """
     kwargs.setdefault("probe", False)
-    res = A.analyze_collection(task_data, embedding=embedding, **kwargs)
+    res = analyze_collection(task_data, embedding=embedding, **kwargs)
     summary = language_loss_summary(res)
     episodes: dict[str, Any] = {}
     by_step: dict[str, Any] = {}
@@ -131,7 +130,7 @@ def analyze_language_loss_across_rollout_steps(
             entry[slot] = None if metric is None else res.step_values[(stream, metric)][i].tolist()
             if stream == "text_only":
                 v = None if metric is None else res.step_values[(stream, metric)][i]
-                with A.quiet_nan_warnings():
+                with quiet_nan_warnings():
                     entry["overall_loss"] = None if v is None else np.nanmean(v, axis=1).tolist()
     return {
         "episodes": episodes,
@@ -154,6 +153,48 @@ def _manifest_of(step_data) -> Mapping[str, Any]:
     return {}
 
 
+def _step_fields(step_data) -> dict[str, tuple]:
+    episode = getattr(step_data, "episode", None)
+    if episode is not None:  # a lazy store step: shapes from the episode attrs, arrays read only when used
+        return {k: (episode.fields[k].shape, episode.fields[k].dims) for k in step_data}
+    return {k: (np.shape(v), schema.dims_for(k, np.ndim(v))) for k, v in step_data.items() if isinstance(v, np.ndarray)}
+
+
+def _step_embedding(embedding, manifest) -> tuple[TokenEmbedding | None, str | None]:
+    emb, why = (embedding, None) if isinstance(embedding, TokenEmbedding) else (None, "no token embedding given")
+    if embedding == "auto":
+        try:
+            emb, why = token_embedding_for_manifest(manifest), None
+        except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+            why = f"no token embedding: {e}; pass embedding="
+    return emb, why
+
+
+def _step_text(s, step_data, emb, why) -> tuple[list | None, str | None, str | None]:
+    if emb is None:
+        return None, None, why
+    x = src.states(s, step_data[s.key])
+    tr = M.text_reconstruction(x, step_data["tokenized_prompt"], step_data["text_mask"], emb.embedding, keep_axes=0)
+    return np.atleast_1d(tr.language_loss).tolist(), "language_loss", None
+
+
+def _step_stand_in(stream, s, step_data, reason) -> tuple[list | None, str | None, str | None]:
+    if s.key is not None and s.has_cf and s.cf_key in step_data:
+        a, b = src.states(s, step_data[s.key]), src.states(s, step_data[s.cf_key])
+        mask = None
+        if stream == "expert_0":  # image positions of the valid cameras only
+            seg = step_data["segment_mask"] if s.segment_mask_stored else None
+            mask = src.position_mask(s, src.camera_valid(s, seg, a.shape[1:2]))
+        layer_axis = 1 if stream == "expert_1" else 0
+        value = np.atleast_1d(M.prompt_sensitivity(a, b, mask=mask, keep_axes=layer_axis)).tolist()
+        return value, "prompt_sensitivity", reason
+    if stream == "expert_1" and s.attention:
+        return M.attention_to_language(step_data["attention_to_text"]).per_layer.tolist(), "attention_to_text", reason
+    why = "no counterfactual rerun at this step (cf_* keys)"
+    why += "" if stream == "expert_0" else " and no attention_to_text"
+    return None, None, why
+
+
 def analyze_rollout_step(
     step_data: Mapping[str, Any],
     *,
@@ -167,51 +208,17 @@ def analyze_rollout_step(
     store the step came from, or ``manifest``), or None (text slot None).
     """
     manifest = dict(manifest or _manifest_of(step_data))
-    episode = getattr(step_data, "episode", None)
-    if episode is not None:  # a lazy store step: shapes from the episode attrs, arrays read only when used
-        fields = {k: (episode.fields[k].shape, episode.fields[k].dims) for k in step_data}
-    else:
-        fields = {
-            k: (np.shape(v), schema.dims_for(k, np.ndim(v))) for k, v in step_data.items() if isinstance(v, np.ndarray)
-        }
-    streams, missing = src.discover_streams(fields, manifest)
+    streams, missing = src.discover_streams(_step_fields(step_data), manifest)
     out: dict[str, Any] = {"layers": {}, "measures": {}}
-    emb, why = (embedding, None) if isinstance(embedding, TokenEmbedding) else (None, "no token embedding given")
-    if embedding == "auto":
-        try:
-            emb, why = token_embedding_for_manifest(manifest), None
-        except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-            why = f"no token embedding: {e}; pass embedding="
+    emb, why = _step_embedding(embedding, manifest)
     for stream, slot in SLOTS.items():
         s = streams.get(stream)
         out["layers"][stream] = None if s is None else list(s.layers)
         value, metric, reason = None, None, missing.get(stream)
         if s is not None and stream == "text_only":
-            if emb is None:
-                reason = why
-            else:
-                x = src.states(s, step_data[s.key])
-                tr = M.text_reconstruction(
-                    x, step_data["tokenized_prompt"], step_data["text_mask"], emb.embedding, keep_axes=0
-                )
-                value, metric = np.atleast_1d(tr.language_loss).tolist(), "language_loss"
+            value, metric, reason = _step_text(s, step_data, emb, why)
         elif s is not None:
-            layer_axis = 1 if stream == "expert_1" else 0
-            if s.key is not None and s.has_cf and s.cf_key in step_data:
-                a, b = src.states(s, step_data[s.key]), src.states(s, step_data[s.cf_key])
-                mask = None
-                if stream == "expert_0":  # image positions of the valid cameras only
-                    seg = step_data["segment_mask"] if s.segment_mask_stored else None
-                    mask = src.position_mask(s, src.camera_valid(s, seg, a.shape[1:2]))
-                value = np.atleast_1d(M.prompt_sensitivity(a, b, mask=mask, keep_axes=layer_axis)).tolist()
-                metric = "prompt_sensitivity"
-            elif stream == "expert_1" and s.attention:
-                value = M.attention_to_language(step_data["attention_to_text"]).per_layer.tolist()
-                metric = "attention_to_text"
-            else:
-                reason = "no counterfactual rerun at this step (cf_* keys)" + (
-                    "" if stream == "expert_0" else " and no attention_to_text"
-                )
+            value, metric, reason = _step_stand_in(stream, s, step_data, reason)
         out[slot] = value
         out["measures"][stream] = _measure(stream, metric, reason)
     loss = out["text_only_language_loss"]

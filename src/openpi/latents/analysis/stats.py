@@ -1,7 +1,7 @@
 """Statistics for the language-loss analysis: the task-decoding probe and bootstrap confidence intervals.
 
 Pure numpy / scikit-learn, deterministic given ``seed``. The representation metrics live in
-:mod:`openpi.latents.metrics` (which re-exports everything here).
+:mod:`openpi.latents.analysis.metrics` (which re-exports everything here).
 
 * :func:`task_probe`: cross-validated multinomial logistic regression of a label (the task id) from features,
   folds grouped by episode, with chance levels and a group-level shuffled-label control.
@@ -137,8 +137,6 @@ def task_probe(
         ci: coverage of the fold interval and of the shuffled interval.
         C, max_iter: passed to ``LogisticRegression``.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     x = np.asarray(features).astype(np.float64)
     y = np.asarray(labels)
     g = np.asarray(groups)
@@ -147,35 +145,68 @@ def task_probe(
     n = x.shape[0]
     classes, counts = np.unique(y, return_counts=True)
     uniq_groups = np.unique(g)
-    n_classes, n_groups = len(classes), len(uniq_groups)
-    chance_majority = float(counts.max() / n) if n else float("nan")
-    chance_uniform = 1.0 / n_classes if n_classes else float("nan")
-    nan2 = (float("nan"), float("nan"))
+    sizes = dict(
+        chance_majority=float(counts.max() / n) if n else float("nan"),
+        chance_uniform=1.0 / len(classes) if len(classes) else float("nan"),
+        n_samples=n,
+        n_groups=len(uniq_groups),
+        n_classes=len(classes),
+    )
     notes: set[str] = set()
+    if len(classes) < 2:
+        return _empty_probe(f"only {len(classes)} class(es) in labels: nothing to decode", 0, notes, sizes)
+    if len(uniq_groups) < 2:
+        return _empty_probe(f"only {len(uniq_groups)} group(s): cannot hold out a group", 0, notes, sizes)
+    k, splits = _folds(x, y, g, n_splits, len(uniq_groups), seed, notes)
+    if not splits:
+        return _empty_probe("no usable fold", k, notes, sizes)
+    fold_acc = _cv_accuracy(x, y, splits, C, max_iter, notes)
+    acc = float(fold_acc.mean())
+    shuffled = _shuffled_control(x, y, np.searchsorted(uniq_groups, g), splits, n_shuffles, seed, (C, max_iter), notes)
+    if len(shuffled):
+        s_mean = float(shuffled.mean())
+        s_ci = (float(np.quantile(shuffled, 0.5 - ci / 2)), float(np.quantile(shuffled, 0.5 + ci / 2)))
+        p_value = float((1 + np.sum(shuffled >= acc)) / (1 + len(shuffled)))
+    else:
+        s_mean, s_ci, p_value = float("nan"), _NAN2, float("nan")
+    return ProbeResult(
+        accuracy=acc,
+        accuracy_ci=_t_interval(fold_acc, ci),
+        fold_accuracies=fold_acc,
+        shuffled_mean=s_mean,
+        shuffled_ci=s_ci,
+        shuffled_accuracies=shuffled,
+        p_value=p_value,
+        n_splits=len(splits),
+        notes=tuple(sorted(notes)),
+        **sizes,
+    )
 
-    def empty(reason: str, k: int = 0) -> ProbeResult:
-        return ProbeResult(
-            float("nan"),
-            nan2,
-            np.zeros(0),
-            chance_majority,
-            chance_uniform,
-            float("nan"),
-            nan2,
-            np.zeros(0),
-            float("nan"),
-            k,
-            n,
-            n_groups,
-            n_classes,
-            tuple(sorted(notes)),
-            reason,
-        )
 
-    if n_classes < 2:
-        return empty(f"only {n_classes} class(es) in labels: nothing to decode")
-    if n_groups < 2:
-        return empty(f"only {n_groups} group(s): cannot hold out a group")
+_NAN2 = (float("nan"), float("nan"))
+
+
+def _empty_probe(reason: str, k: int, notes: set[str], sizes: dict) -> ProbeResult:
+    nan = float("nan")
+    return ProbeResult(
+        accuracy=nan,
+        accuracy_ci=_NAN2,
+        fold_accuracies=np.zeros(0),
+        shuffled_mean=nan,
+        shuffled_ci=_NAN2,
+        shuffled_accuracies=np.zeros(0),
+        p_value=nan,
+        n_splits=k,
+        notes=tuple(sorted(notes)),
+        reason=reason,
+        **sizes,
+    )
+
+
+def _folds(x, y, g, n_splits: int, n_groups: int, seed: int, notes: set[str]) -> tuple[int, list]:
+    """(requested folds, [(train, test)] without empty ones) of StratifiedGroupKFold, at most one fold per group."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
     k = n_splits
     if n_groups < n_splits:
         k = n_groups
@@ -186,47 +217,24 @@ def task_probe(
     splits = [(tr, te) for tr, te in splits if len(te) and len(tr)]
     if len(splits) < k:
         notes.add(f"{k - len(splits)} empty fold(s) dropped")
-    if not splits:
-        return empty("no usable fold", k)
+    return k, splits
 
-    fold_acc = _cv_accuracy(x, y, splits, C, max_iter, notes)
-    acc = float(fold_acc.mean())
 
-    shuffled = np.zeros(0)
-    group_index = np.searchsorted(uniq_groups, g)
-    per_group = [np.unique(y[group_index == i]) for i in range(n_groups)]
+def _shuffled_control(x, y, group_index, splits, n_shuffles: int, seed: int, fit, notes: set[str]) -> np.ndarray:
+    """Mean fold accuracy under ``n_shuffles`` permutations of the per-group labels (empty when not run)."""
+    per_group = [np.unique(y[group_index == i]) for i in range(int(group_index.max()) + 1)]
     if n_shuffles > 0 and any(len(p) > 1 for p in per_group):
         notes.add("shuffled control skipped: some group carries more than one label")
-    elif n_shuffles > 0:
-        group_labels = np.array([p[0] for p in per_group])
-        rng = np.random.default_rng(seed)
-        shuffled = np.array(
-            [
-                _cv_accuracy(x, rng.permutation(group_labels)[group_index], splits, C, max_iter, notes).mean()
-                for _ in range(n_shuffles)
-            ]
-        )
-    if len(shuffled):
-        s_mean = float(shuffled.mean())
-        s_ci = (float(np.quantile(shuffled, 0.5 - ci / 2)), float(np.quantile(shuffled, 0.5 + ci / 2)))
-        p_value = float((1 + np.sum(shuffled >= acc)) / (1 + len(shuffled)))
-    else:
-        s_mean, s_ci, p_value = float("nan"), nan2, float("nan")
-    return ProbeResult(
-        accuracy=acc,
-        accuracy_ci=_t_interval(fold_acc, ci),
-        fold_accuracies=fold_acc,
-        chance_majority=chance_majority,
-        chance_uniform=chance_uniform,
-        shuffled_mean=s_mean,
-        shuffled_ci=s_ci,
-        shuffled_accuracies=shuffled,
-        p_value=p_value,
-        n_splits=len(splits),
-        n_samples=n,
-        n_groups=n_groups,
-        n_classes=n_classes,
-        notes=tuple(sorted(notes)),
+        return np.zeros(0)
+    if n_shuffles <= 0:
+        return np.zeros(0)
+    group_labels = np.array([p[0] for p in per_group])
+    rng = np.random.default_rng(seed)
+    return np.array(
+        [
+            _cv_accuracy(x, rng.permutation(group_labels)[group_index], splits, *fit, notes).mean()
+            for _ in range(n_shuffles)
+        ]
     )
 
 

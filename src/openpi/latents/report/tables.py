@@ -1,4 +1,4 @@
-"""CSV tables of a :class:`~openpi.latents.analysis.CollectionAnalysis` (one row per stream/metric/layer/...).
+"""CSV tables of a :class:`~openpi.latents.analysis.result.CollectionAnalysis` (one row per stream/metric/layer/...).
 
 * ``episodes.csv``: task, episode, success, rollout steps, prompt, counterfactual prompt, error.
 * ``per_layer.csv``: per stream, metric and layer, the mean over episodes with its 95% bootstrap interval
@@ -22,8 +22,8 @@ import pathlib
 
 import numpy as np
 
-from openpi.latents import analysis as A
-from openpi.latents import report_plots as P
+from openpi.latents.analysis import registry as R
+from openpi.latents.analysis.result import CollectionAnalysis, attention_means
 
 TABLES = (
     "episodes.csv",
@@ -45,17 +45,66 @@ def _write_csv(path: pathlib.Path, header: list[str], rows) -> None:
             w.writerow(["" if isinstance(x, float) and math.isnan(x) else x for x in r])
 
 
-def write_tables(res: A.CollectionAnalysis, out: pathlib.Path) -> list[str]:
-    eps = res.episodes
-    _write_csv(
-        out / "episodes.csv",
-        ["task_id", "episode", "success", "n_steps", "prompt", "counterfactual_prompt", "error"],
-        [[e.task_id, e.episode, e.success, e.n_steps, e.prompt, e.counterfactual_prompt, e.error] for e in eps],
-    )
-    keys = sorted(res.step_values)
+SPLIT_HEADER = [
+    "stream",
+    "metric",
+    "layer",
+    "success_mean",
+    "success_low",
+    "success_high",
+    "n_success",
+    "failure_mean",
+    "failure_low",
+    "failure_high",
+    "n_failure",
+    "difference",
+    "difference_low",
+    "difference_high",
+    "window_steps",
+]
+PROBE_HEADER = [
+    "stream",
+    "layer",
+    "accuracy",
+    "ci_low",
+    "ci_high",
+    "chance_majority",
+    "chance_uniform",
+    "shuffled_mean",
+    "shuffled_low",
+    "shuffled_high",
+    "p_value",
+    "n_samples",
+    "n_groups",
+    "n_splits",
+]
+
+
+def _split_row(s: str, m: str, layer: int, x, window: int | None) -> list:
+    return [
+        s,
+        m,
+        layer,
+        x.success.estimate,
+        x.success.low,
+        x.success.high,
+        x.n_success,
+        x.failure.estimate,
+        x.failure.low,
+        x.failure.high,
+        x.n_failure,
+        x.difference.estimate,
+        x.difference.low,
+        x.difference.high,
+        "" if window is None else window,
+    ]
+
+
+def _metric_tables(res: CollectionAnalysis, out: pathlib.Path) -> None:
+    """per_layer.csv, per_step.csv, per_episode.csv and success_split.csv: one block of rows per (stream, metric)."""
     rows, step_rows, ep_rows, split_rows = [], [], [], []
     window = res.split_window()
-    for s, m in keys:
+    for s, m in sorted(res.step_values):
         layers = res.layers(s)
         for layer, c in zip(layers, res.per_layer(s, m)):
             rows.append([s, m, layer, res.streams[s].layer_kind, c.estimate, c.low, c.high, c.n])
@@ -63,31 +112,12 @@ def write_tables(res: A.CollectionAnalysis, out: pathlib.Path) -> list[str]:
         for j, layer in enumerate(layers):
             step_rows += [[s, m, layer, i, float(grid[j, i])] for i in range(grid.shape[1])]
         pe = res.per_episode(s, m)
-        for i, e in enumerate(eps):
+        for i, e in enumerate(res.episodes):
             ep_rows += [
                 [e.task_id, e.episode, e.success, s, m, layer, float(pe[i, j])] for j, layer in enumerate(layers)
             ]
-        if m in P.HEATMAP_METRICS:
-            for layer, x in zip(layers, res.success_split(s, m)):
-                split_rows.append(
-                    [
-                        s,
-                        m,
-                        layer,
-                        x.success.estimate,
-                        x.success.low,
-                        x.success.high,
-                        x.n_success,
-                        x.failure.estimate,
-                        x.failure.low,
-                        x.failure.high,
-                        x.n_failure,
-                        x.difference.estimate,
-                        x.difference.low,
-                        x.difference.high,
-                        "" if window is None else window,
-                    ]
-                )
+        if m in R.HEATMAP_METRICS:
+            split_rows += [_split_row(s, m, layer, x, window) for layer, x in zip(layers, res.success_split(s, m))]
     _write_csv(
         out / "per_layer.csv",
         ["stream", "metric", "layer", "layer_ids", "mean", "ci_low", "ci_high", "n_episodes"],
@@ -99,70 +129,36 @@ def write_tables(res: A.CollectionAnalysis, out: pathlib.Path) -> list[str]:
     _write_csv(
         out / "per_episode.csv", ["task_id", "episode", "success", "stream", "metric", "layer", "value"], ep_rows
     )
-    _write_csv(
-        out / "success_split.csv",
+    _write_csv(out / "success_split.csv", SPLIT_HEADER, split_rows)
+
+
+def _probe_table(res: CollectionAnalysis, out: pathlib.Path) -> None:
+    rows = [
         [
-            "stream",
-            "metric",
-            "layer",
-            "success_mean",
-            "success_low",
-            "success_high",
-            "n_success",
-            "failure_mean",
-            "failure_low",
-            "failure_high",
-            "n_failure",
-            "difference",
-            "difference_low",
-            "difference_high",
-            "window_steps",
-        ],
-        split_rows,
-    )
-    _write_csv(
-        out / "probe.csv",
-        [
-            "stream",
-            "layer",
-            "accuracy",
-            "ci_low",
-            "ci_high",
-            "chance_majority",
-            "chance_uniform",
-            "shuffled_mean",
-            "shuffled_low",
-            "shuffled_high",
-            "p_value",
-            "n_samples",
-            "n_groups",
-            "n_splits",
-        ],
-        [
-            [
-                s,
-                layer,
-                p.accuracy,
-                *p.accuracy_ci,
-                p.chance_majority,
-                p.chance_uniform,
-                p.shuffled_mean,
-                *p.shuffled_ci,
-                p.p_value,
-                p.n_samples,
-                p.n_groups,
-                p.n_splits,
-            ]
-            for s, ps in res.probes.items()
-            for layer, p in zip(res.layers(s), ps)
-        ],
-    )
-    att = A.attention_means(res)
+            s,
+            layer,
+            p.accuracy,
+            *p.accuracy_ci,
+            p.chance_majority,
+            p.chance_uniform,
+            p.shuffled_mean,
+            *p.shuffled_ci,
+            p.p_value,
+            p.n_samples,
+            p.n_groups,
+            p.n_splits,
+        ]
+        for s, ps in res.probes.items()
+        for layer, p in zip(res.layers(s), ps)
+    ]
+    _write_csv(out / "probe.csv", PROBE_HEADER, rows)
+
+
+def _attention_table(res: CollectionAnalysis, out: pathlib.Path) -> None:
+    att = attention_means(res)
     times = res.attention.get("denoise_times")
     ids = res.attention.get("denoise_steps")
-    _write_csv(
-        out / "attention.csv",
-        ["denoise_step", "capture_position", "t", "layer", "all_queries", "state_query", "action_queries"],
+    rows = (
         [
             [
                 int(ids[i]) if ids is not None else i,
@@ -177,8 +173,26 @@ def write_tables(res: A.CollectionAnalysis, out: pathlib.Path) -> list[str]:
             for j, layer in enumerate(res.layers("expert_1"))
         ]
         if att
-        else [],
+        else []
     )
+    _write_csv(
+        out / "attention.csv",
+        ["denoise_step", "capture_position", "t", "layer", "all_queries", "state_query", "action_queries"],
+        rows,
+    )
+
+
+def write_tables(res: CollectionAnalysis, out: pathlib.Path) -> list[str]:
+    """Writes every table of :data:`TABLES` into ``out``; returns their names."""
+    eps = res.episodes
+    _write_csv(
+        out / "episodes.csv",
+        ["task_id", "episode", "success", "n_steps", "prompt", "counterfactual_prompt", "error"],
+        [[e.task_id, e.episode, e.success, e.n_steps, e.prompt, e.counterfactual_prompt, e.error] for e in eps],
+    )
+    _metric_tables(res, out)
+    _probe_table(res, out)
+    _attention_table(res, out)
     per_ep = res.action_divergence_per_episode()
     mx = [np.nanmax(v) if np.any(~np.isnan(v)) else np.nan for v in res.actions["max_abs"]]
     _write_csv(

@@ -1,0 +1,295 @@
+"""Language-loss analysis of a collection, streamed one layer at a time: :func:`analyze_collection`.
+
+It walks streams → layers → episodes → blocks of rollout steps and reads, per block, one layer of one stream
+(``read(task, episode, key, layer=l, steps=block)``), so memory is bounded by a block of one layer
+(``max_block_bytes``), never a whole episode. Each block goes to every metric of
+:data:`openpi.latents.analysis.registry.REGISTRY` that applies to the stream; this module only reads, feeds the
+metrics and keeps their small per-step results (:class:`openpi.latents.analysis.result.CollectionAnalysis`), plus the
+task probe's features and the action-chunk divergence.
+
+expert_0 counts valid cameras only (``segment_mask``; see :mod:`openpi.latents.analysis.streams`): a masked camera's
+image positions are left out of prompt sensitivity and drift, and its block out of the probe features. expert_1 drift
+is taken at the last captured denoising step (see the registry's ``drift``).
+
+Episodes with no rollout step (env.reset failed: stored with an error and no steps) get empty rows and are skipped;
+streams are discovered from the first episode with steps; both are reported (``source["episodes_without_steps"]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from openpi.latents import schema
+from openpi.latents.analysis import labels
+from openpi.latents.analysis import metrics as M
+from openpi.latents.analysis import registry as R
+from openpi.latents.analysis import source as src
+from openpi.latents.analysis import streams as S
+from openpi.latents.analysis.embedding import TokenEmbedding, token_embedding_for_manifest
+from openpi.latents.analysis.result import CollectionAnalysis, EpisodeRef
+
+logger = logging.getLogger(__name__)
+
+
+def _blocks(n: int, step_bytes: int, max_bytes: int) -> list[list[int]]:
+    size = max(1, max_bytes // max(step_bytes, 1))
+    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+
+
+def _episodes(source) -> list[EpisodeRef]:
+    out = []
+    for t in source.task_ids():
+        for k in source.episode_indices(t):
+            meta = source.metadata(t, k)
+            steps = source.step_t(t, k)
+            out.append(
+                EpisodeRef(
+                    t,
+                    k,
+                    bool(meta.get("success", False)),
+                    len(steps),
+                    tuple(steps),
+                    meta.get("prompt"),
+                    meta.get("counterfactual_prompt"),
+                    meta.get("error"),
+                )
+            )
+    return out
+
+
+def resolve_embedding(source, embedding) -> tuple[TokenEmbedding | None, str | None]:
+    """``embedding`` if given, else the checkpoint leaves named by the source's manifest; (None, reason) if neither."""
+    if isinstance(embedding, TokenEmbedding):
+        return embedding, None
+    if embedding is not None and embedding != "auto":
+        raise TypeError("embedding must be a TokenEmbedding, 'auto' or None")
+    if embedding is None:
+        return None, "text decoding skipped: no token embedding given"
+    try:
+        return token_embedding_for_manifest(source.manifest), None
+    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+        return (
+            None,
+            f"text decoding skipped: the token embedding could not be read from the manifest's checkpoint ({e})",
+        )
+
+
+def _discover(source, episodes: list[EpisodeRef]) -> tuple[dict, dict, dict, dict]:
+    """(streams, missing, notes, denoise) from the first episode with rollout steps."""
+    first = next((e for e in episodes if e.n_steps > 0), None)
+    if first is None:
+        why = f"no episode has a rollout step (all {len(episodes)} ended before their first inference)"
+        return {}, dict.fromkeys(S.STREAMS, why), {}, {}
+    fields = source.fields(first.task_id, first.episode)
+    streams, missing = S.discover_streams(fields, source.manifest)
+    notes: dict[str, str] = {}
+    for name, stream in streams.items():
+        if stream.layer_note:
+            notes[f"{name}.layers"] = stream.layer_note
+        if stream.segment_note:
+            notes[f"{name}.cameras"] = stream.segment_note
+    denoise: dict[str, Any] = {}
+    if "expert_1" in streams:
+        n_s = fields[streams["expert_1"].key or "attention_to_text"][0][0]
+        ids, kind, note = labels.resolve_denoise_steps(source.manifest, n_s)
+        denoise = {"ids": list(ids), "kind": kind}
+        if note:
+            notes["expert_1.denoise_steps"] = note
+    return streams, missing, notes, denoise
+
+
+def _source_info(source, episodes: list[EpisodeRef], emb: TokenEmbedding | None, denoise: dict) -> dict[str, Any]:
+    return {
+        "root": source.root,
+        "manifest": source.manifest,
+        "n_tasks": len({e.task_id for e in episodes}),
+        "n_episodes": len(episodes),
+        "embedding": None if emb is None else emb.source,
+        "episodes_without_steps": [
+            {"task_id": e.task_id, "episode": e.episode, "error": e.error} for e in episodes if e.n_steps == 0
+        ],
+        "n_errored": sum(e.error is not None for e in episodes),
+        "denoise_steps": denoise or None,
+    }
+
+
+def analyze_collection(
+    data: Any,
+    *,
+    embedding: TokenEmbedding | str | None = "auto",
+    task_ids=None,
+    probe: bool = True,
+    probe_splits: int = 5,
+    probe_shuffles: int = 10,
+    n_boot: int = 1000,
+    seed: int = 0,
+    text_step_stride: int = 1,
+    max_block_bytes: int = 64 << 20,
+    success_window: str = "common",
+    allow_pickle: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> CollectionAnalysis:
+    """Computes every registered metric per stream and layer for a collection (store path, task data, ...).
+
+    Args:
+        data: a store directory, a pickle path (with ``allow_pickle``), a ``LatentStore``, task data or ``{id: task}``.
+        embedding: the :class:`TokenEmbedding` for text decoding; "auto" reads it from the manifest's checkpoint;
+            None skips text decoding (reported with the reason).
+        probe: run the task probe (needs two tasks or more); ``probe_splits`` folds, ``probe_shuffles`` permutations.
+        n_boot, seed: bootstrap resamples and seed for every interval.
+        text_step_stride: decode text at every k-th rollout step only (text decoding dominates the cost at full size).
+        max_block_bytes: rollout steps of one layer read per block (bounds memory).
+        success_window: "common" (default): the success split averages every episode over the first N rollout steps,
+            N = the fewest any episode of the split has; "all": over each episode's own steps (length-confounded).
+    """
+    t0 = time.monotonic()
+    if success_window not in ("common", "all"):
+        raise ValueError(f"success_window must be 'common' or 'all', got {success_window!r}")
+    source = src.make_source(data, task_ids=task_ids, allow_pickle=allow_pickle)
+    episodes = _episodes(source)
+    if not episodes:
+        raise ValueError(f"{source.root}: no complete episode to analyse")
+    streams, missing, notes, denoise = _discover(source, episodes)
+    emb, why = resolve_embedding(source, embedding) if "text_only" in streams else (None, None)
+    if why:
+        for m in R.TEXT_DECODING_METRICS:
+            missing[f"text_only.{m}"] = why
+    settings = dict(
+        n_boot=n_boot,
+        seed=seed,
+        probe_splits=probe_splits,
+        probe_shuffles=probe_shuffles,
+        text_step_stride=text_step_stride,
+        max_block_bytes=max_block_bytes,
+        success_window=success_window,
+    )
+    res = CollectionAnalysis(
+        _source_info(source, episodes, emb, denoise), episodes, streams, missing, {}, {}, {}, {}, settings, notes=notes
+    )
+    _analyze_streams(source, res, emb, probe, progress or (lambda msg: logger.info(msg)), t0)
+    _action_divergence(source, res)
+    res.timings["total_s"] = time.monotonic() - t0
+    return res
+
+
+def _analyze_streams(source, res: CollectionAnalysis, emb, probe: bool, say: Callable[[str], None], t0: float) -> None:
+    n_tasks = res.source["n_tasks"]
+    for name, stream in res.streams.items():
+        for j in range(stream.n_layers):
+            feats = _analyze_layer(source, res, stream, j, emb)
+            if probe and feats is not None:
+                res.probes.setdefault(name, []).append(_probe(res, feats, n_tasks))
+            say(f"{name} layer {stream.layers[j]}: done ({time.monotonic() - t0:.1f}s)")
+        if not stream.has_cf and stream.key is not None:
+            res.missing[f"{name}.prompt_sensitivity"] = (
+                "no counterfactual reruns in this collection (collect with --counterfactual blank|other-task)"
+            )
+    if probe and n_tasks < 2:
+        res.missing["probe"] = f"the task probe needs two tasks or more; this collection has {n_tasks}"
+
+
+def _put(res: CollectionAnalysis, stream: S.Stream, metric: str, ep_i: int, rows, j: int, values) -> None:
+    lst = res.step_values.setdefault(
+        (stream.name, metric), [np.full((e.n_steps, stream.n_layers), np.nan) for e in res.episodes]
+    )
+    lst[ep_i][rows, j] = values
+
+
+def _run(metrics: list[R.Metric], block: R.LayerBlock) -> None:
+    for metric in metrics:
+        out = metric.compute(block)
+        if out is not None:
+            _put(block.res, block.stream, metric.name, block.ep_index, out[0], block.layer, out[1])
+
+
+class _ProbeRows:
+    """The task probe's features of one layer, gathered block by block."""
+
+    def __init__(self):
+        self.feats, self.labels, self.groups, self.cams = [], [], [], []
+
+    def add(self, stream: S.Stream, block: R.LayerBlock, cam: np.ndarray | None) -> None:
+        text_mask = block.mask if stream.name == "text_only" else None
+        self.feats.append(S.probe_features(stream, block.x, text_mask, cam))
+        self.labels += [block.episode.task_id] * len(self.feats[-1])
+        self.groups += [block.ep_index] * len(self.feats[-1])
+        if cam is not None:
+            self.cams.append(cam.reshape(-1, stream.n_cams))
+
+    def result(self, stream: S.Stream):
+        if not self.feats:
+            return None
+        cams = np.concatenate(self.cams) if self.cams else None
+        x = S.drop_invalid_cameras(stream, np.concatenate(self.feats), cams)
+        return x, np.asarray(self.labels), np.asarray(self.groups)
+
+
+def _read_block(block: R.LayerBlock, seg_stored: bool) -> np.ndarray | None:
+    """Reads the block's states and valid positions into ``block``; returns expert_0's camera validity."""
+    stream = block.stream
+    block.x = S.states(stream, block.read(stream.key, layer=block.layer))
+    if stream.name == "text_only":
+        block.mask = block.read("text_mask").astype(bool)
+        return None
+    if stream.name != "expert_0":
+        return None
+    # valid cameras only: a masked camera's states are meaningless
+    cam = S.camera_valid(stream, block.read("segment_mask") if seg_stored else None, block.x.shape[:2])
+    block.mask = S.position_mask(stream, cam)
+    return cam
+
+
+def _analyze_layer(source, res: CollectionAnalysis, stream: S.Stream, j: int, emb: TokenEmbedding | None):
+    """Every registered metric of one layer of one stream over every episode; returns the probe features."""
+    block_metrics = [m for m in R.REGISTRY if m.scope == "block" and R.applies(m, stream, emb)]
+    episode_metrics = [m for m in R.REGISTRY if m.scope == "episode" and R.applies(m, stream, emb)]
+    probe = _ProbeRows()
+    for ep_i, ep in enumerate(res.episodes):
+        if ep.n_steps == 0:  # env.reset failed: no rollout step (its rows stay empty / NaN)
+            continue
+        fields = source.fields(ep.task_id, ep.episode)
+        common = dict(source=source, res=res, stream=stream, ep_index=ep_i, episode=ep, layer=j, fields=fields)
+        if stream.key is not None and stream.key in fields:
+            shape, dims = fields[stream.key]
+            per_step = schema.nbytes([s for d, s in zip(dims, shape) if d != "layer"], np.float32)  # read as float32
+            carry: dict[str, Any] = {}
+            for steps in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
+                block = R.LayerBlock(**common, steps=steps, embedding=emb, carry=carry)
+                cam = _read_block(block, "segment_mask" in fields)
+                _run(block_metrics, block)
+                probe.add(stream, block, cam)
+        _run(episode_metrics, R.LayerBlock(**common, steps=None, embedding=emb))
+    return probe.result(stream)
+
+
+def _probe(res: CollectionAnalysis, feats, n_tasks: int) -> M.ProbeResult:
+    x, y, g = feats
+    s = res.settings
+    return M.task_probe(
+        x, y, g, n_splits=s["probe_splits"], n_shuffles=s["probe_shuffles"] if n_tasks > 1 else 0, seed=s["seed"]
+    )
+
+
+def _action_divergence(source, res: CollectionAnalysis) -> None:
+    res.actions = {"mean_l2": [], "max_abs": []}
+    cf_actions = schema.counterfactual("actions")
+    for ep in res.episodes:
+        l2, mx = np.full(ep.n_steps, np.nan), np.full(ep.n_steps, np.nan)
+        fields = source.fields(ep.task_id, ep.episode)
+        if cf_actions in fields and "actions" in fields:
+            steps = source.present_steps(ep.task_id, ep.episode, cf_actions)
+            if steps:
+                d = M.action_divergence(
+                    source.read(ep.task_id, ep.episode, "actions", steps=steps),
+                    source.read(ep.task_id, ep.episode, cf_actions, steps=steps),
+                )
+                l2[steps], mx[steps] = d.mean_l2, d.max_abs
+        res.actions["mean_l2"].append(l2)
+        res.actions["max_abs"].append(mx)
+    if not any(np.any(~np.isnan(v)) for v in res.actions["mean_l2"]):
+        res.missing["action_divergence"] = "no counterfactual reruns (cf_actions) in this collection"

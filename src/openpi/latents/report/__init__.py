@@ -1,0 +1,49 @@
+"""The report folder of an analysis: ``metrics.json``, CSV tables, PNG figures and ``report.md``.
+
+* :mod:`~openpi.latents.report.metrics_json`: metrics.json (every registered metric per stream and layer, or the
+  reason it is missing).
+* :mod:`~openpi.latents.report.tables`: the CSV tables; :mod:`~openpi.latents.report.plots`: the PNG figures.
+* :mod:`~openpi.latents.report.markdown`: report.md; :mod:`~openpi.latents.report.readings`: its one-line readings;
+  :mod:`~openpi.latents.report.notes`: the method notes both state.
+
+The metric list, definitions and labels come from :data:`openpi.latents.analysis.registry.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.report.markdown import report_md
+from openpi.latents.report.metrics_json import clean, metrics_json
+from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
+from openpi.latents.report.plots import FIGURES
+from openpi.latents.report.readings import readings
+from openpi.latents.report.tables import TABLES, write_tables
+
+__all__ = [
+    "DRIFT_NOTE",
+    "FIGURES",
+    "SPLIT_NOTE",
+    "TABLES",
+    "TEXT_CF_NOTE",
+    "metrics_json",
+    "readings",
+    "report_md",
+    "write_report",
+]
+
+
+def write_report(res: CollectionAnalysis, out_dir: str | pathlib.Path) -> dict[str, Any]:
+    """Writes the report folder; returns the metrics.json content."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {name: fn(res, out) for name, fn in FIGURES.items()}
+    data = metrics_json(res)
+    data["figures"] = figures
+    data["tables"] = write_tables(res, out)
+    (out / "metrics.json").write_text(json.dumps(clean(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    (out / "report.md").write_text(report_md(res, figures, data["language_loss"]))
+    return data

@@ -1,0 +1,197 @@
+"""``metrics.json`` of a report (strict JSON: NaN is written as null).
+
+* ``source``, ``settings``, ``timings``: what was analysed and how (``source.episodes_without_steps``: episodes that
+  ended before their first inference, with their errors; ``source.n_errored``); ``episodes``: task, episode, success,
+  steps, error.
+* ``streams``: for text_only / expert_0 / expert_1, the stored key, capture mode (full / pooled / text), layers and
+  whether they are model layer ids or capture positions, expert_0's cameras and where their validity came from;
+  ``missing``: {what: reason} for everything that could not be computed; ``notes``: {what: note} for labels or
+  camera masks not read off the manifest / records.
+* ``metrics[metric][stream]``: for *every* registered metric and *every* stream, either ``{"layers", "per_layer",
+  "ci_low", "ci_high", "n_episodes"}`` (mean over episodes of per-episode means, 95% bootstrap interval over episodes)
+  or ``{"per_layer": null, "reason": ...}``. Also ``task_probe[stream]`` (one entry per layer, with chance and the
+  shuffled control), ``success_relation[metric][stream]`` (per layer: success / failure / difference with
+  intervals) and ``success_split`` (its window: the first ``n_inferences`` rollout steps of every episode by default,
+  and the errored episodes it leaves out), ``attention_by_denoise_step`` ([S, L], rows labelled by denoising-step
+  id), ``action_divergence``.
+* ``language_loss``: the per-layer ``expert_0`` / ``expert_1`` / ``text_only`` language loss of the original notebook
+  API, ``overall_loss`` and which measure fills each slot (:mod:`openpi.latents.analysis.language_loss`).
+* ``definitions``: one line per metric; ``figures``: file, grid, panel titles and pixel size of every PNG.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from openpi.latents.analysis import metrics as M
+from openpi.latents.analysis import registry as R
+from openpi.latents.analysis.language_loss import language_loss_summary
+from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
+from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
+
+MANIFEST_KEYS = (
+    "preset",
+    "checkpoint",
+    "suite",
+    "capture_spec",
+    "model_config",
+    "text_start",
+    "segment_names",
+    "code_version",
+    "content_hash",
+)
+
+
+def clean(v: Any) -> Any:
+    """``v`` as strict JSON values: numpy scalars and arrays to Python, NaN / inf to None."""
+    if isinstance(v, dict):
+        return {str(k): clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [clean(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return clean(v.tolist())
+    if isinstance(v, (np.floating, float)):
+        return None if math.isnan(float(v)) or math.isinf(float(v)) else float(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def _ci(c) -> dict[str, Any]:
+    return {"estimate": c.estimate, "low": c.low, "high": c.high, "n": c.n}
+
+
+def _probe_entry(layer: int, p) -> dict[str, Any]:
+    return {
+        "layer": layer,
+        "accuracy": p.accuracy,
+        "accuracy_ci": list(p.accuracy_ci),
+        "chance_majority": p.chance_majority,
+        "chance_uniform": p.chance_uniform,
+        "shuffled_mean": p.shuffled_mean,
+        "shuffled_ci": list(p.shuffled_ci),
+        "p_value": p.p_value,
+        "n_splits": p.n_splits,
+        "n_samples": p.n_samples,
+        "n_groups": p.n_groups,
+        "n_classes": p.n_classes,
+        "notes": list(p.notes),
+        "reason": p.reason,
+    }
+
+
+def _task_probe(res: CollectionAnalysis) -> dict[str, Any]:
+    out = {}
+    for s in STREAMS:
+        if s in res.probes:
+            out[s] = {"per_layer": [_probe_entry(layer, p) for layer, p in zip(res.layers(s), res.probes[s])]}
+        else:
+            why = (
+                res.missing.get("probe")
+                or res.missing.get(s)
+                or ("the probe was disabled" if s in res.streams else "stream not captured")
+            )
+            out[s] = {"per_layer": None, "reason": why}
+    return out
+
+
+def _success_relation(res: CollectionAnalysis) -> dict[str, Any]:
+    success: dict[str, Any] = {}
+    for m in R.HEATMAP_METRICS:
+        success[m] = {}
+        for s in STREAMS:
+            if not res.has(s, m):
+                success[m][s] = {"per_layer": None, "reason": res.reason(s, m)}
+                continue
+            success[m][s] = {
+                "layers": res.layers(s),
+                "per_layer": [
+                    {"success": _ci(x.success), "failure": _ci(x.failure), "difference": _ci(x.difference)}
+                    for x in res.success_split(s, m)
+                ],
+            }
+    return success
+
+
+def _attention(res: CollectionAnalysis) -> dict[str, Any]:
+    att = attention_means(res)
+    if not att:
+        return {"reason": res.reason("expert_1", "attention_to_text")}
+    return {
+        "denoise_steps": res.attention.get("denoise_steps"),
+        "denoise_step_ids": (res.source.get("denoise_steps") or {}).get("kind", "capture_position"),
+        "denoise_times": res.attention.get("denoise_times"),
+        "layers": res.layers("expert_1"),
+        **att,
+    }
+
+
+def _action_divergence(res: CollectionAnalysis) -> dict[str, Any]:
+    if "action_divergence" in res.missing:
+        return {"reason": res.missing["action_divergence"]}
+    per_ep = res.action_divergence_per_episode()
+    keep = res.split_mask()
+    window = res.action_divergence_per_episode(res.split_window())[keep]
+    flags = np.array([e.success for e in res.episodes])[keep]
+    split = M.split_by_success(window, flags, n_boot=res.settings["n_boot"], seed=res.settings["seed"])
+    return {
+        "mean_l2": _ci(M.bootstrap_ci(per_ep, n_boot=res.settings["n_boot"], seed=res.settings["seed"])),
+        "success_split": {k: _ci(getattr(split, k)) for k in ("success", "failure", "difference")},
+        "per_episode": per_ep,
+    }
+
+
+def _streams(res: CollectionAnalysis) -> dict[str, Any]:
+    out = {}
+    for s, st in res.streams.items():
+        out[s] = {
+            "key": st.key,
+            "mode": st.mode,
+            "layers": list(st.layers),
+            "layer_ids": st.layer_kind,
+            "counterfactual": st.has_cf,
+            "attention_to_text": st.attention,
+        }
+        if s == "expert_0":
+            out[s] |= {
+                "n_cams": st.n_cams,
+                "tokens_per_camera": st.tokens_per_camera if st.mode == "full" else None,
+                "camera_validity": "segment_mask" if st.segment_mask_stored else "all cameras assumed valid",
+            }
+    return out
+
+
+def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
+    """The content of metrics.json (before :func:`clean`), figures and tables left out."""
+    metrics: dict[str, Any] = {m.name: {s: summary_value(res, s, m.name) for s in STREAMS} for m in R.REGISTRY}
+    metrics["task_probe"] = _task_probe(res)
+    metrics["success_relation"] = _success_relation(res)
+    metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}
+    metrics["attention_by_denoise_step"] = _attention(res)
+    metrics["action_divergence"] = _action_divergence(res)
+    return {
+        "source": {
+            **{k: v for k, v in res.source.items() if k != "manifest"},
+            "manifest": {k: res.source["manifest"].get(k) for k in MANIFEST_KEYS},
+            "success_rate": float(np.mean([e.success for e in res.episodes])),
+            "text_only_cf_positions": cf_text_positions(res),
+        },
+        "settings": res.settings,
+        "timings": res.timings,
+        "episodes": [
+            {"task_id": e.task_id, "episode": e.episode, "success": e.success, "n_steps": e.n_steps, "error": e.error}
+            for e in res.episodes
+        ],
+        "streams": _streams(res),
+        "missing": res.missing,
+        "notes": res.notes,
+        "definitions": {m.name: m.definition for m in R.REGISTRY} | R.OTHER_DEFINITIONS,
+        "metrics": metrics,
+        "language_loss": language_loss_summary(res),
+    }
