@@ -15,17 +15,18 @@ from typing import Any
 
 
 def model_depth(manifest: Mapping[str, Any]) -> tuple[int | None, str | None]:
-    """(depth, description) of the model the manifest's ``model_config`` describes; (None, None) when the manifest
-    has none or it names no known configuration."""
+    """(depth, name) of the model the manifest's ``model_config`` describes, named by the manifest's preset (else by
+    the description); (None, None) when the manifest has no model_config or it names no known configuration."""
     text = manifest.get("model_config")
     if not text:
         return None, None
     from openpi.models import pi0_config
 
     try:
-        return pi0_config.Pi0Config.from_description(str(text)).depth, str(text)
+        depth = pi0_config.Pi0Config.from_description(str(text)).depth
     except ValueError:
         return None, None
+    return depth, str(manifest.get("preset") or text)
 
 
 def variants_of_width(width: int | None) -> list[tuple[str, int]]:
@@ -51,7 +52,7 @@ def _from_capture_spec(
             return tuple(range(n_stored)), "model", None
         return _by_position(
             n_stored,
-            f"capture_spec.layers is None (all layers) but {n_stored} layers are stored and model {model} has "
+            f"capture_spec.layers is None (all layers) but {n_stored} layers are stored and preset {model} has "
             f"{depth}: layers labelled by capture position, not model layer ids",
         )
     if len(layers) != n_stored:
@@ -88,7 +89,7 @@ def resolve_layers(
         return _from_capture_spec(spec, n_stored, depth, model)
     what = "the manifest has no capture_spec" if manifest else "no run manifest (e.g. a pickle written before "
     what += "" if manifest else "pickles stored it, or in-memory task data)"
-    candidates = [(f"model {model}", depth)] if depth is not None else variants_of_width(width)
+    candidates = [(model, depth)] if depth is not None else variants_of_width(width)
     if {d for _, d in candidates} == {n_stored}:
         names = ", ".join(n for n, _ in candidates)
         return (
@@ -98,7 +99,9 @@ def resolve_layers(
             f"depth of {names}{'' if depth is not None else f', whose width {width} matches the data'})",
         )
     implied = (
-        "; ".join(f"{n} has {d} layers" for n, d in candidates) if candidates else "no known model matches the data"
+        "; ".join(f"{n} has {d} layers" for n, d in candidates)
+        if candidates
+        else "no known model variant matches the data"
     )
     return _by_position(
         n_stored,
