@@ -151,21 +151,6 @@ def test_store_writer_imports_no_reader():
         assert not graph[writer] & readers, f"{writer} imports {sorted(graph[writer] & readers)}"
 
 
-def test_models_import_nothing_from_latents_policies_envs():
-    forbidden = ("openpi.latents", "openpi.policies", "openpi.envs")
-    bad = []
-    for path in sorted((OPENPI / "models").glob("*.py")):
-        module = _module_name(path)
-        for node in ast.walk(ast.parse(path.read_text())):  # every import, TYPE_CHECKING and function bodies too
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                else:
-                    names = [_from_base(module, path.name == "__init__.py", node)]
-                bad += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.startswith(forbidden)]
-    assert not bad, bad
-
-
 def test_schema_is_pure_numpy():
     tree = ast.parse((OPENPI / "latents" / "schema.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -205,3 +190,99 @@ def test_reading_a_store_imports_no_model_policy_env_or_jax(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["mask"] == mask.tolist()  # the step_5 row, not step_0's inverted mask
     assert out["heavy"] == [], f"reading a store imported {out['heavy']}"
+
+
+def _imports_anywhere(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file: top level, TYPE_CHECKING blocks and function bodies alike."""
+    module = _module_name(path)
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.lineno, _from_base(module, path.name == "__init__.py", node)))
+    return out
+
+
+def test_models_import_nothing_from_latents_policies_envs():
+    forbidden = ("openpi.latents", "openpi.policies", "openpi.envs")
+    bad = [
+        f"{path.name}:{line} imports {name}"
+        for path in sorted((OPENPI / "models").glob("*.py"))
+        for line, name in _imports_anywhere(path)
+        if name.startswith(forbidden)
+    ]
+    assert not bad, bad
+
+
+def test_analysis_and_report_import_nothing_from_policies_or_envs():
+    """Camera validity and model sizes come from what the store recorded, not from rebuilding policies."""
+    forbidden = ("openpi.policies", "openpi.envs")
+    bad = [
+        f"{path.relative_to(OPENPI)}:{line} imports {name}"
+        for package in ("analysis", "report")
+        for path in sorted((OPENPI / "latents" / package).rglob("*.py"))
+        for line, name in _imports_anywhere(path)
+        if name.startswith(forbidden)
+    ]
+    assert not bad, bad
+
+
+def test_metric_registry_entries_are_complete_and_the_report_covers_them():
+    from openpi.latents.analysis import analyze_collection, registry
+    from openpi.latents.analysis.embedding import TokenEmbedding
+    from openpi.latents.analysis.streams import STREAMS
+    from openpi.latents.report import json_report, markdown, plots
+
+    names = [m.name for m in registry.REGISTRY]
+    assert len(names) == len(set(names)), names
+    for m in registry.REGISTRY:
+        assert m.name and m.definition and m.label and m.higher_means, m
+        assert m.streams and set(m.streams) <= set(STREAMS), m
+        assert callable(m.compute) and m.scope in ("block", "episode"), m
+    assert set(plots.LABELS) == set(names) and set(plots.CURVE_METRICS) <= set(names)
+
+    # A two-step, two-episode collection in memory with every stream and a counterfactual rerun.
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((16, 4)).astype(np.float32)
+
+    def step(t: int, i: int) -> dict:
+        ids = np.array([[1 + t, 2, 3, 0]], np.int32)
+        rec = {
+            "text_mask": np.array([[True, True, True, False]]),
+            "tokenized_prompt": ids,
+            "text_only_hidden_states": rng.standard_normal((2, 1, 4, 4)).astype(np.float32),
+            "expert_0_segment_means": rng.standard_normal((2, 1, 3, 4)).astype(np.float32),
+            "segment_mask": np.array([[True, False, True]]),
+            "expert_1_segment_means": rng.standard_normal((2, 2, 1, 2, 4)).astype(np.float32),
+            "attention_to_text": rng.uniform(0, 1, (2, 2, 1, 2, 3)).astype(np.float32),
+            "denoise_times": np.array([1.0, 0.5], np.float32),
+            "actions": rng.standard_normal((2, 3)).astype(np.float32),
+        }
+        cf = {f"cf_{k}": v for k, v in rec.items() if k != "denoise_times" and k != "attention_to_text"}
+        return {**rec, **cf}
+
+    tasks = {
+        t: {
+            "task_id": t,
+            "episodes": {
+                f"episode_{k}": {
+                    "metadata": {"success": k == 0},
+                    "rollout_steps": {f"step_{5 * i}": step(t, i) for i in range(2)},
+                }
+                for k in range(2)
+            },
+        }
+        for t in range(2)
+    }
+    res = analyze_collection(tasks, embedding=TokenEmbedding(emb, np.zeros(4, np.float32), "test"), probe=False)
+    for m in registry.REGISTRY:
+        assert {res.has(s, m.name) for s in m.streams} == {True}, f"{m.name} not computed for {m.streams}"
+    data = json_report.metrics_json(res)
+    assert set(names) <= set(data["definitions"]) and set(names) <= set(data["metrics"])
+    assert all(
+        data["metrics"][n][s]["per_layer"] is not None for m in registry.REGISTRY for n, s in [(m.name, m.streams[0])]
+    )
+    figures = {name: {"file": f"{name}.png"} for name in plots.FIGURES}
+    md = markdown.report_md(res, figures, data["language_loss"])
+    assert all(f"* **{n}**: " in md for n in names)

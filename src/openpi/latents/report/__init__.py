@@ -1,6 +1,6 @@
 """The report folder of an analysis: ``metrics.json``, CSV tables, PNG figures and ``report.md``.
 
-* :mod:`~openpi.latents.report.metrics_json`: metrics.json (every registered metric per stream and layer, or the
+* :mod:`~openpi.latents.report.json_report`: metrics.json (every registered metric per stream and layer, or the
   reason it is missing).
 * :mod:`~openpi.latents.report.tables`: the CSV tables; :mod:`~openpi.latents.report.plots`: the PNG figures.
 * :mod:`~openpi.latents.report.markdown`: report.md; :mod:`~openpi.latents.report.readings`: its one-line readings;
@@ -17,7 +17,7 @@ from typing import Any
 
 from openpi.latents.analysis.result import CollectionAnalysis
 from openpi.latents.report.markdown import report_md
-from openpi.latents.report.metrics_json import clean, metrics_json
+from openpi.latents.report.json_report import clean, metrics_json
 from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
 from openpi.latents.report.plots import FIGURES
 from openpi.latents.report.readings import readings
