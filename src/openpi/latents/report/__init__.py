@@ -16,8 +16,8 @@ import pathlib
 from typing import Any
 
 from openpi.latents.analysis.result import CollectionAnalysis
-from openpi.latents.report.markdown import report_md
 from openpi.latents.report.json_report import clean, metrics_json
+from openpi.latents.report.markdown import report_md
 from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
 from openpi.latents.report.plots import FIGURES
 from openpi.latents.report.readings import readings
