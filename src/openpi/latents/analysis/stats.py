@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -137,38 +138,20 @@ def task_probe(
         ci: coverage of the fold interval and of the shuffled interval.
         C, max_iter: passed to ``LogisticRegression``.
     """
-    x = np.asarray(features).astype(np.float64)
-    y = np.asarray(labels)
-    g = np.asarray(groups)
-    if x.ndim != 2 or y.shape != (x.shape[0],) or g.shape != (x.shape[0],):
-        raise ValueError(f"need features [n, d], labels [n], groups [n]; got {x.shape}, {y.shape}, {g.shape}")
-    n = x.shape[0]
-    classes, counts = np.unique(y, return_counts=True)
+    x, y, g, sizes = _probe_inputs(features, labels, groups)
     uniq_groups = np.unique(g)
-    sizes = dict(
-        chance_majority=float(counts.max() / n) if n else float("nan"),
-        chance_uniform=1.0 / len(classes) if len(classes) else float("nan"),
-        n_samples=n,
-        n_groups=len(uniq_groups),
-        n_classes=len(classes),
-    )
     notes: set[str] = set()
-    if len(classes) < 2:
-        return _empty_probe(f"only {len(classes)} class(es) in labels: nothing to decode", 0, notes, sizes)
-    if len(uniq_groups) < 2:
-        return _empty_probe(f"only {len(uniq_groups)} group(s): cannot hold out a group", 0, notes, sizes)
+    if sizes["n_classes"] < 2:
+        return _empty_probe(f"only {sizes['n_classes']} class(es) in labels: nothing to decode", 0, notes, sizes)
+    if sizes["n_groups"] < 2:
+        return _empty_probe(f"only {sizes['n_groups']} group(s): cannot hold out a group", 0, notes, sizes)
     k, splits = _folds(x, y, g, n_splits, len(uniq_groups), seed, notes)
     if not splits:
         return _empty_probe("no usable fold", k, notes, sizes)
     fold_acc = _cv_accuracy(x, y, splits, C, max_iter, notes)
     acc = float(fold_acc.mean())
     shuffled = _shuffled_control(x, y, np.searchsorted(uniq_groups, g), splits, n_shuffles, seed, (C, max_iter), notes)
-    if len(shuffled):
-        s_mean = float(shuffled.mean())
-        s_ci = (float(np.quantile(shuffled, 0.5 - ci / 2)), float(np.quantile(shuffled, 0.5 + ci / 2)))
-        p_value = float((1 + np.sum(shuffled >= acc)) / (1 + len(shuffled)))
-    else:
-        s_mean, s_ci, p_value = float("nan"), _NAN2, float("nan")
+    s_mean, s_ci, p_value = _control_summary(shuffled, acc, ci)
     return ProbeResult(
         accuracy=acc,
         accuracy_ci=_t_interval(fold_acc, ci),
@@ -184,6 +167,33 @@ def task_probe(
 
 
 _NAN2 = (float("nan"), float("nan"))
+
+
+def _probe_inputs(features, labels, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(x float64, y, g, the ProbeResult fields that only depend on the data: chance levels and counts)."""
+    x = np.asarray(features).astype(np.float64)
+    y = np.asarray(labels)
+    g = np.asarray(groups)
+    if x.ndim != 2 or y.shape != (x.shape[0],) or g.shape != (x.shape[0],):
+        raise ValueError(f"need features [n, d], labels [n], groups [n]; got {x.shape}, {y.shape}, {g.shape}")
+    n = x.shape[0]
+    classes, counts = np.unique(y, return_counts=True)
+    sizes = dict(
+        chance_majority=float(counts.max() / n) if n else float("nan"),
+        chance_uniform=1.0 / len(classes) if len(classes) else float("nan"),
+        n_samples=n,
+        n_groups=len(np.unique(g)),
+        n_classes=len(classes),
+    )
+    return x, y, g, sizes
+
+
+def _control_summary(shuffled: np.ndarray, acc: float, ci: float) -> tuple[float, tuple[float, float], float]:
+    """(mean, interval, permutation p-value) of the shuffled-label control; NaN when it was not run."""
+    if not len(shuffled):
+        return float("nan"), _NAN2, float("nan")
+    s_ci = (float(np.quantile(shuffled, 0.5 - ci / 2)), float(np.quantile(shuffled, 0.5 + ci / 2)))
+    return float(shuffled.mean()), s_ci, float((1 + np.sum(shuffled >= acc)) / (1 + len(shuffled)))
 
 
 def _empty_probe(reason: str, k: int, notes: set[str], sizes: dict) -> ProbeResult:
