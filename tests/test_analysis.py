@@ -912,9 +912,9 @@ def test_denoising_step_ids_from_the_capture_spec(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "rep" / "attention.csv")))
     assert sorted({(r["denoise_step"], r["capture_position"]) for r in rows}) == [("0", "0"), ("9", "1")]
     # Negative ids resolve with num_steps (here 5); no capture_spec: capture positions, noted.
-    assert resolve_denoise_steps(
-        {"capture_spec": {"denoise_steps": [-1]}, "arguments": {"num_denoise_steps": 5}}, 1
-    )[:2] == ((4,), "model")
+    assert resolve_denoise_steps({"capture_spec": {"denoise_steps": [-1]}, "arguments": {"num_denoise_steps": 5}}, 1)[
+        :2
+    ] == ((4,), "model")
     ids, kind, note = resolve_denoise_steps({}, 2)
     assert (ids, kind) == ((0, 1), "capture_position") and "capture position" in note
 
