@@ -463,3 +463,46 @@ def test_compute_loss_with_extra_pi05_groups(setup):
     rows = np.asarray(extra["attention_score_sum"]).sum(-1)
     masked_camera = model.token_group_names.index("right_wrist_0_rgb")
     np.testing.assert_allclose(np.delete(rows, masked_camera, axis=-1), b, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LIBERO collection with pi05_libero_tiny through the CLI, then the analysis (real simulator)
+
+
+@pytest.mark.libero
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_libero_collection_cli_and_analysis_pi05_tiny(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    from openpi.latents import analysis, store
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    root = tmp_path / "store"
+    cmd = [
+        sys.executable, str(repo / "scripts" / "inference_latent_collection.py"), "--preset", "pi05_libero_tiny",
+        "--task-suite", "libero_goal", "--task-ids", "0", "--episodes-per-task", "1", "--max-steps", "10",
+        "--num-denoise-steps", "3", "--capture.modulation", "--output-dir", str(root),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    config = policy_config.get_preset("pi05_libero_tiny").model_config
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["preset"] == "pi05_libero_tiny" and manifest["suffix_segment_names"] == ["action_0", "actions_1:"]
+    steps = store.load_inference_task_data(root, 0)["episodes"]["episode_0"]["rollout_steps"]
+    assert list(steps) == ["step_0", "step_5"]  # 10 env steps, a new chunk every 5
+    L_, w1, h = config.depth, config.action_expert_config.width, config.action_horizon
+    for step in steps.values():
+        assert step["actions"].shape == (h, 7) and np.isfinite(step["actions"]).all()
+        assert step["text_mask"].shape == (1, 200) and 0 < step["text_mask"].sum() < 200
+        assert step["expert_1_segment_means"].shape == (3, L_, 1, 2, w1)
+        assert step["attention_to_text"].shape == (3, L_, 1, config.action_expert_config.num_heads, h)  # Ts = H
+        assert step["expert_1_modulation"].shape == (3, L_, 1, 2, 3, w1)
+        assert step["adarms_cond"].shape == (3, 1, w1)
+
+    res = analysis.analyze_collection(root, probe=False, n_boot=50)
+    assert set(res.streams) == {"text_only", "expert_0", "expert_1"}
+    assert res.has("text_only", "logit_top1")  # token-embedding metrics from the preset's random(seed=0) weights
+    assert res.has("expert_1", "attention_to_text") and res.has("expert_1", "drift")

@@ -64,6 +64,8 @@ KNOWN_DIMS: dict[str, tuple[str, ...]] = {
     "expert_1_hidden_states": ("denoise_step", "layer", "batch", "token", "width"),
     "expert_1_segment_means": ("denoise_step", "layer", "batch", "segment", "width"),
     "attention_to_text": ("denoise_step", "layer", "batch", "head", "query"),
+    "expert_1_modulation": ("denoise_step", "layer", "batch", "norm", "component", "width"),  # pi0.5
+    "adarms_cond": ("denoise_step", "batch", "width"),  # pi0.5
     "denoise_times": ("denoise_step",),
     "x_t": ("denoise_point", "batch", "horizon", "action_dim"),
     "v_t": ("denoise_step", "batch", "horizon", "action_dim"),
