@@ -217,6 +217,15 @@ def test_discrete_state_prompt_and_actions(params, pi05_dir, pi05_inputs, pi05_e
     np.testing.assert_allclose(actions, e["ds_actions"], atol=ATOL, rtol=ATOL)
 
 
+def test_state_bins_edges_and_truncation(pi05_dir):
+    # Bin k covers [-1 + k/128, -1 + (k+1)/128); below -1 is -1, from 1 - 1/128 upwards (no clipping) is 255.
+    s = np.array([-1.5, -1.0000001, -1.0, -1 + 1 / 128, 0.0, 0.99, 1 - 1 / 128, 1.0, 7.0])
+    np.testing.assert_array_equal(_tokenizer.discretize_state(s), [-1, -1, 0, 1, 128, 254, 255, 255, 255])
+    tok = _tokenizer.PaligemmaTokenizer(12, pi05_dir / "tokenizer.model")
+    tokens, mask = tok.tokenize("open the drawer", np.zeros(8))
+    assert mask.all() and tokens[0] == 2  # truncated to max_len (the end of the string is cut), BOS first
+
+
 def test_bf16_path_stays_close_to_upstream_bf16(pi05_dir, obs, pi05_inputs, pi05_expected):
     params = _model.restore_params(pi05_dir / "checkpoint" / "params", dtype=jnp.bfloat16)
     model = pi05_tiny_a_config("bfloat16").load(params)
