@@ -6,8 +6,12 @@ For each model config, times (median over interleaved repeats, after compilation
   * infer_with_latents, everything        — every stream at full token resolution, every layer and step
 and reports each as a ratio to sample_actions. Target: the default spec stays within 1.10.
 
-    uv run python benchmarks/capture_overhead.py                 # dummy + mid configs
+pi0.5 configs (`pi05_*`, `Pi0Config(pi05=True)`) also time "everything + modulation" (the adaRMS scale/shift/gate of
+every layer and denoising step).
+
+    uv run python benchmarks/capture_overhead.py                 # dummy + mid configs, pi0 and pi0.5
     uv run python benchmarks/capture_overhead.py --configs full  # full-size pi0 (needs ~14 GB RAM in bf16)
+    uv run python benchmarks/capture_overhead.py --configs pi05_full
 """
 
 from __future__ import annotations
@@ -41,15 +45,20 @@ CONFIGS = {
     ),
     "full": Pi0Config(),
 }
+# pi0.5 at the same sizes, with pi05_libero's action horizon (10) and the pi0.5 text window (200).
+CONFIGS.update(
+    {f"pi05_{k}": dataclasses.replace(v, pi05=True, action_horizon=10, max_token_len=200) for k, v in CONFIGS.items()}
+)
 SPECS = {
     "default (text window + pooled)": CaptureSpec(),
     "everything": CaptureSpec.everything(),
 }
+PI05_SPECS = {"everything + modulation": dataclasses.replace(CaptureSpec.everything(), modulation=True)}
 
 
 @dataclasses.dataclass
 class Args:
-    configs: tuple[str, ...] = ("dummy", "mid")
+    configs: tuple[str, ...] = ("dummy", "mid", "pi05_dummy", "pi05_mid")
     repeats: int = 7
     num_steps: int = 10
     out: pathlib.Path = pathlib.Path("benchmarks/results/capture_overhead.json")
@@ -79,7 +88,7 @@ def _bench_config(name: str, config: Pi0Config, args: Args) -> dict:
     rng = jax.random.key(1)
 
     calls = {"sample_actions": lambda: model.sample_actions(rng, obs, num_steps=args.num_steps)}
-    for label, spec in SPECS.items():
+    for label, spec in {**SPECS, **(PI05_SPECS if config.pi05 else {})}.items():
         calls[label] = lambda spec=spec: model.infer_with_latents(rng, obs, num_steps=args.num_steps, capture=spec)
 
     for fn in calls.values():  # compile

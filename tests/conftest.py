@@ -37,3 +37,24 @@ def lora_tiny_a_dir() -> pathlib.Path:
 def lora_tiny_a_expected() -> dict[str, np.ndarray]:
     with np.load(LORA_TINY_A / "expected.npz", allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
+
+
+# pi0.5 (tests/data/pi05_tiny_a, copied from shared/fixtures; format in its README_pi05.md).
+PI05_TINY_A = DATA_DIR / "pi05_tiny_a"
+
+
+@pytest.fixture(scope="session")
+def pi05_dir() -> pathlib.Path:
+    return PI05_TINY_A
+
+
+@pytest.fixture(scope="session")
+def pi05_inputs() -> dict[str, np.ndarray]:
+    with np.load(PI05_TINY_A / "inputs.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="session")
+def pi05_expected() -> dict[str, np.ndarray]:
+    with np.load(PI05_TINY_A / "expected.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_inputs import fixture_observation, tiny_a_config
+from model_inputs import abstract_observation, fixture_observation, tiny_a_config
+from model_inputs import max_abs_diff as _maxdiff
 
 from openpi.models import model as _model
 from openpi.models import pi0
@@ -31,11 +32,6 @@ def obs(tiny_a_inputs):
 def latents(model, obs, tiny_a_inputs):
     spec = CaptureSpec(expert_0="full", expert_1="full", dtype="float32")
     return model.infer_with_latents(jax.random.key(0), obs, noise=tiny_a_inputs["noise"], capture=spec)
-
-
-def _maxdiff(a, b, where=None):
-    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-    return float(diff[where].max() if where is not None else diff.max())
 
 
 def test_actions_match_upstream(model, obs, tiny_a_inputs, tiny_a_expected):
@@ -147,7 +143,7 @@ def test_eval_shape_full_size_outputs(tiny_a_dir):
     reference = json.loads((tiny_a_dir.parent / "pi0_default_param_shapes.json").read_text())["eval_shape_batch1"]
     config = pi0.Pi0Config()
     model = jax.eval_shape(lambda: config.create(jax.random.key(0)))
-    obs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_observation(config))
+    obs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_observation(config))
     actions = jax.eval_shape(lambda m, o: m.sample_actions(jax.random.key(0), o), model, obs)
     assert (list(actions.shape), str(actions.dtype)) == (
         reference["sample_actions_output"]["shape"],
@@ -159,17 +155,6 @@ def test_eval_shape_full_size_outputs(tiny_a_dir):
     assert (list(tokens.shape), str(tokens.dtype)) == (
         reference["prefix_tokens"]["shape"],
         reference["prefix_tokens"]["dtype"],
-    )
-
-
-def _abstract_observation(config):
-    b = 1
-    return _model.Observation(
-        images={k: jnp.zeros((b, 224, 224, 3)) for k in _model.IMAGE_KEYS},
-        image_masks={k: jnp.ones((b,), bool) for k in _model.IMAGE_KEYS},
-        state=jnp.zeros((b, config.action_dim)),
-        tokenized_prompt=jnp.zeros((b, config.max_token_len), jnp.int32),
-        tokenized_prompt_mask=jnp.ones((b, config.max_token_len), bool),
     )
 
 

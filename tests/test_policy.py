@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from model_inputs import raw_libero_observation
 
 from openpi import transforms as T
 from openpi.models.capture import CaptureSpec
@@ -234,12 +235,7 @@ def _fake_policy(tiny_a_dir, stats, **kwargs):
 
 
 def _raw_obs(tiny_a_inputs):
-    return {
-        "observation/image": tiny_a_inputs["raw_observation_image"][0],
-        "observation/wrist_image": tiny_a_inputs["raw_observation_wrist_image"][0],
-        "observation/state": tiny_a_inputs["raw_observation_state"][0],
-        "prompt": str(tiny_a_inputs["prompt"][0]),
-    }
+    return raw_libero_observation(tiny_a_inputs)
 
 
 def test_policy_infer_arithmetic(tiny_a_dir, tiny_a_inputs):

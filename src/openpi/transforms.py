@@ -147,9 +147,14 @@ def _prompt_to_str(prompt: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizePrompt:
-    """Replaces ``prompt`` with ``tokenized_prompt`` (int32) and ``tokenized_prompt_mask`` (bool)."""
+    """Replaces ``prompt`` with ``tokenized_prompt`` (int32) and ``tokenized_prompt_mask`` (bool).
+
+    With `discrete_state_input` (pi0.5) the prompt also carries ``state`` as 256-bin digits; this runs after
+    Normalize and before padding, so the state is the normalised, unpadded one.
+    """
 
     tokenizer: _tokenizer.PaligemmaTokenizer
+    discrete_state_input: bool = False
 
     def __call__(self, data: DataDict) -> DataDict:
         if data.get("prompt") is None:
@@ -158,7 +163,10 @@ class TokenizePrompt:
                 "default_prompt=..."
             )
         data = dict(data)
-        tokens, mask = self.tokenizer.tokenize(_prompt_to_str(data.pop("prompt")))
+        state = None
+        if self.discrete_state_input:
+            state = np.asarray(require_key(data, "state", "TokenizePrompt(discrete_state_input=True)"))
+        tokens, mask = self.tokenizer.tokenize(_prompt_to_str(data.pop("prompt")), state)
         return {**data, "tokenized_prompt": tokens, "tokenized_prompt_mask": mask}
 
 

@@ -62,8 +62,8 @@ RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
 class CollectionArgs:
     """Run pi0 in LIBERO episodes and record its latents at every inference."""
 
-    # Policy preset: "pi0_libero" (the released full-size checkpoint) or "pi0_libero_tiny" (random weights, no
-    # download; for smoke tests).
+    # Policy preset: "pi0_libero" / "pi05_libero" (the released full-size checkpoints) or "pi0_libero_tiny" /
+    # "pi05_libero_tiny" (random weights, no download; for smoke tests).
     preset: str = "pi0_libero"
     # Checkpoint directory (local or gs://). Default: the preset's (pi0_libero: gs://openpi-assets/checkpoints/pi0_libero).
     checkpoint: str | None = None
@@ -382,6 +382,7 @@ def _manifest(args: CollectionArgs, plan: Plan) -> dict[str, Any]:
         "max_steps": plan.max_steps,
         "text_start": plan.preset.model_config.text_start,
         "segment_names": list(plan.preset.model_config.segment_names),
+        "suffix_segment_names": list(plan.preset.model_config.suffix_segment_names),
     }
 
 

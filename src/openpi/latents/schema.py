@@ -24,7 +24,9 @@ CF_PREFIX = "cf_"
 CAPTURE_DTYPE = "capture"
 STRING_DTYPE = "string"
 
-Stream = Literal["rollout", "policy", "env", "model", "expert_0", "expert_1", "text", "attention_to_text", "trajectory"]
+Stream = Literal[
+    "rollout", "policy", "env", "model", "expert_0", "expert_1", "text", "attention_to_text", "trajectory", "modulation"
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,15 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
     RecordKey(
         "attention_to_text", ("denoise_step", "layer", "batch", "head", "query"), "float32", "attention_to_text", True
     ),
+    # pi0.5 only (CaptureSpec.modulation): adaptive-norm (scale, shift, gate) of the pre-attention / pre-FFN norms.
+    RecordKey(
+        "expert_1_modulation",
+        ("denoise_step", "layer", "batch", "norm", "component", "width"),
+        CAPTURE_DTYPE,
+        "modulation",
+        True,
+    ),
+    RecordKey("adarms_cond", ("denoise_step", "batch", "width"), CAPTURE_DTYPE, "modulation", True),
     RecordKey("x_t", ("denoise_point", "batch", "horizon", "action_dim"), "float32", "trajectory", True),
     RecordKey("v_t", ("denoise_step", "batch", "horizon", "action_dim"), "float32", "trajectory", True),
 )

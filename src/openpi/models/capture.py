@@ -13,6 +13,8 @@ Streams (see docs/INTERFACES.md for the exact keys and shapes):
 * `attention_to_text`: attention mass (summed softmax probability) from each expert-1 query onto the valid text keys,
   per layer, head and denoising step.
 * `trajectory`: the flow-matching path x_t (before each step and the final x_0) and the velocities v_t.
+* `modulation` (pi0.5 only): the adaptive-norm modulation (scale, shift, gate) of each action-expert layer at each
+  denoising step, and the time condition it is computed from.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class CaptureSpec:
     denoise_steps: tuple[int, ...] | None = None
     # Storage dtype of hidden states (attention masses and the trajectory stay float32).
     dtype: StorageDtype = "bfloat16"
+    # pi0.5 only: each action-expert layer's adaRMS (scale, shift, gate) per denoising step, plus `adarms_cond`.
+    modulation: bool = False
 
     def __post_init__(self):
         for field in ("expert_0", "expert_1"):

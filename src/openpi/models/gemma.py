@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from openpi.models import lora as _lora
+from openpi.models.adarms import AdaRMSNorm, gate_of, gated_residual
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 # Upstream fills masked logits with this finite value (not -inf): rows with no valid key get a uniform softmax.
@@ -84,7 +85,7 @@ def variants() -> tuple[str, ...]:
 # Capture requests
 # ----------------------------------------------------------------------------------------------------------------
 
-Stream = Literal["residual", "post_attn_residual", "attn_out", "head_out"]
+Stream = Literal["residual", "post_attn_residual", "attn_out", "head_out", "modulation"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,9 @@ class Tap:
       post_attn_residual — the residual stream after the attention block's residual add (before the FFN).
       attn_out           — the attention block's output (after the output projection, before the residual add).
       head_out           — the per-head attention output before the output projection, [.., tokens, heads, head_dim].
+      modulation         — adaptive experts only (pi0.5's action expert): the adaRMS modulation of the layer's two
+                           norms, [B, 2 (pre-attention, pre-FFN), 3 (scale, shift, gate), W]; per example, not per
+                           token, so `tokens` must be "full".
     tokens:
       "full"      — every token of this expert in this call.
       (start, stop) — a static token window.
@@ -307,9 +311,20 @@ class Block(nn.Module):
     configs: tuple[Config, ...]
     taps: tuple[Tap, ...] = ()
     capture_dtype: str | None = None
+    adaptive_norm: tuple[bool, ...] = ()
+
+    def _norm(self, base: str, i: int, x, adarms_cond):
+        """(normed x, modulation or None): an adaptive expert's norm is an `AdaRMSNorm` fed the condition."""
+        if x is None:
+            return None, None
+        if i < len(self.adaptive_norm) and self.adaptive_norm[i]:
+            if adarms_cond is None or adarms_cond[i] is None:
+                raise ValueError(f"Expert {i} uses adaptive RMSNorm (pi0.5): pass its condition in adarms_cond.")
+            return AdaRMSNorm(name=_name(base, i))(x, adarms_cond[i])
+        return RMSNorm(name=_name(base, i))(x), None
 
     @nn.compact
-    def __call__(self, xs, positions, attn_mask, pool_weights, key_groups, kv_cache):
+    def __call__(self, xs, positions, attn_mask, pool_weights, key_groups, adarms_cond, kv_cache):
         captures = {}
 
         def tap(stream: str, per_expert):
@@ -320,24 +335,27 @@ class Block(nn.Module):
                     captures[t.name] = value.astype(self.capture_dtype) if self.capture_dtype else value
 
         tap("residual", xs)
-        normed = [None if x is None else RMSNorm(name=_name("pre_attention_norm", i))(x) for i, x in enumerate(xs)]
+        normed, mods_attn = zip(*(self._norm("pre_attention_norm", i, x, adarms_cond) for i, x in enumerate(xs)))
         attn_outs, heads, kv, mass = Attention(self.configs, name="attn")(
-            normed, positions, attn_mask, kv_cache, key_groups
+            list(normed), positions, attn_mask, kv_cache, key_groups
         )
         tap("attn_out", attn_outs)
         tap("head_out", heads)
-        xs = [None if x is None else x + a for x, a in zip(xs, attn_outs, strict=True)]
+        xs = [None if x is None else gated_residual(x, a, gate_of(m)) for x, a, m in zip(xs, attn_outs, mods_attn)]
         tap("post_attn_residual", xs)
         if mass is not None:
             captures["attention_mass"] = mass
 
-        out = []
+        out, mods_ffw = [], []
         for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True)):
+            h, m = self._norm("pre_ffw_norm", i, x, adarms_cond)
+            mods_ffw.append(m)
             if x is None:
                 out.append(None)
                 continue
-            h = RMSNorm(name=_name("pre_ffw_norm", i))(x)
-            out.append(x + FeedForward(cfg.mlp_dim, lora=cfg.lora("ffn"), name=_name("mlp", i))(h))
+            ffn = FeedForward(cfg.mlp_dim, lora=cfg.lora("ffn"), name=_name("mlp", i))
+            out.append(gated_residual(x, ffn(h), gate_of(m)))
+        tap("modulation", [None if a is None else jnp.stack([a, f], axis=1) for a, f in zip(mods_attn, mods_ffw)])
         return out, (kv, captures)
 
 
@@ -355,6 +373,8 @@ class Module(nn.Module):
     vocab_size: int = PALIGEMMA_VOCAB_SIZE
     taps: tuple[Tap, ...] = ()
     capture_dtype: str | None = None
+    # Per expert: True where its norms are adaptive (pi0.5's action expert), fed `adarms_cond` in __call__.
+    adaptive_norm: tuple[bool, ...] = ()
 
     def setup(self):
         cfgs = tuple(self.configs)
@@ -365,16 +385,29 @@ class Module(nn.Module):
         for t in self.taps:
             if not 0 <= t.expert < len(cfgs):
                 raise ValueError(f"Tap {t.name!r} asks for expert {t.expert}, but there are {len(cfgs)} experts.")
+            if t.stream == "modulation" and (t.tokens != "full" or not self._adaptive(t.expert)):
+                raise ValueError(f"Tap {t.name!r}: 'modulation' needs tokens='full' and an adaptive expert.")
         self.embedder = Embedder(vocab_size=self.vocab_size, width=cfgs[0].width, name="embedder")
         scanned = nn.scan(
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfgs[0].depth,
         )
-        self.layers = scanned(configs=cfgs, taps=tuple(self.taps), capture_dtype=self.capture_dtype, name="layers")
-        self.final_norms = [RMSNorm(name=_name("final_norm", i)) for i in range(len(cfgs))]
+        self.layers = scanned(
+            configs=cfgs,
+            taps=tuple(self.taps),
+            capture_dtype=self.capture_dtype,
+            adaptive_norm=tuple(self.adaptive_norm),
+            name="layers",
+        )
+        self.final_norms = [
+            (AdaRMSNorm if self._adaptive(i) else RMSNorm)(name=_name("final_norm", i)) for i in range(len(cfgs))
+        ]
+
+    def _adaptive(self, expert: int) -> bool:
+        return expert < len(self.adaptive_norm) and self.adaptive_norm[expert]
 
     def embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
         return self.embedder.encode(tokens).astype(self.embed_dtype)
@@ -388,14 +421,22 @@ class Module(nn.Module):
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
         pool_weights: Sequence[jax.Array | None] | None = None,
         key_groups: Float[Array, "b g s"] | None = None,
+        adarms_cond: Sequence[Float[Array, "b _d"] | None] | None = None,
     ):
         if len(embedded) != len(self.configs):
             raise ValueError(f"Got {len(embedded)} inputs for {len(self.configs)} experts.")
         xs = [None if e is None else e.astype(self.embed_dtype) for e in embedded]
         attn_mask = jnp.asarray(mask)[:, None, :, :]
         pool = None if pool_weights is None else list(pool_weights)
-        xs, (kv, captures) = self.layers(xs, positions, attn_mask, pool, key_groups, kv_cache)
-        outputs = [None if x is None else norm(x) for x, norm in zip(xs, self.final_norms, strict=True)]
+        cond = None if adarms_cond is None else list(adarms_cond)
+        xs, (kv, captures) = self.layers(xs, positions, attn_mask, pool, key_groups, cond, kv_cache)
+        outputs = []
+        for i, (x, norm) in enumerate(zip(xs, self.final_norms, strict=True)):
+            if x is not None and self._adaptive(i):
+                x = norm(x, cond[i])[0]  # the final norm's gate is unused
+            elif x is not None:
+                x = norm(x)
+            outputs.append(x)
         return outputs, kv, captures
 
     def init_all(self, batch: int = 1, tokens: tuple[int, ...] | None = None):
@@ -406,7 +447,8 @@ class Module(nn.Module):
         embedded = [jnp.zeros((batch, n, c.width), jnp.float32) for n, c in zip(tokens, self.configs, strict=True)]
         positions = jnp.zeros((batch, total), jnp.int32)
         mask = jnp.ones((batch, total, total), bool)
-        return self(embedded, positions, mask)
+        cond = [jnp.zeros((batch, c.width)) if self._adaptive(i) else None for i, c in enumerate(self.configs)]
+        return self(embedded, positions, mask, adarms_cond=cond)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ plain model this module can return what happens inside, by construction: `infer_
 
 Time convention (upstream's): t = 1 is noise, t = 0 is data; Euler steps with dt = -1/num_steps.
 
+pi0.5 is the same model with `Pi0Config(pi05=True)` (shared/spec/pi05.md): no state token, and the time enters as
+the condition of the action expert's adaptive norms (`adarms_cond`; `openpi.models.suffix`, `openpi.models.adarms`).
+
 pi0 decodes nothing autoregressively: the "AR process" of the seed plan is the single prefix pass over image and text
 tokens, which fills the KV cache once; only the action expert runs in each denoising step.
 """
@@ -24,6 +27,7 @@ from jaxtyping import Array, Bool, Float
 from openpi.models import gemma
 from openpi.models import model as _model
 from openpi.models.capture import CaptureSpec
+from openpi.models import suffix as _suffix
 from openpi.models.pi0_config import Pi0Config
 
 __all__ = ["Pi0", "Pi0Config", "make_attn_mask", "posemb_sincos"]
@@ -38,20 +42,8 @@ def make_attn_mask(input_mask: Bool[Array, "b n"], mask_ar: Bool[Array, "*b n"])
     return jnp.logical_and(attn_mask, valid)
 
 
-def posemb_sincos(pos: Float[Array, " b"], dim: int, min_period: float, max_period: float) -> Float[Array, "b d"]:
-    """Sine-cosine embedding of a scalar per example: [sin | cos] over `dim // 2` geometric periods."""
-    if dim % 2:
-        raise ValueError(f"posemb_sincos needs an even dimension, got {dim}.")
-    fraction = jnp.linspace(0.0, 1.0, dim // 2)
-    period = min_period * (max_period / min_period) ** fraction
-    angle = jnp.einsum("i,j->ij", pos, 1.0 / period * 2 * jnp.pi, precision=jax.lax.Precision.HIGHEST)
-    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
-
-
-def _linear(p: dict, x: jax.Array) -> jax.Array:
-    # nnx.Linear semantics: compute in the promoted dtype of input and params.
-    dtype = jnp.result_type(x, p["kernel"], p["bias"])
-    return jnp.dot(x.astype(dtype), p["kernel"].astype(dtype)) + p["bias"].astype(dtype)
+posemb_sincos = _suffix.posemb_sincos
+_linear = _suffix.linear
 
 
 def _mean_weights(masks: Bool[Array, "b g t"]) -> Float[Array, "b g t"]:
@@ -90,20 +82,15 @@ class Pi0:
     def embed_suffix(
         self, obs: _model.Observation, noisy_actions: Float[Array, "b h a"], timestep: Float[Array, " b"]
     ) -> tuple[Float[Array, "b ts d"], Bool[Array, "b ts"], Bool[Array, " ts"]]:
-        """[state token | action_time_mlp(action_in_proj(x_t), posemb(t))]; state is causal to the actions."""
-        p = self.params
-        horizon = self.config.action_horizon
-        state_token = _linear(p["state_proj"], obs.state)[:, None, :]
-        action_tokens = _linear(p["action_in_proj"], noisy_actions)
-        time_emb = posemb_sincos(timestep, action_tokens.shape[-1], min_period=4e-3, max_period=4.0)
-        time_tokens = einops.repeat(time_emb, "b d -> b h d", h=horizon)
-        x = jnp.concatenate([action_tokens, time_tokens], axis=-1)
-        x = _linear(p["action_time_mlp_out"], jax.nn.swish(_linear(p["action_time_mlp_in"], x)))
-        tokens = jnp.concatenate([state_token, x], axis=1)
-        batch = tokens.shape[0]
-        input_mask = jnp.ones((batch, 1 + horizon), dtype=bool)
-        ar_mask = jnp.array([True, True] + [False] * (horizon - 1))
-        return tokens, input_mask, ar_mask
+        """pi0: [state token | action_time_mlp(action_in_proj(x_t), posemb(t))]; pi0.5: action_in_proj(x_t) only
+        (the time goes to `adarms_cond`)."""
+        if self.config.pi05:
+            return _suffix.embed_suffix_pi05(self.params, noisy_actions)
+        return _suffix.embed_suffix_pi0(self.params, obs.state, noisy_actions, timestep)
+
+    def adarms_cond(self, timestep: Float[Array, " b"]) -> Float[Array, "b w1"] | None:
+        """pi0.5: the condition of the action expert's adaptive norms at time t; pi0: None."""
+        return _suffix.adarms_condition_pi05(self.params, timestep) if self.config.pi05 else None
 
     # ------------------------------------------------------------------------------------------------ training loss
     def _loss_pass(self, rng, observation, actions, *, train: bool, taps=(), key_groups=None, noise=None, time=None):
@@ -132,6 +119,7 @@ class Pi0:
             positions,
             attn_mask,
             key_groups=groups,
+            adarms_cond=[None, self.adarms_cond(time)],
         )
         v_t = _linear(self.params["action_out_proj"], suffix_out[:, -self.config.action_horizon :])
         loss = jnp.mean(jnp.square(v_t - u_t), axis=-1)
@@ -149,7 +137,8 @@ class Pi0:
         """`compute_loss`'s joint pass (prefix and suffix together, no cache) plus what happens inside it.
 
         All `*_sum` entries are summed over the batch axis (so they can be accumulated over batches and divided by
-        the number of examples). L = depth, Tp = prefix length, Ts = 1 + horizon, n = max_token_len, N = heads.
+        the number of examples). L = depth, Tp = prefix length, Ts = suffix_len (pi0: 1 + horizon; pi0.5:
+        horizon), n = max_token_len, N = heads.
 
         * `loss_sum` — scalar: `compute_loss(...)` ([B, H]) summed over batch and action steps.
         * `expert_0_hidden_states_sum` [L, Tp, W0] — expert 0's residual stream entering each layer (l = 0 is the
@@ -162,9 +151,10 @@ class Pi0:
         * `post_attn_sum` — per expert (tuple), each layer's attention output after the output projection, before
           the residual add: ([L, Tp, W0], [L, Ts, W1]).
         * `attention_score_sum` [L, N, G, G] — attention mass between token groups (`token_group_names`: each
-          camera, text, state, actions): entry [l, h, q, k] is the softmax probability mass that head h's queries
-          of group q put on the valid keys of group k, averaged over the valid queries of group q. Rows sum to 1
-          (over k) for groups with valid queries, and are 0 for empty groups (the masked camera).
+          camera, text, then `config.suffix_segment_names`): entry [l, h, q, k] is the softmax probability mass
+          that head h's queries of group q put on the valid keys of group k, averaged over the valid queries of
+          group q. Rows sum to 1 (over k) for groups with valid queries, and are 0 for empty groups (the masked
+          camera).
         * `text_representation` [L, B, n, N, head_dim] — per-head attention output (before the output projection)
           at the text positions, not summed.
         * `text_mask` [B, n] — which text positions hold real prompt tokens.
@@ -212,7 +202,7 @@ class Pi0:
 
     @property
     def token_group_names(self) -> tuple[str, ...]:
-        return (*self.config.segment_names, "state", "actions")
+        return (*self.config.segment_names, *self.config.suffix_segment_names)
 
     def _token_groups(self, prefix_mask, suffix_mask) -> Bool[Array, "b g t"]:
         """Valid-token masks of each group (`token_group_names`) over the sequence [prefix | suffix].
@@ -259,11 +249,15 @@ class Pi0:
         docs/INTERFACES.md: `expert_0_hidden_states` [L', B, Tp, W0] or `expert_0_segment_means` [L', B, cams+1, W0],
         `text_only_hidden_states` [L', B, n, W0] with `text_mask` [B, n] and `tokenized_prompt`, `segment_mask`
         [B, cams+1] (which cameras / the text hold valid tokens),
-        `expert_1_hidden_states` [S', L', B, Ts, W1] or `expert_1_segment_means` [S', L', B, 2, W1],
-        `attention_to_text` [S', L', B, heads, Ts], `denoise_times` [S'], `x_t` [S+1, B, H, A], `v_t` [S, B, H, A].
+        `expert_1_hidden_states` [S', L', B, Ts, W1] or `expert_1_segment_means` [S', L', B, 2, W1]
+        (`config.suffix_segment_names`), `attention_to_text` [S', L', B, heads, Ts], `denoise_times` [S'],
+        `x_t` [S+1, B, H, A], `v_t` [S, B, H, A]; pi0.5 with `capture.modulation`: `expert_1_modulation`
+        [S', L', B, 2, 3, W1] and `adarms_cond` [S', B, W1].
         L' = captured layers (entry l = residual stream entering that layer), S' = captured denoising steps.
         """
         capture.validate(depth=self.config.depth, num_steps=num_steps)
+        if capture.modulation and not self.config.pi05:
+            raise ValueError("CaptureSpec.modulation: only pi0.5 (Pi0Config(pi05=True)) has adaptive norms to capture.")
         return _sample_jit(self, rng, observation, num_steps=num_steps, noise=noise, capture=capture)
 
     def sample_actions_with_inference_steps(
@@ -290,9 +284,7 @@ class Pi0:
         prefix_keys = ("expert_0_hidden_states", "expert_0_segment_means", "text_only_hidden_states", "text_mask")
         ar_step = {"kind": "prefix", **{k: out[k] for k in prefix_keys if k in out}}
         steps = capture.step_indices(num_steps)
-        expert_1_keys = [
-            k for k in ("expert_1_hidden_states", "expert_1_segment_means", "attention_to_text") if k in out
-        ]
+        expert_1_keys = [k for k in _STEP_KEYS if k in out]
         flow = []
         times = _euler_times(num_steps)
         for s in range(num_steps):
@@ -326,12 +318,27 @@ def _prefix_taps(cfg: Pi0Config, capture: CaptureSpec | None) -> tuple[gemma.Tap
     return tuple(taps)
 
 
+# Per-denoising-step captures, in the order `sample_actions_with_inference_steps` lists them.
+_STEP_KEYS = (
+    "expert_1_hidden_states",
+    "expert_1_segment_means",
+    "attention_to_text",
+    "expert_1_modulation",
+    "adarms_cond",
+)
+
+
 def _suffix_taps(capture: CaptureSpec | None) -> tuple[gemma.Tap, ...]:
-    if capture is None or capture.expert_1 == "off":
+    if capture is None:
         return ()
+    taps = []
     if capture.expert_1 == "full":
-        return (gemma.Tap("expert_1_hidden_states", "residual", 1),)
-    return (gemma.Tap("expert_1_segment_means", "residual", 1, "pool"),)
+        taps.append(gemma.Tap("expert_1_hidden_states", "residual", 1))
+    elif capture.expert_1 == "pooled":
+        taps.append(gemma.Tap("expert_1_segment_means", "residual", 1, "pool"))
+    if capture.modulation:
+        taps.append(gemma.Tap("expert_1_modulation", "modulation", 1))
+    return tuple(taps)
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "capture"))
@@ -368,17 +375,20 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
         text_group = len(cfg.segment_names) - 1
         key_groups = model._token_groups(prefix_mask, suffix_none)[:, text_group : text_group + 1]
     pool1 = None
-    if taps1 and taps1[0].tokens == "pool":
-        state_w = jnp.zeros((cfg.suffix_len,)).at[0].set(1.0)
-        action_w = jnp.zeros((cfg.suffix_len,)).at[1:].set(1.0 / cfg.action_horizon)
-        pool1 = [None, jnp.broadcast_to(jnp.stack([state_w, action_w]), (batch, 2, cfg.suffix_len))]
+    if any(t.tokens == "pool" for t in taps1):
+        # `suffix_segment_names`: suffix token 0 (pi0: the state; pi0.5: the first action), the mean of the rest.
+        first_w = jnp.zeros((cfg.suffix_len,)).at[0].set(1.0)
+        rest_w = jnp.zeros((cfg.suffix_len,)).at[1:].set(1.0 / (cfg.suffix_len - 1))
+        pool1 = [None, jnp.broadcast_to(jnp.stack([first_w, rest_w]), (batch, 2, cfg.suffix_len))]
     llm1 = cfg.llm(taps1, capture_dtype)
     suffix_positions_base = jnp.sum(prefix_mask, axis=-1)[:, None]
     prefix_cols = einops.repeat(prefix_mask, "b p -> b s p", s=cfg.suffix_len)
 
     def step(carry, _):
         x_t, t = carry
-        suffix_tokens, suffix_mask, suffix_ar = model.embed_suffix(obs, x_t, jnp.broadcast_to(t, (batch,)))
+        time = jnp.broadcast_to(t, (batch,))
+        suffix_tokens, suffix_mask, suffix_ar = model.embed_suffix(obs, x_t, time)
+        cond = model.adarms_cond(time)
         full_mask = jnp.concatenate([prefix_cols, make_attn_mask(suffix_mask, suffix_ar)], axis=-1)
         suffix_positions = suffix_positions_base + jnp.cumsum(suffix_mask, axis=-1) - 1
         (_, suffix_out), _, caps = llm1.apply(
@@ -389,11 +399,14 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
             kv_cache=kv_cache,
             pool_weights=pool1,
             key_groups=key_groups,
+            adarms_cond=[None, cond],
         )
         v_t = _linear(model.params["action_out_proj"], suffix_out[:, -cfg.action_horizon :])
         ys = None
         if capture is not None:
             ys = {"x_t": x_t, "v_t": v_t, "t": t, **caps}
+            if capture.modulation:
+                ys["adarms_cond"] = cond
         return (x_t + dt * v_t, t + dt), ys
 
     (x_0, _), ys = jax.lax.scan(step, (noise, jnp.array(1.0, jnp.float32)), length=num_steps)
@@ -405,9 +418,11 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
     steps = jnp.asarray(capture.step_indices(num_steps))
     for key, value in prefix_caps.items():
         out[key] = value[layers]
-    for key in ("expert_1_hidden_states", "expert_1_segment_means"):
+    for key in ("expert_1_hidden_states", "expert_1_segment_means", "expert_1_modulation"):
         if key in ys:
             out[key] = ys[key][steps][:, layers]
+    if "adarms_cond" in ys:
+        out["adarms_cond"] = ys["adarms_cond"][steps]
     if "attention_mass" in ys:
         out["attention_to_text"] = ys["attention_mass"][steps][:, layers][..., 0]  # one key group: the text
     ts = cfg.text_start

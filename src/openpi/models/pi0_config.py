@@ -27,16 +27,19 @@ _DESCRIPTION_RE = re.compile(
     r"Pi0Config\(paligemma=(?P<paligemma>[^,]+), action_expert=(?P<action_expert>[^,]+), siglip=(?P<siglip>[^,]+), "
     r"vocab=(?P<vocab>\d+), horizon=(?P<horizon>\d+)\)"
 )
-# Projections outside the transformer: name -> (in features, out features) as functions of (W_action, action_dim).
-_PROJECTIONS = ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out", "action_out_proj")
 
 
 @dataclasses.dataclass(frozen=True)
 class Pi0Config:
-    """pi0 (not pi0.5). Defaults are upstream openpi's pi0 as used by `pi0_libero`.
+    """pi0, or pi0.5 with `pi05=True`. Defaults are upstream openpi's (pi0: as used by `pi0_libero`).
 
     `dtype` is the activation dtype; params are created in float32 and keep the dtype they are loaded with.
     Each variant is a name (`gemma.get_config`) or a `gemma.Config`.
+
+    pi0.5 (shared/spec/pi05.md): no state token, the flow-matching time enters only through adaptive RMSNorms of the
+    action expert (`time_mlp_*` → condition; gated residuals). `max_token_len=None` resolves to 200 for pi0.5 and 48
+    for pi0; `discrete_state_input=None` resolves to `pi05`. The model never reads `discrete_state_input`: only the
+    policy's prompt tokenisation does (the state as 256-bin digits in the prompt).
     """
 
     dtype: str = "bfloat16"
@@ -44,10 +47,19 @@ class Pi0Config:
     action_expert_variant: str | gemma.Config = "gemma_300m"
     action_dim: int = 32
     action_horizon: int = 50
-    max_token_len: int = 48
+    max_token_len: int | None = None
     siglip_variant: str = "So400m/14"
     siglip_depth: int | None = None
     vocab_size: int = gemma.PALIGEMMA_VOCAB_SIZE
+    pi05: bool = False
+    discrete_state_input: bool | None = None
+
+    def __post_init__(self):
+        # Resolved as upstream does; explicit values are kept.
+        if self.max_token_len is None:
+            object.__setattr__(self, "max_token_len", 200 if self.pi05 else 48)
+        if self.discrete_state_input is None:
+            object.__setattr__(self, "discrete_state_input", self.pi05)
 
     # ---------------------------------------------------------------- derived sizes
     @property
@@ -83,7 +95,15 @@ class Pi0Config:
 
     @property
     def suffix_len(self) -> int:
-        return 1 + self.action_horizon  # state token + action tokens
+        # pi0: state token + action tokens; pi0.5: the action tokens only.
+        return self.action_horizon if self.pi05 else 1 + self.action_horizon
+
+    @property
+    def suffix_segment_names(self) -> tuple[str, str]:
+        """The two pooled groups of the suffix (the `expert_1_segment_means` axis): suffix token 0, then the mean of
+        the remaining tokens. pi0: the state token and the action tokens; pi0.5 (no state token): the first action
+        token and the other H - 1 action tokens."""
+        return ("action_0", "actions_1:") if self.pi05 else ("state", "actions")
 
     @property
     def segment_names(self) -> tuple[str, ...]:
@@ -98,6 +118,7 @@ class Pi0Config:
             vocab_size=self.vocab_size,
             taps=taps,
             capture_dtype=capture_dtype,
+            adaptive_norm=(False, self.pi05),  # pi0.5: only the action expert is adaptive
         )
 
     def img(self) -> siglip.Module:
@@ -111,7 +132,15 @@ class Pi0Config:
         )
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """Projections outside the transformer: name -> (in features, out features), in upstream's creation order."""
         w = self.action_expert_config.width
+        if self.pi05:
+            return {
+                "action_in_proj": (self.action_dim, w),
+                "time_mlp_in": (w, w),
+                "time_mlp_out": (w, w),
+                "action_out_proj": (w, self.action_dim),
+            }
         return {
             "state_proj": (self.action_dim, w),
             "action_in_proj": (self.action_dim, w),
@@ -130,9 +159,8 @@ class Pi0Config:
         img_params = self.img().init(rng_img, jnp.zeros((1, *res, 3), jnp.float32))["params"]
         params: dict[str, Any] = {"PaliGemma": {"llm": llm_params, "img": img_params}}
         kernel_init = nn.initializers.lecun_normal()
-        for key, (name, (d_in, d_out)) in zip(
-            jax.random.split(rng_proj, len(_PROJECTIONS)), self.projection_shapes().items(), strict=True
-        ):
+        shapes = self.projection_shapes()
+        for key, (name, (d_in, d_out)) in zip(jax.random.split(rng_proj, len(shapes)), shapes.items(), strict=True):
             params[name] = {"kernel": kernel_init(key, (d_in, d_out), jnp.float32), "bias": jnp.zeros((d_out,))}
         return params
 
@@ -186,8 +214,9 @@ class Pi0Config:
             return v if isinstance(v, str) else f"{v.width}w/{v.depth}L"
 
         return (
-            f"Pi0Config(paligemma={name(self.paligemma_variant)}, action_expert={name(self.action_expert_variant)}, "
-            f"siglip={self.siglip_variant}, vocab={self.vocab_size}, horizon={self.action_horizon})"
+            f"Pi0Config({'pi05=True, ' if self.pi05 else ''}paligemma={name(self.paligemma_variant)}, "
+            f"action_expert={name(self.action_expert_variant)}, siglip={self.siglip_variant}, vocab={self.vocab_size}, "
+            f"horizon={self.action_horizon})"
         )
 
     @classmethod

@@ -3,6 +3,10 @@
 pi0 format: the prompt is cleaned (``strip()``, ``_`` -> space, newline -> space), encoded with BOS, followed by the
 separately encoded ``"\\n"`` ("start of answer"); no EOS. The result is zero-padded to ``max_len`` with a boolean
 mask that is True on real tokens, or truncated to ``max_len`` (with a warning; this drops the ``"\\n"`` token).
+
+pi0.5 with discrete state input (shared/spec/pi05.md section 7): the normalised state is discretised into 256 bins
+over [-1, 1) (`discretize_state`) and the whole string ``"Task: {prompt}, State: {bins};\\nAction: "`` is encoded in
+one call with BOS (no separate ``"\\n"`` token, no EOS); padding / truncation as above.
 """
 
 from __future__ import annotations
@@ -25,6 +29,19 @@ PALIGEMMA_TOKENIZER_URL = "gs://big_vision/paligemma_tokenizer.model"
 def clean_prompt(prompt: str) -> str:
     """pi0's prompt cleaning: strip, then underscores and newlines become spaces."""
     return prompt.strip().replace("_", " ").replace("\n", " ")
+
+
+def discretize_state(state: np.ndarray) -> Int[np.ndarray, " d"]:
+    """pi0.5's state bins: `digitize(s, linspace(-1, 1, 257)[:-1]) - 1`, so [-1 + k/128, -1 + (k+1)/128) -> k,
+    s >= 1 - 1/128 -> 255 and s < -1 -> -1 (no clipping; values outside [-1, 1] saturate at 255 / -1)."""
+    edges = np.linspace(-1, 1, 256 + 1)[:-1]
+    return np.digitize(np.asarray(state), bins=edges) - 1
+
+
+def discrete_state_prompt(prompt: str, state: np.ndarray) -> str:
+    """The exact string pi0.5 tokenises with discrete state input (the state: normalised, unpadded)."""
+    bins = " ".join(str(int(b)) for b in discretize_state(state))
+    return f"Task: {clean_prompt(prompt)}, State: {bins};\nAction: "
 
 
 class PaligemmaTokenizer:
@@ -60,16 +77,22 @@ class PaligemmaTokenizer:
     def vocab_size(self) -> int:
         return int(self._sp.GetPieceSize())
 
-    def tokenize(self, prompt: str) -> tuple[Int[np.ndarray, " max_len"], Bool[np.ndarray, " max_len"]]:
-        """Returns (tokens int32 [max_len], mask bool [max_len]) in pi0's format."""
+    def tokenize(
+        self, prompt: str, state: np.ndarray | None = None
+    ) -> tuple[Int[np.ndarray, " max_len"], Bool[np.ndarray, " max_len"]]:
+        """Returns (tokens int32 [max_len], mask bool [max_len]): pi0's format, or with `state` (normalised,
+        unpadded) pi0.5's discrete-state format."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}.")
-        tokens = list(self._sp.Encode(clean_prompt(prompt), add_bos=True)) + list(self._sp.Encode("\n"))
+        if state is None:
+            tokens = list(self._sp.Encode(clean_prompt(prompt), add_bos=True)) + list(self._sp.Encode("\n"))
+        else:
+            tokens = list(self._sp.Encode(discrete_state_prompt(prompt, state), add_bos=True))
         n = len(tokens)
         if n > self._max_len:
             logger.warning(
-                "Prompt has %d tokens, more than max_len=%d: truncating it (this drops the trailing '\\n' token). "
-                "Prompt: %r",
+                "Prompt has %d tokens, more than max_len=%d: truncating it (this drops its end: the '\\n' token, or "
+                "the state's ';\\nAction: ' and possibly digits). Prompt: %r",
                 n,
                 self._max_len,
                 prompt,

@@ -12,6 +12,13 @@ Presets:
   development. Without a checkpoint it uses random weights from a seed and the tokenizer and identity-like norm
   stats shipped in `openpi.assets` (no download at all). It can also load a tiny checkpoint (e.g. the test fixture,
   asset id ``test``).
+* ``pi05_libero``: full-size pi0.5 as upstream's ``pi05_libero`` (``Pi0Config(pi05=True, action_horizon=10,
+  discrete_state_input=False)``: the prompt carries no state, so the actions do not depend on the robot state), bf16,
+  checkpoint ``gs://openpi-assets/checkpoints/pi05_libero``, asset id ``physical-intelligence/libero``; quantile
+  normalisation, no delta/absolute action transform.
+* ``pi05_libero_tiny``: a tiny pi0.5 (as ``pi0_libero_tiny``, horizon 10, text window 200) with shipped assets
+  (tokenizer + identity-like norm stats with quantiles). Upstream initialises the adaptive norms to zero, so with
+  random params the action expert's residual branches are gated off (its actions ignore the observation).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ LIBERO_DELTA_MASK = _transforms.make_bool_mask(6, -1)
 
 @dataclasses.dataclass(frozen=True)
 class PolicyPreset:
-    """Everything needed to build a LIBERO pi0 policy."""
+    """Everything needed to build a LIBERO pi0 / pi0.5 policy (`model_type` "pi05" with `Pi0Config(pi05=True)`)."""
 
     name: str
     model_config: Pi0Config
@@ -60,13 +67,33 @@ class PolicyPreset:
     param_seed: int = 0
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if (self.model_type == "pi05") != bool(getattr(self.model_config, "pi05", False)):
+            raise ValueError(
+                f"Preset {self.name!r}: model_type={self.model_type!r} does not match the model config "
+                f"(pi05={getattr(self.model_config, 'pi05', False)}); use model_type='pi05' exactly with "
+                "Pi0Config(pi05=True)."
+            )
 
-def _tiny_assets() -> str:
-    return str(_assets.asset_dir("pi0_libero_tiny"))
+
+def _tiny_assets(name: str = "pi0_libero_tiny") -> str:
+    return str(_assets.asset_dir(name))
+
+
+def _tiny_config(**kwargs) -> Pi0Config:
+    return Pi0Config(
+        dtype="float32",
+        paligemma_variant="dummy",
+        action_expert_variant="dummy",
+        siglip_variant="mu/14",
+        vocab_size=1024,
+        **kwargs,
+    )
 
 
 def _presets() -> dict[str, PolicyPreset]:
     tiny_dir = _tiny_assets()
+    tiny05_dir = _tiny_assets("pi05_libero_tiny")
     return {
         "pi0_libero": PolicyPreset(
             name="pi0_libero",
@@ -83,18 +110,30 @@ def _presets() -> dict[str, PolicyPreset]:
         ),
         "pi0_libero_tiny": PolicyPreset(
             name="pi0_libero_tiny",
-            model_config=Pi0Config(
-                dtype="float32",
-                paligemma_variant="dummy",
-                action_expert_variant="dummy",
-                siglip_variant="mu/14",
-                vocab_size=1024,
-            ),
+            model_config=_tiny_config(),
             asset_id="pi0_libero_tiny",
             default_checkpoint=None,
             tokenizer_path=os.path.join(tiny_dir, "tokenizer.model"),
             default_norm_stats_dir=tiny_dir,
             description="tiny random-weight pi0 for tests and development (no download), float32",
+        ),
+        "pi05_libero": PolicyPreset(
+            name="pi05_libero",
+            model_config=Pi0Config(pi05=True, action_horizon=10, discrete_state_input=False),
+            asset_id="physical-intelligence/libero",
+            default_checkpoint="gs://openpi-assets/checkpoints/pi05_libero",
+            model_type="pi05",
+            description="full-size pi0.5 fine-tuned on LIBERO (openpi release; no state in the prompt), bf16",
+        ),
+        "pi05_libero_tiny": PolicyPreset(
+            name="pi05_libero_tiny",
+            model_config=_tiny_config(pi05=True, action_horizon=10, discrete_state_input=False),
+            asset_id="pi05_libero_tiny",
+            default_checkpoint=None,
+            tokenizer_path=os.path.join(tiny05_dir, "tokenizer.model"),
+            default_norm_stats_dir=tiny05_dir,
+            model_type="pi05",
+            description="tiny random-weight pi0.5 for tests and development (no download), float32",
         ),
     }
 
@@ -162,22 +201,29 @@ def make_transforms(
     *,
     default_prompt: str | None = None,
 ) -> tuple[list[_transforms.DataTransformFn], list[_transforms.DataTransformFn]]:
-    """(input transforms, output transforms) for LIBERO pi0 inference, in openpi's order."""
+    """(input transforms, output transforms) for LIBERO inference, in openpi's order.
+
+    pi0: z-score normalisation, DeltaActions / AbsoluteActions on the first 6 dims. pi0.5 (`pi05_libero`): quantile
+    normalisation and no delta/absolute transform (upstream's `extra_delta_transform=False`: LIBERO actions are
+    already deltas); the prompt carries the discretised state iff `model_config.discrete_state_input`.
+    """
     use_quantiles = preset.model_type != "pi0"
+    delta = [] if preset.model_type == "pi05" else [_transforms.DeltaActions(LIBERO_DELTA_MASK)]
+    absolute = [] if preset.model_type == "pi05" else [_transforms.AbsoluteActions(LIBERO_DELTA_MASK)]
     height, width = _model.IMAGE_RESOLUTION
     inputs = [
         _transforms.InjectDefaultPrompt(default_prompt),
         libero_policy.LiberoInputs(preset.model_type),
-        _transforms.DeltaActions(LIBERO_DELTA_MASK),
+        *delta,
         _transforms.Normalize(norm_stats, use_quantiles=use_quantiles),
         _transforms.InjectDefaultPrompt(default_prompt),
         _transforms.ResizeImages(height, width),
-        _transforms.TokenizePrompt(tokenizer),
+        _transforms.TokenizePrompt(tokenizer, discrete_state_input=bool(preset.model_config.discrete_state_input)),
         _transforms.PadStatesAndActions(preset.model_config.action_dim),
     ]
     outputs = [
         _transforms.Unnormalize(norm_stats, use_quantiles=use_quantiles),
-        _transforms.AbsoluteActions(LIBERO_DELTA_MASK),
+        *absolute,
         libero_policy.LiberoOutputs(),
     ]
     return inputs, outputs
