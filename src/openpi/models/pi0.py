@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float
 from openpi.latents.capture import CaptureSpec
 from openpi.models import gemma
 from openpi.models import model as _model
+from openpi.models.intervention import Intervention
 from openpi.models.pi0_config import Pi0Config
 
 __all__ = ["Pi0", "Pi0Config", "make_attn_mask", "posemb_sincos"]
@@ -240,9 +241,17 @@ class Pi0:
         *,
         num_steps: int = 10,
         noise: Float[Array, "b h a"] | None = None,
+        intervention: Intervention | None = None,
     ) -> Float[Array, "b h a"]:
-        """Euler flow-matching from noise (t = 1) to actions (t = 0); normalized space, all action_dim dims."""
-        return _sample_jit(self, rng, observation, num_steps=num_steps, noise=noise, capture=None)["actions"]
+        """Euler flow-matching from noise (t = 1) to actions (t = 0); normalized space, all action_dim dims.
+
+        `intervention` (see `openpi.models.intervention`) edits streams / attention inside the same jitted program;
+        it is checked against this model before compiling. New values of the same structure do not recompile.
+        """
+        self._check_intervention(intervention, observation, num_steps)
+        return _sample_jit(
+            self, rng, observation, num_steps=num_steps, noise=noise, capture=None, intervention=intervention
+        )["actions"]
 
     def infer_with_latents(
         self,
@@ -252,6 +261,7 @@ class Pi0:
         num_steps: int = 10,
         noise: Float[Array, "b h a"] | None = None,
         capture: CaptureSpec = CaptureSpec(),
+        intervention: Intervention | None = None,
     ) -> dict[str, jax.Array]:
         """`sample_actions` plus the latents `capture` asks for, in one jitted call (the prefix is computed once).
 
@@ -262,9 +272,24 @@ class Pi0:
         `expert_1_hidden_states` [S', L', B, Ts, W1] or `expert_1_segment_means` [S', L', B, 2, W1],
         `attention_to_text` [S', L', B, heads, Ts], `denoise_times` [S'], `x_t` [S+1, B, H, A], `v_t` [S, B, H, A].
         L' = captured layers (entry l = residual stream entering that layer), S' = captured denoising steps.
+        With an `intervention`, the actions are `sample_actions(..., intervention=...)`'s and the captures show the
+        edited streams.
         """
         capture.validate(depth=self.config.depth, num_steps=num_steps)
-        return _sample_jit(self, rng, observation, num_steps=num_steps, noise=noise, capture=capture)
+        self._check_intervention(intervention, observation, num_steps)
+        return _sample_jit(
+            self, rng, observation, num_steps=num_steps, noise=noise, capture=capture, intervention=intervention
+        )
+
+    def _check_intervention(self, intervention, observation, num_steps: int) -> None:
+        if intervention is None:
+            return
+        if not isinstance(intervention, Intervention):
+            raise TypeError(
+                f"intervention must be an openpi.models.intervention.Intervention (or None), got "
+                f"{type(intervention).__name__}: build one with knockout_attention / patch / ablate / steer."
+            )
+        intervention.validate(self.config, num_steps=num_steps, batch=observation.state.shape[0])
 
     def sample_actions_with_inference_steps(
         self,
@@ -335,8 +360,13 @@ def _suffix_taps(capture: CaptureSpec | None) -> tuple[gemma.Tap, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "capture"))
-def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture: CaptureSpec | None):
-    """The sampling loop shared by `sample_actions` (capture=None: the plain program) and `infer_with_latents`."""
+def _sample_jit(
+    model: Pi0, rng, observation, *, num_steps: int, noise, capture: CaptureSpec | None, intervention=None
+):
+    """The sampling loop shared by `sample_actions` (capture=None: the plain program) and `infer_with_latents`.
+
+    An `intervention`'s expert-0 edits act in the prefix pass (and so on the KV cache every step reads); its expert-1
+    edits act in each denoising step (selected by the step index)."""
     cfg = model.config
     if capture is not None and capture.is_off:
         capture = None
@@ -356,8 +386,9 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
     pool0 = None
     if any(t.tokens == "pool" for t in taps0):
         pool0 = [_mean_weights(model._token_groups(prefix_mask, None)), None]
+    edits0 = None if intervention is None else intervention.for_prefix(cfg)
     _, kv_cache, prefix_caps = cfg.llm(taps0, capture_dtype).apply(
-        llm_params, [prefix_tokens, None], positions, prefix_attn, pool_weights=pool0
+        llm_params, [prefix_tokens, None], positions, prefix_attn, pool_weights=pool0, edits=edits0
     )
 
     # Denoising loop: only the action expert runs, attending to the cached prefix.
@@ -376,8 +407,9 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
     suffix_positions_base = jnp.sum(prefix_mask, axis=-1)[:, None]
     prefix_cols = einops.repeat(prefix_mask, "b p -> b s p", s=cfg.suffix_len)
 
-    def step(carry, _):
+    def step(carry, step_index):
         x_t, t = carry
+        edits1 = None if intervention is None else intervention.for_denoise_step(cfg, step_index, num_steps)
         suffix_tokens, suffix_mask, suffix_ar = model.embed_suffix(obs, x_t, jnp.broadcast_to(t, (batch,)))
         full_mask = jnp.concatenate([prefix_cols, make_attn_mask(suffix_mask, suffix_ar)], axis=-1)
         suffix_positions = suffix_positions_base + jnp.cumsum(suffix_mask, axis=-1) - 1
@@ -389,6 +421,7 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
             kv_cache=kv_cache,
             pool_weights=pool1,
             key_groups=key_groups,
+            edits=edits1,
         )
         v_t = _linear(model.params["action_out_proj"], suffix_out[:, -cfg.action_horizon :])
         ys = None
@@ -396,7 +429,7 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
             ys = {"x_t": x_t, "v_t": v_t, "t": t, **caps}
         return (x_t + dt * v_t, t + dt), ys
 
-    (x_0, _), ys = jax.lax.scan(step, (noise, jnp.array(1.0, jnp.float32)), length=num_steps)
+    (x_0, _), ys = jax.lax.scan(step, (noise, jnp.array(1.0, jnp.float32)), jnp.arange(num_steps))
     out = {"actions": x_0}
     if capture is None:
         return out
