@@ -89,7 +89,10 @@ def test_none_and_zero_steer_are_bit_identical(model, obs, noise, plain):
 
 def test_patch_with_own_captures_is_a_noop(model, obs, noise, plain, plain_latents):
     own = iv.patch(0, "text", None, plain_latents["text_only_hidden_states"]) + iv.patch(
-        1, "all", None, plain_latents["expert_1_hidden_states"]  # [S, L, B, Ts, W1]: per-step values
+        1,
+        "all",
+        None,
+        plain_latents["expert_1_hidden_states"],  # [S, L, B, Ts, W1]: per-step values
     )
     patched = _actions(model, obs, noise, own)
     print("patch with own captures: max |diff| =", _maxdiff(patched, plain))
@@ -228,7 +231,7 @@ def test_constructor_errors():
         iv.patch(0, "text", None, np.zeros(1), stream="resid")
     with pytest.raises(ValueError, match=r"mode='half' is not valid"):
         iv.ablate(0, "text", None, "half")
-    with pytest.raises(TypeError, match="intervention must be an openpi.models.intervention.Intervention"):
+    with pytest.raises(TypeError, match=r"intervention must be an openpi\.models\.intervention\.Intervention"):
         tiny_a_config().create(jax.random.key(0)).sample_actions(
             jax.random.key(0), random_observation(tiny_a_config(), 1), num_steps=1, intervention={"steer": 1}
         )

@@ -6,7 +6,7 @@ layer index as the first param axis.
 
 Capture by construction: each layer returns the taps that were asked for (a residual stream entering the layer, the
 attention output, ...), already reduced over tokens, and the scan stacks them per layer. Interventions
-(`intervention.LayerEdits`) edit those streams and the attention mask in the same layer body, before the taps read
+(`layer_edits.LayerEdits`) edit those streams and the attention mask in the same layer body, before the taps read
 them. With no taps and no edits the program is the plain model.
 """
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from openpi.models import intervention as _iv
+from openpi.models import layer_edits as _edits
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 # Upstream fills masked logits with this finite value (not -inf): rows with no valid key get a uniform softmax.
@@ -218,7 +218,7 @@ class Attention(nn.Module):
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
         if attn_mask.shape[-2:] != (q_len, k.shape[1]):
             raise ValueError(f"Attention mask {attn_mask.shape} does not fit queries {q_len} x keys {k.shape[1]}.")
-        mask = _iv.knock_out(edits, attn_mask[:, :, None, :, :], layer, num_kv)
+        mask = _edits.knock_out(edits, attn_mask[:, :, None, :, :], layer, num_kv)
         logits = jnp.where(mask, logits, _BIG_NEG)
         probs32 = jax.nn.softmax(logits, axis=-1)
         probs = probs32.astype(dtype)
@@ -237,11 +237,11 @@ class Attention(nn.Module):
                 heads.append(None)
                 continue
             end = start + x.shape[1]
-            enc_i = _iv.edit_stream(edits, "head_out", i, enc[:, start:end], layer)
+            enc_i = _edits.edit_stream(edits, "head_out", i, enc[:, start:end], layer)
             out_proj = Einsum(
                 (cfg.num_heads, cfg.head_dim, cfg.width), in_axis=(-3, -2), name=_name("attn_vec_einsum", i)
             )
-            o = _iv.edit_stream(edits, "attn_out", i, out_proj("BTNH,NHD->BTD", enc_i), layer)
+            o = _edits.edit_stream(edits, "attn_out", i, out_proj("BTNH,NHD->BTD", enc_i), layer)
             outs.append(o)
             heads.append(enc_i)
             start = end
@@ -251,7 +251,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """One transformer layer for all experts; returns (new residual streams, (kv, captures)).
 
-    `edits` (an `intervention.LayerEdits`, or None) change streams and the attention mask of layer `layer` before
+    `edits` (a `layer_edits.LayerEdits`, or None) change streams and the attention mask of layer `layer` before
     the taps read them, so captures show the edited streams.
     """
 
@@ -270,7 +270,7 @@ class Block(nn.Module):
                     value = _reduce_tokens(per_expert[t.expert], t.tokens, weights)
                     captures[t.name] = value.astype(self.capture_dtype) if self.capture_dtype else value
 
-        xs = _iv.edit_streams(edits, "residual", xs, layer)
+        xs = _edits.edit_streams(edits, "residual", xs, layer)
         tap("residual", xs)
         normed = [None if x is None else RMSNorm(name=_name("pre_attention_norm", i))(x) for i, x in enumerate(xs)]
         attn_outs, heads, kv, mass = Attention(self.configs, name="attn")(
@@ -340,7 +340,7 @@ class Module(nn.Module):
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
         pool_weights: Sequence[jax.Array | None] | None = None,
         key_groups: Float[Array, "b g s"] | None = None,
-        edits: _iv.LayerEdits | None = None,
+        edits: _edits.LayerEdits | None = None,
     ):
         if len(embedded) != len(self.configs):
             raise ValueError(f"Got {len(embedded)} inputs for {len(self.configs)} experts.")

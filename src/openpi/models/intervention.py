@@ -23,6 +23,9 @@ cached keys/values and so reaches every denoising step; it takes no `denoise_ste
 
 Knockouts mask logits before the softmax exactly as the attention mask does (upstream's finite big-negative fill): a
 query whose every key is masked gets a uniform softmax over all keys, as upstream does for padding queries.
+
+`Pi0.sample_actions` / `infer_with_latents` call `Intervention.validate` before compiling (errors name the fix);
+`layer_edits` compiles the operations into the Gemma layer body (a few hooks, identities when there is no edit).
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ STREAM_POINTS = ("residual", "attn_out", "head_out")
 _JOINT_ONLY = ("prefix", "suffix")
 
 
-def _static(*meta: str, data: tuple[str, ...] = ()):
+def pytree_dataclass(*meta: str, data: tuple[str, ...] = ()):
+    """A frozen dataclass registered as a pytree: `meta` fields are static structure, `data` fields leaves."""
+
     def wrap(cls):
         cls = dataclasses.dataclass(frozen=True)(cls)
         return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
@@ -56,7 +61,7 @@ def _static(*meta: str, data: tuple[str, ...] = ()):
 # Operations: static structure in meta fields, arrays as data leaves
 
 
-@_static("queries", "keys", "layers", "heads")
+@pytree_dataclass("queries", "keys", "layers", "heads")
 class Knockout:
     queries: Span
     keys: Span
@@ -64,7 +69,7 @@ class Knockout:
     heads: tuple[int, ...] | None
 
 
-@_static("expert", "tokens", "layers", "stream", "denoise_steps", data=("values",))
+@pytree_dataclass("expert", "tokens", "layers", "stream", "denoise_steps", data=("values",))
 class Patch:
     expert: int
     tokens: Span
@@ -74,7 +79,7 @@ class Patch:
     values: jax.Array  # [L', B, t, *feature] (expert 1 may add a leading [S'] axis)
 
 
-@_static("expert", "tokens", "layers", "stream", "denoise_steps", "mode", data=("mean",))
+@pytree_dataclass("expert", "tokens", "layers", "stream", "denoise_steps", "mode", data=("mean",))
 class Ablate:
     expert: int
     tokens: Span
@@ -85,7 +90,7 @@ class Ablate:
     mean: jax.Array | None  # [L', *feature] or [L', B, *feature]; None with mode="mean": the span's own mean
 
 
-@_static("expert", "tokens", "layers", "stream", "denoise_steps", data=("vector", "alpha"))
+@pytree_dataclass("expert", "tokens", "layers", "stream", "denoise_steps", data=("vector", "alpha"))
 class Steer:
     expert: int
     tokens: Span
@@ -99,7 +104,7 @@ class Steer:
 StreamEdit = Patch | Ablate | Steer
 
 
-@_static(data=("ops",))
+@pytree_dataclass(data=("ops",))
 class Intervention:
     """Several operations applied together (in order, for edits of the same stream point). `a + b` combines."""
 
@@ -113,18 +118,12 @@ class Intervention:
     def validate(self, config: Pi0Config, *, num_steps: int, batch: int) -> None:
         """Raises a ValueError naming the fix if any operation does not fit this model, sampling and batch."""
         if not isinstance(self.ops, tuple) or not all(isinstance(op, Knockout | StreamEdit) for op in self.ops):
-            raise TypeError("Intervention.ops must be a tuple of operations: build it with knockout_attention, "
-                            "patch, ablate or steer and combine with +.")
+            raise TypeError(
+                "Intervention.ops must be a tuple of operations: build it with knockout_attention, "
+                "patch, ablate or steer and combine with +."
+            )
         for i, op in enumerate(self.ops):
             _Check(config, num_steps, batch, f"Intervention operation {i} ({type(op).__name__.lower()})").op(op)
-
-    def for_prefix(self, config: Pi0Config) -> LayerEdits:
-        """The edits of the prefix pass (expert 0 and knockouts of prefix queries), for `gemma.Module`."""
-        return _resolve(self, config, expert=0, step=None, num_steps=None)
-
-    def for_denoise_step(self, config: Pi0Config, step: jax.Array, num_steps: int) -> LayerEdits:
-        """The edits of one denoising step (expert 1 and knockouts of suffix queries); `step` may be traced."""
-        return _resolve(self, config, expert=1, step=step, num_steps=num_steps)
 
 
 def combine(*parts: Intervention) -> Intervention:
@@ -135,7 +134,7 @@ def combine(*parts: Intervention) -> Intervention:
 # Named constructors
 
 
-def _indices(value, what: str) -> tuple[int, ...] | None:
+def _indices(value) -> tuple[int, ...] | None:
     if value is None:
         return None
     if isinstance(value, int | np.integer):
@@ -161,17 +160,15 @@ def _common(expert, tokens, layers, stream, denoise_steps):
     return dict(
         expert=int(expert),
         tokens=_span(tokens, "tokens"),
-        layers=_indices(layers, "layers"),
+        layers=_indices(layers),
         stream=stream,
-        denoise_steps=_indices(denoise_steps, "denoise_steps"),
+        denoise_steps=_indices(denoise_steps),
     )
 
 
 def knockout_attention(queries: Span, keys: Span, layers=None, heads=None) -> Intervention:
     """Remove attention from the `queries` tokens onto the `keys` tokens (masked before the softmax)."""
-    return Intervention(
-        (Knockout(_span(queries, "queries"), _span(keys, "keys"), _indices(layers, "layers"), _indices(heads, "heads")),)
-    )
+    return Intervention((Knockout(_span(queries, "queries"), _span(keys, "keys"), _indices(layers), _indices(heads)),))
 
 
 def patch(expert: int, tokens: Span, layers, values, *, stream: StreamPoint = "residual", denoise_steps=None):
@@ -199,7 +196,9 @@ def ablate(
     return Intervention((Ablate(**_common(expert, tokens, layers, stream, denoise_steps), mode=mode, mean=mean),))
 
 
-def steer(expert: int, tokens: Span, layers, vector, alpha=1.0, denoise_steps=None, *, stream: StreamPoint = "residual"):
+def steer(
+    expert: int, tokens: Span, layers, vector, alpha=1.0, denoise_steps=None, *, stream: StreamPoint = "residual"
+):
     """Add `alpha * vector` ([*feature], or [L', *feature] per layer) to the stream at `tokens`."""
     common = _common(expert, tokens, layers, stream, denoise_steps)
     return Intervention((Steer(**common, vector=jnp.asarray(vector), alpha=jnp.asarray(alpha, jnp.float32)),))
@@ -244,143 +243,6 @@ def joint_span(config: Pi0Config, tokens: Span) -> tuple[int, int]:
 
 def layer_tuple(layers: tuple[int, ...] | None, depth: int) -> tuple[int, ...]:
     return tuple(range(depth)) if layers is None else tuple(i % depth for i in layers)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Resolved edits of one `gemma.Module` call, and the hooks the layer body calls
-
-
-@_static("expert", "stream", "start", "stop", "layers", "kind", data=("payload", "alpha", "step_active"))
-class _Edit:
-    expert: int
-    stream: str
-    start: int
-    stop: int
-    layers: tuple[int, ...]
-    kind: str  # "patch" | "zero" | "own_mean" | "mean" | "steer"
-    payload: jax.Array | None  # indexed by layer slot
-    alpha: jax.Array | None
-    step_active: jax.Array | None
-
-
-@_static("layers", data=("block",))
-class _Knock:
-    layers: tuple[int, ...]
-    block: np.ndarray  # [heads | 1, queries, keys] bool: True where attention is removed
-
-
-@_static(data=("edits", "knockouts"))
-class LayerEdits:
-    """What one call of the layer stack changes; passed to `gemma.Module(..., edits=)`."""
-
-    edits: tuple[_Edit, ...]
-    knockouts: tuple[_Knock, ...]
-
-
-def _slot(layers: tuple[int, ...], layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-    hit = jnp.asarray(layers) == layer
-    return jnp.any(hit), jnp.argmax(hit)
-
-
-def _resolve(iv: Intervention, config: Pi0Config, *, expert: int, step, num_steps) -> LayerEdits:
-    depth = config.depth
-    edits, knocks = [], []
-    for op in iv.ops:
-        if isinstance(op, Knockout):
-            knock = _knock_block(op, config, expert)
-            if knock is not None:
-                knocks.append(_Knock(layer_tuple(op.layers, depth), knock))
-        elif op.expert == expert:
-            edits.append(_resolve_edit(op, config, step=step, num_steps=num_steps))
-    return LayerEdits(tuple(edits), tuple(knocks))
-
-
-def _knock_block(op: Knockout, config: Pi0Config, expert: int) -> np.ndarray | None:
-    tp, ts = config.prefix_len, config.suffix_len
-    q_pos = np.arange(tp) if expert == 0 else tp + np.arange(ts)
-    k_pos = np.arange(tp) if expert == 0 else np.arange(tp + ts)
-    (qa, qb), (ka, kb) = joint_span(config, op.queries), joint_span(config, op.keys)
-    block = ((q_pos >= qa) & (q_pos < qb))[:, None] & ((k_pos >= ka) & (k_pos < kb))[None, :]
-    if not block.any():
-        return None  # none of this pass's queries are knocked out
-    if op.heads is None:
-        return block[None]
-    heads = np.zeros(config.paligemma_config.num_heads, bool)
-    heads[list(op.heads)] = True
-    return heads[:, None, None] & block[None]
-
-
-def _resolve_edit(op: StreamEdit, config: Pi0Config, *, step, num_steps) -> _Edit:
-    start, stop = expert_span(config, op.expert, op.tokens)
-    layers = layer_tuple(op.layers, config.depth)
-    rank = _feature_rank(op.stream)
-    step_active, step_slot, payload, alpha = None, None, None, None
-    if op.expert == 1:
-        steps = tuple(range(num_steps)) if op.denoise_steps is None else tuple(s % num_steps for s in op.denoise_steps)
-        active, step_slot = _slot(steps, step)
-        step_active = None if op.denoise_steps is None else active
-    if isinstance(op, Patch):
-        kind, payload = "patch", op.values
-        if payload.ndim == 4 + rank:  # expert 1 with a leading denoising-step axis: this step's values
-            payload = payload[step_slot]
-    elif isinstance(op, Ablate):
-        kind = "zero" if op.mode == "zero" else ("own_mean" if op.mean is None else "mean")
-        if kind == "mean":  # [L', *f] or [L', B, *f] -> [L', B | 1, *f]
-            payload = op.mean if op.mean.ndim == 2 + rank else op.mean[:, None]
-    else:
-        kind, alpha = "steer", op.alpha
-        payload = jnp.broadcast_to(op.vector, (len(layers), *op.vector.shape[op.vector.ndim - rank :]))
-    return _Edit(op.expert, op.stream, start, stop, layers, kind, payload, alpha, step_active)
-
-
-def _feature_rank(stream: str) -> int:
-    return 2 if stream == "head_out" else 1
-
-
-def _apply_edit(e: _Edit, x: jax.Array, layer: jax.Array) -> jax.Array:
-    active, slot = _slot(e.layers, layer)
-    if e.step_active is not None:
-        active = active & e.step_active
-    seg = x[:, e.start : e.stop]
-    if e.kind == "patch":
-        new = e.payload[slot]
-    elif e.kind == "zero":
-        new = jnp.zeros_like(seg)
-    elif e.kind == "own_mean":
-        new = jnp.broadcast_to(jnp.mean(seg, axis=1, keepdims=True), seg.shape)
-    elif e.kind == "mean":
-        new = jnp.broadcast_to(e.payload[slot][:, None], seg.shape)
-    else:
-        new = seg + (e.alpha * e.payload[slot]).astype(seg.dtype)
-    return x.at[:, e.start : e.stop].set(jnp.where(active, new.astype(seg.dtype), seg))
-
-
-def edit_stream(edits: LayerEdits | None, stream: str, expert: int, x: jax.Array | None, layer: jax.Array):
-    """Hook: expert `expert`'s `stream` at `layer` after this call's edits (x itself when nothing applies)."""
-    if edits is None or x is None:
-        return x
-    for e in edits.edits:
-        if e.stream == stream and e.expert == expert:
-            x = _apply_edit(e, x, layer)
-    return x
-
-
-def edit_streams(edits: LayerEdits | None, stream: str, xs: list, layer: jax.Array) -> list:
-    """Hook: `edit_stream` for every expert's stream."""
-    return [edit_stream(edits, stream, i, x, layer) for i, x in enumerate(xs)]
-
-
-def knock_out(edits: LayerEdits | None, mask: jax.Array, layer: jax.Array, num_kv_heads: int) -> jax.Array:
-    """Hook: the attention mask [B, 1, 1, T, S] (True = attend) with this layer's knockouts removed; the result has
-    per-head axes [B, K, G, T, S] (K kv heads x G queries per kv head) when a knockout selects heads."""
-    if edits is None:
-        return mask
-    for k in edits.knockouts:
-        active, _ = _slot(k.layers, layer)
-        block = jnp.asarray(k.block)
-        block = block.reshape(num_kv_heads, -1, *block.shape[1:]) if block.shape[0] > 1 else block[None]
-        mask = mask & ~(active & block)[None]
-    return mask
 
 
 def describe(iv: Intervention | None) -> dict[str, Any] | None:
@@ -471,14 +333,18 @@ class _Check:
         own = ["all", *(k for k, v in segments.items() if v[0] == expert)]
         if isinstance(tokens, str):
             if tokens in segments and segments[tokens][0] != expert:
-                self.fail(f"{tokens!r} is a token segment of expert {segments[tokens][0]}, not expert {expert}",
-                          f"edit expert {segments[tokens][0]}, or use one of {own} for expert {expert}")
+                self.fail(
+                    f"{tokens!r} is a token segment of expert {segments[tokens][0]}, not expert {expert}",
+                    f"edit expert {segments[tokens][0]}, or use one of {own} for expert {expert}",
+                )
             if tokens not in own:
                 self.fail(f"unknown token segment {tokens!r}", f"use one of {own} or (start, stop)")
             return
         n = self.config.prefix_len if expert == 0 else self.config.suffix_len
         if not 0 <= tokens[0] < tokens[1] <= n:
-            self.fail(f"tokens={tokens} is not a window of expert {expert}'s {n} tokens", f"use 0 <= start < stop <= {n}")
+            self.fail(
+                f"tokens={tokens} is not a window of expert {expert}'s {n} tokens", f"use 0 <= start < stop <= {n}"
+            )
 
     def joint_span(self, name: str, tokens: Span) -> None:
         known = ["all", *_JOINT_ONLY, *expert_segments(self.config)]
@@ -488,8 +354,10 @@ class _Check:
             return
         n = self.config.prefix_len + self.config.suffix_len
         if not 0 <= tokens[0] < tokens[1] <= n:
-            self.fail(f"{name}={tokens} is not a window of the {n} joint tokens [prefix | suffix]",
-                      f"use 0 <= start < stop <= {n}")
+            self.fail(
+                f"{name}={tokens} is not a window of the {n} joint tokens [prefix | suffix]",
+                f"use 0 <= start < stop <= {n}",
+            )
 
     def shape(self, what: str, value, allowed: list[tuple[int, ...]], form: str) -> None:
         shape = tuple(getattr(value, "shape", ()))

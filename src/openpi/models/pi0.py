@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from openpi.latents.capture import CaptureSpec
-from openpi.models import gemma
+from openpi.models import gemma, layer_edits
 from openpi.models import model as _model
 from openpi.models.intervention import Intervention
 from openpi.models.pi0_config import Pi0Config
@@ -360,9 +360,7 @@ def _suffix_taps(capture: CaptureSpec | None) -> tuple[gemma.Tap, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "capture"))
-def _sample_jit(
-    model: Pi0, rng, observation, *, num_steps: int, noise, capture: CaptureSpec | None, intervention=None
-):
+def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture: CaptureSpec | None, intervention=None):
     """The sampling loop shared by `sample_actions` (capture=None: the plain program) and `infer_with_latents`.
 
     An `intervention`'s expert-0 edits act in the prefix pass (and so on the KV cache every step reads); its expert-1
@@ -386,7 +384,7 @@ def _sample_jit(
     pool0 = None
     if any(t.tokens == "pool" for t in taps0):
         pool0 = [_mean_weights(model._token_groups(prefix_mask, None)), None]
-    edits0 = None if intervention is None else intervention.for_prefix(cfg)
+    edits0 = None if intervention is None else layer_edits.for_prefix(intervention, cfg)
     _, kv_cache, prefix_caps = cfg.llm(taps0, capture_dtype).apply(
         llm_params, [prefix_tokens, None], positions, prefix_attn, pool_weights=pool0, edits=edits0
     )
@@ -409,7 +407,9 @@ def _sample_jit(
 
     def step(carry, step_index):
         x_t, t = carry
-        edits1 = None if intervention is None else intervention.for_denoise_step(cfg, step_index, num_steps)
+        edits1 = (
+            None if intervention is None else layer_edits.for_denoise_step(intervention, cfg, step_index, num_steps)
+        )
         suffix_tokens, suffix_mask, suffix_ar = model.embed_suffix(obs, x_t, jnp.broadcast_to(t, (batch,)))
         full_mask = jnp.concatenate([prefix_cols, make_attn_mask(suffix_mask, suffix_ar)], axis=-1)
         suffix_positions = suffix_positions_base + jnp.cumsum(suffix_mask, axis=-1) - 1
