@@ -299,6 +299,7 @@ class Pi0:
         num_steps: int = 10,
         noise: Float[Array, "b h a"] | None = None,
         capture: CaptureSpec = CaptureSpec.everything(),
+        intervention: Intervention | None = None,
     ) -> dict[str, Any]:
         """The inference as a list of steps: `{"ar_process_steps", "flow_matching_steps", "final_action"}`.
 
@@ -311,7 +312,9 @@ class Pi0:
         * `final_action` [B, H, A] — x at t = 0, equal to `sample_actions`.
         """
         capture = dataclasses.replace(capture, trajectory=True)
-        out = self.infer_with_latents(rng, observation, num_steps=num_steps, noise=noise, capture=capture)
+        out = self.infer_with_latents(
+            rng, observation, num_steps=num_steps, noise=noise, capture=capture, intervention=intervention
+        )
         prefix_keys = ("expert_0_hidden_states", "expert_0_segment_means", "text_only_hidden_states", "text_mask")
         ar_step = {"kind": "prefix", **{k: out[k] for k in prefix_keys if k in out}}
         steps = capture.step_indices(num_steps)
