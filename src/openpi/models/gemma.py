@@ -5,8 +5,9 @@ PaliGemma names (`q_einsum`, `mlp`, ...), expert i > 0 gets the suffix `_i`; the
 layer index as the first param axis.
 
 Capture by construction: each layer returns the taps that were asked for (a residual stream entering the layer, the
-attention output, ...), already reduced over tokens, and the scan stacks them per layer. With no taps the program is
-the plain model.
+attention output, ...), already reduced over tokens, and the scan stacks them per layer. Interventions
+(`layer_edits.LayerEdits`) edit those streams and the attention mask in the same layer body, before the taps read
+them. With no taps and no edits the program is the plain model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from openpi.models import lora as _lora
 from openpi.models.adarms import AdaRMSNorm, gate_of, gated_residual
+from openpi.models import layer_edits as _edits
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 # Upstream fills masked logits with this finite value (not -inf): rows with no valid key get a uniform softmax.
@@ -228,7 +230,7 @@ class Attention(nn.Module):
     configs: tuple[Config, ...]
 
     @nn.compact
-    def __call__(self, xs, positions, attn_mask, kv_cache, key_groups):
+    def __call__(self, xs, positions, attn_mask, kv_cache, key_groups, edits=None, layer=None):
         cfg0 = self.configs[0]
         num_heads, num_kv, head_dim = cfg0.num_heads, cfg0.num_kv_heads, cfg0.head_dim
         dtype = next(x.dtype for x in xs if x is not None)
@@ -273,7 +275,8 @@ class Attention(nn.Module):
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
         if attn_mask.shape[-2:] != (q_len, k.shape[1]):
             raise ValueError(f"Attention mask {attn_mask.shape} does not fit queries {q_len} x keys {k.shape[1]}.")
-        logits = jnp.where(attn_mask[:, :, None, :, :], logits, _BIG_NEG)
+        mask = _edits.knock_out(edits, attn_mask[:, :, None, :, :], layer, num_kv)
+        logits = jnp.where(mask, logits, _BIG_NEG)
         probs32 = jax.nn.softmax(logits, axis=-1)
         probs = probs32.astype(dtype)
         enc = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(batch, q_len, num_heads, head_dim)
@@ -291,14 +294,14 @@ class Attention(nn.Module):
                 heads.append(None)
                 continue
             end = start + x.shape[1]
-            enc_i = enc[:, start:end]
+            enc_i = _edits.edit_stream(edits, "head_out", i, enc[:, start:end], layer)
             out_proj = Einsum(
                 (cfg.num_heads, cfg.head_dim, cfg.width),
                 in_axis=(-3, -2),
                 lora=cfg.lora("attn"),
                 name=_name("attn_vec_einsum", i),
             )
-            o = out_proj("BTNH,NHD->BTD", enc_i)
+            o = _edits.edit_stream(edits, "attn_out", i, out_proj("BTNH,NHD->BTD", enc_i), layer)
             outs.append(o)
             heads.append(enc_i)
             start = end
@@ -306,7 +309,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer for all experts; returns (new residual streams, (kv, captures))."""
+    """One transformer layer for all experts; returns (new residual streams, (kv, captures)).
+
+    `edits` (a `layer_edits.LayerEdits`, or None) change streams and the attention mask of layer `layer` before
+    the taps read them, so captures show the edited streams.
+    """
 
     configs: tuple[Config, ...]
     taps: tuple[Tap, ...] = ()
@@ -324,7 +331,7 @@ class Block(nn.Module):
         return RMSNorm(name=_name(base, i))(x), None
 
     @nn.compact
-    def __call__(self, xs, positions, attn_mask, pool_weights, key_groups, adarms_cond, kv_cache):
+    def __call__(self, xs, positions, attn_mask, pool_weights, key_groups, adarms_cond, edits, kv_cache, layer):
         captures = {}
 
         def tap(stream: str, per_expert):
@@ -334,10 +341,11 @@ class Block(nn.Module):
                     value = _reduce_tokens(per_expert[t.expert], t.tokens, weights)
                     captures[t.name] = value.astype(self.capture_dtype) if self.capture_dtype else value
 
+        xs = _edits.edit_streams(edits, "residual", xs, layer)
         tap("residual", xs)
         normed, mods_attn = zip(*(self._norm("pre_attention_norm", i, x, adarms_cond) for i, x in enumerate(xs)))
         attn_outs, heads, kv, mass = Attention(self.configs, name="attn")(
-            list(normed), positions, attn_mask, kv_cache, key_groups
+            list(normed), positions, attn_mask, kv_cache, key_groups, edits, layer
         )
         tap("attn_out", attn_outs)
         tap("head_out", heads)
@@ -362,7 +370,7 @@ class Block(nn.Module):
 class Module(nn.Module):
     """The multi-expert transformer: `embed` (expert 0's token embedding) and `__call__` (the layer stack).
 
-    `__call__(embedded, positions, mask, *, kv_cache, pool_weights, key_groups)` returns
+    `__call__(embedded, positions, mask, *, kv_cache, pool_weights, key_groups, edits)` returns
     `(outputs, kv_cache, captures)`: per-expert outputs after each expert's final norm (None for experts not given),
     the stacked (K, V) cache [L, B, S, K, H] (K after RoPE, unscaled), and `captures[tap.name]` stacked [L, ...] per
     tap, plus `captures["attention_mass"]` [L, B, heads, T, G] when `key_groups` [B, G, S] is given.
@@ -392,7 +400,7 @@ class Module(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast,) * 6 + (0, 0),  # kv_cache and the layer index are scanned
             length=cfgs[0].depth,
         )
         self.layers = scanned(
@@ -422,6 +430,7 @@ class Module(nn.Module):
         pool_weights: Sequence[jax.Array | None] | None = None,
         key_groups: Float[Array, "b g s"] | None = None,
         adarms_cond: Sequence[Float[Array, "b _d"] | None] | None = None,
+        edits: _edits.LayerEdits | None = None,
     ):
         if len(embedded) != len(self.configs):
             raise ValueError(f"Got {len(embedded)} inputs for {len(self.configs)} experts.")
@@ -429,7 +438,8 @@ class Module(nn.Module):
         attn_mask = jnp.asarray(mask)[:, None, :, :]
         pool = None if pool_weights is None else list(pool_weights)
         cond = None if adarms_cond is None else list(adarms_cond)
-        xs, (kv, captures) = self.layers(xs, positions, attn_mask, pool, key_groups, cond, kv_cache)
+        layer_ids = jnp.arange(self.configs[0].depth)  # lets interventions select layers inside the scan
+        xs, (kv, captures) = self.layers(xs, positions, attn_mask, pool, key_groups, cond, edits, kv_cache, layer_ids)
         outputs = []
         for i, (x, norm) in enumerate(zip(xs, self.final_norms, strict=True)):
             if x is not None and self._adaptive(i):

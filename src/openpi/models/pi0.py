@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from openpi.models import gemma
+from openpi.models import gemma, layer_edits
 from openpi.models import model as _model
-from openpi.models.capture import CaptureSpec
 from openpi.models import suffix as _suffix
+from openpi.models.capture import CaptureSpec
+from openpi.models.intervention import Intervention
 from openpi.models.pi0_config import Pi0Config
 
 __all__ = ["Pi0", "Pi0Config", "make_attn_mask", "posemb_sincos"]
@@ -230,9 +231,17 @@ class Pi0:
         *,
         num_steps: int = 10,
         noise: Float[Array, "b h a"] | None = None,
+        intervention: Intervention | None = None,
     ) -> Float[Array, "b h a"]:
-        """Euler flow-matching from noise (t = 1) to actions (t = 0); normalized space, all action_dim dims."""
-        return _sample_jit(self, rng, observation, num_steps=num_steps, noise=noise, capture=None)["actions"]
+        """Euler flow-matching from noise (t = 1) to actions (t = 0); normalized space, all action_dim dims.
+
+        `intervention` (see `openpi.models.intervention`) edits streams / attention inside the same jitted program;
+        it is checked against this model before compiling. New values of the same structure do not recompile.
+        """
+        self._check_intervention(intervention, observation, num_steps)
+        return _sample_jit(
+            self, rng, observation, num_steps=num_steps, noise=noise, capture=None, intervention=intervention
+        )["actions"]
 
     def infer_with_latents(
         self,
@@ -242,6 +251,7 @@ class Pi0:
         num_steps: int = 10,
         noise: Float[Array, "b h a"] | None = None,
         capture: CaptureSpec = CaptureSpec(),
+        intervention: Intervention | None = None,
     ) -> dict[str, jax.Array]:
         """`sample_actions` plus the latents `capture` asks for, in one jitted call (the prefix is computed once).
 
@@ -254,11 +264,26 @@ class Pi0:
         `x_t` [S+1, B, H, A], `v_t` [S, B, H, A]; pi0.5 with `capture.modulation`: `expert_1_modulation`
         [S', L', B, 2, 3, W1] and `adarms_cond` [S', B, W1].
         L' = captured layers (entry l = residual stream entering that layer), S' = captured denoising steps.
+        With an `intervention`, the actions are `sample_actions(..., intervention=...)`'s and the captures show the
+        edited streams.
         """
         capture.validate(depth=self.config.depth, num_steps=num_steps)
         if capture.modulation and not self.config.pi05:
             raise ValueError("CaptureSpec.modulation: only pi0.5 (Pi0Config(pi05=True)) has adaptive norms to capture.")
-        return _sample_jit(self, rng, observation, num_steps=num_steps, noise=noise, capture=capture)
+        self._check_intervention(intervention, observation, num_steps)
+        return _sample_jit(
+            self, rng, observation, num_steps=num_steps, noise=noise, capture=capture, intervention=intervention
+        )
+
+    def _check_intervention(self, intervention, observation, num_steps: int) -> None:
+        if intervention is None:
+            return
+        if not isinstance(intervention, Intervention):
+            raise TypeError(
+                f"intervention must be an openpi.models.intervention.Intervention (or None), got "
+                f"{type(intervention).__name__}: build one with knockout_attention / patch / ablate / steer."
+            )
+        intervention.validate(self.config, num_steps=num_steps, batch=observation.state.shape[0])
 
     def sample_actions_with_inference_steps(
         self,
@@ -268,6 +293,7 @@ class Pi0:
         num_steps: int = 10,
         noise: Float[Array, "b h a"] | None = None,
         capture: CaptureSpec = CaptureSpec.everything(),
+        intervention: Intervention | None = None,
     ) -> dict[str, Any]:
         """The inference as a list of steps: `{"ar_process_steps", "flow_matching_steps", "final_action"}`.
 
@@ -280,7 +306,9 @@ class Pi0:
         * `final_action` [B, H, A] — x at t = 0, equal to `sample_actions`.
         """
         capture = dataclasses.replace(capture, trajectory=True)
-        out = self.infer_with_latents(rng, observation, num_steps=num_steps, noise=noise, capture=capture)
+        out = self.infer_with_latents(
+            rng, observation, num_steps=num_steps, noise=noise, capture=capture, intervention=intervention
+        )
         prefix_keys = ("expert_0_hidden_states", "expert_0_segment_means", "text_only_hidden_states", "text_mask")
         ar_step = {"kind": "prefix", **{k: out[k] for k in prefix_keys if k in out}}
         steps = capture.step_indices(num_steps)
@@ -342,8 +370,11 @@ def _suffix_taps(capture: CaptureSpec | None) -> tuple[gemma.Tap, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "capture"))
-def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture: CaptureSpec | None):
-    """The sampling loop shared by `sample_actions` (capture=None: the plain program) and `infer_with_latents`."""
+def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture: CaptureSpec | None, intervention=None):
+    """The sampling loop shared by `sample_actions` (capture=None: the plain program) and `infer_with_latents`.
+
+    An `intervention`'s expert-0 edits act in the prefix pass (and so on the KV cache every step reads); its expert-1
+    edits act in each denoising step (selected by the step index)."""
     cfg = model.config
     if capture is not None and capture.is_off:
         capture = None
@@ -363,8 +394,9 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
     pool0 = None
     if any(t.tokens == "pool" for t in taps0):
         pool0 = [_mean_weights(model._token_groups(prefix_mask, None)), None]
+    edits0 = None if intervention is None else layer_edits.for_prefix(intervention, cfg)
     _, kv_cache, prefix_caps = cfg.llm(taps0, capture_dtype).apply(
-        llm_params, [prefix_tokens, None], positions, prefix_attn, pool_weights=pool0
+        llm_params, [prefix_tokens, None], positions, prefix_attn, pool_weights=pool0, edits=edits0
     )
 
     # Denoising loop: only the action expert runs, attending to the cached prefix.
@@ -384,9 +416,12 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
     suffix_positions_base = jnp.sum(prefix_mask, axis=-1)[:, None]
     prefix_cols = einops.repeat(prefix_mask, "b p -> b s p", s=cfg.suffix_len)
 
-    def step(carry, _):
+    def step(carry, step_index):
         x_t, t = carry
         time = jnp.broadcast_to(t, (batch,))
+        edits1 = (
+            None if intervention is None else layer_edits.for_denoise_step(intervention, cfg, step_index, num_steps)
+        )
         suffix_tokens, suffix_mask, suffix_ar = model.embed_suffix(obs, x_t, time)
         cond = model.adarms_cond(time)
         full_mask = jnp.concatenate([prefix_cols, make_attn_mask(suffix_mask, suffix_ar)], axis=-1)
@@ -400,6 +435,7 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
             pool_weights=pool1,
             key_groups=key_groups,
             adarms_cond=[None, cond],
+            edits=edits1,
         )
         v_t = _linear(model.params["action_out_proj"], suffix_out[:, -cfg.action_horizon :])
         ys = None
@@ -409,7 +445,7 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
                 ys["adarms_cond"] = cond
         return (x_t + dt * v_t, t + dt), ys
 
-    (x_0, _), ys = jax.lax.scan(step, (noise, jnp.array(1.0, jnp.float32)), length=num_steps)
+    (x_0, _), ys = jax.lax.scan(step, (noise, jnp.array(1.0, jnp.float32)), jnp.arange(num_steps))
     out = {"actions": x_0}
     if capture is None:
         return out

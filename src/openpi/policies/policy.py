@@ -74,9 +74,10 @@ class Policy:
         self._output_transform = _transforms.compose(output_transforms)
         self._rng = jax.random.key(0) if rng is None else rng
         self._sample_kwargs = dict(sample_kwargs or {})
-        if "noise" in self._sample_kwargs or "capture" in self._sample_kwargs:
+        if {"noise", "capture", "intervention"} & set(self._sample_kwargs):
             raise ValueError(
-                "sample_kwargs must not contain 'noise' or 'capture': pass them to infer / infer_with_latents."
+                "sample_kwargs must not contain 'noise', 'capture' or 'intervention': pass them to infer / "
+                "infer_with_latents."
             )
         self._metadata = dict(metadata or {})
         self._action_horizon, self._action_dim = _model_dims(model)
@@ -126,12 +127,14 @@ class Policy:
         outputs["policy_timing"] = {"infer_ms": t_model * 1000.0}
         return outputs
 
-    def infer(self, obs: Mapping[str, Any], *, noise: Any = None) -> dict[str, Any]:
+    def infer(self, obs: Mapping[str, Any], *, noise: Any = None, intervention: Any = None) -> dict[str, Any]:
         """One action chunk for one observation.
 
         Args:
             obs: the raw (unbatched) observation, e.g. LIBERO's ``observation/...`` keys plus ``prompt``.
             noise: optional [action_horizon, action_dim] starting noise (x at t = 1).
+            intervention: optional `openpi.models.intervention.Intervention` applied inside the model call (batch
+                axis B = 1 in its values); checked before compiling.
 
         Returns:
             ``actions`` (after the output transforms; [H, 7] float64 for LIBERO), ``state`` (the model-input state:
@@ -141,6 +144,8 @@ class Policy:
         kwargs = dict(self._sample_kwargs)
         if noise is not None:
             kwargs["noise"] = self._batched_noise(noise)
+        if intervention is not None:  # only passed when given: models without interventions keep working
+            kwargs["intervention"] = intervention
         self._rng, sample_rng = jax.random.split(self._rng)
         start = time.monotonic()
         actions = self._model.sample_actions(sample_rng, observation, **kwargs)  # jitted by the model
@@ -148,9 +153,14 @@ class Policy:
         return self._finish(inputs["state"], actions, time.monotonic() - start)
 
     def infer_with_latents(
-        self, obs: Mapping[str, Any], *, noise: Any = None, capture: CaptureSpec | None = None
+        self,
+        obs: Mapping[str, Any],
+        *,
+        noise: Any = None,
+        capture: CaptureSpec | None = None,
+        intervention: Any = None,
     ) -> dict[str, Any]:
-        """Like `infer`, plus the captured hidden states.
+        """Like `infer`, plus the captured hidden states (of the edited model when an `intervention` is given).
 
         The noise is drawn from the policy's rng (``jax.random.normal``) when not given and returned, so a
         counterfactual rerun (e.g. another prompt) can reuse it. Requesting capture does not change the actions.
@@ -166,9 +176,12 @@ class Policy:
             sample_rng, noise_rng = jax.random.split(sample_rng)
             noise = jax.random.normal(noise_rng, (self._action_horizon, self._action_dim), dtype=jnp.float32)
         batched_noise = self._batched_noise(noise)
+        kwargs = dict(self._sample_kwargs)
+        if intervention is not None:
+            kwargs["intervention"] = intervention
         start = time.monotonic()
         result = self._model.infer_with_latents(  # one jitted call (the capture spec is static)
-            sample_rng, observation, noise=batched_noise, capture=capture, **self._sample_kwargs
+            sample_rng, observation, noise=batched_noise, capture=capture, **kwargs
         )
         result = jax.block_until_ready(result)
         elapsed = time.monotonic() - start
