@@ -243,7 +243,7 @@ def test_sigkill_mid_episode_keeps_finished_episodes_and_resume_reruns_the_parti
 
     with pytest.raises(FileExistsError, match="already holds 3 episodes; pass --resume"):
         store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=False)
-    with pytest.raises(store.StoreLockedError, match="stale writer lock .* --break-stale-lock"):
+    with pytest.raises(store.StoreLockedError, match=r"stale writer lock .* --break-stale-lock"):
         store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True)
     with store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True, break_stale_lock=True) as writer:
         assert writer.completed == {(3, 0), (3, 1)}

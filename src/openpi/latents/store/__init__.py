@@ -4,7 +4,8 @@ Modules (each imports only those before it): ``bf16`` (bfloat16 for zarr), ``man
 ``format`` (on-disk layout), ``commit`` (the per-episode commit record), ``lock`` (the writer lock),
 ``episode_writer`` + ``writer`` (the writer thread), ``views`` + ``reader`` (lazy reading), ``verify`` (full
 integrity check, ``python -m openpi.latents.store verify <store>``), ``pickle_format`` (the original pickle layout),
-``loading`` (one entry point over both), ``bench`` (``python -m openpi.latents.store.bench``). The record keys themselves are defined in :mod:`openpi.latents.schema`.
+``loading`` (one entry point over both), ``bench`` (``python -m openpi.latents.store.bench``). The record keys
+themselves are defined in :mod:`openpi.latents.schema`.
 
 Use::
 

@@ -190,4 +190,3 @@ class FileLock:
         if current is not None and current.token == self.holder.token:
             self.path.unlink(missing_ok=True)
         self.holder = None
-

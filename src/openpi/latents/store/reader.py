@@ -102,7 +102,7 @@ class EpisodeReader:
                 raise StoreCorruptionError(
                     f"{self.path / key}: array of key {key!r} ({self.where}) is missing; the store is damaged."
                 ) from None
-            except Exception as e:  # noqa: BLE001 - zarr raises many types for corrupt metadata
+            except Exception as e:
                 raise self._corrupt(key, "opening", e) from e
             self._arrays[key] = arr
         return arr
@@ -195,7 +195,7 @@ class EpisodeReader:
                 data = arr[tuple(selection)]
             else:
                 data = arr.oindex[tuple(selection)]
-        except Exception as e:  # noqa: BLE001 - blosc/zstd/crc errors of a corrupt chunk
+        except Exception as e:
             raise self._corrupt(key, f"reading rows {rows} of", e) from e
         data = np.asarray(data)
         if scalar:

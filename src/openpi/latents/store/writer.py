@@ -146,7 +146,9 @@ class LatentStoreWriter:
         """
         root = check_writable(root)
         requested = manifest_lib.complete_manifest(manifest)
-        cls.check_can_open(root, requested, resume=resume, resume_ignore=resume_ignore, break_stale_lock=break_stale_lock)
+        cls.check_can_open(
+            root, requested, resume=resume, resume_ignore=resume_ignore, break_stale_lock=break_stale_lock
+        )
         root.mkdir(parents=True, exist_ok=True)  # an existing directory is kept as it is (mode, owner, mount, link)
         lock = FileLock(root / sf.LOCK_FILE, what=f"latent store {root}")
         lock.acquire(break_stale=break_stale_lock)
