@@ -6,13 +6,13 @@ file + ``os.replace`` (zarr's LocalStore ``set``), on an object store a single P
 only the commit record: a step counts once a record naming it exists, and a crash at any point leaves either the
 previous record or the new one, never a mix. ``commit.json``::
 
-    {"format": "openpi-latents-commit", "format_version": 2, "checksum": "crc32",
+    {"format": "openpi-latents-commit", "format_version": 2, "checksum": "crc32c",
      "committed_steps": N, "complete": false, "step_t": [t_0, ..., t_{N-1}],
      "fields": {key: {"shape", "dtype", "dims", "optional"}},
      "sparse_steps": {optional key: [rollout step of each stored row]},
      "string_tables": {string key: [distinct values]},
      "attrs": {episode attrs written with steps and by finish(): prompt, success, total_steps, ...},
-     "checksums": {key: [zlib.crc32 of the chunk file of row 0, row 1, ...]}}   # null: zero-size field, no file
+     "checksums": {key: [crc32c of the chunk file of row 0, row 1, ...]}}   # null: zero-size field, no file
 
 Format 1 (stores written before this module) kept the same state (without checksums) in the episode group's attrs,
 updated one key at a time, so it could be seen half-written; :func:`read_commit` reads both and reports an
@@ -30,7 +30,7 @@ from openpi.latents.store import format as sf
 from openpi.latents.store.format import DamagedEpisodeError, StoreFormatError, read_group_attrs
 
 COMMIT_FORMAT = "openpi-latents-commit"
-CHECKSUM = "crc32"  # zlib.crc32 of the stored (compressed) file bytes
+CHECKSUM = "crc32c"  # CRC-32C (Castagnoli, google_crc32c) of the stored file bytes, as an unsigned int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 :class:`EpisodeWriter` (returned by ``LatentStoreWriter.begin_episode``) validates each record in the caller's
 thread, so a wrong key/shape/dtype is raised where it was made, then queues it. :class:`EpisodeSink` lives on the
 writer thread and does the zarr writes: per step, each array is grown by one row and the row written (through a
-:class:`ChecksumStore`, which notes the crc32 of every file it writes), then the episode's commit record
+:class:`ChecksumStore`, which notes the crc32c of every file it writes), then the episode's commit record
 (``commit.json``: committed_steps, step_t, fields, sparse_steps, string_tables, attrs, checksums) is replaced in one
 atomic write (see ``commit``).
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
@@ -39,7 +39,7 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 class ChecksumStore(LocalStore):
-    """zarr's LocalStore (each ``set`` is a temp file + rename) that notes the crc32 of every file it writes in
+    """zarr's LocalStore (each ``set`` is a temp file + rename) that notes the crc32c of every file it writes in
     ``written`` (key -> crc), so the sink can put the checksums of a step's chunk files into its commit record
     without reading them back. An object-store writer would wrap its store the same way."""
 
@@ -47,7 +47,7 @@ class ChecksumStore(LocalStore):
 
     async def set(self, key: str, value) -> None:  # type: ignore[override]
         if getattr(self, "written", None) is not None:
-            self.written[key] = zlib.crc32(value.as_numpy_array())
+            self.written[key] = google_crc32c.value(value.as_numpy_array())
         await super().set(key, value)
 
     def put_atomic(self, key: str, data: bytes) -> None:

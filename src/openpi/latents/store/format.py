@@ -16,7 +16,8 @@ attrs (see EPISODE_* below) and had no checksums; it is still read (``commit.rea
 Every array stores its axis names as zarr ``dimension_names`` and as the attr ``dims`` (``["step", ...]``).
 Arrays with a layer axis are sharded one shard per rollout step, with inner chunks of one layer (and of one
 denoising step where that keeps chunks >= 512 KiB), so one layer can be read across steps without reading whole steps.
-Others are one chunk per rollout step. All chunks are compressed with blosc(zstd level 1, byte shuffle).
+Others are one chunk per rollout step. All chunks are compressed with blosc(zstd level 1, byte shuffle), then carry
+a crc32c (zarr's ``crc32c`` codec; format 2), which zarr checks whenever it decodes the chunk.
 
 String values (``prompt``, ``cf_prompt``, ...) are stored as int32 arrays of indices into the episode attr
 ``string_tables[key]`` (readable without zarr's non-standard string types, e.g. by tensorstore).
@@ -34,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from openpi.latents import schema
 from openpi.latents.store import bf16
@@ -289,7 +290,8 @@ def array_create_kwargs(spec: FieldSpec) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "shape": (0, *spec.shape),
         "dtype": dtype,
-        "compressors": compressor,
+        # crc32c of every (inner) chunk, checked by zarr on each decode: a flipped bit is an error, not wrong data.
+        "compressors": (compressor, Crc32cCodec()),
         "fill_value": False if dtype == np.bool_ else 0,
         "dimension_names": ["step", *spec.dims],
         "attributes": {"dims": ["step", *spec.dims], "dtype": spec.dtype, "optional": spec.optional},

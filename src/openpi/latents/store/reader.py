@@ -93,6 +93,10 @@ class EpisodeReader:
         except KeyError:
             raise KeyError(f"{self.path}: no key {key!r}; this episode has {sorted(self.fields)}.") from None
 
+    def open_array(self, key: str) -> zarr.Array:
+        """The zarr array of ``key`` (opened once); StoreCorruptionError naming it if missing or corrupt."""
+        return self._array(key)
+
     def _array(self, key: str) -> zarr.Array:
         arr = self._arrays.get(key)
         if arr is None:
@@ -264,6 +268,8 @@ class LatentStore:
         return self._episodes[key]
 
     def _readable(self, task_id: int, k: int) -> EpisodeReader | None:
+        if (int(task_id), int(k)) in self._damaged:  # stays damaged in this snapshot (a live writer may fix it)
+            return None
         try:
             return self.episode(task_id, k)
         except DamagedEpisodeError as e:

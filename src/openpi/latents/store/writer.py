@@ -10,7 +10,7 @@ Use::
 
 One background thread does all writing, fed by a bounded queue; a failure there is re-raised (as
 :class:`LatentStoreWriteError`) by the next writer call and by ``close()``. Each step's arrays are written first, then
-the episode's commit record ``commit.json`` (one atomic write, with the crc32 of every chunk file; see ``commit``), so
+the episode's commit record ``commit.json`` (one atomic write, with the crc32c of every chunk file; see ``commit``), so
 a crash at any point leaves every committed step and every finished episode intact; the unfinished episode stays
 ``complete=False`` and resuming deletes it. One writer per store: ``create_or_open`` takes ``<root>/writer.lock``
 (see ``lock``) and ``close`` releases it. The directory the caller gives is never removed or recreated (its mode,
@@ -193,9 +193,12 @@ class LatentStoreWriter:
         manifest differing outside ``resume_ignore``). ``locked``: the caller holds the lock (skip that check).
         """
         root = check_writable(root)
+        lock = None if locked or not root.exists() else FileLock(root / sf.LOCK_FILE, what=f"latent store {root}")
+        if lock is not None:
+            lock.check(break_stale=True)  # a live writer first: the other checks may be about its half-made store
         n_episodes = LatentStoreWriter._check_content(root, manifest, resume=resume, resume_ignore=resume_ignore)
-        if not locked and root.exists():
-            FileLock(root / sf.LOCK_FILE, what=f"latent store {root}").check(break_stale=break_stale_lock)
+        if lock is not None:
+            lock.check(break_stale=break_stale_lock)  # then a stale lock (after the other problems, to fix at once)
         return n_episodes
 
     @staticmethod
