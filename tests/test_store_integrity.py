@@ -6,6 +6,7 @@ verify command and reading format-1 stores. Small synthetic records (tests/store
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -333,3 +334,24 @@ def test_reader_polling_a_live_store_never_crashes_or_sees_missing_data(tmp_path
         stop(proc)
     assert proc.returncode == 0, proc.stderr.read().decode()
     assert len(complete_seen) == 6 and polls >= 2 and seen_steps > 6 * STEPS_PER_EPISODE
+
+
+def test_analysis_cli_refuses_a_damaged_collection_unless_skip_damaged(tmp_path):
+    root = write_store(tmp_path / "run")
+    chunk = root / EP0 / "text_only_hidden_states" / "c" / "3" / "0" / "0" / "0" / "0"
+    chunk.unlink()
+    script = pathlib.Path(__file__).parent.parent / "scripts" / "expert_language_analysis.py"
+    common = [sys.executable, str(script), "--collection", str(root), "--no-text-decoding", "--probe-shuffles", "0"]
+    common += ["--n-boot", "20"]
+    refused = subprocess.run([*common, "--output-dir", str(tmp_path / "r1")], capture_output=True, text=True)
+    assert refused.returncode == 2 and str(chunk) in refused.stderr and "--skip-damaged" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    spec = importlib.util.spec_from_file_location("ela", script)
+    cli = importlib.util.module_from_spec(spec)
+    sys.modules["ela"] = cli  # dataclasses look their module up
+    spec.loader.exec_module(cli)
+    args = dict(collection=root, text_decoding=False, probe_shuffles=0, n_boot=20)
+    with pytest.raises(store.StoreCorruptionError, match=str(chunk)):
+        cli.main(cli.Args(**args, output_dir=tmp_path / "r2"))
+    cli.main(cli.Args(**args, output_dir=tmp_path / "r3", skip_damaged=True))
+    assert (tmp_path / "r3" / "report.md").is_file()
