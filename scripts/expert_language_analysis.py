@@ -61,6 +61,8 @@ class Args:
     # Success vs failure over the first N rollout steps of every episode (N = fewest any episode has; "common"), or
     # over each episode's own steps ("all": failed episodes run longer, so step-dependent metrics are confounded).
     success_window: Literal["common", "all"] = "common"
+    # Analyse a damaged store's intact episodes (by default a damaged store is refused, listing the damage).
+    skip_damaged: bool = False
 
 
 def main(args: Args) -> dict:
@@ -85,6 +87,7 @@ def main(args: Args) -> dict:
         max_block_bytes=args.max_block_mib << 20,
         allow_pickle=args.allow_pickle,
         success_window=args.success_window,
+        skip_damaged=args.skip_damaged,
         progress=lambda msg: print(msg, flush=True),
     )
     data = report.write_report(res, args.output_dir)

@@ -2,7 +2,8 @@
 
 Run as a script (``python tests/store_kill_helper.py ROOT READY_FILE``) it writes episodes 0 and 1 of task 3 fully,
 then appends steps of episode 2 forever; after 4 committed steps of episode 2 it creates READY_FILE, so the parent
-can SIGKILL it in the middle of episode 2.
+can SIGKILL it in the middle of episode 2. ``python tests/store_kill_helper.py ROOT READY_FILE --episodes N`` writes
+N whole episodes over tasks 3 and 4 (a small sleep between steps, so a reader can poll the live store), then exits.
 """
 
 from __future__ import annotations
@@ -85,5 +86,24 @@ def main(root: str, ready_file: str) -> None:
                 pathlib.Path(ready_file).write_text("4")
 
 
+def write_many(root: str, ready_file: str, n_episodes: int) -> None:
+    import time
+
+    from openpi.latents.store import LatentStoreWriter
+
+    with LatentStoreWriter.create_or_open(root, MANIFEST, resume=False, queue_size=2) as writer:
+        pathlib.Path(ready_file).write_text("started")
+        for k in range(n_episodes):
+            task = TASK if k % 2 == 0 else {**TASK, "task_id": 4, "task_name": "other", "language": "other"}
+            ep = writer.begin_episode(task, k, {"init_state_index": k, "seed": 7, "prompt": task["language"]})
+            for i in range(STEPS_PER_EPISODE):
+                ep.append_step(make_record(k, i, task_id=task["task_id"]))
+                time.sleep(0.01)
+            ep.finish({"success": k % 2 == 0, "total_steps": 5 * STEPS_PER_EPISODE, "error": None})
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if "--episodes" in sys.argv:
+        write_many(sys.argv[1], sys.argv[2], int(sys.argv[sys.argv.index("--episodes") + 1]))
+    else:
+        main(sys.argv[1], sys.argv[2])

@@ -562,7 +562,7 @@ def test_pickle_output_other_task_counterfactual_and_resume(goal_run, tiny_polic
 
 def _episode_attrs(path: pathlib.Path) -> dict | None:
     try:
-        return json.loads((path / "zarr.json").read_text())["attributes"]
+        return json.loads((path / "commit.json").read_text())  # the episode's commit record (store/commit.py)
     except (FileNotFoundError, ValueError, KeyError):
         return None
 

@@ -243,7 +243,9 @@ def test_sigkill_mid_episode_keeps_finished_episodes_and_resume_reruns_the_parti
 
     with pytest.raises(FileExistsError, match="already holds 3 episodes; pass --resume"):
         store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=False)
-    with store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True) as writer:
+    with pytest.raises(store.StoreLockedError, match=r"stale writer lock .* --break-stale-lock"):
+        store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True)
+    with store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True, break_stale_lock=True) as writer:
         assert writer.completed == {(3, 0), (3, 1)}
         assert not (root / "task_003" / "episode_2").exists()
         for k in range(3):
@@ -292,12 +294,11 @@ def test_corrupt_store_errors_name_the_path(tmp_path):
     with pytest.raises(StoreFormatError, match=str(root / "manifest.json")):
         store.open_store(root)
     root = write_store(tmp_path / "run2", episodes=(0,))
-    ep_meta = root / "task_003" / "episode_0" / "zarr.json"
-    meta = json.loads(ep_meta.read_text())
-    meta["attributes"] = {}
-    ep_meta.write_text(json.dumps(meta))
-    with pytest.raises(StoreFormatError, match=str(root / "task_003" / "episode_0")):
-        store.load_inference_task_data(root, 3)["episodes"]
+    commit = root / "task_003" / "episode_0" / "commit.json"
+    commit.write_text(json.dumps({"format": "openpi-latents-commit", "format_version": 2}))
+    assert list(store.load_inference_task_data(root, 3)["episodes"]) == []  # skipped with a warning, no crash
+    with pytest.raises(StoreFormatError, match=str(commit)):
+        store.open_store(root).episode(3, 0)
     with pytest.raises(FileNotFoundError):
         store.open_store(tmp_path / "missing")
 
@@ -343,8 +344,8 @@ def test_writer_failures_surface_in_the_producer_and_at_close(tmp_path):
     ep = writer.begin_episode(TASK, 1)
     ep.append_step(make_record(1, 0))
     writer.flush()
-    # A real I/O failure on the writer thread: the episode's zarr.json cannot be replaced by a file any more.
-    meta = root / "task_003" / "episode_1" / "zarr.json"
+    # A real I/O failure on the writer thread: the episode's commit record cannot be replaced by a file any more.
+    meta = root / "task_003" / "episode_1" / "commit.json"
     meta.unlink()
     meta.mkdir()
     ep.append_step(make_record(1, 1))
@@ -360,8 +361,8 @@ def test_writer_failures_surface_in_the_producer_and_at_close(tmp_path):
     ep = writer.begin_episode(TASK, 0)
     ep.append_step(make_record(0, 0))
     writer.flush()
-    (tmp_path / "run2" / "task_003" / "episode_0" / "zarr.json").unlink()
-    (tmp_path / "run2" / "task_003" / "episode_0" / "zarr.json").mkdir()
+    (tmp_path / "run2" / "task_003" / "episode_0" / "commit.json").unlink()
+    (tmp_path / "run2" / "task_003" / "episode_0" / "commit.json").mkdir()
     ep.finish({"success": True})
     with pytest.raises(store.LatentStoreWriteError, match="finishing task 3 episode 0"):
         writer.close()

@@ -133,6 +133,7 @@ def analyze_collection(
     success_window: str = "common",
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
+    skip_damaged: bool = False,
 ) -> CollectionAnalysis:
     """Computes every registered metric per stream and layer for a collection (store path, task data, ...).
 
@@ -146,11 +147,12 @@ def analyze_collection(
         max_block_bytes: rollout steps of one layer read per block (bounds memory).
         success_window: "common" (default): the success split averages every episode over the first N rollout steps,
             N = the fewest any episode of the split has; "all": over each episode's own steps (length-confounded).
+        skip_damaged: a store path with damaged episodes is refused (listing them) unless this skips them.
     """
     t0 = time.monotonic()
     if success_window not in ("common", "all"):
         raise ValueError(f"success_window must be 'common' or 'all', got {success_window!r}")
-    source = src.make_source(data, task_ids=task_ids, allow_pickle=allow_pickle)
+    source = src.make_source(data, task_ids=task_ids, allow_pickle=allow_pickle, skip_damaged=skip_damaged)
     episodes = _episodes(source)
     if not episodes:
         raise ValueError(f"{source.root}: no complete episode to analyse")

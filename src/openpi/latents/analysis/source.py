@@ -107,15 +107,20 @@ class StoreSource:
         return self.store.read_array(t, k, key, layer=layer, steps=None if steps is None else list(steps))
 
 
-def make_source(data: Any, *, task_ids: Sequence[int] | None = None, allow_pickle: bool = False, manifest=None):
-    """A source over a store path, a pickle path, a ``LatentStore``, a (lazy or eager) task dict or ``{id: task}``."""
+def make_source(
+    data: Any, *, task_ids: Sequence[int] | None = None, allow_pickle: bool = False, manifest=None, skip_damaged=False
+):
+    """A source over a store path, a pickle path, a ``LatentStore``, a (lazy or eager) task dict or ``{id: task}``.
+    A store path with damaged episodes is refused (StoreCorruptionError listing them) unless ``skip_damaged``."""
     from openpi.latents.store import loading
     from openpi.latents.store.reader import LatentStore, open_store
     from openpi.latents.store.views import TaskData, TasksView
 
     if isinstance(data, (str, pathlib.Path)):
         if loading.detect_format(pathlib.Path(data)) == "store":
-            return StoreSource(open_store(data), task_ids)
+            opened = open_store(data)
+            opened.require_intact(skip_damaged=skip_damaged)
+            return StoreSource(opened, task_ids)
         data = loading.load_inference_task_data(data, None, format="pickle", allow_pickle=allow_pickle)
     if isinstance(data, LatentStore):
         return StoreSource(data, task_ids)

@@ -2,8 +2,10 @@
 
 :class:`EpisodeWriter` (returned by ``LatentStoreWriter.begin_episode``) validates each record in the caller's
 thread, so a wrong key/shape/dtype is raised where it was made, then queues it. :class:`EpisodeSink` lives on the
-writer thread and does the zarr writes: per step, each array is grown by one row and the row written, then the
-episode attrs (committed_steps, step_t, fields, sparse_steps, string_tables) are rewritten in one atomic JSON write.
+writer thread and does the zarr writes: per step, each array is grown by one row and the row written (through a
+:class:`ChecksumStore`, which notes the crc32c of every file it writes), then the episode's commit record
+(``commit.json``: committed_steps, step_t, fields, sparse_steps, string_tables, attrs, checksums) is replaced in one
+atomic write (see ``commit``).
 
 Record rules: ``t`` (int env timestep, distinct within the episode) is required. The first step's keys are required
 on every step; keys starting with ``cf_`` and keys first seen after the first step are optional (stored compactly,
@@ -19,9 +21,14 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
+from openpi.latents.store import commit as commit_lib
 from openpi.latents.store import format as sf
 from openpi.latents.store import manifest as manifest_lib
 
@@ -29,6 +36,23 @@ if TYPE_CHECKING:
     from openpi.latents.store.writer import LatentStoreWriter
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class ChecksumStore(LocalStore):
+    """zarr's LocalStore (each ``set`` is a temp file + rename) that notes the crc32c of every file it writes in
+    ``written`` (key -> crc), so the sink can put the checksums of a step's chunk files into its commit record
+    without reading them back. An object-store writer would wrap its store the same way."""
+
+    written: dict[str, int]
+
+    async def set(self, key: str, value) -> None:  # type: ignore[override]
+        if getattr(self, "written", None) is not None:
+            self.written[key] = google_crc32c.value(value.as_numpy_array())
+        await super().set(key, value)
+
+    def put_atomic(self, key: str, data: bytes) -> None:
+        """One atomic write of ``data`` at ``key`` (the commit point: a rename here, a single PUT on S3/GCS)."""
+        sync(super().set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +79,18 @@ class EpisodeSink:
         self.step_t: list[int] = []
         self.sparse: dict[str, list[int]] = {}
         self.strings: dict[str, list[str]] = {}
+        self.commit_attrs: dict[str, Any] = {}
+        self.checksums: dict[str, list[int | None]] = {}
         self._string_index: dict[str, dict[str, int]] = {}
+        self._store: ChecksumStore | None = None
+        self._prefix = ""
 
-    def open(self, task_group: zarr.Group) -> None:
-        self.group = task_group.create_group(sf.episode_group_name(self.episode_index), attributes=self.attrs)
+    def open(self, task_group: zarr.Group, store: ChecksumStore) -> None:
+        self._store = store
+        self._prefix = f"{sf.task_group_name(self.task_id)}/{sf.episode_group_name(self.episode_index)}"
+        attrs = {**self.attrs, sf.EPISODE_COMMIT_MARKER: sf.COMMIT_FILE}
+        self.group = task_group.create_group(sf.episode_group_name(self.episode_index), attributes=attrs)
+        self._commit(complete=False)
 
     def _encode_string(self, key: str, value: str) -> np.ndarray:
         index = self._string_index.setdefault(key, {})
@@ -67,40 +99,61 @@ class EpisodeSink:
             self.strings.setdefault(key, []).append(value)
         return np.asarray(index[value], dtype=np.int32)
 
-    def _bookkeeping(self) -> dict[str, Any]:
-        return {
-            sf.EPISODE_COMMITTED: self.committed,
-            sf.EPISODE_STEP_T: list(self.step_t),
-            sf.EPISODE_FIELDS: {k: spec.to_json() for k, spec in self.fields.items()},
-            sf.EPISODE_SPARSE: {k: list(v) for k, v in self.sparse.items()},
-            sf.EPISODE_STRINGS: {k: list(v) for k, v in self.strings.items()},
-        }
+    def _commit(self, *, complete: bool) -> None:
+        """The commit point: one atomic write of the whole commit record; after it the steps so far count."""
+        assert self._store is not None
+        record = commit_lib.CommitRecord(
+            committed_steps=self.committed,
+            complete=complete,
+            step_t=self.step_t,
+            fields=self.fields,
+            sparse=self.sparse,
+            strings=self.strings,
+            attrs=self.commit_attrs,
+            checksums=self.checksums,
+        )
+        self._store.put_atomic(f"{self._prefix}/{sf.COMMIT_FILE}", record.to_json_bytes())
+
+    def _write_row(self, key: str, row: int, data: np.ndarray) -> None:
+        spec = self.fields[key]
+        arr = self.arrays[key]
+        chunk = sf.row_chunk_key(spec, row)
+        arr.resize((row + 1, *spec.shape))
+        arr[row] = data
+        crc = None
+        if chunk is not None:
+            written = self._store.written  # type: ignore[union-attr]
+            try:
+                crc = written.pop(f"{self._prefix}/{chunk}")
+            except KeyError:
+                raise RuntimeError(f"zarr wrote no file {self._prefix}/{chunk} for row {row} of {key!r}") from None
+        self.checksums[key].append(crc)
 
     def write_step(self, item: StepItem) -> None:
         assert self.group is not None, "episode group not created"
         for key, spec in item.new_fields.items():
             self.fields[key] = spec
             self.arrays[key] = self.group.create_array(key, **sf.array_create_kwargs(spec))
+            self.checksums[key] = []
             if spec.optional:
                 self.sparse[key] = []
+        self._store.written.clear()  # type: ignore[union-attr]
         for key, value in item.values.items():
             spec = self.fields[key]
             row = len(self.sparse[key]) if spec.optional else self.committed
-            data = self._encode_string(key, value) if spec.is_string else value
-            arr = self.arrays[key]
-            arr.resize((row + 1, *spec.shape))
-            arr[row] = data
+            self._write_row(key, row, self._encode_string(key, value) if spec.is_string else value)
         for key in item.values:
             if self.fields[key].optional:
                 self.sparse[key].append(self.committed)
         self.committed += 1
         self.step_t.append(item.t)
-        # The commit point: after this write the step counts.
-        self.group.attrs.update({**item.extra_attrs, **self._bookkeeping()})
+        self.commit_attrs.update(item.extra_attrs)
+        self._commit(complete=False)
 
     def finish(self, metadata: dict[str, Any]) -> None:
         assert self.group is not None, "episode group not created"
-        self.group.attrs.update({**metadata, **self._bookkeeping(), sf.EPISODE_COMPLETE: True})
+        self.commit_attrs.update(metadata)
+        self._commit(complete=True)
 
 
 class EpisodeWriter:

@@ -4,14 +4,20 @@ Layout (zarr v3, local directory)::
 
     <root>/zarr.json                     root group; attrs: format, format_version, manifest, resumes
     <root>/manifest.json                 the run manifest (same content as the root attr "manifest")
+    <root>/writer.lock                   present while a writer runs (see ``lock``)
     <root>/task_{id:03d}/                group; attrs: task_id, task_name, suite, language (+ caller extras)
-    <root>/task_{id:03d}/episode_{k}/    group; attrs: see EPISODE_* below + caller attrs + finish() metadata
+    <root>/task_{id:03d}/episode_{k}/    group; attrs: episode_index + caller attrs + ``commit_record``
+    <root>/task_{id:03d}/episode_{k}/commit.json   the commit record: the only thing readers trust (see ``commit``)
     <root>/task_{id:03d}/episode_{k}/<key>   one array per record key, leading axis = rollout step
+
+Format version 1 (stores written before the commit record existed) kept the commit state in the episode group's
+attrs (see EPISODE_* below) and had no checksums; it is still read (``commit.read_commit``).
 
 Every array stores its axis names as zarr ``dimension_names`` and as the attr ``dims`` (``["step", ...]``).
 Arrays with a layer axis are sharded one shard per rollout step, with inner chunks of one layer (and of one
 denoising step where that keeps chunks >= 512 KiB), so one layer can be read across steps without reading whole steps.
-Others are one chunk per rollout step. All chunks are compressed with blosc(zstd level 1, byte shuffle).
+Others are one chunk per rollout step. All chunks are compressed with blosc(zstd level 1, byte shuffle), then carry
+a crc32c (zarr's ``crc32c`` codec; format 2), which zarr checks whenever it decodes the chunk.
 
 String values (``prompt``, ``cf_prompt``, ...) are stored as int32 arrays of indices into the episode attr
 ``string_tables[key]`` (readable without zarr's non-standard string types, e.g. by tensorstore).
@@ -22,20 +28,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from openpi.latents import schema
 from openpi.latents.store import bf16
 
 FORMAT_NAME = "openpi-latents-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-episode commit.json with per-row checksums; 1: commit state in the episode attrs
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = "writer.lock"
+COMMIT_FILE = "commit.json"
+EPISODE_COMMIT_MARKER = "commit_record"  # format-2 episode group attr naming its commit file
 
 # Episode attrs owned by the store (callers cannot set them through begin_episode/finish).
 EPISODE_COMMITTED = "committed_steps"  # number of rollout steps fully written: readers trust this, not array shapes
@@ -45,7 +55,15 @@ EPISODE_FIELDS = "fields"  # key -> FieldSpec JSON (fixed by the first occurrenc
 EPISODE_SPARSE = "sparse_steps"  # optional key -> rollout-step indices where it is present (row i <-> step list[i])
 EPISODE_STRINGS = "string_tables"  # string key -> list of distinct values (the array holds indices)
 RESERVED_EPISODE_ATTRS = frozenset(
-    {EPISODE_COMMITTED, EPISODE_COMPLETE, EPISODE_STEP_T, EPISODE_FIELDS, EPISODE_SPARSE, EPISODE_STRINGS}
+    {
+        EPISODE_COMMITTED,
+        EPISODE_COMPLETE,
+        EPISODE_STEP_T,
+        EPISODE_FIELDS,
+        EPISODE_SPARSE,
+        EPISODE_STRINGS,
+        EPISODE_COMMIT_MARKER,
+    }
 )
 TASK_REQUIRED_ATTRS = ("task_id", "task_name", "suite", "language")
 
@@ -77,6 +95,39 @@ def parse_episode_group_name(name: str) -> int | None:
 
 class StoreFormatError(ValueError):
     """The directory is not a (complete, uncorrupted) latent store; the message names the offending path."""
+
+
+class StoreCorruptionError(StoreFormatError):
+    """Stored data is missing or corrupt; the message names the file or array, the task and the episode."""
+
+
+class MissingChunkError(StoreCorruptionError):
+    """A chunk file of a committed row is missing (zarr would have returned the fill value, 0, instead)."""
+
+
+class DamagedEpisodeError(StoreFormatError):
+    """An episode's metadata or commit record is unreadable or inconsistent.
+
+    ``may_be_complete`` is False when the episode is known not to have finished (``--resume`` deletes and re-runs
+    it); True when it may hold a finished episode (resume refuses and names the folder to inspect or delete).
+    """
+
+    def __init__(self, message: str, *, may_be_complete: bool):
+        super().__init__(message)
+        self.may_be_complete = may_be_complete
+
+
+def write_group_json(path: pathlib.Path, attrs: dict[str, Any]) -> None:
+    """Writes (atomically, temp file + rename) a zarr v3 group's zarr.json in the existing directory ``path``,
+    without touching anything else there (zarr's ``create_group(overwrite=True)`` would rmtree the directory)."""
+    meta = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+    write_json_atomic(path / "zarr.json", meta)
+
+
+def write_json_atomic(path: pathlib.Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def read_group_attrs(path: pathlib.Path) -> dict[str, Any]:
@@ -239,10 +290,13 @@ def array_create_kwargs(spec: FieldSpec) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "shape": (0, *spec.shape),
         "dtype": dtype,
-        "compressors": compressor,
+        # crc32c of every (inner) chunk, checked by zarr on each decode: a flipped bit is an error, not wrong data.
+        "compressors": (compressor, Crc32cCodec()),
         "fill_value": False if dtype == np.bool_ else 0,
         "dimension_names": ["step", *spec.dims],
         "attributes": {"dims": ["step", *spec.dims], "dtype": spec.dtype, "optional": spec.optional},
+        # Every committed row gets a file, even one equal to the fill value, so a missing file is always damage.
+        "config": {"write_empty_chunks": True},
     }
     if spec.is_string:
         kwargs["attributes"]["encoding"] = "string_table"
@@ -253,3 +307,20 @@ def array_create_kwargs(spec: FieldSpec) -> dict[str, Any]:
     else:
         kwargs["chunks"] = (1, *step_shape)
     return kwargs
+
+
+def row_chunk_key(spec: FieldSpec, row: int) -> str | None:
+    """Path (relative to the episode group) of the one chunk (or shard) file holding ``row`` of ``spec``'s array,
+    or None for a zero-size field (no file). Chunks and shards span one whole row (see array_create_kwargs) and
+    zarr v3's default chunk key encoding is ``c/<i>/<j>/...``."""
+    if any(int(s) == 0 for s in spec.shape):
+        return None
+    return f"{spec.key}/c/{int(row)}" + "/0" * len(spec.shape)
+
+
+def legacy_row_checkable(spec: FieldSpec) -> bool:
+    """Format 1 wrote no file for a chunk equal to the fill value (0), so an absent file there is only damage where
+    an all-zero row cannot occur: floating-point arrays of >= 16 values per step (hidden states, attention, actions;
+    not ints, bools, images or scalars)."""
+    kind_float = spec.dtype == "bfloat16" or (not spec.is_string and np.dtype(spec.dtype).kind == "f")
+    return kind_float and math.prod(spec.shape) >= 16

@@ -2,14 +2,20 @@
 
 ``open_store(root)`` scans the directory tree (one small JSON read per task and episode group, no array reads) and
 returns a :class:`LatentStore`. Arrays are opened on first use and read one rollout step (or one layer) at a time.
-Readers trust the episode attr ``committed_steps``, never the array shapes: after a crash mid-step an array already
-counts the half-written step.
+Readers trust the episode's commit record (``commit``), never the array shapes: after a crash mid-step an array
+already counts the half-written step. Every read checks that the chunk file of each row it reads exists (a missing
+file would otherwise read back as zeros) and raises :class:`MissingChunkError` naming it; codec and metadata errors
+are raised as :class:`StoreCorruptionError` naming the array, task and episode. Episodes whose metadata is damaged
+are left out of the listings (with a warning) and reported by :meth:`LatentStore.damaged_episodes`; full checks
+(checksums) are ``verify``'s.
 
 The store is read as a snapshot taken at ``open_store``; reopen it to see episodes written since.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,10 +25,19 @@ import zarr
 
 from openpi.latents.store import bf16  # noqa: F401 - registers bfloat16 with zarr
 from openpi.latents.store import format as sf
-from openpi.latents.store.format import StoreFormatError, read_group_attrs, require_attrs, scan_episode_dirs
+from openpi.latents.store.commit import read_commit
+from openpi.latents.store.format import (
+    DamagedEpisodeError,
+    MissingChunkError,
+    StoreCorruptionError,
+    StoreFormatError,
+    read_group_attrs,
+    require_attrs,
+    scan_episode_dirs,
+)
 from openpi.latents.store.views import TaskData, TasksView
 
-_INTERNAL_ATTRS = frozenset({sf.EPISODE_FIELDS, sf.EPISODE_SPARSE, sf.EPISODE_STRINGS, sf.EPISODE_STEP_T})
+logger = logging.getLogger(__name__)
 
 
 class EpisodeReader:
@@ -32,24 +47,31 @@ class EpisodeReader:
         self.path = path
         self.task_id = task_id
         self.episode_index = episode_index
-        self.attrs = read_group_attrs(path)
-        require_attrs(path, self.attrs, [sf.EPISODE_COMMITTED, sf.EPISODE_COMPLETE], "episode")
-        self.complete = bool(self.attrs[sf.EPISODE_COMPLETE])
-        self.committed = int(self.attrs[sf.EPISODE_COMMITTED])
-        fields_json = self.attrs.get(sf.EPISODE_FIELDS, {})
-        self.fields = {k: sf.FieldSpec.from_json(k, v) for k, v in fields_json.items()}
-        self.step_t = [int(t) for t in self.attrs.get(sf.EPISODE_STEP_T, [])][: self.committed]
-        if len(self.step_t) != self.committed:
-            raise StoreFormatError(f"{path}: {sf.EPISODE_STEP_T} has fewer entries than {sf.EPISODE_COMMITTED}.")
-        self.sparse = {k: [int(s) for s in v] for k, v in self.attrs.get(sf.EPISODE_SPARSE, {}).items()}
-        self.strings = {k: list(v) for k, v in self.attrs.get(sf.EPISODE_STRINGS, {}).items()}
+        self.record, group_attrs = read_commit(path)
+        self.complete = self.record.complete
+        self.committed = self.record.committed_steps
+        self.fields = self.record.fields
+        self.step_t = self.record.step_t
+        self.sparse = self.record.sparse
+        self.strings = self.record.strings
+        static = {k: v for k, v in group_attrs.items() if k not in sf.RESERVED_EPISODE_ATTRS}
+        self.attrs = {
+            **static,
+            **self.record.attrs,
+            sf.EPISODE_COMMITTED: self.committed,
+            sf.EPISODE_COMPLETE: self.complete,
+        }
         self._arrays: dict[str, zarr.Array] = {}
+
+    @property
+    def where(self) -> str:
+        return f"task {self.task_id} episode {self.episode_index}"
 
     # --- metadata -----------------------------------------------------------------------------------
     @property
     def metadata(self) -> dict[str, Any]:
-        """Episode attrs without the store's bookkeeping (fields, step_t, sparse_steps, string_tables)."""
-        return {k: v for k, v in self.attrs.items() if k not in _INTERNAL_ATTRS}
+        """Episode attrs (caller attrs, finish() metadata, committed_steps, complete), without the bookkeeping."""
+        return dict(self.attrs)
 
     def keys(self) -> list[str]:
         return list(self.fields)
@@ -71,15 +93,57 @@ class EpisodeReader:
         except KeyError:
             raise KeyError(f"{self.path}: no key {key!r}; this episode has {sorted(self.fields)}.") from None
 
+    def open_array(self, key: str) -> zarr.Array:
+        """The zarr array of ``key`` (opened once); StoreCorruptionError naming it if missing or corrupt."""
+        return self._array(key)
+
     def _array(self, key: str) -> zarr.Array:
         arr = self._arrays.get(key)
         if arr is None:
             try:
                 arr = zarr.open_array(store=str(self.path / key), mode="r", zarr_format=3)
             except FileNotFoundError:
-                raise StoreFormatError(f"{self.path / key}: array of key {key!r} is missing (store corrupt).") from None
+                raise StoreCorruptionError(
+                    f"{self.path / key}: array of key {key!r} ({self.where}) is missing; the store is damaged."
+                ) from None
+            except Exception as e:
+                raise self._corrupt(key, "opening", e) from e
             self._arrays[key] = arr
         return arr
+
+    def _corrupt(self, key: str, doing: str, e: BaseException) -> StoreCorruptionError:
+        return StoreCorruptionError(
+            f"{self.path / key}: {doing} key {key!r} of {self.where} failed: {type(e).__name__}: {e}. The stored "
+            f"array is corrupt; `python -m openpi.latents.store verify {self.path.parent.parent}` lists the damage."
+        )
+
+    def missing_chunks(self, key: str, rows: Sequence[int] | None = None) -> list[tuple[int, pathlib.Path]]:
+        """(row, path) of the chunk files of committed ``rows`` (None: all) of ``key`` that do not exist. Format-1
+        episodes check only keys where an absent file cannot be a legitimate all-zero row."""
+        spec = self._spec(key)
+        if self.record.checksums is None and not sf.legacy_row_checkable(spec):
+            return []
+        rows = range(len(self.present_steps(key))) if rows is None else rows
+        out = []
+        for row in rows:
+            chunk = sf.row_chunk_key(spec, row)
+            if chunk is not None and not os.path.exists(self.path / chunk):
+                out.append((row, self.path / chunk))
+        return out
+
+    def _check_present(self, key: str, rows: list[int] | slice) -> None:
+        if isinstance(rows, slice):
+            rows = list(range(*rows.indices(len(self.present_steps(key)))))
+        missing = self.missing_chunks(key, rows)
+        if missing:
+            row, path = missing[0]
+            step = self.present_steps(key)[row]
+            raise MissingChunkError(
+                f"{path}: missing chunk file of key {key!r}, row {row} (rollout step {step}, step_{self.step_t[step]})"
+                f" of {self.where}" + (f", and {len(missing) - 1} more" if len(missing) > 1 else "") + "; this "
+                "committed data is lost (zarr would read it as zeros). Run `python -m openpi.latents.store verify "
+                f"{self.path.parent.parent}`, then delete the episode folder {self.path} and --resume to re-run it."
+            )
 
     def _rows(self, key: str, steps: int | slice | Sequence[int] | None) -> tuple[list[int] | slice, bool]:
         """Array rows for rollout-step indices ``steps``; returns (rows, scalar_step)."""
@@ -128,11 +192,15 @@ class EpisodeReader:
             if any(not 0 <= x < n_layers for x in layers):
                 raise IndexError(f"{self.path}: layer {layer} out of range for {key!r} with {n_layers} stored layers.")
             selection[1 + axis] = layers[0] if isinstance(layer, (int, np.integer)) else layers
+        self._check_present(key, rows)
         arr = self._array(key)
-        if isinstance(rows, slice) and all(not isinstance(s, list) for s in selection):
-            data = arr[tuple(selection)]
-        else:
-            data = arr.oindex[tuple(selection)]
+        try:
+            if isinstance(rows, slice) and all(not isinstance(s, list) for s in selection):
+                data = arr[tuple(selection)]
+            else:
+                data = arr.oindex[tuple(selection)]
+        except Exception as e:
+            raise self._corrupt(key, f"reading rows {rows} of", e) from e
         data = np.asarray(data)
         if scalar:
             data = data[0]
@@ -159,9 +227,24 @@ class LatentStore:
         self._dirs = scan_episode_dirs(self.root)
         self._tasks: dict[int, dict[str, Any]] = {}
         self._episodes: dict[tuple[int, int], EpisodeReader] = {}
+        self._damaged: dict[tuple[int, int | None], StoreFormatError] = {}  # (task, episode or None: the task)
+        self._excluded: set[tuple[int, int]] = set()  # damaged episodes skipped by require_intact(skip_damaged=True)
+
+    def _note_damage(self, where: tuple[int, int | None], e: StoreFormatError) -> None:
+        if where not in self._damaged:
+            self._damaged[where] = e
+            logger.warning("Skipping a damaged %s: %s", "task" if where[1] is None else "episode", e)
 
     def task_ids(self) -> list[int]:
-        return sorted(self._dirs)
+        """Tasks whose group is readable (damaged ones are skipped with a warning; see damaged_episodes)."""
+        ok = []
+        for t in sorted(self._dirs):
+            try:
+                self.task_info(t)
+                ok.append(t)
+            except StoreFormatError as e:
+                self._note_damage((t, None), e)
+        return ok
 
     def task_info(self, task_id: int) -> dict[str, Any]:
         task_id = int(task_id)
@@ -175,6 +258,7 @@ class LatentStore:
         return self._tasks[task_id]
 
     def episode(self, task_id: int, episode_index: int) -> EpisodeReader:
+        """The episode's reader; DamagedEpisodeError (naming the file) if its metadata is damaged."""
         key = (int(task_id), int(episode_index))
         if key not in self._episodes:
             path = self._dirs.get(key[0], {}).get(key[1])
@@ -183,13 +267,68 @@ class LatentStore:
             self._episodes[key] = EpisodeReader(path, *key)
         return self._episodes[key]
 
+    def _readable(self, task_id: int, k: int) -> EpisodeReader | None:
+        if (int(task_id), int(k)) in self._damaged:  # stays damaged in this snapshot (a live writer may fix it)
+            return None
+        try:
+            return self.episode(task_id, k)
+        except DamagedEpisodeError as e:
+            self._note_damage((task_id, k), e)
+            return None
+
     def episode_indices(self, task_id: int, *, include_incomplete: bool = False) -> list[int]:
+        """Episodes of ``task_id`` (complete ones unless ``include_incomplete``); damaged ones are skipped."""
         self.task_info(task_id)
-        ks = sorted(self._dirs[int(task_id)])
-        return [k for k in ks if include_incomplete or self.episode(task_id, k).complete]
+        out = []
+        for k in sorted(self._dirs[int(task_id)]):
+            ep = None if (int(task_id), k) in self._excluded else self._readable(task_id, k)
+            if ep is not None and (include_incomplete or ep.complete):
+                out.append(k)
+        return out
 
     def completed_episodes(self) -> set[tuple[int, int]]:
         return {(t, k) for t in self.task_ids() for k in self.episode_indices(t)}
+
+    def damaged_episodes(self) -> dict[tuple[int, int | None], StoreFormatError]:
+        """(task, episode) -> error, for every episode (episode None: task group) whose metadata is damaged."""
+        for t in self.task_ids():
+            for k in self._dirs[t]:
+                self._readable(t, k)
+        return dict(self._damaged)
+
+    def integrity_problems(self) -> dict[tuple[int, int | None], str]:
+        """Cheap checks of what the complete-only view would lose: damaged task groups, damaged episodes that may
+        have finished, and complete episodes with a missing chunk file of a committed row (one stat per file)."""
+        problems: dict[tuple[int, int | None], str] = {}
+        for where, e in self.damaged_episodes().items():
+            if where[1] is None or getattr(e, "may_be_complete", True):
+                problems[where] = str(e)
+        for t in self.task_ids():
+            for k in self.episode_indices(t):
+                ep = self.episode(t, k)
+                missing = [p for key in ep.keys() for _, p in ep.missing_chunks(key)]
+                if missing:
+                    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                    problems[(t, k)] = f"{ep.where}: missing chunk file {missing[0]}{more}"
+        return problems
+
+    def require_intact(self, *, skip_damaged: bool = False) -> dict[tuple[int, int | None], str]:
+        """Raises StoreCorruptionError listing :meth:`integrity_problems` unless there are none; with
+        ``skip_damaged`` leaves the damaged episodes out of this store's listings instead (and returns them)."""
+        problems = self.integrity_problems()
+        if problems and not skip_damaged:
+            raise StoreCorruptionError(
+                f"{self.root} is damaged ({len(problems)} episodes or tasks):\n  "
+                + "\n  ".join(problems.values())
+                + "\nPass --skip-damaged (skip_damaged=True) to analyse the rest, or see `python -m "
+                f"openpi.latents.store verify {self.root}`."
+            )
+        for t, k in problems:
+            if k is not None:
+                self._excluded.add((t, k))
+        if problems:
+            logger.warning("Skipping %d damaged episodes/tasks of %s: %s", len(problems), self.root, list(problems))
+        return problems
 
     def read_array(
         self,

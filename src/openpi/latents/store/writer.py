@@ -10,17 +10,18 @@ Use::
 
 One background thread does all writing, fed by a bounded queue; a failure there is re-raised (as
 :class:`LatentStoreWriteError`) by the next writer call and by ``close()``. Each step's arrays are written first, then
-the episode attr ``committed_steps`` (one atomic JSON write), so a crash at any point leaves every committed step and
-every finished episode intact; the unfinished episode stays ``complete=False`` and resuming deletes it. The layout is
-documented in ``format``; reading is ``reader`` / ``loading``; the pickle compat format is ``pickle_format`` (the
-package ``openpi.latents.store`` exports all of them). Local directories only (zarr's LocalStore writes each file
-atomically, which the crash story needs).
+the episode's commit record ``commit.json`` (one atomic write, with the crc32c of every chunk file; see ``commit``), so
+a crash at any point leaves every committed step and every finished episode intact; the unfinished episode stays
+``complete=False`` and resuming deletes it. One writer per store: ``create_or_open`` takes ``<root>/writer.lock``
+(see ``lock``) and ``close`` releases it. The directory the caller gives is never removed or recreated (its mode,
+owner, setgid bit, mount or symlink stay). The layout is documented in ``format``; reading is ``reader`` / ``loading``;
+the pickle compat format is ``pickle_format``. Local directories only (zarr's LocalStore writes each file atomically,
+which the crash story needs).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import pathlib
@@ -36,8 +37,10 @@ import zarr
 from openpi.latents.store import bf16  # noqa: F401 - registers bfloat16 with zarr
 from openpi.latents.store import format as sf
 from openpi.latents.store import manifest as manifest_lib
-from openpi.latents.store.episode_writer import EpisodeSink, EpisodeWriter
-from openpi.latents.store.format import is_store, read_group_attrs, scan_episode_dirs
+from openpi.latents.store.commit import read_commit
+from openpi.latents.store.episode_writer import ChecksumStore, EpisodeSink, EpisodeWriter
+from openpi.latents.store.format import DamagedEpisodeError, is_store, read_group_attrs, scan_episode_dirs
+from openpi.latents.store.lock import FileLock
 
 logger = logging.getLogger(__name__)
 _STOP = object()
@@ -70,21 +73,40 @@ def check_writable(root: str | pathlib.Path) -> pathlib.Path:
     return root
 
 
-def _write_json_atomic(path: pathlib.Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _user_entries(root: pathlib.Path) -> list[pathlib.Path]:
+    """Entries of ``root`` other than the writer lock and its temp/guard files."""
+    lock = sf.LOCK_FILE
+    return [p for p in root.iterdir() if p.name != lock and not p.name.startswith(f".{lock}.")]
+
+
+def _episode_state(path: pathlib.Path) -> bool | DamagedEpisodeError:
+    """True: complete; False: incomplete; or the damage found."""
+    try:
+        return read_commit(path)[0].complete
+    except DamagedEpisodeError as e:
+        return e
 
 
 class LatentStoreWriter:
     """Writer of one store directory; create with :meth:`create_or_open`, use as a context manager."""
 
-    def __init__(self, root: pathlib.Path, group: zarr.Group, manifest: dict[str, Any], *, queue_size: int = 8):
+    def __init__(
+        self,
+        root: pathlib.Path,
+        group: zarr.Group,
+        manifest: dict[str, Any],
+        *,
+        queue_size: int = 8,
+        lock: FileLock | None = None,
+    ):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}.")
         self.root = root
         self.manifest = manifest
         self._group = group
+        self._store: ChecksumStore = group.store  # type: ignore[assignment]
+        self._store.written = {}
+        self._lock = lock
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._error_where = ""
@@ -98,7 +120,7 @@ class LatentStoreWriter:
             task_path = root / sf.task_group_name(task_id)
             self._tasks[task_id] = read_group_attrs(task_path)
             for k, path in episodes.items():
-                if read_group_attrs(path).get(sf.EPISODE_COMPLETE):
+                if _episode_state(path) is True:
                     self.completed.add((task_id, k))
         self._thread = threading.Thread(target=self._run, name="latent-store-writer", daemon=True)
         self._thread.start()
@@ -113,25 +135,45 @@ class LatentStoreWriter:
         resume: bool,
         queue_size: int = 8,
         resume_ignore: Collection[str] = manifest_lib.DEFAULT_RESUME_IGNORE,
+        break_stale_lock: bool = False,
     ) -> LatentStoreWriter:
         """Creates a store at ``root`` (or, with ``resume``, reopens it and deletes its incomplete episodes).
 
         Errors before anything is written: root not writable; root non-empty but not a store; a store holding
-        episodes without ``resume``; on resume, a manifest that differs (outside ``resume_ignore``) from the stored.
+        episodes without ``resume``; on resume, a manifest that differs (outside ``resume_ignore``) from the stored;
+        another writer holding the store's lock (:class:`~openpi.latents.store.lock.StoreLockedError`), or a stale
+        lock of a dead writer unless ``break_stale_lock``. The lock is held until ``close()``.
         """
         root = check_writable(root)
         requested = manifest_lib.complete_manifest(manifest)
-        n_episodes = cls.check_can_open(root, requested, resume=resume, resume_ignore=resume_ignore)
-        if resume and n_episodes:
-            return cls._reopen(root, requested, queue_size, resume_ignore)
-        if resume:
-            logger.info("--resume: %s holds no episodes yet; starting a new store.", root)
-        root.mkdir(parents=True, exist_ok=True)
+        cls.check_can_open(
+            root, requested, resume=resume, resume_ignore=resume_ignore, break_stale_lock=break_stale_lock
+        )
+        root.mkdir(parents=True, exist_ok=True)  # an existing directory is kept as it is (mode, owner, mount, link)
+        lock = FileLock(root / sf.LOCK_FILE, what=f"latent store {root}")
+        lock.acquire(break_stale=break_stale_lock)
+        try:  # checked again under the lock: another writer may have changed the store meanwhile
+            n_episodes = cls.check_can_open(root, requested, resume=resume, resume_ignore=resume_ignore, locked=True)
+            if resume and n_episodes:
+                return cls._reopen(root, requested, queue_size, lock)
+            if resume:
+                logger.info("--resume: %s holds no episodes yet; starting a new store.", root)
+            return cls._create(root, requested, queue_size, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _create(cls, root: pathlib.Path, requested: dict[str, Any], queue_size: int, lock: FileLock):
+        # root is empty, or a store without episodes (e.g. from a run that died before its first one): remove only
+        # the store's own episode-less task groups, never root itself.
+        for task_id in scan_episode_dirs(root):
+            shutil.rmtree(root / sf.task_group_name(task_id))
         attrs = {"format": sf.FORMAT_NAME, "format_version": sf.FORMAT_VERSION, "manifest": requested, "resumes": []}
-        # overwrite: root is empty, or a store without episodes (e.g. from a run that died before its first one).
-        group = zarr.create_group(store=str(root), zarr_format=3, attributes=attrs, overwrite=True)
-        _write_json_atomic(root / sf.MANIFEST_FILE, requested)
-        return cls(root, group, requested, queue_size=queue_size)
+        sf.write_group_json(root, attrs)
+        sf.write_json_atomic(root / sf.MANIFEST_FILE, requested)
+        group = zarr.open_group(store=ChecksumStore(root), mode="r+", zarr_format=3)
+        return cls(root, group, requested, queue_size=queue_size, lock=lock)
 
     @staticmethod
     def check_can_open(
@@ -140,15 +182,30 @@ class LatentStoreWriter:
         *,
         resume: bool,
         resume_ignore: Collection[str] = manifest_lib.DEFAULT_RESUME_IGNORE,
+        break_stale_lock: bool = False,
+        locked: bool = False,
     ) -> int:
         """The checks of `create_or_open`, writing nothing (so a caller can fail before expensive setup).
 
         Returns the number of episodes already in the store. Raises PermissionError / NotADirectoryError (not
-        writable), FileExistsError (non-empty non-store directory; a store with episodes without ``resume``) and
-        ValueError (on resume, a manifest differing outside ``resume_ignore``).
+        writable), FileExistsError (non-empty non-store directory; a store with episodes without ``resume``;
+        StoreLockedError: another writer, or a stale lock without ``break_stale_lock``) and ValueError (on resume, a
+        manifest differing outside ``resume_ignore``). ``locked``: the caller holds the lock (skip that check).
         """
         root = check_writable(root)
-        if not (root.exists() and any(root.iterdir())):
+        lock = None if locked or not root.exists() else FileLock(root / sf.LOCK_FILE, what=f"latent store {root}")
+        if lock is not None:
+            lock.check(break_stale=True)  # a live writer first: the other checks may be about its half-made store
+        n_episodes = LatentStoreWriter._check_content(root, manifest, resume=resume, resume_ignore=resume_ignore)
+        if lock is not None:
+            lock.check(break_stale=break_stale_lock)  # then a stale lock (after the other problems, to fix at once)
+        return n_episodes
+
+    @staticmethod
+    def _check_content(
+        root: pathlib.Path, manifest: Mapping[str, Any], *, resume: bool, resume_ignore: Collection[str]
+    ) -> int:
+        if not (root.exists() and _user_entries(root)):
             return 0
         if not is_store(root):
             raise FileExistsError(
@@ -173,9 +230,32 @@ class LatentStoreWriter:
                 )
         return n_episodes
 
+    @staticmethod
+    def _incomplete_episodes(root: pathlib.Path) -> dict[tuple[int, int], str]:
+        """(task, episode) -> why, for every episode resume must delete; raises if a damaged one may be complete."""
+        out: dict[tuple[int, int], str] = {}
+        suspect = []
+        for task_id, episodes in scan_episode_dirs(root).items():
+            for k, path in sorted(episodes.items()):
+                state = _episode_state(path)
+                if isinstance(state, DamagedEpisodeError):
+                    if state.may_be_complete:
+                        suspect.append(str(state))
+                    out[(task_id, k)] = f"damaged: {state}"
+                elif not state:
+                    out[(task_id, k)] = "incomplete"
+        if suspect:
+            raise DamagedEpisodeError(
+                "Cannot resume: these episodes are damaged and may hold finished episodes; inspect them (python -m "
+                "openpi.latents.store verify <store>) and delete their folders to re-run them:\n  "
+                + "\n  ".join(suspect),
+                may_be_complete=True,
+            )
+        return out
+
     @classmethod
     def _reopen(
-        cls, root: pathlib.Path, requested: dict[str, Any], queue_size: int, resume_ignore: Collection[str]
+        cls, root: pathlib.Path, requested: dict[str, Any], queue_size: int, lock: FileLock
     ) -> LatentStoreWriter:
         stored, _ = sf.read_store_manifest(root)  # checked against `requested` by check_can_open
         if stored.get("code_version") != requested.get("code_version"):
@@ -186,14 +266,15 @@ class LatentStoreWriter:
                 stored.get("code_version"),
             )
         deleted = []
-        for task_id, episodes in scan_episode_dirs(root).items():
-            for k, path in sorted(episodes.items()):
-                if not read_group_attrs(path).get(sf.EPISODE_COMPLETE):
-                    shutil.rmtree(path)
-                    deleted.append([task_id, k])
+        for (task_id, k), why in cls._incomplete_episodes(root).items():
+            path = root / sf.task_group_name(task_id) / sf.episode_group_name(k)
+            shutil.rmtree(path)
+            deleted.append([task_id, k])
+            if why != "incomplete":
+                logger.warning("Resume: deleted task %d episode %d (%s)", task_id, k, why)
         if deleted:
             logger.info("Resume: deleted %d incomplete episodes (task, episode): %s", len(deleted), deleted)
-        group = zarr.open_group(store=str(root), mode="r+", zarr_format=3)
+        group = zarr.open_group(store=ChecksumStore(root), mode="r+", zarr_format=3)
         resumes = list(group.attrs.get("resumes", []))
         resumes.append(
             {
@@ -203,7 +284,7 @@ class LatentStoreWriter:
             }
         )
         group.attrs.update({"resumes": resumes})
-        return cls(root, group, stored, queue_size=queue_size)
+        return cls(root, group, stored, queue_size=queue_size, lock=lock)
 
     # --- producer API -------------------------------------------------------------------------------
     def begin_episode(
@@ -235,7 +316,6 @@ class LatentStoreWriter:
         if clash:
             raise ValueError(f"episode attrs {clash} are set by the store; rename them.")
         ep_attrs = {"episode_index": episode_index, **ep_attrs}
-        ep_attrs.update({sf.EPISODE_COMMITTED: 0, sf.EPISODE_COMPLETE: False})
         self._tasks.setdefault(task_id, task_attrs)
         self._open.add(ident)
         sink = EpisodeSink(task_id, episode_index, ep_attrs)
@@ -254,6 +334,8 @@ class LatentStoreWriter:
             self._closed = True
             self._queue.put(_STOP)
             self._thread.join()
+            if self._lock is not None:
+                self._lock.release()
         if self._error is not None:
             raise self._wrapped_error()
 
@@ -313,7 +395,7 @@ class LatentStoreWriter:
         where = f"task {sink.task_id} episode {sink.episode_index}"
         if kind == "begin":
             self._error_where = f"creating {where}"
-            sink.open(self._task_group(item[2]))
+            sink.open(self._task_group(item[2]), self._store)
         elif kind == "step":
             self._error_where = f"writing {where} rollout step {sink.committed}"
             sink.write_step(item[2])
@@ -329,7 +411,7 @@ class LatentStoreWriter:
         if group is None:
             name = sf.task_group_name(task_id)
             if (self.root / name / "zarr.json").exists():
-                group = zarr.open_group(store=str(self.root / name), mode="r+", zarr_format=3)
+                group = zarr.open_group(store=self._store, path=name, mode="r+", zarr_format=3)
             else:
                 group = self._group.create_group(name, attributes=task_attrs)
             self._task_groups[task_id] = group

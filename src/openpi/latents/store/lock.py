@@ -1,0 +1,192 @@
+"""Exclusive lock files: one writer per store now, one owner per episode later.
+
+A lock is a small JSON file created exclusively (written to a temp file, then ``os.link``-ed into place, so it
+appears complete or not at all; an object store would use a conditional PUT, ``If-None-Match: *``)::
+
+    {"host": "node-3", "pid": 12345, "pid_start": 98765432, "boot_id": "...", "started": "2025-01-01T10:00:00+00:00",
+     "token": "<uuid4 hex>", "purpose": "writer"}
+
+The store writer holds ``<root>/writer.lock`` from ``create_or_open`` to ``close``. A lock is *stale* when its holder
+ran on this host and is gone: no process with that pid, or one started at another time (pid reused), or the machine
+rebooted since (``boot_id``). A live lock refuses the second writer; a stale one is broken only when asked
+(``break_stale_lock=True``, the collection's ``--break-stale-lock``); a lock from another host is never judged (its
+message says which file to delete once that host's writer is known to be gone). Many workers later: each takes the
+store lock only briefly to update shared files (manifest, root attrs) and holds one lock per episode it writes
+(``<task>/episode_<k>.claim``), made with this same class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import pathlib
+import socket
+import uuid
+from typing import Any
+
+
+class StoreLockedError(FileExistsError):
+    """Another writer holds the lock (or a stale lock was not broken); the message names holder, file and fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LockHolder:
+    host: str
+    pid: int
+    pid_start: int | None
+    boot_id: str | None
+    started: str
+    token: str
+    purpose: str
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on host {self.host!r} (started {self.started})"
+
+
+def _pid_start(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (/proc/<pid>/stat field 22), None if unknown."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _me(purpose: str) -> LockHolder:
+    return LockHolder(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        pid_start=_pid_start(os.getpid()),
+        boot_id=_boot_id(),
+        started=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        token=uuid.uuid4().hex,
+        purpose=purpose,
+    )
+
+
+def read_holder(path: pathlib.Path) -> LockHolder | None:
+    """The holder recorded in lock file ``path``; None if there is none. Unparsable content raises ValueError."""
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    try:
+        return LockHolder(
+            str(data["host"]),
+            int(data["pid"]),
+            data.get("pid_start"),
+            data.get("boot_id"),
+            str(data.get("started", "?")),
+            str(data["token"]),
+            str(data.get("purpose", "writer")),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a lock file ({e})") from e
+
+
+def holder_is_stale(holder: LockHolder) -> bool | None:
+    """True: the holder ran on this host and is gone. False: it is alive. None: another host, cannot tell."""
+    if holder.host != socket.gethostname():
+        return None
+    if holder.boot_id and _boot_id() and holder.boot_id != _boot_id():
+        return True
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # exists, owned by another user
+    start = _pid_start(holder.pid)
+    return holder.pid_start is not None and start is not None and start != holder.pid_start
+
+
+class FileLock:
+    """An exclusive lock file at ``path`` (see the module docstring); ``acquire`` then ``release``."""
+
+    def __init__(self, path: str | pathlib.Path, *, purpose: str = "writer", what: str = "store"):
+        self.path = pathlib.Path(path)
+        self.purpose = purpose
+        self.what = what  # for messages: "store /data/run"
+        self.holder: LockHolder | None = None
+
+    def check(self, *, break_stale: bool = False) -> None:
+        """Raises :class:`StoreLockedError` if acquiring would fail (a live lock; a stale one without
+        ``break_stale``); writes nothing. An unparsable lock file is treated like a stale one."""
+        try:
+            holder = read_holder(self.path)
+        except ValueError:
+            if not break_stale:
+                raise StoreLockedError(
+                    f"{self.path}: the writer lock of {self.what} is unreadable (a crash while it was taken?). If no "
+                    "other writer runs, pass --break-stale-lock (break_stale_lock=True) or delete the file."
+                ) from None
+            return
+        if holder is None:
+            return
+        stale = holder_is_stale(holder)
+        if stale is False:
+            raise StoreLockedError(
+                f"{self.what} is being written by {holder.describe()} (lock file {self.path}). Only one writer may "
+                "use a store: wait for it to finish, or write to another --output-dir."
+            )
+        if stale is None:
+            raise StoreLockedError(
+                f"{self.what} is locked by {holder.describe()}, another host, whose process cannot be checked from "
+                f"here. If no writer runs there any more, delete {self.path} and retry."
+            )
+        if not break_stale:
+            raise StoreLockedError(
+                f"{self.what} has a stale writer lock from {holder.describe()}, which is no longer running (it "
+                f"crashed or was killed). Pass --break-stale-lock (break_stale_lock=True) to take it over, after "
+                f"checking no other writer uses this store; or delete {self.path}."
+            )
+
+    def acquire(self, *, break_stale: bool = False) -> LockHolder:
+        me = _me(self.purpose)
+        tmp = self.path.with_name(f".{self.path.name}.{me.token}.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(me), indent=2) + "\n")
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)  # atomic and exclusive: fails if a lock exists
+                    self.holder = me
+                    return me
+                except FileExistsError:
+                    self.check(break_stale=break_stale)  # raises unless it is stale and may be broken
+                    self._break_stale()
+            raise StoreLockedError(f"{self.what}: another writer took the lock {self.path} while this one broke it.")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _break_stale(self) -> None:
+        """Removes the stale lock, under a guard so two processes breaking it at once cannot remove a fresh one."""
+        guard = self.path.with_name(f".{self.path.name}.guard")
+        with open(guard, "a") as g:
+            fcntl.flock(g, fcntl.LOCK_EX)
+            try:
+                self.check(break_stale=True)  # still stale under the guard (not replaced by a live writer's lock)
+                self.path.unlink(missing_ok=True)
+            finally:
+                fcntl.flock(g, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        """Removes the lock if it is still ours (a lock broken by another process is left alone)."""
+        if self.holder is None:
+            return
+        try:
+            current = read_holder(self.path)
+        except ValueError:
+            current = None
+        if current is not None and current.token == self.holder.token:
+            self.path.unlink(missing_ok=True)
+        self.holder = None
