@@ -16,19 +16,19 @@ import sys
 
 import tyro
 
-from openpi.latents import collection
+from openpi.latents import collect
 
 
-def main(args: collection.CollectionArgs) -> None:
+def main(args: collect.CollectionArgs) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        outcomes = collection.collect(args)
-    except collection.SetupError as e:
+        outcomes = collect.collect(args)
+    except collect.SetupError as e:
         # Bad input, found before any rollout: a clear message, no traceback, nothing written.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print()
-    print(collection.summary_table(collection.make_plan(args), outcomes))
+    print(collect.summary_table(collect.make_plan(args), outcomes))
     print(f"\nLatents in {args.output_dir} ({args.output_format}). Open them with:")
     print("  import expert_data_utils")
     extra = ", allow_pickle=True" if args.output_format == "pickle" else ""  # only for pickles you trust
@@ -36,4 +36,4 @@ def main(args: collection.CollectionArgs) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(collection.CollectionArgs, description=__doc__))
+    main(tyro.cli(collect.CollectionArgs, description=__doc__))

@@ -1,4 +1,4 @@
-"""The collection (openpi.latents.collection + scripts/inference_latent_collection.py) on the REAL LIBERO simulator.
+"""The collection (openpi.latents.collect + scripts/inference_latent_collection.py) on the REAL LIBERO simulator.
 
 Everything runs the tiny random-weight preset (`pi0_libero_tiny`) on libero_goal task 0 ("open the middle drawer of
 the cabinet") with short episodes. One in-process run is shared by the structure / success / counterfactual / video
@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 
 from openpi.envs import libero as L
-from openpi.latents import collection, store
+from openpi.latents import collect as collection
+from openpi.latents import store
 from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config
 
