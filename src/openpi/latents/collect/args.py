@@ -9,6 +9,7 @@ from typing import Literal
 
 from openpi import envs
 from openpi.envs import base as env_base
+from openpi.latents.collect.disk import NoSpaceError
 from openpi.latents.store import manifest as manifest_lib
 from openpi.models.capture import CaptureSpec
 from openpi.policies import presets
@@ -23,7 +24,15 @@ class SetupError(ValueError):
 
 
 # What the setup phase raises for bad input (wrapped in SetupError by `collect`).
-SETUP_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ImportError)
+SETUP_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    ImportError,
+    NoSpaceError,
+)
 # Arguments a resumed run may change: they add or show work but do not change what an episode records.
 RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
     "arguments.task_ids",
@@ -31,6 +40,8 @@ RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
     "arguments.save_videos",
     "arguments.queue_size",
 }
+# Library parameters whose fix a setup error names, and the flag a command-line user gives it with.
+CLI_FLAGS = {"asset_id": "--asset-id", "checkpoint_dir": "--checkpoint", "allow_pickle": "--allow-pickle"}
 DEFAULT_PRESET = "pi0_libero"
 # The defaults below that belong to a simulator (wait steps, seed) are the default preset's simulator's.
 _DEFAULT_SIMULATOR = envs.get(presets.get_preset(DEFAULT_PRESET).env)
@@ -105,7 +116,7 @@ class Plan:
         return math.ceil(self.max_steps / self.replan_steps)
 
 
-def _check_counts(args: CollectionArgs, tasks: tuple[env_base.TaskInfo, ...]) -> None:
+def _check_numbers(args: CollectionArgs, tasks: tuple[env_base.TaskInfo, ...]) -> None:
     ids = [t.task_id for t in tasks]
     if len(set(ids)) != len(ids):
         raise ValueError(f"--task-ids lists a task twice: {ids}.")
@@ -120,6 +131,13 @@ def _check_counts(args: CollectionArgs, tasks: tuple[env_base.TaskInfo, ...]) ->
             )
     if args.replan_steps < 1 or args.num_steps_wait < 0 or args.counterfactual_every < 1:
         raise ValueError("--replan-steps and --counterfactual-every must be >= 1 and --num-steps-wait >= 0.")
+    if args.num_denoise_steps < 1:
+        raise ValueError(
+            f"--num-denoise-steps must be >= 1 (flow-matching Euler steps per inference; openpi uses 10), "
+            f"got {args.num_denoise_steps}."
+        )
+    if args.queue_size < 1:
+        raise ValueError(f"--queue-size must be >= 1 (steps waiting for the disk; default 8), got {args.queue_size}.")
 
 
 def make_plan(args: CollectionArgs) -> Plan:
@@ -130,7 +148,7 @@ def make_plan(args: CollectionArgs) -> Plan:
     all_tasks = sim.list_tasks(suite)
     ids = args.task_ids or tuple(range(len(all_tasks)))
     tasks = tuple(sim.get_task(suite, i) for i in ids)
-    _check_counts(args, tasks)
+    _check_numbers(args, tasks)
     max_steps = sim.default_max_steps(suite) if args.max_steps is None else args.max_steps
     if max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {max_steps}.")

@@ -8,7 +8,7 @@ noise without touching the env.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -84,15 +84,26 @@ class EpisodeRecorder:
     and keeps the inference; `on_inference`, which the loop calls right after with the env step t, writes its record.
     """
 
-    def __init__(self, plan: Plan, policy: Policy, writer: EpisodeSink, task: env_base.TaskInfo, k: int):
+    def __init__(
+        self,
+        plan: Plan,
+        policy: Policy,
+        writer: EpisodeSink,
+        task: env_base.TaskInfo,
+        k: int,
+        check_stop: Callable[[], None] | None = None,
+    ):
         config = policy.model.config
         self._plan, self._policy, self._writer = plan, policy, writer
+        self._check_stop = check_stop  # raises to abandon the episode before its next inference
         self._noise = episode_noise(plan.args.seed, task.task_id, k, (config.action_horizon, config.action_dim))
         self._cf_prompt = counterfactual_prompt(plan, task)
         self._inference: Inference | None = None  # made by policy_fn, recorded by on_inference
         self.num_inferences = 0
 
     def policy_fn(self, element: dict[str, Any]) -> np.ndarray:
+        if self._check_stop is not None:
+            self._check_stop()
         capture = self._plan.args.capture
         result = self._policy.infer_with_latents(element, noise=next(self._noise), capture=capture)
         inference = Inference(element, result)
@@ -110,10 +121,19 @@ class EpisodeRecorder:
 
 
 def run_task_episode(
-    plan: Plan, policy: Policy, env: env_base.Env, writer: EpisodeSink, k: int
+    plan: Plan,
+    policy: Policy,
+    env: env_base.Env,
+    writer: EpisodeSink,
+    k: int,
+    *,
+    check_stop: Callable[[], None] | None = None,
 ) -> env_base.EpisodeResult:
-    """Episode `k` of `env`'s task: openpi's rollout protocol, one record per inference, counterfactual reruns."""
-    recorder = EpisodeRecorder(plan, policy, writer, env.task, k)
+    """Episode `k` of `env`'s task: openpi's rollout protocol, one record per inference, counterfactual reruns.
+
+    `check_stop` is called before each inference; what it raises abandons the episode (left incomplete in the output).
+    """
+    recorder = EpisodeRecorder(plan, policy, writer, env.task, k, check_stop)
     return env_base.run_episode(
         env,
         k,

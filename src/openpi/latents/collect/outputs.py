@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import pathlib
 from typing import Any, Protocol
 
 from openpi.envs import base as env_base
 from openpi.latents import store as _store
 from openpi.latents.collect.args import RESUME_IGNORE, CollectionArgs, Plan
+from openpi.latents.collect.disk import NoSpaceError, check_not_full
 from openpi.latents.store import manifest as manifest_lib
 from openpi.latents.store import pickle_format
 
@@ -99,7 +101,16 @@ class PickleOutput:
 
 
 def open_output(args: CollectionArgs, manifest: dict[str, Any]) -> Output:
-    return ZarrOutput(args, manifest) if args.output_format == "zarr" else PickleOutput(args, manifest)
+    """The output of `args.output_format`; a full disk while creating it raises `NoSpaceError` naming the path."""
+    try:
+        return ZarrOutput(args, manifest) if args.output_format == "zarr" else PickleOutput(args, manifest)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise NoSpaceError(
+            f"No space left for --output-dir {args.output_dir} ({e.filename or args.output_dir}: {e.strerror}). "
+            "Free some space there or choose another --output-dir."
+        ) from e
 
 
 def _pickle_path(args: CollectionArgs, task: env_base.TaskInfo) -> pathlib.Path:
@@ -109,12 +120,14 @@ def _pickle_path(args: CollectionArgs, task: env_base.TaskInfo) -> pathlib.Path:
 def check_output(plan: Plan, manifest: dict[str, Any]) -> None:
     """The checks of opening the output, without writing anything (so that they fail before the policy loads).
 
-    Raises PermissionError / NotADirectoryError for a directory that cannot be written, FileExistsError for existing
+    Raises PermissionError / NotADirectoryError for a directory that cannot be written, NoSpaceError for a full
+    filesystem, FileExistsError for existing
     output without ``--resume`` (or a non-empty directory that is not a latent store), ValueError for a resume whose
     settings differ from the stored run's. Opening the store checks the same again.
     """
     args = plan.args
     root = _store.check_writable(args.output_dir)
+    check_not_full(args.output_dir)
     if args.output_format == "pickle":
         existing = [t.task_id for t in plan.tasks if _pickle_path(args, t).exists()]
         if existing and not args.resume:

@@ -11,19 +11,31 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from typing import Any
 
 import tqdm
 
 from openpi.envs import base as env_base
-from openpi.latents.collect.args import SETUP_ERRORS, CollectionArgs, Plan, SetupError, counterfactual_prompt, make_plan
+from openpi.latents.collect.args import (
+    CLI_FLAGS,
+    SETUP_ERRORS,
+    CollectionArgs,
+    Plan,
+    SetupError,
+    counterfactual_prompt,
+    make_plan,
+)
+from openpi.latents.collect.disk import free_space_warning
 from openpi.latents.collect.episode import run_task_episode
+from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.malloc import limit_malloc_arenas
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, check_output, open_output, task_dict
-from openpi.latents.collect.sizes import describe_capture
+from openpi.latents.collect.sizes import estimate_size
 from openpi.latents.store import manifest as manifest_lib
 from openpi.policies import policy_config
 from openpi.policies.policy import Policy
+from openpi.shared.cli import cli_message
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +75,30 @@ def _setup(args: CollectionArgs, policy: Policy | None) -> tuple[Plan, Policy, O
     return plan, policy, open_output(plan.args, manifest)
 
 
-def collect(args: CollectionArgs, *, policy: Policy | None = None) -> list[EpisodeOutcome]:
+def collect(
+    args: CollectionArgs, *, policy: Policy | None = None, stop: StopOnSignal | None = None
+) -> list[EpisodeOutcome]:
     """Runs the collection; returns one outcome per planned episode (including ones kept from a resumed run).
 
     Every check that can fail on bad input (arguments, capture spec, output directory, checkpoint and norm stats)
     runs before any env is created, in that order, and raises `SetupError`; the output is only written once all of
     them passed. `policy`: use this policy instead of loading the preset's (it must sample `num_denoise_steps` steps).
-    Caps glibc's malloc arenas for the rest of the process (see `limit_malloc_arenas`).
+    `stop`: an active `StopOnSignal`; a signal during the rollouts then stops the run after the inference in flight
+    (`Interrupted` is raised once the output is closed). Caps glibc's malloc arenas for the rest of the process (see
+    `limit_malloc_arenas`).
     """
     limit_malloc_arenas()
     try:
         plan, policy, output = _setup(args, policy)
     except SETUP_ERRORS as e:
-        raise SetupError(str(e)) from e
+        raise SetupError(cli_message(str(e), CLI_FLAGS)) from e
     try:
-        print(describe_capture(plan, policy), flush=True)
-        return _run(plan, policy, output)
+        estimate = estimate_size(plan, policy)
+        print(estimate.describe(), flush=True)
+        warning = free_space_warning(args.output_dir, estimate.total)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        return _run(plan, policy, output, stop or StopOnSignal())
     finally:
         output.close()
 
@@ -109,7 +129,7 @@ class _Progress:
         self.bar.close()
 
 
-def _run(plan: Plan, policy: Policy, output: Output) -> list[EpisodeOutcome]:
+def _run(plan: Plan, policy: Policy, output: Output, stop: StopOnSignal) -> list[EpisodeOutcome]:
     kept: list[EpisodeOutcome] = []
     todo: dict[int, list[int]] = {}
     for task in plan.tasks:
@@ -120,28 +140,39 @@ def _run(plan: Plan, policy: Policy, output: Output) -> list[EpisodeOutcome]:
     if kept:
         print(f"Resuming: {len(kept)} episodes already complete, {n_todo} to run.", flush=True)
     progress = _Progress(n_todo, kept)
+    stop.deferring = True  # a signal now stops the run at the next inference, not in the middle of one
     try:
         for task in plan.tasks:
             if todo[task.task_id]:
-                _run_task(plan, policy, output, task, todo[task.task_id], progress)
+                _run_task(plan, policy, output, task, todo[task.task_id], progress, stop)
     finally:
+        stop.deferring = False
         progress.close()
     return progress.outcomes
 
 
 def _run_task(
-    plan: Plan, policy: Policy, output: Output, task: env_base.TaskInfo, episodes: list[int], progress: _Progress
+    plan: Plan,
+    policy: Policy,
+    output: Output,
+    task: env_base.TaskInfo,
+    episodes: list[int],
+    progress: _Progress,
+    stop: StopOnSignal,
 ) -> None:
     """`episodes` of `task` in one env (an env per task: closing one does not give its memory back)."""
     with plan.simulator.make_env(task, plan.args.seed) as env:
         for k in episodes:
+            stop.check()
             if env.num_resets < k:  # --resume skipped episodes: give episode k the scene of an uninterrupted run
                 logger.info("Replaying %d env resets for episode %d.", k - env.num_resets, k)
                 env.replay_resets(k)
-            progress.done(_run_episode(plan, policy, output, env, k))
+            progress.done(_run_episode(plan, policy, output, env, k, stop))
 
 
-def _run_episode(plan: Plan, policy: Policy, output: Output, env: env_base.Env, k: int) -> EpisodeOutcome:
+def _run_episode(
+    plan: Plan, policy: Policy, output: Output, env: env_base.Env, k: int, stop: StopOnSignal
+) -> EpisodeOutcome:
     task, args = env.task, plan.args
     attrs = {
         "init_state_index": k,
@@ -151,7 +182,7 @@ def _run_episode(plan: Plan, policy: Policy, output: Output, env: env_base.Env, 
         "counterfactual_prompt": counterfactual_prompt(plan, task),
     }
     writer = output.begin(task_dict(task), k, attrs)
-    result = run_task_episode(plan, policy, env, writer, k)
+    result = run_task_episode(plan, policy, env, writer, k, check_stop=stop.check)
     writer.finish(
         {
             "success": bool(result.success),
