@@ -56,6 +56,10 @@ _SEGMENTS = ("layer", "batch", "segment", "width")
 RECORD_KEYS: dict[str, RecordKey] = _keys(
     RecordKey("t", (), "int64", "rollout", False),  # env timestep (after the wait steps)
     RecordKey("prompt", (), STRING_DTYPE, "rollout", False),
+    # The policy server's records (openpi.serving): when the request arrived (unix seconds), and the request's own
+    # prompt when the server replaced it (--prompt blank / text).
+    RecordKey("received_time", (), "float64", "rollout", True),
+    RecordKey("sent_prompt", (), STRING_DTYPE, "rollout", True),
     RecordKey("executed_actions", ("executed", "action_dim"), "float32", "rollout", False),
     RecordKey("actions", ("horizon", "action_dim"), "float32", "policy", False),
     RecordKey("model_actions", ("horizon", "model_action_dim"), "float32", "policy", False),

@@ -1,0 +1,125 @@
+"""The server's arguments, their checks (before anything is loaded) and the store manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Literal
+
+from openpi import envs
+from openpi.envs import base as env_base
+from openpi.latents.store import manifest as manifest_lib
+from openpi.models import intervention as iv
+from openpi.models.capture import CaptureSpec
+from openpi.policies import presets
+from openpi.serving import protocol
+from openpi.serving.intervention_file import load_intervention
+
+API_KEY_ENV = "OPENPI_SERVER_API_KEY"
+# Arguments a resumed store may change: they change how the server is reached, not what it records.
+RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
+    f"arguments.{k}" for k in ("host", "port", "queue_size", "break_stale_lock", "max_batch", "resume")
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeArgs:
+    """Serve pi0 on openpi's websocket protocol and record its latents at every inference."""
+
+    # Policy preset (as the collection's --preset): pi0_libero, pi05_libero, pi0_libero_tiny, ...
+    preset: str = "pi0_libero"
+    # Checkpoint directory (local or gs://). Default: the preset's.
+    checkpoint: str | None = None
+    # Norm-stats asset id inside <checkpoint>/assets (default: the preset's).
+    asset_id: str | None = None
+    # Interface to listen on (0.0.0.0: every interface; then set an API key).
+    host: str = "127.0.0.1"
+    # Port (openpi's default 8000; 0 picks a free one and prints it).
+    port: int = 8000
+    # Clients must send `Authorization: Api-Key <key>` (openpi_client's api_key=). Default: $OPENPI_SERVER_API_KEY;
+    # none: every client is accepted.
+    api_key: str | None = None
+    # Flow-matching (Euler) steps per inference.
+    num_denoise_steps: int = 10
+    # Noise seed: inference i of episode (task, k) uses draw i of numpy default_rng([seed, task, k]).
+    # Default: the preset's simulator's seed (the collection's default).
+    seed: int | None = None
+    # What to record at each inference.
+    capture: CaptureSpec = CaptureSpec()
+    # An intervention applied at every inference: a JSON file (format: openpi.serving.intervention_file).
+    intervention: pathlib.Path | None = None
+    # The prompt the model gets: "as-sent" (the request's), "blank" (empty) or "text" (--prompt-text). With a
+    # replaced prompt the request's is stored as sent_prompt.
+    prompt: Literal["as-sent", "blank", "text"] = "as-sent"
+    prompt_text: str | None = None
+    # The latent store.
+    output_dir: pathlib.Path = pathlib.Path("data/served")
+    # Record into --output-dir (--no-record: serve only).
+    record: bool = True
+    # Keep recording into an existing store of the same settings (incomplete episodes are deleted).
+    resume: bool = False
+    # Take over the store's writer lock when the process that held it is gone.
+    break_stale_lock: bool = False
+    # Keep the (preprocessed) camera images in each record.
+    store_images: bool = True
+    # Writer queue length (steps).
+    queue_size: int = 8
+    # Requests waiting at the same time are run as one batched call of at most this many (1: one at a time, exact).
+    max_batch: int = 8
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key if self.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServePlan:
+    args: ServeArgs
+    preset: presets.PolicyPreset
+    simulator: env_base.Simulator
+    seed: int
+    intervention: iv.Intervention | None
+
+
+def make_plan(args: ServeArgs) -> ServePlan:
+    """Checks everything that needs neither the model nor the store; ValueError / FileNotFoundError name the fix."""
+    preset = presets.get_preset(args.preset)
+    sim = envs.get(preset.env)
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}.")
+    if args.num_denoise_steps < 1 or args.queue_size < 1 or args.max_batch < 1:
+        raise ValueError("--num-denoise-steps, --queue-size and --max-batch must be >= 1.")
+    if (args.prompt == "text") != (args.prompt_text is not None):
+        raise ValueError("--prompt text needs --prompt-text TEXT, and --prompt-text needs --prompt text.")
+    config = preset.model_config
+    args.capture.validate(depth=config.depth, num_steps=args.num_denoise_steps)
+    intervention = None
+    if args.intervention is not None:
+        intervention = load_intervention(args.intervention)
+        intervention.validate(config, num_steps=args.num_denoise_steps, batch=1)
+    seed = sim.default_seed if args.seed is None else args.seed
+    return ServePlan(args, preset, sim, seed, intervention)
+
+
+def build_manifest(plan: ServePlan) -> dict[str, Any]:
+    """The store manifest (the collection's keys, so the analysis reads a served store the same way)."""
+    args, preset = plan.args, plan.preset
+    arguments = dataclasses.asdict(args)
+    arguments.pop("api_key")  # never stored
+    arguments["intervention"] = None if args.intervention is None else str(args.intervention)
+    arguments["output_dir"] = str(args.output_dir)
+    arguments["seed"] = plan.seed
+    return {
+        "kind": "pi0 latent policy server",
+        "arguments": arguments,
+        "capture_spec": args.capture.to_dict(),
+        "checkpoint": args.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
+        "preset": preset.name,
+        "model_config": preset.model_config.describe(),
+        "intervention": iv.describe(plan.intervention),
+        "record_fields": dict(protocol.RECORD_FIELDS),
+        "connections_task_id": protocol.CONNECTIONS_TASK_ID,
+        "text_start": preset.model_config.text_start,
+        "segment_names": list(preset.model_config.segment_names),
+        "suffix_segment_names": list(preset.model_config.suffix_segment_names),
+    }
