@@ -47,8 +47,10 @@ def main(args: serving.ServeArgs) -> None:
         raise SystemExit(2) from None
     asyncio.run(_serve(server))
     if args.record:
-        print(f"Latents in {args.output_dir}. Open them with:\n  import expert_data_utils\n"
-              f"  expert_data_utils.load_inference_task_data({str(args.output_dir)!r}, task_id=...)")  # fmt: skip
+        print(
+            f"Latents in {args.output_dir}. Open them with:\n  import expert_data_utils\n"
+            f"  expert_data_utils.load_inference_task_data({str(args.output_dir)!r}, task_id=...)"
+        )
 
 
 if __name__ == "__main__":

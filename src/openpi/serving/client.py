@@ -23,16 +23,18 @@ class RecordingClient:
         try:
             from openpi_client import websocket_client_policy
         except ImportError as e:  # a dev dependency here; robots install it anyway
-            raise ImportError("RecordingClient needs openpi-client: uv sync --group dev (or pip install "
-                              "openpi-client).") from e  # fmt: skip
+            raise ImportError(
+                "RecordingClient needs openpi-client: uv sync --group dev (or pip install openpi-client)."
+            ) from e
         self.policy = websocket_client_policy.WebsocketClientPolicy(host=host, port=port, api_key=api_key)
         self._episode: dict[str, Any] | None = None
 
     def get_server_metadata(self) -> dict:
         return self.policy.get_server_metadata()
 
-    def start_episode(self, episode_id: int, task_id: int = 0, *, task_name: str | None = None,
-                      suite: str | None = None) -> None:  # fmt: skip
+    def start_episode(
+        self, episode_id: int, task_id: int = 0, *, task_name: str | None = None, suite: str | None = None
+    ) -> None:
         """Tags the following `infer` calls with this episode (nothing is sent until the first one)."""
         fields: dict[str, Any] = {"episode_id": int(episode_id), "task_id": int(task_id)}
         if task_name is not None:

@@ -47,8 +47,12 @@ def _pack_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray | np.generic) and obj.dtype.kind in "VOc":
         raise TypeError(f"cannot send numpy dtype {obj.dtype} (object, void and complex arrays are not supported)")
     if isinstance(obj, np.ndarray):
-        return {b"__ndarray__": True, b"data": np.ascontiguousarray(obj).tobytes(), b"dtype": obj.dtype.str,
-                b"shape": list(obj.shape)}  # fmt: skip
+        return {
+            b"__ndarray__": True,
+            b"data": np.ascontiguousarray(obj).tobytes(),
+            b"dtype": obj.dtype.str,
+            b"shape": list(obj.shape),
+        }
     if isinstance(obj, np.generic):
         return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
     raise TypeError(f"cannot send a {type(obj).__name__}")
@@ -81,8 +85,9 @@ def unpack_request(frame: bytes | str) -> dict[str, Any]:
     except RequestError:
         raise
     except Exception as e:  # msgpack raises several types for garbage
-        raise RequestError(f"malformed msgpack frame ({type(e).__name__}: {e}); send a dict packed with "
-                           "openpi_client.msgpack_numpy.") from e  # fmt: skip
+        raise RequestError(
+            f"malformed msgpack frame ({type(e).__name__}: {e}); send a dict packed with openpi_client.msgpack_numpy."
+        ) from e
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a dict (observation keys -> values), got {type(obj).__name__}.")
     bad = [k for k in obj if not isinstance(k, str)]
@@ -149,8 +154,9 @@ def split_request(request: Mapping[str, Any]) -> tuple[dict[str, Any], RecordFie
     return obs, fields
 
 
-def check_observation(obs: Mapping[str, Any], camera_keys: Mapping[str, str], state_key: str,
-                      image_shape: tuple[int, ...]) -> None:  # fmt: skip
+def check_observation(
+    obs: Mapping[str, Any], camera_keys: Mapping[str, str], state_key: str, image_shape: tuple[int, ...]
+) -> None:
     """Raises `RequestError` naming the problem unless `obs` has the simulator's images, state and a str prompt.
 
     Images must be uint8 of exactly `image_shape` (the store keeps them; openpi's LIBERO client sends
@@ -159,7 +165,9 @@ def check_observation(obs: Mapping[str, Any], camera_keys: Mapping[str, str], st
     required = [*camera_keys.values(), state_key]
     missing = [k for k in required if k not in obs]
     if missing:
-        raise RequestError(f"observation lacks {missing}; this policy needs {required} (+ 'prompt'). Got {sorted(obs)}.")
+        raise RequestError(
+            f"observation lacks {missing}; this policy needs {required} (+ 'prompt'). Got {sorted(obs)}."
+        )
     for key in camera_keys.values():
         image = obs[key]
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != tuple(image_shape):

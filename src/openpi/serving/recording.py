@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from openpi.envs import base as env_base
-from openpi.latents import store as _store
 from openpi.latents.collect.episode import episode_noise
 from openpi.serving.protocol import CONNECTIONS_TASK_ID, RecordFields, RequestError
 
@@ -55,8 +54,15 @@ class Episode:
 class Recorder:
     """The store side of the server: episodes, noise and step records for every connection."""
 
-    def __init__(self, writer: Any, *, seed: int, noise_shape: tuple[int, int], simulator: env_base.Simulator,
-                 store_images: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        writer: Any,
+        *,
+        seed: int,
+        noise_shape: tuple[int, int],
+        simulator: env_base.Simulator,
+        store_images: bool = True,
+    ):
         self.writer = writer  # a LatentStoreWriter, or None: serve without recording
         self.seed = seed
         self.noise_shape = noise_shape
@@ -80,38 +86,57 @@ class Recorder:
         key = (task_id, fields.episode_id)
         with self._lock:
             if key in self._open:
-                raise RequestError(f"task {task_id} episode {fields.episode_id} is being recorded by another "
-                                   "connection; give each connection its own episode_id.")  # fmt: skip
+                raise RequestError(
+                    f"task {task_id} episode {fields.episode_id} is being recorded by another "
+                    "connection; give each connection its own episode_id."
+                )
             if self.writer is not None and key in self.writer.completed:
-                raise RequestError(f"task {task_id} episode {fields.episode_id} is already recorded in "
-                                   f"{self.writer.root}; use a new episode_id.")  # fmt: skip
-            task = self._tasks.setdefault(task_id, {
-                "task_id": task_id,
-                "task_name": fields.task_name or f"task_{task_id}",
-                "suite": fields.suite or "harness",
-                "language": prompt,
-            })  # fmt: skip
+                raise RequestError(
+                    f"task {task_id} episode {fields.episode_id} is already recorded in "
+                    f"{self.writer.root}; use a new episode_id."
+                )
+            task = self._tasks.setdefault(
+                task_id,
+                {
+                    "task_id": task_id,
+                    "task_name": fields.task_name or f"task_{task_id}",
+                    "suite": fields.suite or "harness",
+                    "language": prompt,
+                },
+            )
             return self._begin(task, fields.episode_id, attrs)
 
     def _begin(self, task: Mapping[str, Any], k: int, attrs: Mapping[str, Any]) -> Episode:
         writer = None
         if self.writer is not None:
             writer = self.writer.begin_episode(task, k, {"seed": self.seed, **attrs})
-        episode = Episode((int(task["task_id"]), k), writer, episode_noise(self.seed, task["task_id"], k, self.noise_shape))
+        episode = Episode(
+            (int(task["task_id"]), k), writer, episode_noise(self.seed, task["task_id"], k, self.noise_shape)
+        )
         self._open[episode.key] = episode
         logger.info("Recording task %d episode %d", *episode.key)
         return episode
 
     def finish(self, episode: Episode, success: bool | None, end: str) -> dict[str, Any]:
         """Ends `episode`; `success` None: the outcome was not reported. Returns what the store records."""
-        meta = {"success": success, "end": end, "error": None, "last_t": episode.last_t,
-                "num_inferences": episode.num_inferences}  # fmt: skip
+        meta = {
+            "success": success,
+            "end": end,
+            "error": None,
+            "last_t": episode.last_t,
+            "num_inferences": episode.num_inferences,
+        }
         with self._lock:
             self._open.pop(episode.key, None)
         if episode.writer is not None:
             episode.writer.finish(meta)
-        logger.info("Task %d episode %d ended (%s, success=%s) after %d inferences", *episode.key, end, success,
-                    episode.num_inferences)  # fmt: skip
+        logger.info(
+            "Task %d episode %d ended (%s, success=%s) after %d inferences",
+            *episode.key,
+            end,
+            success,
+            episode.num_inferences,
+        )
         return {"task_id": episode.key[0], "episode_id": episode.key[1], **meta}
 
     def close(self, end: str) -> None:
@@ -128,11 +153,22 @@ class Recorder:
         """Checks what would make the step unrecordable (besides `Episode.next_t`), before the inference runs."""
         shape = tuple(np.shape(obs[self.simulator.state_key]))
         if episode.state_shape is not None and shape != episode.state_shape:
-            raise RequestError(f"observation[{self.simulator.state_key!r}] has shape {list(shape)}, but this episode's "
-                               f"first had {list(episode.state_shape)}.")  # fmt: skip
+            raise RequestError(
+                f"observation[{self.simulator.state_key!r}] has shape {list(shape)}, but this episode's "
+                f"first had {list(episode.state_shape)}."
+            )
 
-    def record(self, episode: Episode, t: int, obs: Mapping[str, Any], result: Mapping[str, Any], *,
-               prompt: str, sent_prompt: str | None, received_time: float) -> None:  # fmt: skip
+    def record(
+        self,
+        episode: Episode,
+        t: int,
+        obs: Mapping[str, Any],
+        result: Mapping[str, Any],
+        *,
+        prompt: str,
+        sent_prompt: str | None,
+        received_time: float,
+    ) -> None:
         """Queues the step record of one inference (keys: `openpi.latents.schema`)."""
         sim = self.simulator
         record = {
@@ -186,11 +222,14 @@ class Session:
         """A `success` frame: ends the open episode (the one named, if the frame names one)."""
         current = self.current
         if current is None:
-            raise RequestError("a 'success' frame ends an episode, but this connection has none open (send an "
-                               "observation first).")  # fmt: skip
+            raise RequestError(
+                "a 'success' frame ends an episode, but this connection has none open (send an observation first)."
+            )
         if fields.episode_id is not None and current.key != (fields.task_id or 0, fields.episode_id):
-            raise RequestError(f"the 'success' frame names task {fields.task_id or 0} episode {fields.episode_id}, "
-                               f"but this connection is recording task {current.key[0]} episode {current.key[1]}.")  # fmt: skip
+            raise RequestError(
+                f"the 'success' frame names task {fields.task_id or 0} episode {fields.episode_id}, "
+                f"but this connection is recording task {current.key[0]} episode {current.key[1]}."
+            )
         self.current = None
         return self.recorder.finish(current, fields.success, "reported")
 

@@ -42,9 +42,18 @@ class PolicyServer:
         max_workers: requests decoded / recorded / waiting for the model at once (connections beyond wait).
     """
 
-    def __init__(self, engine: Engine, recorder: Recorder, metadata: Mapping[str, Any], *, host: str = "127.0.0.1",
-                 port: int = 8000, api_key: str | None = None, prompt: str | None = None,
-                 max_workers: int = 32):  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        recorder: Recorder,
+        metadata: Mapping[str, Any],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        api_key: str | None = None,
+        prompt: str | None = None,
+        max_workers: int = 32,
+    ):
         self.engine, self.recorder, self.metadata = engine, recorder, dict(metadata)
         self.host, self.port, self.api_key, self.prompt = host, port, api_key, prompt
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="policy-request")
@@ -79,14 +88,25 @@ class PolicyServer:
         t = episode.next_t(fields.t)
         self.recorder.check_step(episode, obs)
         result = self.engine.infer({**obs, "prompt": prompt}, next(episode.noise))
-        self.recorder.record(episode, t, obs, result, prompt=prompt, received_time=received,
-                             sent_prompt=None if self.prompt is None else (sent or ""))  # fmt: skip
+        self.recorder.record(
+            episode,
+            t,
+            obs,
+            result,
+            prompt=prompt,
+            received_time=received,
+            sent_prompt=None if self.prompt is None else (sent or ""),
+        )
         return {
             "actions": result["actions"],
             "state": result["state"],
             "policy_timing": result["policy_timing"],
-            "record": {"task_id": episode.key[0], "episode_id": episode.key[1], "t": t,
-                       "step": episode.num_inferences - 1},  # fmt: skip
+            "record": {
+                "task_id": episode.key[0],
+                "episode_id": episode.key[1],
+                "t": t,
+                "step": episode.num_inferences - 1,
+            },
         }
 
     # --- one connection -----------------------------------------------------------------------------------------
@@ -129,8 +149,9 @@ class PolicyServer:
     async def serve(self, on_ready: Callable[[int], None] | None = None) -> None:
         """Serves until `stop()`; `on_ready(port)` once listening (the bound port, also for port 0)."""
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        async with serve(self._handler, self.host, self.port, compression=None, max_size=None,
-                         process_request=self._process_request) as server:  # fmt: skip
+        async with serve(
+            self._handler, self.host, self.port, compression=None, max_size=None, process_request=self._process_request
+        ) as server:
             self.port = server.sockets[0].getsockname()[1]
             if on_ready is not None:
                 on_ready(self.port)

@@ -28,28 +28,55 @@ def create_server(args: ServeArgs, *, policy=None) -> PolicyServer:
     plan = make_plan(args)
     manifest = manifest_lib.complete_manifest(build_manifest(plan))
     if args.record:
-        _store.LatentStoreWriter.check_can_open(args.output_dir, manifest, resume=args.resume,
-                                                resume_ignore=RESUME_IGNORE, break_stale_lock=args.break_stale_lock)  # fmt: skip
+        _store.LatentStoreWriter.check_can_open(
+            args.output_dir,
+            manifest,
+            resume=args.resume,
+            resume_ignore=RESUME_IGNORE,
+            break_stale_lock=args.break_stale_lock,
+        )
     if policy is None:
         logger.info("Loading policy %s (%s)", plan.preset.name, args.checkpoint or "preset default")
         policy = policy_config.create_trained_policy(
-            plan.preset, args.checkpoint, asset_id=args.asset_id,
-            sample_kwargs={"num_steps": args.num_denoise_steps}, rng_seed=plan.seed,
-        )  # fmt: skip
+            plan.preset,
+            args.checkpoint,
+            asset_id=args.asset_id,
+            sample_kwargs={"num_steps": args.num_denoise_steps},
+            rng_seed=plan.seed,
+        )
     writer = None
     if args.record:
         writer = _store.LatentStoreWriter.create_or_open(
-            args.output_dir, manifest, resume=args.resume, queue_size=args.queue_size, resume_ignore=RESUME_IGNORE,
+            args.output_dir,
+            manifest,
+            resume=args.resume,
+            queue_size=args.queue_size,
+            resume_ignore=RESUME_IGNORE,
             break_stale_lock=args.break_stale_lock,
-        )  # fmt: skip
+        )
     config = policy.model.config
-    recorder = Recorder(writer, seed=plan.seed, noise_shape=(config.action_horizon, config.action_dim),
-                        simulator=plan.simulator, store_images=args.store_images)  # fmt: skip
-    metadata = {**policy.metadata, "latent_recording": {
-        "store": str(writer.root) if writer is not None else None,
-        "record_fields": sorted(manifest["record_fields"]),
-        "connections_task_id": manifest["connections_task_id"],
-    }}  # fmt: skip
+    recorder = Recorder(
+        writer,
+        seed=plan.seed,
+        noise_shape=(config.action_horizon, config.action_dim),
+        simulator=plan.simulator,
+        store_images=args.store_images,
+    )
+    metadata = {
+        **policy.metadata,
+        "latent_recording": {
+            "store": str(writer.root) if writer is not None else None,
+            "record_fields": sorted(manifest["record_fields"]),
+            "connections_task_id": manifest["connections_task_id"],
+        },
+    }
     prompt = {"as-sent": None, "blank": "", "text": args.prompt_text}[args.prompt]
-    return PolicyServer(make_engine(policy, args, plan.intervention), recorder, metadata, host=args.host,
-                        port=args.port, api_key=args.resolved_api_key(), prompt=prompt)  # fmt: skip
+    return PolicyServer(
+        make_engine(policy, args, plan.intervention),
+        recorder,
+        metadata,
+        host=args.host,
+        port=args.port,
+        api_key=args.resolved_api_key(),
+        prompt=prompt,
+    )
