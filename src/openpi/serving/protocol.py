@@ -85,8 +85,9 @@ def unpack_request(frame: bytes | str) -> dict[str, Any]:
     except RequestError:
         raise
     except Exception as e:  # msgpack raises several types for garbage
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise RequestError(
-            f"malformed msgpack frame ({type(e).__name__}: {e}); send a dict packed with openpi_client.msgpack_numpy."
+            f"malformed msgpack frame ({detail}); send a dict packed with openpi_client.msgpack_numpy."
         ) from e
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a dict (observation keys -> values), got {type(obj).__name__}.")

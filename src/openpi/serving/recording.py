@@ -130,6 +130,8 @@ class Recorder:
             self._open.pop(episode.key, None)
         if episode.writer is not None:
             episode.writer.finish(meta)
+            if success is not None:  # a reported outcome is answered once the episode is on disk
+                self.writer.flush()
         logger.info(
             "Task %d episode %d ended (%s, success=%s) after %d inferences",
             *episode.key,

@@ -162,8 +162,11 @@ class PolicyServer:
 
     def stop(self) -> None:
         """Stops serving (thread-safe): open connections are closed and their episodes ended."""
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop closed meanwhile: already stopped
+                pass
 
     def start_in_thread(self, timeout: float = 60.0) -> int:
         """Serves on a daemon thread; returns the bound port once listening."""
