@@ -98,6 +98,31 @@ class Policy:
     def action_dim(self) -> int:
         return self._action_dim
 
+    @property
+    def sample_kwargs(self) -> dict[str, Any]:
+        """The static sampling options (e.g. ``{"num_steps": 10}``) every model call gets."""
+        return dict(self._sample_kwargs)
+
+    def next_rng(self) -> jax.Array:
+        """A fresh key split from the policy's rng (advances it, as each `infer` call does)."""
+        self._rng, key = jax.random.split(self._rng)
+        return key
+
+    def draw_noise(self) -> np.ndarray:
+        """Noise for one inference drawn from the policy's rng, as `infer_with_latents` draws it ([H, AD] float32)."""
+        return np.asarray(
+            jax.random.normal(self.next_rng(), (self._action_horizon, self._action_dim), dtype=jnp.float32)
+        )
+
+    def check_noise(self, noise: Any) -> np.ndarray:
+        """`noise` as [action_horizon, action_dim] float32 (a leading batch axis of 1 is dropped); else ValueError."""
+        return np.asarray(self._batched_noise(noise)[0])
+
+    def finish_outputs(self, state: Any, model_actions: Any, seconds: float) -> dict[str, Any]:
+        """The outputs of one observation: the output transforms applied to its model-input `state` [1, AD] and
+        normalized `model_actions` [1, H, AD] (batch axis of one), plus ``policy_timing``."""
+        return self._finish(state, model_actions, seconds)
+
     # -----------------------------------------------------------------------------------------------------------------
 
     def prepare(self, obs: Mapping[str, Any]) -> tuple[dict[str, Any], _model.Observation]:
