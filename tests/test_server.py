@@ -205,8 +205,9 @@ def test_bad_requests_get_an_error_frame_and_others_continue(policy, served):
     assert all(len(ep["rollout_steps"]) == 0 for name, ep in episodes.items() if name != "episode_0")
 
 
-def test_concurrent_clients(policy, served):
-    """Two clients inferring at the same time both get their own correct actions."""
+def test_concurrent_clients_are_batched(policy, tmp_path):
+    """Two clients inferring at the same time share batched calls and both get their own correct actions."""
+    served = Served(policy, tmp_path / "store", batch_wait_ms=500)  # a wide window: this machine is loaded
     clients = [served.client(), served.client()]
     results: dict[int, list] = {0: [], 1: []}
     barrier = threading.Barrier(2)
@@ -221,6 +222,9 @@ def test_concurrent_clients(policy, served):
         th.start()
     for th in threads:
         th.join(300)
+    served.stop()
+    sizes = [r["policy_timing"]["batch_size"] for i in range(2) for r in results[i]]
+    assert len(sizes) == 4 and 2 in sizes, sizes  # requests sent together ran in one call
     for i in range(2):
         k = results[i][0]["record"]["episode_id"]  # connection episodes are numbered in order of first request
         for j, (r, n) in enumerate(zip(results[i], noises(policy, CONN, k, 2), strict=True)):

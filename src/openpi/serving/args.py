@@ -12,14 +12,14 @@ from openpi.envs import base as env_base
 from openpi.latents.store import manifest as manifest_lib
 from openpi.models import intervention as iv
 from openpi.models.capture import CaptureSpec
-from openpi.policies import presets
+from openpi.policies import batching, presets
 from openpi.serving import protocol
 from openpi.serving.intervention_file import load_intervention
 
 API_KEY_ENV = "OPENPI_SERVER_API_KEY"
 # Arguments a resumed store may change: they change how the server is reached, not what it records.
 RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
-    f"arguments.{k}" for k in ("host", "port", "queue_size", "break_stale_lock", "max_batch", "resume")
+    f"arguments.{k}" for k in ("host", "port", "queue_size", "break_stale_lock", "max_batch", "batch_wait_ms", "resume")
 }
 
 
@@ -65,8 +65,11 @@ class ServeArgs:
     store_images: bool = True
     # Writer queue length (steps).
     queue_size: int = 8
-    # Requests waiting at the same time are run as one batched call of at most this many (1: one at a time, exact).
+    # Requests waiting at the same time run as one batched call of at most this many (1, 2, 4, 8, ...; 1: one at a
+    # time, bit-exact; with --intervention always one at a time). Batches change float rounding slightly.
     max_batch: int = 8
+    # How long the first waiting request waits for others to join its batch (milliseconds).
+    batch_wait_ms: float = 2.0
 
     def resolved_api_key(self) -> str | None:
         return self.api_key if self.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
@@ -87,8 +90,10 @@ def make_plan(args: ServeArgs) -> ServePlan:
     sim = envs.get(preset.env)
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}.")
-    if args.num_denoise_steps < 1 or args.queue_size < 1 or args.max_batch < 1:
-        raise ValueError("--num-denoise-steps, --queue-size and --max-batch must be >= 1.")
+    if args.num_denoise_steps < 1 or args.queue_size < 1:
+        raise ValueError("--num-denoise-steps and --queue-size must be >= 1.")
+    if args.max_batch not in batching.DEFAULT_BUCKETS or args.batch_wait_ms < 0:
+        raise ValueError(f"--max-batch must be one of {batching.DEFAULT_BUCKETS} and --batch-wait-ms >= 0.")
     if (args.prompt == "text") != (args.prompt_text is not None):
         raise ValueError("--prompt text needs --prompt-text TEXT, and --prompt-text needs --prompt text.")
     config = preset.model_config

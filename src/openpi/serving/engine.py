@@ -35,3 +35,34 @@ class SerialEngine:
 
     def close(self) -> None:
         pass
+
+
+class BatchedEngine:
+    """Requests waiting at the same time share one jitted call (`openpi.policies.batching.BatchingPolicy`).
+
+    Each request's input transforms run first on the caller's thread, so an observation the transforms reject fails
+    alone and never enters (and fails) a batch with other clients' requests. A batch of one equals `SerialEngine`
+    bit for bit; larger batches differ in float rounding (tests/test_batching.py measures it).
+    """
+
+    def __init__(self, policy: Policy, capture: CaptureSpec, *, max_batch: int, max_wait_s: float):
+        from openpi.policies.batching import BatchingPolicy
+
+        self._policy, self._capture = policy, capture
+        self._front = BatchingPolicy(policy, max_batch=max_batch, max_wait_s=max_wait_s)
+
+    def infer(self, obs: Mapping[str, Any], noise: np.ndarray) -> dict[str, Any]:
+        self._policy.prepare(obs)  # raises here, for this request only
+        return self._front.infer(obs, noise=noise, capture=self._capture)
+
+    def close(self) -> None:
+        self._front.close()
+
+
+def make_engine(
+    policy: Policy, capture: CaptureSpec, intervention: Any, *, max_batch: int, max_wait_s: float
+) -> Engine:
+    """`BatchedEngine` unless `max_batch` is 1 or an intervention is applied (interventions are not batched)."""
+    if max_batch == 1 or intervention is not None:
+        return SerialEngine(policy, capture, intervention)
+    return BatchedEngine(policy, capture, max_batch=max_batch, max_wait_s=max_wait_s)

@@ -8,15 +8,11 @@ from openpi.latents import store as _store
 from openpi.latents.store import manifest as manifest_lib
 from openpi.policies import policy_config
 from openpi.serving.args import RESUME_IGNORE, ServeArgs, build_manifest, make_plan
-from openpi.serving.engine import Engine, SerialEngine
+from openpi.serving.engine import make_engine
 from openpi.serving.recording import Recorder
 from openpi.serving.server import PolicyServer
 
 logger = logging.getLogger(__name__)
-
-
-def make_engine(policy, args: ServeArgs, intervention) -> Engine:
-    return SerialEngine(policy, args.capture, intervention)
 
 
 def create_server(args: ServeArgs, *, policy=None) -> PolicyServer:
@@ -72,7 +68,9 @@ def create_server(args: ServeArgs, *, policy=None) -> PolicyServer:
     }
     prompt = {"as-sent": None, "blank": "", "text": args.prompt_text}[args.prompt]
     return PolicyServer(
-        make_engine(policy, args, plan.intervention),
+        make_engine(
+            policy, args.capture, plan.intervention, max_batch=args.max_batch, max_wait_s=args.batch_wait_ms / 1000
+        ),
         recorder,
         metadata,
         host=args.host,
