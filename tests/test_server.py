@@ -264,3 +264,27 @@ def test_sigkill_keeps_finished_records(tmp_path):
     episode = data["episodes"]["episode_0"]
     assert episode["metadata"]["success"] is False and len(episode["rollout_steps"]) == 2
     assert episode["rollout_steps"]["step_5"]["actions"].shape == (50, 7)
+
+
+def test_intervention_file(tmp_path):
+    from openpi.models import intervention as iv
+    from openpi.serving.intervention_file import load_intervention
+
+    np.save(tmp_path / "v.npy", np.arange(4, dtype=np.float32))
+    path = tmp_path / "iv.json"
+    path.write_text(
+        '{"ops": [{"op": "knockout_attention", "queries": "all", "keys": "text"},'
+        ' {"op": "steer", "expert": 1, "tokens": [1, 3], "layers": [0], "vector": {"npy": "v.npy"}, "alpha": 2.0}]}'
+    )
+    loaded = load_intervention(path)
+    expected = iv.knockout_attention("all", "text") + iv.steer(1, (1, 3), (0,), np.arange(4.0), alpha=2.0)
+    assert iv.describe(loaded) == iv.describe(expected)
+    np.testing.assert_array_equal(loaded.ops[1].vector, np.arange(4.0))
+    path.write_text('{"ops": [{"op": "knockout", "queries": "all"}]}')
+    with pytest.raises(ValueError, match="unknown op 'knockout'"):
+        load_intervention(path)
+    path.write_text(
+        '{"ops": [{"op": "steer", "expert": 1, "tokens": "actions", "layers": [0], "vector": [1], "beta": 1}]}'
+    )
+    with pytest.raises(ValueError, match=r"unknown arguments \['beta'\]"):
+        load_intervention(path)
