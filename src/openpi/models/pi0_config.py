@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 # What describe() writes, read back by from_description().
 _DESCRIPTION_RE = re.compile(
-    r"Pi0Config\(paligemma=(?P<paligemma>[^,]+), action_expert=(?P<action_expert>[^,]+), siglip=(?P<siglip>[^,]+), "
-    r"vocab=(?P<vocab>\d+), horizon=(?P<horizon>\d+)\)"
+    r"Pi0Config\((?P<pi05>pi05=True, )?paligemma=(?P<paligemma>[^,]+), action_expert=(?P<action_expert>[^,]+), "
+    r"siglip=(?P<siglip>[^,]+), vocab=(?P<vocab>\d+), horizon=(?P<horizon>\d+)\)"
 )
 
 
@@ -240,6 +240,7 @@ class Pi0Config:
             siglip_variant=m.group("siglip"),
             vocab_size=int(m.group("vocab")),
             action_horizon=int(m.group("horizon")),
+            pi05=m.group("pi05") is not None,
         )
 
 
