@@ -309,10 +309,12 @@ def test_behaviour_analysis_and_report_section(runs, tmp_path):
     assert [e.layer for e in beh.layer_curves()["knockout-text"]] == [0, 2]
 
     import importlib.util
+    import sys
 
     script = pathlib.Path(__file__).parents[1] / "scripts" / "expert_language_analysis.py"
     spec = importlib.util.spec_from_file_location("ela", script)
     ela = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("ela", ela)  # dataclasses look their module up there
     spec.loader.exec_module(ela)
     out = tmp_path / "report"
     with contextlib.redirect_stdout(io.StringIO()):
