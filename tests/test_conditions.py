@@ -14,6 +14,7 @@ import io
 import json
 import math
 import pathlib
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_condition_names_and_sweep_expansion():
     assert names == ["baseline", "knockout-text@L0", "knockout-text@L1", "knockout-text@L2", "knockout-text@L3"]
     assert C.condition_name(C.ConditionArgs(prompt="blank")) == "blank"
     assert C.condition_name(C.ConditionArgs(prompt="other-task", other_task_offset=2)) == "other-task+2"
-    with pytest.raises(ValueError, match="needs --condition.intervention"):
+    with pytest.raises(ValueError, match=r"needs --condition\.intervention"):
         C.expand(C.ConditionArgs(sweep_layers=True), depth=4)
 
 
@@ -116,8 +117,8 @@ def test_prompt_modes_and_json_intervention(tmp_path):
     }  # fmt: skip
     assert prompts == {"task": "instruction 2", "blank": "", "other-task": "instruction 0", "text": "hi"}
     np.save(tmp_path / "v.npy", np.ones(TINY.paligemma_config.width, np.float32))
-    spec = {"ops": [{"op": "knockout", "queries": "suffix", "keys": "text", "layers": [1]},
-                    {"op": "steer", "expert": 0, "tokens": "text", "layers": [2], "vector": "v.npy", "alpha": 2.0}]}  # fmt: skip
+    steer = {"op": "steer", "expert": 0, "tokens": "text", "layers": [2], "vector": "v.npy", "alpha": 2.0}
+    spec = {"ops": [{"op": "knockout", "queries": "suffix", "keys": "text", "layers": [1]}, steer]}
     (tmp_path / "iv.json").write_text(json.dumps(spec))
     cond = C.resolve(C.ConditionArgs(intervention=str(tmp_path / "iv.json")), TINY, num_steps=2, list_tasks=_tasks)
     ops = cond.describe()["intervention"]["ops"]
@@ -186,7 +187,7 @@ def test_libero_pro_suites_are_complete_and_prompted_with_the_bddl_text():
 class _TrackedEnv(L.LiberoEnv):
     """The real LiberoEnv, noting the instruction LIBERO's env parsed from the BDDL."""
 
-    instructions: list[str] = []
+    instructions: ClassVar[list[str]] = []
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

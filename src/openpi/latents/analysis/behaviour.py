@@ -214,8 +214,8 @@ def analyze_conditions(
         candidates = [p for p, s in stores.items() if _is_baseline(_condition_of(s))]
         if len(candidates) != 1:
             raise ValueError(
-                f"Found {len(candidates)} baseline stores (task prompt, no intervention) among {[str(p) for p in paths]}"
-                "; pass the baseline store explicitly (or collect with --condition.baseline)."
+                f"Found {len(candidates)} baseline stores (task prompt, no intervention) among "
+                f"{[str(p) for p in paths]}; pass the baseline store explicitly (or collect with --condition.baseline)."
             )
         baseline = candidates[0]
     base_path = pathlib.Path(baseline)
@@ -240,10 +240,9 @@ def analyze_conditions(
         b = sum(p.base_success and not p.cond_success for p in pairs)
         c = sum(p.cond_success and not p.base_success for p in pairs)
         effects.append(
-            ConditionEffect(str(cond["name"]), str(path), cond, tuple(pairs), diff, (lo, hi), why, b, c,
-                            mcnemar_exact(b, c))
+            ConditionEffect(
+                str(cond["name"]), str(path), cond, tuple(pairs), diff, (lo, hi), why, b, c, mcnemar_exact(b, c)
+            )
         )
     effects.sort(key=lambda e: (e.recipe or "", e.layer if e.layer is not None else -1, e.name))
-    return BehaviourAnalysis(
-        str(base_path), _condition_of(base_store), tuple(effects), threshold, n_boot, tuple(notes)
-    )
+    return BehaviourAnalysis(str(base_path), _condition_of(base_store), tuple(effects), threshold, n_boot, tuple(notes))

@@ -221,7 +221,7 @@ def load_intervention_json(path: str | pathlib.Path) -> iv.Intervention:
         raise ValueError(f"--condition.intervention {path} is not valid JSON: {e}.") from e
     ops = spec.get("ops") if isinstance(spec, dict) else None
     if not isinstance(ops, list) or not ops:
-        raise ValueError(f"--condition.intervention {path}: expected {{\"ops\": [{{\"op\": ...}}, ...]}}.")
+        raise ValueError(f'--condition.intervention {path}: expected {{"ops": [{{"op": ...}}, ...]}}.')
     parts = []
     for i, op in enumerate(ops):
         kwargs = dict(op)

@@ -70,16 +70,42 @@ def _layer_curves(beh: BehaviourAnalysis, out: pathlib.Path) -> str | None:
 def _write_csv(beh: BehaviourAnalysis, out: pathlib.Path) -> None:
     with open(out / CSV_FILE, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["condition", "task", "n_episodes", "baseline_rate", "condition_rate", "b", "c", "p_mcnemar",
-                    "mean_divergence", "n_diverged", "median_first_divergence_t"])
+        w.writerow(
+            [
+                "condition",
+                "task",
+                "n_episodes",
+                "baseline_rate",
+                "condition_rate",
+                "b",
+                "c",
+                "p_mcnemar",
+                "mean_divergence",
+                "n_diverged",
+                "median_first_divergence_t",
+            ]
+        )
         for e in beh.effects:
             for t in [*e.tasks, None]:
                 base, cond, n = e.rates(t)
                 b, c, p = (e.b, e.c, e.p_mcnemar) if t is None else e.task_mcnemar(t)
                 ps = [q for q in e.pairs if t is None or q.task_id == t]
                 first = [q.first_divergence_t for q in ps if q.first_divergence_t is not None]
-                w.writerow([e.name, "all" if t is None else t, n, base, cond, b, c, p, e.mean_divergence(t),
-                            len(first), float(np.median(first)) if first else math.nan])
+                w.writerow(
+                    [
+                        e.name,
+                        "all" if t is None else t,
+                        n,
+                        base,
+                        cond,
+                        b,
+                        c,
+                        p,
+                        e.mean_divergence(t),
+                        len(first),
+                        float(np.median(first)) if first else math.nan,
+                    ]
+                )
 
 
 def behaviour_section(beh: BehaviourAnalysis, out_dir: str | pathlib.Path) -> list[str]:
