@@ -4,7 +4,8 @@ Modules: `args` (CollectionArgs, make_plan, SetupError), `outputs` (the zarr sto
 `sizes` (what is captured, size estimates), `disk` (full disk, free-space warning), `episode` (one recorded
 episode, the counterfactual rerun), `run` (collect, the summary table), `conditions` (closed-loop conditions: prompt
 modes, interventions, layer sweeps, text latents), `sweep` (several conditions in one command, one store each),
-`interrupt` (SIGINT / SIGTERM stop cleanly), `malloc` (glibc arena cap). `scripts/inference_latent_collection.py` is the CLI.
+`interrupt` (SIGINT / SIGTERM stop cleanly), `malloc` (glibc arena cap).
+`scripts/inference_latent_collection.py` is the CLI.
 """
 
 from openpi.latents.collect.args import RESUME_IGNORE, CollectionArgs, Plan, SetupError, make_plan
