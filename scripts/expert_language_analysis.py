@@ -7,6 +7,10 @@ expert_1), reading one layer at a time. The token embedding and final norm for t
 leaves only) from the checkpoint recorded in the collection's manifest. Definitions: `openpi.latents.analysis.metrics`,
 `openpi.latents.analysis.registry` and `openpi.latents.analysis.language_loss`.
 
+With `--conditions DIR` (a directory of condition stores, e.g. a layer sweep) report.md gains the section
+"Behaviour under conditions" (`openpi.latents.analysis.behaviour`): success per condition and task against the paired
+baseline, McNemar's exact test, a bootstrap over tasks, action divergence and the first divergent step.
+
 The original notebook API's entry points are kept here (they delegate to the package):
 
     analyze_inference_language_loss(task_data)  # per-layer expert_0 / expert_1 / text_only language loss + overall
@@ -63,6 +67,11 @@ class Args:
     success_window: Literal["common", "all"] = "common"
     # Analyse a damaged store's intact episodes (by default a damaged store is refused, listing the damage).
     skip_damaged: bool = False
+    # Closed-loop conditions to compare with their paired baseline (a directory of condition stores, as a sweep or
+    # --condition.baseline writes): adds the "Behaviour under conditions" section to report.md.
+    conditions: pathlib.Path | None = None
+    # The baseline store of --conditions (default: the one among them with the task prompt and no intervention).
+    baseline: pathlib.Path | None = None
 
 
 def main(args: Args) -> dict:
@@ -90,7 +99,12 @@ def main(args: Args) -> dict:
         skip_damaged=args.skip_damaged,
         progress=lambda msg: print(msg, flush=True),
     )
-    data = report.write_report(res, args.output_dir)
+    behaviour = None
+    if args.conditions is not None:
+        from openpi.latents.analysis.behaviour import analyze_conditions
+
+        behaviour = analyze_conditions(args.conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed)
+    data = report.write_report(res, args.output_dir, behaviour=behaviour)
     print(f"Report in {args.output_dir}/report.md ({time.monotonic() - t0:.1f}s)")
     for line in report.readings(res).values():
         print("  " + line)

@@ -10,6 +10,12 @@ The real job (openpi's released pi0_libero checkpoint; needs the `gcs` extra for
     uv run python scripts/inference_latent_collection.py --preset pi0_libero --task-suite libero_goal \\
         --episodes-per-task 10 --output-dir data/pi0_libero_goal
 
+Closed-loop conditions (each recorded in the manifest and every episode; paired with the baseline by task, initial
+state, seed and inference index): `--condition.prompt blank|other-task|text`, `--condition.intervention
+knockout-text|knockout-text-expert1|ablate-text|steer|file.json`, `--condition.sweep-layers` (one store per layer
+under --output-dir), `--condition.text-latent latents.npz --condition.text-latent-task K`. LIBERO-PRO suites:
+`--task-suite libero_goal_task` etc. (prompted with the BDDL's perturbed instruction).
+
 Ctrl-C (or SIGTERM) stops after the inference in flight and prints the command that resumes the run.
 """
 
@@ -34,7 +40,7 @@ def main(args: collect.CollectionArgs, argv: Sequence[str] | None = None) -> Non
     cli.configure_logging()
     try:
         with collect.StopOnSignal() as stop:
-            outcomes = collect.collect(args, stop=stop)
+            runs = collect.collect_conditions(args, stop=stop)
     except collect.SetupError as e:
         # Bad input, found before any rollout: a clear message, no traceback, nothing written.
         print(f"error: {e}", file=sys.stderr)
@@ -46,8 +52,9 @@ def main(args: collect.CollectionArgs, argv: Sequence[str] | None = None) -> Non
             file=sys.stderr,
         )
         raise SystemExit(e.exit_code) from None
-    print()
-    print(collect.summary_table(collect.make_plan(args), outcomes))
+    for run in runs:
+        print(f"\ncondition {run.name}:" if len(runs) > 1 else "")
+        print(collect.summary_table(run.plan, run.outcomes))
     print(f"\nLatents in {args.output_dir} ({args.output_format}). Open them with:")
     print("  import expert_data_utils")
     extra = ", allow_pickle=True" if args.output_format == "pickle" else ""  # only for pickles you trust

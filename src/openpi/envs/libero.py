@@ -39,7 +39,18 @@ logger = logging.getLogger(__name__)
 MAX_STEPS: Mapping[str, int] = types.MappingProxyType(
     {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 )
-SUITES: tuple[str, ...] = tuple(MAX_STEPS)
+STANDARD_SUITES: tuple[str, ...] = tuple(MAX_STEPS)
+# LIBERO-PRO perturbation suites the installed package ships complete (10 tasks x 50 initial states each), by the
+# standard suite they perturb: "lan" (paraphrased instruction), "object" (object appearance), "swap" (positions
+# swapped), "task" (a different task in the same scene). Their instruction is the BDDL's `(:language ...)`.
+PRO_SUITES: Mapping[str, str] = types.MappingProxyType(
+    {
+        f"{base}_{kind}": base
+        for base in ("libero_goal", "libero_spatial", "libero_object", "libero_10")
+        for kind in ("lan", "object", "swap", "task")
+    }
+)
+SUITES: tuple[str, ...] = STANDARD_SUITES + tuple(PRO_SUITES)
 NUM_STEPS_WAIT = 10  # no-op steps after reset while objects settle
 DUMMY_ACTION: tuple[float, ...] = (0.0,) * 6 + (-1.0,)  # no motion, gripper open
 ENV_RESOLUTION = 256  # camera height/width of the simulator (what the training data was rendered at)
@@ -105,16 +116,39 @@ def _libero():
 
 def validate_suite(name: str) -> str:
     """Returns `name` if it is a known suite, else raises a ValueError listing the valid ones."""
-    if name not in MAX_STEPS:
-        raise ValueError(f"Unknown LIBERO suite {name!r}; valid suites: {', '.join(SUITES)}.")
+    if name not in SUITES:
+        raise ValueError(
+            f"Unknown LIBERO suite {name!r}; valid suites: {', '.join(STANDARD_SUITES)}; LIBERO-PRO: "
+            f"{', '.join(PRO_SUITES)}."
+        )
     return name
+
+
+def max_steps(suite: str) -> int:
+    """openpi's max policy steps of a suite; a LIBERO-PRO suite takes its standard suite's."""
+    return MAX_STEPS[PRO_SUITES.get(validate_suite(suite), suite)]
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskInfo(base.TaskInfo):
-    """A LIBERO task: `name` is the bddl file stem, `language` LIBERO's `task.language` (openpi's prompt)."""
+    """A LIBERO task: `name` is the bddl file stem, `language` the prompt.
+
+    The prompt of the five standard suites is LIBERO's `task.language` (parsed from the file name; openpi's
+    prompt). A LIBERO-PRO suite's perturbed instruction lives only in its BDDL's `(:language ...)` (the env's
+    `language_instruction`), while the package's `task.language` still names the UNPERTURBED task (a known pitfall
+    of LIBERO-PRO runners); there `language` is the BDDL text. `package_language` is `task.language` in both cases.
+    """
 
     bddl_file: str  # absolute path
+    package_language: str = ""
+
+
+def bddl_language(bddl_file: str) -> str:
+    """The BDDL's `(:language ...)` as LIBERO parses it for the env's `language_instruction`."""
+    configure_headless_rendering()
+    from libero.libero.envs import bddl_utils
+
+    return bddl_utils.get_problem_info(bddl_file)["language_instruction"]
 
 
 @functools.cache
@@ -141,14 +175,16 @@ def list_tasks(suite: str) -> tuple[TaskInfo, ...]:
     tasks = []
     for task_id in range(bench.n_tasks):
         task = bench.get_task(task_id)
+        bddl_file = str(bddl_root / task.problem_folder / task.bddl_file)
         tasks.append(
             TaskInfo(
                 suite=suite,
                 task_id=task_id,
                 name=task.name,
-                language=task.language,
-                bddl_file=str(bddl_root / task.problem_folder / task.bddl_file),
+                language=bddl_language(bddl_file) if suite in PRO_SUITES else task.language,
+                bddl_file=bddl_file,
                 num_init_states=len(_init_states(suite, task_id)),
+                package_language=task.language,
             )
         )
     return tuple(tasks)
@@ -210,7 +246,12 @@ class LiberoEnv:
 
     @property
     def max_steps(self) -> int:
-        return MAX_STEPS[self.task.suite]
+        return max_steps(self.task.suite)
+
+    @property
+    def language_instruction(self) -> str:
+        """The instruction LIBERO's env parsed from the BDDL `(:language ...)` (the prompt of LIBERO-PRO suites)."""
+        return self._live().language_instruction
 
     @property
     def raw(self):
@@ -333,7 +374,7 @@ SIMULATOR = base.Simulator(
     validate_suite=validate_suite,
     list_tasks=list_tasks,
     get_task=get_task,
-    default_max_steps=MAX_STEPS.__getitem__,
+    default_max_steps=max_steps,
     make_env=_make_env,
     configure=configure_headless_rendering,
 )

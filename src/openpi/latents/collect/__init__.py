@@ -2,11 +2,14 @@
 
 Modules: `args` (CollectionArgs, make_plan, SetupError), `outputs` (the zarr store or pickle files, check_output),
 `sizes` (what is captured, size estimates), `disk` (full disk, free-space warning), `episode` (one recorded
-episode, the counterfactual rerun), `run` (collect, the summary table), `interrupt` (SIGINT / SIGTERM stop
-cleanly), `malloc` (glibc arena cap). `scripts/inference_latent_collection.py` is the CLI.
+episode, the counterfactual rerun), `run` (collect, the summary table), `conditions` (closed-loop conditions: prompt
+modes, interventions, layer sweeps, text latents), `sweep` (several conditions in one command, one store each),
+`interrupt` (SIGINT / SIGTERM stop cleanly), `malloc` (glibc arena cap).
+`scripts/inference_latent_collection.py` is the CLI.
 """
 
 from openpi.latents.collect.args import RESUME_IGNORE, CollectionArgs, Plan, SetupError, make_plan
+from openpi.latents.collect.conditions import RECIPES, Condition, ConditionArgs
 from openpi.latents.collect.disk import NoSpaceError
 from openpi.latents.collect.episode import run_task_episode
 from openpi.latents.collect.interrupt import Interrupted, StopOnSignal
@@ -14,10 +17,15 @@ from openpi.latents.collect.malloc import limit_malloc_arenas
 from openpi.latents.collect.outputs import EpisodeOutcome, check_output
 from openpi.latents.collect.run import collect, summary_table
 from openpi.latents.collect.sizes import describe_capture, estimate_size, latent_shapes
+from openpi.latents.collect.sweep import ConditionRun, collect_conditions, condition_args
 
 __all__ = [
+    "RECIPES",
     "RESUME_IGNORE",
     "CollectionArgs",
+    "Condition",
+    "ConditionArgs",
+    "ConditionRun",
     "EpisodeOutcome",
     "Interrupted",
     "NoSpaceError",
@@ -26,6 +34,8 @@ __all__ = [
     "StopOnSignal",
     "check_output",
     "collect",
+    "collect_conditions",
+    "condition_args",
     "describe_capture",
     "estimate_size",
     "latent_shapes",

@@ -9,6 +9,7 @@ from typing import Literal
 
 from openpi import envs
 from openpi.envs import base as env_base
+from openpi.latents.collect import conditions as conditions_lib
 from openpi.latents.collect.disk import NoSpaceError
 from openpi.latents.store import manifest as manifest_lib
 from openpi.models.capture import CaptureSpec
@@ -99,6 +100,8 @@ class CollectionArgs:
     store_images: bool = True
     # Writer queue length (steps); inference waits on disk only when it is full.
     queue_size: int = 8
+    # The closed-loop condition (prompt mode, intervention, layer sweep, text latent); default: the baseline.
+    condition: conditions_lib.ConditionArgs = conditions_lib.ConditionArgs()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +114,7 @@ class Plan:
     tasks: tuple[env_base.TaskInfo, ...]
     episodes: tuple[int, ...]
     max_steps: int
+    condition: conditions_lib.Condition
 
     @property
     def replan_steps(self) -> int:
@@ -165,7 +169,12 @@ def make_plan(args: CollectionArgs) -> Plan:
         raise ValueError(
             f"--replan-steps {args.replan_steps} exceeds the model's action horizon {config.action_horizon}."
         )
-    return Plan(args, sim, preset, tasks, tuple(range(args.episodes_per_task)), max_steps)
+    condition = conditions_lib.resolve(
+        args.condition, config, num_steps=args.num_denoise_steps, list_tasks=sim.list_tasks
+    )
+    for task in tasks:
+        condition.prompt_of(task)  # a bad prompt setting raises here, before anything expensive
+    return Plan(args, sim, preset, tasks, tuple(range(args.episodes_per_task)), max_steps, condition)
 
 
 def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo) -> str | None:

@@ -2,7 +2,8 @@
 
 An episode is the same whether it runs in one go, after a resume, or in a run with counterfactual reruns: its noise is
 drawn from `seed`, `task_id` and the episode index, and a counterfactual rerun reuses the inference's observation and
-noise without touching the env.
+noise without touching the env. The run's condition (`conditions`) sets the prompt and the intervention of each
+inference; the noise does not depend on it, so a condition's inference i is paired with the baseline's inference i.
 """
 
 from __future__ import annotations
@@ -38,10 +39,18 @@ class Inference:
     counterfactual_prompt: str | None = None
 
 
-def rerun_with_prompt(policy: Policy, inference: Inference, prompt: str, capture: CaptureSpec) -> Inference:
-    """`inference` with its counterfactual: the same observation and noise under another `prompt`."""
+def _infer(policy: Policy, element: dict[str, Any], noise: Any, capture: CaptureSpec, intervention: Any):
+    """`Policy.infer_with_latents`, passing the intervention only when there is one."""
+    extra = {} if intervention is None else {"intervention": intervention}
+    return policy.infer_with_latents(element, noise=noise, capture=capture, **extra)
+
+
+def rerun_with_prompt(
+    policy: Policy, inference: Inference, prompt: str, capture: CaptureSpec, intervention: Any = None
+) -> Inference:
+    """`inference` with its counterfactual: the same observation, noise (and intervention) under another `prompt`."""
     element = {**inference.element, env_base.PROMPT_KEY: prompt}
-    cf = policy.infer_with_latents(element, noise=inference.result["noise"], capture=capture)
+    cf = _infer(policy, element, inference.result["noise"], capture, intervention)
     return dataclasses.replace(inference, counterfactual=cf, counterfactual_prompt=prompt)
 
 
@@ -105,10 +114,11 @@ class EpisodeRecorder:
         if self._check_stop is not None:
             self._check_stop()
         capture = self._plan.args.capture
-        result = self._policy.infer_with_latents(element, noise=next(self._noise), capture=capture)
+        edit = self._plan.condition.intervention_at(self.num_inferences)  # the condition's edit (None: none)
+        result = _infer(self._policy, element, next(self._noise), capture, edit)
         inference = Inference(element, result)
         if self._cf_prompt is not None and self.num_inferences % self._plan.args.counterfactual_every == 0:
-            inference = rerun_with_prompt(self._policy, inference, self._cf_prompt, capture)
+            inference = rerun_with_prompt(self._policy, inference, self._cf_prompt, capture, edit)
         self.num_inferences += 1
         self._inference = inference
         return result["actions"]
@@ -138,6 +148,7 @@ def run_task_episode(
         env,
         k,
         recorder.policy_fn,
+        prompt=plan.condition.prompt_of(env.task),
         max_steps=plan.max_steps,
         replan_steps=plan.replan_steps,
         on_inference=recorder.on_inference,

@@ -55,6 +55,7 @@ def build_manifest(plan: Plan) -> dict[str, Any]:
         "text_start": preset.model_config.text_start,
         "segment_names": list(preset.model_config.segment_names),
         "suffix_segment_names": list(preset.model_config.suffix_segment_names),
+        "condition": plan.condition.describe(),
     }
 
 
@@ -64,16 +65,20 @@ def _setup(args: CollectionArgs, policy: Policy | None) -> tuple[Plan, Policy, O
     plan.simulator.configure()
     manifest = manifest_lib.complete_manifest(build_manifest(plan))
     check_output(plan, manifest)
-    if policy is None:
-        logger.info("Loading policy %s (%s)", plan.preset.name, args.checkpoint or "preset default")
-        policy = policy_config.create_trained_policy(
-            plan.preset,
-            args.checkpoint,
-            asset_id=args.asset_id,
-            sample_kwargs={"num_steps": args.num_denoise_steps},
-            rng_seed=args.seed,
-        )
-    return plan, policy, open_output(plan.args, manifest)
+    return plan, policy or load_policy(plan), open_output(plan.args, manifest)
+
+
+def load_policy(plan: Plan) -> Policy:
+    """The plan's preset policy (checkpoint, norm stats), sampling `num_denoise_steps` steps."""
+    args = plan.args
+    logger.info("Loading policy %s (%s)", plan.preset.name, args.checkpoint or "preset default")
+    return policy_config.create_trained_policy(
+        plan.preset,
+        args.checkpoint,
+        asset_id=args.asset_id,
+        sample_kwargs={"num_steps": args.num_denoise_steps},
+        rng_seed=args.seed,
+    )
 
 
 def collect(
@@ -178,9 +183,11 @@ def _run_episode(
     attrs = {
         "init_state_index": k,
         "seed": args.seed,
-        "prompt": task.language,
+        "prompt": plan.condition.prompt_of(task),
         "max_steps": plan.max_steps,
         "counterfactual_prompt": counterfactual_prompt(plan, task),
+        "task_language": task.language,
+        "condition": plan.condition.describe(task),
     }
     writer = output.begin(task_dict(task), k, attrs)
     result = run_task_episode(plan, policy, env, writer, k, check_stop=stop.check)

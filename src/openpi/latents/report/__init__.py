@@ -36,8 +36,9 @@ __all__ = [
 ]
 
 
-def write_report(res: CollectionAnalysis, out_dir: str | pathlib.Path) -> dict[str, Any]:
-    """Writes the report folder; returns the metrics.json content."""
+def write_report(res: CollectionAnalysis, out_dir: str | pathlib.Path, behaviour: Any = None) -> dict[str, Any]:
+    """Writes the report folder; returns the metrics.json content. `behaviour`: an
+    `analysis.behaviour.BehaviourAnalysis` whose section (`report.behaviour`) is appended to report.md."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {name: fn(res, out) for name, fn in FIGURES.items()}
@@ -45,5 +46,10 @@ def write_report(res: CollectionAnalysis, out_dir: str | pathlib.Path) -> dict[s
     data["figures"] = figures
     data["tables"] = write_tables(res, out)
     (out / "metrics.json").write_text(json.dumps(clean(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
-    (out / "report.md").write_text(report_md(res, figures, data["language_loss"]))
+    text = report_md(res, figures, data["language_loss"])
+    if behaviour is not None:
+        from openpi.latents.report.behaviour import behaviour_section
+
+        text += "\n" + "\n".join(behaviour_section(behaviour, out))
+    (out / "report.md").write_text(text)
     return data

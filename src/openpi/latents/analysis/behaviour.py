@@ -1,0 +1,248 @@
+"""Behaviour under closed-loop conditions, against the paired baseline (pure numpy over stored episodes).
+
+Pairing: an episode of a condition store is paired with the baseline store's episode of the same task and initial
+state (episode index k) when both ran with the same seed; both then drew the same noise at every inference index
+(`openpi.latents.collect.episode.episode_noise`), so inference i of the two is compared.
+
+Per condition (definitions, also written into the report):
+
+* success rates per task and pooled, condition minus baseline;
+* McNemar's exact test over the paired episodes (init states): b = baseline success & condition failure,
+  c = baseline failure & condition success, two-sided p = min(1, 2 * P[Binomial(b + c, 1/2) <= min(b, c)]);
+* a cluster bootstrap over tasks for the success difference: the statistic is the mean over tasks of (condition
+  rate - baseline rate); tasks are resampled with replacement (`n_boot` times), 95% percentile interval; NaN with a
+  reason below two tasks;
+* action divergence at paired inference i: RMS over the predicted chunk [H, action_dim] of (condition actions -
+  baseline actions), in the env's action units (post-transform `actions`); compared while both episodes still run;
+* first divergence: the env step t of the first paired inference whose divergence exceeds `threshold`
+  (`DIVERGENCE_THRESHOLD` = 1e-3 action units, far above float noise — identical inputs give exactly 0 — and far
+  below a behavioural change; LIBERO actions lie in [-1, 1]); none if it never does.
+
+A layer sweep (conditions `<recipe>@L<l>`, each a single layer) also gives per-layer curves of both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any
+
+import numpy as np
+
+DIVERGENCE_THRESHOLD = 1e-3
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts b and c (1.0 when there are none)."""
+    n, k = int(b) + int(c), min(int(b), int(c))
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2.0 * tail)
+
+
+def action_divergence(cond: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """[n] RMS over each chunk of cond - base ([n_c, H, D] and [n_b, H, D]; the first min(n_c, n_b) inferences)."""
+    n = min(len(cond), len(base))
+    diff = np.asarray(cond[:n], np.float64) - np.asarray(base[:n], np.float64)
+    return np.sqrt((diff**2).reshape(n, -1).mean(-1))
+
+
+def first_divergence(divergence: np.ndarray, t: np.ndarray, threshold: float = DIVERGENCE_THRESHOLD) -> int | None:
+    """The env step t of the first inference whose divergence exceeds `threshold` (None: never)."""
+    above = np.flatnonzero(np.asarray(divergence) > threshold)
+    return None if above.size == 0 else int(np.asarray(t)[above[0]])
+
+
+def task_cluster_bootstrap(
+    base: dict[int, list[bool]], cond: dict[int, list[bool]], *, n_boot: int, seed: int
+) -> tuple[float, float, float, str | None]:
+    """(mean over tasks of cond - base success rate, 95% low, high, reason if NaN), resampling tasks."""
+    tasks = sorted(base)
+    d = np.asarray([np.mean(cond[t]) - np.mean(base[t]) for t in tasks], np.float64)
+    if len(d) == 0:
+        return math.nan, math.nan, math.nan, "no paired episodes"
+    if len(d) < 2:
+        return float(d.mean()), math.nan, math.nan, "a bootstrap over tasks needs two tasks or more"
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi), None
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodePair:
+    task_id: int
+    episode: int
+    base_success: bool
+    cond_success: bool
+    divergence: np.ndarray  # [n paired inferences]
+    t: np.ndarray  # env step of each paired inference
+    first_divergence_t: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionEffect:
+    name: str
+    root: str
+    condition: dict[str, Any]
+    pairs: tuple[EpisodePair, ...]
+    diff: float  # mean over tasks of (condition - baseline) success rate
+    diff_ci: tuple[float, float]
+    ci_note: str | None
+    b: int
+    c: int
+    p_mcnemar: float
+
+    @property
+    def layer(self) -> int | None:
+        layers = self.condition.get("layers")
+        return int(layers[0]) if layers and len(layers) == 1 else None
+
+    @property
+    def recipe(self) -> str | None:
+        return self.condition.get("recipe")
+
+    @property
+    def tasks(self) -> list[int]:
+        return sorted({p.task_id for p in self.pairs})
+
+    def rates(self, task_id: int | None = None) -> tuple[float, float, int]:
+        """(baseline rate, condition rate, n episodes) of one task or all."""
+        ps = [p for p in self.pairs if task_id is None or p.task_id == task_id]
+        if not ps:
+            return math.nan, math.nan, 0
+        return float(np.mean([p.base_success for p in ps])), float(np.mean([p.cond_success for p in ps])), len(ps)
+
+    def task_mcnemar(self, task_id: int) -> tuple[int, int, float]:
+        ps = [p for p in self.pairs if p.task_id == task_id]
+        b = sum(p.base_success and not p.cond_success for p in ps)
+        c = sum(p.cond_success and not p.base_success for p in ps)
+        return b, c, mcnemar_exact(b, c)
+
+    def mean_divergence(self, task_id: int | None = None) -> float:
+        """Mean over paired inferences (pooled over the episodes) of the action divergence."""
+        ds = [p.divergence for p in self.pairs if task_id is None or p.task_id == task_id]
+        ds = [d for d in ds if d.size]
+        return float(np.concatenate(ds).mean()) if ds else math.nan
+
+    def diverged(self) -> tuple[int, float]:
+        """(episodes that diverged, median first-divergence step over them; NaN if none)."""
+        ts = [p.first_divergence_t for p in self.pairs if p.first_divergence_t is not None]
+        return len(ts), float(np.median(ts)) if ts else math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class BehaviourAnalysis:
+    baseline: str
+    baseline_condition: dict[str, Any]
+    effects: tuple[ConditionEffect, ...]
+    threshold: float
+    n_boot: int
+    notes: tuple[str, ...]
+
+    def layer_curves(self) -> dict[str, list[ConditionEffect]]:
+        """recipe -> its single-layer conditions in layer order (a layer sweep)."""
+        curves: dict[str, list[ConditionEffect]] = {}
+        for e in self.effects:
+            if e.recipe is not None and e.layer is not None:
+                curves.setdefault(e.recipe, []).append(e)
+        return {r: sorted(v, key=lambda e: e.layer) for r, v in curves.items() if len(v) > 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading stores
+
+
+def _condition_of(store) -> dict[str, Any]:
+    """The manifest's condition; a store from before conditions existed ran the baseline."""
+    return store.manifest.get("condition") or {"name": "baseline", "prompt_mode": "task", "intervention": None}
+
+
+def _is_baseline(cond: dict[str, Any]) -> bool:
+    return cond.get("prompt_mode") == "task" and cond.get("intervention") is None
+
+
+def find_stores(root: str | pathlib.Path) -> list[pathlib.Path]:
+    """`root` if it is a store, else its direct children that are stores (a multi-condition output dir)."""
+    from openpi.latents import store as store_lib
+
+    root = pathlib.Path(root)
+    if store_lib.is_store(root):
+        return [root]
+    found = sorted(p for p in root.iterdir() if p.is_dir() and store_lib.is_store(p)) if root.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{root}: neither a latent store nor a directory of condition stores.")
+    return found
+
+
+def _episodes(store) -> dict[tuple[int, int], Any]:
+    return {(t, k): store.episode(t, k) for t in store.task_ids() for k in store.episode_indices(t)}
+
+
+def _pair(base_ep, cond_ep, threshold: float) -> EpisodePair:
+    d = action_divergence(cond_ep.read("actions"), base_ep.read("actions"))
+    t = np.asarray(cond_ep.read("t"))[: len(d)]
+    bm, cm = base_ep.metadata, cond_ep.metadata
+    return EpisodePair(
+        base_ep.task_id,
+        base_ep.episode_index,
+        bool(bm["success"]),
+        bool(cm["success"]),
+        d,
+        t,
+        first_divergence(d, t, threshold),
+    )
+
+
+def analyze_conditions(
+    roots: list[str | pathlib.Path] | str | pathlib.Path,
+    *,
+    baseline: str | pathlib.Path | None = None,
+    threshold: float = DIVERGENCE_THRESHOLD,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> BehaviourAnalysis:
+    """Every condition store of `roots` against the baseline store (`baseline`, else the one whose condition is the
+    task prompt with no intervention); see the module docstring for the definitions."""
+    from openpi.latents import store as store_lib
+
+    paths = find_stores(roots) if isinstance(roots, str | pathlib.Path) else [pathlib.Path(r) for r in roots]
+    stores = {p: store_lib.open_store(p) for p in paths}
+    if baseline is None:
+        candidates = [p for p, s in stores.items() if _is_baseline(_condition_of(s))]
+        if len(candidates) != 1:
+            raise ValueError(
+                f"Found {len(candidates)} baseline stores (task prompt, no intervention) among "
+                f"{[str(p) for p in paths]}; pass the baseline store explicitly (or collect with --condition.baseline)."
+            )
+        baseline = candidates[0]
+    base_path = pathlib.Path(baseline)
+    base_store = stores.pop(base_path, None) or store_lib.open_store(base_path)
+    base_eps = _episodes(base_store)
+    notes, effects = [], []
+    for path, st in stores.items():
+        cond = _condition_of(st)
+        pairs = []
+        for key, ep in _episodes(st).items():
+            b_ep = base_eps.get(key)
+            if b_ep is None or b_ep.metadata.get("seed") != ep.metadata.get("seed"):
+                notes.append(f"{cond['name']}: task {key[0]} episode {key[1]} has no baseline episode with its seed")
+                continue
+            pairs.append(_pair(b_ep, ep, threshold))
+        by_task_b: dict[int, list[bool]] = {}
+        by_task_c: dict[int, list[bool]] = {}
+        for p in pairs:
+            by_task_b.setdefault(p.task_id, []).append(p.base_success)
+            by_task_c.setdefault(p.task_id, []).append(p.cond_success)
+        diff, lo, hi, why = task_cluster_bootstrap(by_task_b, by_task_c, n_boot=n_boot, seed=seed)
+        b = sum(p.base_success and not p.cond_success for p in pairs)
+        c = sum(p.cond_success and not p.base_success for p in pairs)
+        effects.append(
+            ConditionEffect(
+                str(cond["name"]), str(path), cond, tuple(pairs), diff, (lo, hi), why, b, c, mcnemar_exact(b, c)
+            )
+        )
+    effects.sort(key=lambda e: (e.recipe or "", e.layer if e.layer is not None else -1, e.name))
+    return BehaviourAnalysis(str(base_path), _condition_of(base_store), tuple(effects), threshold, n_boot, tuple(notes))

@@ -1,0 +1,76 @@
+"""Several conditions in one command (a layer sweep, a condition with its baseline): one store per condition.
+
+Layout: one condition (the usual case) writes its store at ``--output-dir`` exactly as a plain run does; several write
+``<output-dir>/<condition name>/`` each (e.g. ``baseline/``, ``knockout-text@L0/`` ... ``knockout-text@L17/``), every
+one a complete latent store whose manifest and episodes name the condition. Every condition is checked (arguments,
+intervention, output directory) before the policy loads once for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from openpi.latents.collect import conditions as conditions_lib
+from openpi.latents.collect.args import CLI_FLAGS, SETUP_ERRORS, CollectionArgs, Plan, SetupError, make_plan
+from openpi.latents.collect.interrupt import StopOnSignal
+from openpi.latents.collect.outputs import EpisodeOutcome, check_output
+from openpi.latents.collect.run import build_manifest, collect, load_policy
+from openpi.latents.store import manifest as manifest_lib
+from openpi.policies import presets
+from openpi.policies.policy import Policy
+from openpi.shared.cli import cli_message
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionRun:
+    name: str
+    plan: Plan
+    outcomes: list[EpisodeOutcome]
+
+
+def condition_args(args: CollectionArgs) -> list[tuple[str, CollectionArgs]]:
+    """(name, arguments) of each condition `args` stands for; several go to ``<output_dir>/<name>``."""
+    depth = presets.get_preset(args.preset).model_config.depth
+    expanded = conditions_lib.expand(args.condition, depth)
+    names = [conditions_lib.condition_name(c) for c in expanded]
+    if len(set(names)) != len(names):
+        raise ValueError(f"The conditions repeat a name ({names}); give --condition.name or change the settings.")
+    if len(expanded) == 1:
+        return [(names[0], dataclasses.replace(args, condition=expanded[0]))]
+    root = pathlib.Path(args.output_dir)
+    return [
+        (name, dataclasses.replace(args, condition=c, output_dir=root / name))
+        for name, c in zip(names, expanded, strict=True)
+    ]
+
+
+def _check_all(args: CollectionArgs) -> list[tuple[str, Plan]]:
+    runs = []
+    for name, sub in condition_args(args):
+        plan = make_plan(sub)
+        plan.simulator.configure()
+        check_output(plan, manifest_lib.complete_manifest(build_manifest(plan)))
+        runs.append((name, plan))
+    return runs
+
+
+def collect_conditions(
+    args: CollectionArgs, *, policy: Policy | None = None, stop: StopOnSignal | None = None
+) -> list[ConditionRun]:
+    """Runs every condition of `args` in turn (see the module docstring); one `ConditionRun` per condition.
+
+    Every setup check of every condition runs first and raises `SetupError`; then the policy loads once.
+    """
+    try:
+        runs = _check_all(args)
+        if policy is None:
+            policy = load_policy(runs[0][1])
+    except SETUP_ERRORS as e:
+        raise SetupError(cli_message(str(e), CLI_FLAGS)) from e
+    out = []
+    for name, plan in runs:
+        if len(runs) > 1:
+            print(f"\n=== condition {name} -> {plan.args.output_dir}", flush=True)
+        out.append(ConditionRun(name, plan, collect(plan.args, policy=policy, stop=stop)))
+    return out
