@@ -78,7 +78,7 @@ def _filesystem(protocol: str, options_json: str, asynchronous: bool):
     import fsspec
 
     opts = {"use_listings_cache": False, **json.loads(options_json)}
-    return fsspec.filesystem(protocol, asynchronous=asynchronous, skip_instance_cache=asynchronous, **opts)
+    return fsspec.filesystem(protocol, asynchronous=asynchronous, skip_instance_cache=True, **opts)
 
 
 class ObjectPath:
