@@ -221,7 +221,7 @@ def test_writer_lock_is_a_conditional_put(s3):
 
 def test_bucket_absent_is_a_clear_error(s3):
     url = "s3://no-such-bucket/run"
-    with pytest.raises(location.ObjectStoreError, match="bucket 'no-such-bucket' does not exist.*create it"):
+    with pytest.raises(location.ObjectStoreError, match=r"bucket 'no-such-bucket' does not exist.*create it"):
         store.check_writable(url)
     with pytest.raises(location.ObjectStoreError, match="does not exist"):
         store.LatentStoreWriter.create_or_open(url, helper.MANIFEST, resume=False)
@@ -233,7 +233,7 @@ def test_missing_credentials_are_a_clear_error(s3, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     location._filesystem.cache_clear()
     try:
-        with pytest.raises(location.ObjectStoreError, match="no object-storage credentials.*AWS_ACCESS_KEY_ID"):
+        with pytest.raises(location.ObjectStoreError, match=r"no object-storage credentials.*AWS_ACCESS_KEY_ID"):
             store.check_writable(f"s3://{BUCKET}/run")
     finally:
         location._filesystem.cache_clear()
