@@ -263,3 +263,110 @@ def test_storage_options_reach_s3fs(s3, s3_endpoint, monkeypatch):
     monkeypatch.setenv(location.STORAGE_OPTIONS_ENV, json.dumps({"endpoint_url": s3_endpoint}))
     with contextlib.ExitStack():
         assert store.open_store(f"s3://{BUCKET}/runs/opts").completed_episodes() == {(3, 0)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Acceptance: a LIBERO collection into s3://, SIGKILLed mid-episode, resumed, read back by expert_data_utils and the
+# analysis CLI. Tiny random-weight preset, libero_goal task 0, two 20-step episodes (4 inferences each).
+
+COLLECT = REPO / "scripts" / "inference_latent_collection.py"
+ANALYSE = REPO / "scripts" / "expert_language_analysis.py"
+MAX_STEPS, N_INFERENCES = 20, 4  # replan every 5 steps
+
+
+def _collect_cmd(url: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(COLLECT), "--preset", "pi0_libero_tiny", "--task-suite", "libero_goal", "--task-ids", "0",
+        "--episodes-per-task", "2", "--max-steps", str(MAX_STEPS), "--output-dir", url, *extra,
+    ]  # fmt: skip
+
+
+def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=dict(os.environ))
+
+
+def _analyse(url: str, out: pathlib.Path) -> dict:
+    proc = _run(
+        [sys.executable, str(ANALYSE), "--collection", url, "--output-dir", str(out), "--no-text-decoding",
+         "--probe-shuffles", "0", "--n-boot", "20"],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _kill_mid_episode_1(url: str, s3) -> int:
+    """Starts the collection, SIGKILLs it once episode 1 has committed a step; returns its committed steps then."""
+    commit = f"{url.removeprefix('s3://')}/task_000/episode_1/commit.json"
+    proc = subprocess.Popen(
+        _collect_cmd(url), cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed_at is None:
+            assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stdout.read().decode()[-3000:]}"
+            assert time.monotonic() < deadline, "episode 1 never committed a step"
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                record = json.loads(s3.cat_file(commit))
+                if record["committed_steps"] >= 1:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_at = record["committed_steps"]
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    return killed_at
+
+
+@pytest.mark.libero
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_collection_into_s3_killed_resumed_and_analysed(s3, tmp_path):
+    import expert_data_utils as edu
+
+    url = f"s3://{BUCKET}/collections/goal"
+    # Clear errors before any rollout: a missing bucket (exit 2, nothing written).
+    absent = _run(_collect_cmd("s3://no-such-bucket/goal"), timeout=200)
+    assert absent.returncode == 2 and "bucket 'no-such-bucket' does not exist" in absent.stderr, absent.stderr[-2000:]
+    assert "Traceback" not in absent.stderr
+
+    killed_at = _kill_mid_episode_1(url, s3)
+
+    # Episode 0 is complete and intact; the partial episode 1 is hidden from the default (complete-only) view.
+    data = edu.load_inference_task_data(url, task_id=0)
+    assert list(data["episodes"]) == ["episode_0"]
+    ep0 = data["episodes"]["episode_0"]
+    assert ep0["metadata"]["complete"] is True and ep0["metadata"]["num_inferences"] == N_INFERENCES
+    assert list(ep0["rollout_steps"]) == [f"step_{5 * i}" for i in range(N_INFERENCES)]
+    ep0_before = {k: np.asarray(ep0["rollout_steps"]["step_5"][k]) for k in ("noise", "actions", "image")}
+    assert ep0_before["image"].std() > 10  # a rendered frame, not zeros
+    partial = edu.load_inference_task_data(url, task_id=0, include_incomplete=True)["episodes"]["episode_1"]
+    assert partial["metadata"]["complete"] is False
+    assert killed_at <= partial["metadata"]["committed_steps"] < N_INFERENCES
+    assert edu.list_tasks(url)[0]["n_episodes"] == 1
+    assert verify.verify_store(url).ok
+    before = _analyse(url, tmp_path / "report_killed")
+    assert before["source"]["n_episodes"] == 1
+
+    # Resume: the dead run's lock is stale (same host, pid gone) and must be broken explicitly.
+    refused = _run(_collect_cmd(url, "--resume"), timeout=200)
+    assert refused.returncode == 2 and "--break-stale-lock" in refused.stderr, refused.stderr[-2000:]
+    resumed = _run(_collect_cmd(url, "--resume", "--break-stale-lock"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Resuming: 1 episodes already complete, 1 to run." in resumed.stdout
+
+    data = edu.load_inference_task_data(url, task_id=0)
+    assert list(data["episodes"]) == ["episode_0", "episode_1"]
+    for k in ("noise", "actions", "image"):  # episode 0 untouched by the resume
+        np.testing.assert_array_equal(data["episodes"]["episode_0"]["rollout_steps"]["step_5"][k], ep0_before[k])
+    ep1 = data["episodes"]["episode_1"]
+    assert ep1["metadata"]["complete"] is True and ep1["metadata"]["num_inferences"] == N_INFERENCES
+    assert list(ep1["rollout_steps"]) == [f"step_{5 * i}" for i in range(N_INFERENCES)]
+    assert not s3.exists(f"{BUCKET}/collections/goal/writer.lock")
+    report = verify.verify_store(url)
+    assert report.ok and report.complete == 2
+    after = _analyse(url, tmp_path / "report_resumed")
+    assert after["source"]["n_episodes"] == 2
