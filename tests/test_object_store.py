@@ -12,6 +12,7 @@ analysis CLI.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -326,12 +327,17 @@ def _kill_mid_episode_1(url: str, s3) -> int:
 @pytest.mark.timeout(900)
 def test_collection_into_s3_killed_resumed_and_analysed(s3, tmp_path):
     import expert_data_utils as edu
+    from openpi.latents import collect
 
     url = f"s3://{BUCKET}/collections/goal"
-    # Clear errors before any rollout: a missing bucket (exit 2, nothing written).
-    absent = _run(_collect_cmd("s3://no-such-bucket/goal"), timeout=200)
-    assert absent.returncode == 2 and "bucket 'no-such-bucket' does not exist" in absent.stderr, absent.stderr[-2000:]
-    assert "Traceback" not in absent.stderr
+    # Clear errors before any rollout (SetupError: the CLI prints it and exits 2): a missing bucket.
+    args = collect.CollectionArgs(
+        preset="pi0_libero_tiny", task_suite="libero_goal", task_ids=(0,), episodes_per_task=2, max_steps=MAX_STEPS
+    )
+    with pytest.raises(collect.SetupError, match="bucket 'no-such-bucket' does not exist"):
+        collect.collect(dataclasses.replace(args, output_dir="s3://no-such-bucket/goal"))
+    with pytest.raises(collect.SetupError, match="--save-videos write local files"):
+        collect.collect(dataclasses.replace(args, output_dir=url, save_videos=True))
 
     killed_at = _kill_mid_episode_1(url, s3)
 
@@ -352,8 +358,8 @@ def test_collection_into_s3_killed_resumed_and_analysed(s3, tmp_path):
     assert before["source"]["n_episodes"] == 1
 
     # Resume: the dead run's lock is stale (same host, pid gone) and must be broken explicitly.
-    refused = _run(_collect_cmd(url, "--resume"), timeout=200)
-    assert refused.returncode == 2 and "--break-stale-lock" in refused.stderr, refused.stderr[-2000:]
+    with pytest.raises(collect.SetupError, match=r"stale writer lock.*--break-stale-lock"):
+        collect.collect(dataclasses.replace(args, output_dir=url, resume=True))
     resumed = _run(_collect_cmd(url, "--resume", "--break-stale-lock"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Resuming: 1 episodes already complete, 1 to run." in resumed.stdout
