@@ -10,6 +10,9 @@ The real job (openpi's released pi0_libero checkpoint; needs the `gcs` extra for
     uv run python scripts/inference_latent_collection.py --preset pi0_libero --task-suite libero_goal \\
         --episodes-per-task 10 --output-dir data/pi0_libero_goal
 
+`--output-dir s3://bucket/prefix` (the `s3` extra) or `gs://bucket/prefix` (the `gcs` extra) writes the store to object
+storage; credentials and endpoint come from the standard environment variables (README, "On object storage").
+
 Ctrl-C (or SIGTERM) stops after the inference in flight and prints the command that resumes the run.
 """
 

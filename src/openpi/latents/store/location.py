@@ -22,6 +22,7 @@ False): a reader must see episodes a writer adds.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -78,7 +79,24 @@ def _filesystem(protocol: str, options_json: str, asynchronous: bool):
     import fsspec
 
     opts = {"use_listings_cache": False, **json.loads(options_json)}
-    return fsspec.filesystem(protocol, asynchronous=asynchronous, skip_instance_cache=True, **opts)
+    fs = fsspec.filesystem(protocol, asynchronous=asynchronous, skip_instance_cache=True, **opts)
+    if asynchronous:
+        atexit.register(_close_async_session, fs)
+    return fs
+
+
+def _close_async_session(fs) -> None:
+    """Closes the HTTP session of an asynchronous s3fs instance on zarr's loop at exit (s3fs closes only those of
+    synchronous instances; otherwise aiohttp prints "Unclosed client session")."""
+    creator = getattr(fs, "_s3creator", None)
+    if creator is None or not hasattr(creator, "__aexit__"):
+        return
+    try:
+        from zarr.core.sync import sync
+
+        sync(creator.__aexit__(None, None, None), timeout=5)
+    except Exception:  # exiting anyway
+        pass
 
 
 class ObjectPath:
