@@ -29,6 +29,7 @@ import tyro
 
 from openpi.latents import analysis, report
 from openpi.latents.analysis.language_loss import analyze_inference_language_loss, analyze_rollout_step
+from openpi.latents.store.location import ObjectStoreError
 from openpi.shared import cli
 
 __all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "main"]
@@ -38,8 +39,9 @@ __all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "m
 class Args:
     """Turn a latent collection into a language-loss report folder."""
 
-    # The collection: a latent store directory (or a pickle directory/file with --allow-pickle).
-    collection: pathlib.Path
+    # The collection: a latent store (a directory, s3://bucket/prefix or gs://bucket/prefix), or a pickle
+    # directory/file with --allow-pickle.
+    collection: str
     # Where metrics.json, the CSV tables, the PNG plots and report.md go.
     output_dir: pathlib.Path = pathlib.Path("reports/language_loss")
     # Only these task ids (default: all).
@@ -114,6 +116,6 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args, description=__doc__))
-    except (ValueError, FileNotFoundError, PermissionError, KeyError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, KeyError, ObjectStoreError) as e:
         print(f"error: {cli.cli_message(str(e), {'allow_pickle': '--allow-pickle'})}", file=sys.stderr)
         raise SystemExit(2) from None

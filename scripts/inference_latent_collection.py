@@ -16,6 +16,9 @@ knockout-text|knockout-text-expert1|ablate-text|steer|file.json`, `--condition.s
 under --output-dir), `--condition.text-latent latents.npz --condition.text-latent-task K`. LIBERO-PRO suites:
 `--task-suite libero_goal_task` etc. (prompted with the BDDL's perturbed instruction).
 
+`--output-dir s3://bucket/prefix` (the `s3` extra) or `gs://bucket/prefix` (the `gcs` extra) writes the store to object
+storage; credentials and endpoint come from the standard environment variables (README, "On object storage").
+
 Ctrl-C (or SIGTERM) stops after the inference in flight and prints the command that resumes the run.
 """
 

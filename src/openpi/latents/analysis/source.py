@@ -112,12 +112,12 @@ def make_source(
 ):
     """A source over a store path, a pickle path, a ``LatentStore``, a (lazy or eager) task dict or ``{id: task}``.
     A store path with damaged episodes is refused (StoreCorruptionError listing them) unless ``skip_damaged``."""
-    from openpi.latents.store import loading
+    from openpi.latents.store import loading, location
     from openpi.latents.store.reader import LatentStore, open_store
     from openpi.latents.store.views import TaskData, TasksView
 
-    if isinstance(data, (str, pathlib.Path)):
-        if loading.detect_format(pathlib.Path(data)) == "store":
+    if isinstance(data, (str, pathlib.Path, location.ObjectPath)):
+        if loading.detect_format(location.as_path(data)) == "store":
             opened = open_store(data)
             opened.require_intact(skip_damaged=skip_damaged)
             return StoreSource(opened, task_ids)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from typing import Literal
 
 from openpi import envs
 from openpi.envs import base as env_base
 from openpi.latents.collect import conditions as conditions_lib
 from openpi.latents.collect.disk import NoSpaceError
+from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 from openpi.models.capture import CaptureSpec
 from openpi.policies import presets
@@ -33,6 +33,7 @@ SETUP_ERRORS = (
     NotADirectoryError,
     ImportError,
     NoSpaceError,
+    location.ObjectStoreError,
 )
 # Arguments a resumed run may change: they add or show work but do not change what an episode records.
 RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
@@ -79,8 +80,10 @@ class CollectionArgs:
     num_denoise_steps: int = 10
     # What to record at each inference.
     capture: CaptureSpec = CaptureSpec()
-    # Where the store (or the pickle files) go.
-    output_dir: pathlib.Path = pathlib.Path("data/latents")
+    # Where the store (or the pickle files) go: a directory, or s3://bucket/prefix or gs://bucket/prefix (the s3 /
+    # gcs extra; credentials and endpoint from the standard environment variables, e.g. AWS_ENDPOINT_URL_S3).
+    output_dir: str = "data/latents"
+
     # "zarr": the streaming latent store; "pickle": the original pre-store layout,
     # inference_latents/task_{id}_{name}.pkl (whole task in RAM; small captures only).
     output_format: Literal["zarr", "pickle"] = "zarr"

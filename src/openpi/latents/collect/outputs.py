@@ -11,8 +11,8 @@ from openpi.envs import base as env_base
 from openpi.latents import store as _store
 from openpi.latents.collect.args import RESUME_IGNORE, CollectionArgs, Plan
 from openpi.latents.collect.disk import NoSpaceError, check_not_full
+from openpi.latents.store import location, pickle_format
 from openpi.latents.store import manifest as manifest_lib
-from openpi.latents.store import pickle_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,20 +119,26 @@ def open_output(args: CollectionArgs, manifest: dict[str, Any]) -> Output:
 
 
 def _pickle_path(args: CollectionArgs, task: env_base.TaskInfo) -> pathlib.Path:
-    return args.output_dir / pickle_format.PICKLE_DIR / pickle_format.pickle_file_name(task.task_id, task.name)
+    folder = pathlib.Path(args.output_dir) / pickle_format.PICKLE_DIR
+    return folder / pickle_format.pickle_file_name(task.task_id, task.name)
 
 
 def check_output(plan: Plan, manifest: dict[str, Any]) -> None:
     """The checks of opening the output, without writing anything (so that they fail before the policy loads).
 
     Raises PermissionError / NotADirectoryError for a directory that cannot be written, NoSpaceError for a full
-    filesystem, FileExistsError for existing
+    filesystem, ObjectStoreError for an ``s3://`` / ``gs://`` output that cannot be used (package, credentials,
+    bucket), ValueError for what needs a local directory (pickles, videos), FileExistsError for existing
     output without ``--resume`` (or a non-empty directory that is not a latent store), ValueError for a resume whose
     settings differ from the stored run's. Opening the store checks the same again.
     """
     args = plan.args
-    root = _store.check_writable(args.output_dir)
-    check_not_full(args.output_dir)
+    if location.is_remote(location.as_path(args.output_dir)):
+        _check_object_store_output(args)
+        root = _store.check_writable(args.output_dir)
+    else:
+        root = _store.check_writable(args.output_dir)
+        check_not_full(root)
     if args.output_format == "pickle":
         existing = [t.task_id for t in plan.tasks if _pickle_path(args, t).exists()]
         if existing and not args.resume:
@@ -148,3 +154,19 @@ def check_output(plan: Plan, manifest: dict[str, Any]) -> None:
         resume_ignore=RESUME_IGNORE,
         break_stale_lock=args.break_stale_lock,
     )
+
+
+def _check_object_store_output(args: CollectionArgs) -> None:
+    local_only = [
+        flag
+        for flag, on in (
+            ("--output-format pickle", args.output_format == "pickle"),
+            ("--save-videos", args.save_videos),
+        )
+        if on
+    ]
+    if local_only:
+        raise ValueError(
+            f"{' and '.join(local_only)} write local files and need a local --output-dir, not {args.output_dir}; "
+            "drop the flag or write to a directory (copy it to the bucket afterwards)."
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import sys
 from typing import Any
 
@@ -32,6 +33,7 @@ from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.malloc import limit_malloc_arenas
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, check_output, open_output, task_dict
 from openpi.latents.collect.sizes import estimate_size
+from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 from openpi.policies import policy_config
 from openpi.policies.policy import Policy
@@ -101,7 +103,8 @@ def collect(
     try:
         estimate = estimate_size(plan, policy)
         print(estimate.describe(), flush=True)
-        warning = free_space_warning(args.output_dir, estimate.total)
+        remote = location.is_remote(location.as_path(args.output_dir))
+        warning = None if remote else free_space_warning(pathlib.Path(args.output_dir), estimate.total)
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         return _run(plan, policy, output, stop or StopOnSignal())
@@ -202,7 +205,7 @@ def _run_episode(
     )
     if args.save_videos and result.frames:
         name = f"task{task.task_id:03d}_ep{k:03d}_{'success' if result.success else 'failure'}.mp4"
-        env_base.save_video(result.frames, args.output_dir / "videos" / name)
+        env_base.save_video(result.frames, pathlib.Path(args.output_dir) / "videos" / name)  # local only
     return EpisodeOutcome(task.task_id, k, result.success, result.total_steps, result.error)
 
 

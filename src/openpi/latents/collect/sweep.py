@@ -9,13 +9,13 @@ intervention, output directory) before the policy loads once for all of them.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 from openpi.latents.collect import conditions as conditions_lib
 from openpi.latents.collect.args import CLI_FLAGS, SETUP_ERRORS, CollectionArgs, Plan, SetupError, make_plan
 from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.outputs import EpisodeOutcome, check_output
 from openpi.latents.collect.run import build_manifest, collect, load_policy
+from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 from openpi.policies import presets
 from openpi.policies.policy import Policy
@@ -38,9 +38,9 @@ def condition_args(args: CollectionArgs) -> list[tuple[str, CollectionArgs]]:
         raise ValueError(f"The conditions repeat a name ({names}); give --condition.name or change the settings.")
     if len(expanded) == 1:
         return [(names[0], dataclasses.replace(args, condition=expanded[0]))]
-    root = pathlib.Path(args.output_dir)
+    root = location.as_path(args.output_dir)  # a local path or an s3:// / gs:// prefix
     return [
-        (name, dataclasses.replace(args, condition=c, output_dir=root / name))
+        (name, dataclasses.replace(args, condition=c, output_dir=str(root / name)))
         for name, c in zip(names, expanded, strict=True)
     ]
 

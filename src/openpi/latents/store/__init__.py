@@ -1,6 +1,7 @@
 """The latent store: a streaming, crash-safe, resumable zarr v3 directory of latent records, and its readers.
 
-Modules (each imports only those before it): ``bf16`` (bfloat16 for zarr), ``manifest`` (the run manifest),
+Modules (each imports only those before it): ``location`` (a local directory or ``s3://`` / ``gs://`` object
+storage), ``bf16`` (bfloat16 for zarr), ``manifest`` (the run manifest),
 ``format`` (on-disk layout), ``commit`` (the per-episode commit record), ``lock`` (the writer lock),
 ``episode_writer`` + ``writer`` (the writer thread), ``views`` + ``reader`` (lazy reading), ``verify`` (full
 integrity check, ``python -m openpi.latents.store verify <store>``), ``pickle_format`` (the original pickle layout),
@@ -26,6 +27,7 @@ from openpi.latents.store.format import (
     is_store,
 )
 from openpi.latents.store.loading import detect_format, load_inference_task_data
+from openpi.latents.store.location import ObjectPath, ObjectStoreError
 from openpi.latents.store.lock import StoreLockedError
 from openpi.latents.store.pickle_format import PickleTaskWriter, export_pickle
 from openpi.latents.store.reader import EpisodeReader, LatentStore, completed_episodes, materialize, open_store
@@ -40,6 +42,8 @@ __all__ = [
     "LatentStoreWriteError",
     "LatentStoreWriter",
     "MissingChunkError",
+    "ObjectPath",
+    "ObjectStoreError",
     "PickleTaskWriter",
     "StoreCorruptionError",
     "StoreFormatError",

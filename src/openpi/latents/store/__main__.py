@@ -14,6 +14,7 @@ import sys
 import tqdm
 
 from openpi.latents.store.format import StoreFormatError
+from openpi.latents.store.location import ObjectStoreError
 from openpi.latents.store.verify import verify_store
 
 
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Check every committed row of a latent store: chunk files present and (format 2) matching the "
         "crc32c of the commit record; format-1 stores are decoded row by row. Exit 0 intact, 1 damaged, 2 not a store.",
     )
-    v.add_argument("store", help="the store directory (--output-dir of the collection)")
+    v.add_argument("store", help="the store: a directory, s3://bucket/prefix or gs://bucket/prefix (--output-dir)")
     v.add_argument("--decode", action="store_true", help="also decode every row of format-2 stores (slower)")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = verify_store(args.store, decode=args.decode, progress=progress)
-    except (StoreFormatError, FileNotFoundError) as e:
+    except (StoreFormatError, FileNotFoundError, ObjectStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

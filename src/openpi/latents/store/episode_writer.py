@@ -3,9 +3,9 @@
 :class:`EpisodeWriter` (returned by ``LatentStoreWriter.begin_episode``) validates each record in the caller's
 thread, so a wrong key/shape/dtype is raised where it was made, then queues it. :class:`EpisodeSink` lives on the
 writer thread and does the zarr writes: per step, each array is grown by one row and the row written (through a
-:class:`ChecksumStore`, which notes the crc32c of every file it writes), then the episode's commit record
-(``commit.json``: committed_steps, step_t, fields, sparse_steps, string_tables, attrs, checksums) is replaced in one
-atomic write (see ``commit``).
+:class:`ChecksumStore` / :class:`ChecksumFsspecStore`, which note the crc32c of every file written), then the
+episode's commit record (``commit.json``: committed_steps, step_t, fields, sparse_steps, string_tables, attrs,
+checksums) is replaced in one atomic write (see ``commit``).
 
 Record rules: ``t`` (int env timestep, distinct within the episode) is required. The first step's keys are required
 on every step; keys starting with ``cf_`` and keys first seen after the first step are optional (stored compactly,
@@ -26,10 +26,11 @@ import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from openpi.latents.store import commit as commit_lib
 from openpi.latents.store import format as sf
+from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 
 if TYPE_CHECKING:
@@ -38,21 +39,35 @@ if TYPE_CHECKING:
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-class ChecksumStore(LocalStore):
-    """zarr's LocalStore (each ``set`` is a temp file + rename) that notes the crc32c of every file it writes in
-    ``written`` (key -> crc), so the sink can put the checksums of a step's chunk files into its commit record
-    without reading them back. An object-store writer would wrap its store the same way."""
+class _ChecksumMixin:
+    """Notes the crc32c of every file the zarr store writes in ``written`` (key -> crc), so the sink can put the
+    checksums of a step's chunk files into its commit record without reading them back; ``put_atomic`` is the
+    commit point."""
 
     written: dict[str, int]
 
-    async def set(self, key: str, value) -> None:  # type: ignore[override]
+    async def set(self, key: str, value) -> None:
         if getattr(self, "written", None) is not None:
             self.written[key] = google_crc32c.value(value.as_numpy_array())
-        await super().set(key, value)
+        await super().set(key, value)  # type: ignore[misc]
 
     def put_atomic(self, key: str, data: bytes) -> None:
         """One atomic write of ``data`` at ``key`` (the commit point: a rename here, a single PUT on S3/GCS)."""
-        sync(super().set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        sync(super().set(key, default_buffer_prototype().buffer.from_bytes(data)))  # type: ignore[misc]
+
+
+class ChecksumStore(_ChecksumMixin, LocalStore):
+    """zarr's LocalStore (each ``set`` is a temp file + rename) with checksums (``_ChecksumMixin``)."""
+
+
+class ChecksumFsspecStore(_ChecksumMixin, FsspecStore):
+    """zarr's FsspecStore (each ``set`` is one PUT, atomic on S3/GCS) with checksums (``_ChecksumMixin``)."""
+
+
+def checksum_store(root: location.StorePath) -> ChecksumStore | ChecksumFsspecStore:
+    """The writer's zarr store at ``root`` (a local directory or an object-storage prefix)."""
+    cls = ChecksumFsspecStore if location.is_remote(root) else ChecksumStore
+    return location.zarr_store(root, read_only=False, store_class=cls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +97,10 @@ class EpisodeSink:
         self.commit_attrs: dict[str, Any] = {}
         self.checksums: dict[str, list[int | None]] = {}
         self._string_index: dict[str, dict[str, int]] = {}
-        self._store: ChecksumStore | None = None
+        self._store: ChecksumStore | ChecksumFsspecStore | None = None
         self._prefix = ""
 
-    def open(self, task_group: zarr.Group, store: ChecksumStore) -> None:
+    def open(self, task_group: zarr.Group, store: ChecksumStore | ChecksumFsspecStore) -> None:
         self._store = store
         self._prefix = f"{sf.task_group_name(self.task_id)}/{sf.episode_group_name(self.episode_index)}"
         attrs = {**self.attrs, sf.EPISODE_COMMIT_MARKER: sf.COMMIT_FILE}

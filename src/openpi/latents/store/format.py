@@ -1,6 +1,6 @@
 """On-disk conventions of the latent store, shared by the writer and the reader.
 
-Layout (zarr v3, local directory)::
+Layout (zarr v3; a local directory or a prefix on object storage, see ``location``)::
 
     <root>/zarr.json                     root group; attrs: format, format_version, manifest, resumes
     <root>/manifest.json                 the run manifest (same content as the root attr "manifest")
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
@@ -38,7 +37,8 @@ import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from openpi.latents import schema
-from openpi.latents.store import bf16
+from openpi.latents.store import bf16, location
+from openpi.latents.store.location import StorePath
 
 FORMAT_NAME = "openpi-latents-store"
 FORMAT_VERSION = 2  # 2: per-episode commit.json with per-row checksums; 1: commit state in the episode attrs
@@ -117,20 +117,20 @@ class DamagedEpisodeError(StoreFormatError):
         self.may_be_complete = may_be_complete
 
 
-def write_group_json(path: pathlib.Path, attrs: dict[str, Any]) -> None:
-    """Writes (atomically, temp file + rename) a zarr v3 group's zarr.json in the existing directory ``path``,
-    without touching anything else there (zarr's ``create_group(overwrite=True)`` would rmtree the directory)."""
+def write_group_json(path: StorePath, attrs: dict[str, Any]) -> None:
+    """Writes (atomically: temp file + rename, or one PUT) a zarr v3 group's zarr.json in the existing directory
+    ``path``, without touching anything else there (zarr's ``create_group(overwrite=True)`` would rmtree it)."""
     meta = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
     write_json_atomic(path / "zarr.json", meta)
 
 
-def write_json_atomic(path: pathlib.Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def write_json_atomic(path: StorePath, value: Any) -> None:
+    """Replaces ``path`` atomically: temp file + rename locally, one PUT on object storage (``location``)."""
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    location.write_bytes_atomic(path, text.encode())
 
 
-def read_group_attrs(path: pathlib.Path) -> dict[str, Any]:
+def read_group_attrs(path: StorePath) -> dict[str, Any]:
     """Attributes of the zarr v3 group at ``path`` (read from its zarr.json)."""
     meta_path = path / "zarr.json"
     try:
@@ -144,7 +144,7 @@ def read_group_attrs(path: pathlib.Path) -> dict[str, Any]:
     return dict(meta.get("attributes") or {})
 
 
-def require_attrs(path: pathlib.Path, attrs: dict[str, Any], required: Iterable[str], what: str) -> None:
+def require_attrs(path: StorePath, attrs: dict[str, Any], required: Iterable[str], what: str) -> None:
     missing = [k for k in required if k not in attrs]
     if missing:
         raise StoreFormatError(
@@ -153,17 +153,17 @@ def require_attrs(path: pathlib.Path, attrs: dict[str, Any], required: Iterable[
         )
 
 
-def is_store(root: str | pathlib.Path) -> bool:
-    root = pathlib.Path(root)
+def is_store(root: str | pathlib.Path | location.ObjectPath) -> bool:
+    root = location.as_path(root)
     try:
         return read_group_attrs(root).get("format") == FORMAT_NAME
     except StoreFormatError:
         return False
 
 
-def scan_episode_dirs(root: pathlib.Path) -> dict[int, dict[int, pathlib.Path]]:
+def scan_episode_dirs(root: StorePath) -> dict[int, dict[int, StorePath]]:
     """task_id -> episode_index -> group directory, from the directory names alone."""
-    out: dict[int, dict[int, pathlib.Path]] = {}
+    out: dict[int, dict[int, StorePath]] = {}
     for task_dir in sorted(root.iterdir()) if root.is_dir() else []:
         task_id = parse_task_group_name(task_dir.name)
         if task_id is None or not task_dir.is_dir():
@@ -176,7 +176,7 @@ def scan_episode_dirs(root: pathlib.Path) -> dict[int, dict[int, pathlib.Path]]:
     return out
 
 
-def read_store_manifest(root: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_store_manifest(root: StorePath) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run manifest (manifest.json) and root attrs of the store at ``root``; StoreFormatError naming the path
     if the root is not a latent store or its manifest is missing or corrupt."""
     attrs = read_group_attrs(root)

@@ -6,7 +6,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from openpi.latents.store import pickle_format
+from openpi.latents.store import location, pickle_format
 from openpi.latents.store.format import StoreFormatError
 from openpi.latents.store.reader import open_store
 
@@ -16,7 +16,11 @@ _PICKLE_WARNING = (
 )
 
 
-def detect_format(path: pathlib.Path) -> Literal["store", "pickle"]:
+def detect_format(path: location.StorePath) -> Literal["store", "pickle"]:
+    if location.is_remote(path):  # pickles are local files only
+        if (path / "zarr.json").exists():
+            return "store"
+        raise StoreFormatError(f"{path}: no latent store there (no zarr.json under this prefix).")
     if path.is_dir() and (path / "zarr.json").exists():
         return "store"
     if path.is_file() and path.suffix == ".pkl":
@@ -32,7 +36,7 @@ def detect_format(path: pathlib.Path) -> Literal["store", "pickle"]:
 
 
 def load_inference_task_data(
-    path: str | pathlib.Path,
+    path: str | pathlib.Path | location.ObjectPath,
     task_id: int | None = None,
     *,
     format: Literal["auto", "store", "pickle"] = "auto",  # the documented argument name
@@ -43,9 +47,10 @@ def load_inference_task_data(
 
     ``task_id`` int: that task. ``task_id`` None: a mapping task_id -> task structure over all tasks. From a store
     everything is lazy (arrays are read on access, one step of one key at a time); from pickles it is eager and
-    needs ``allow_pickle=True``. Only complete episodes appear unless ``include_incomplete``.
+    needs ``allow_pickle=True``. Only complete episodes appear unless ``include_incomplete``. ``path`` may be an
+    ``s3://bucket/prefix`` or ``gs://bucket/prefix`` URL (stores only; see ``location`` for credentials/endpoint).
     """
-    path = pathlib.Path(path)
+    path = location.as_path(path)
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "store":
         store = open_store(path)

@@ -1,7 +1,7 @@
 """Exclusive lock files: one writer per store now, one owner per episode later.
 
 A lock is a small JSON file created exclusively (written to a temp file, then ``os.link``-ed into place, so it
-appears complete or not at all; an object store would use a conditional PUT, ``If-None-Match: *``)::
+appears complete or not at all; on object storage :class:`ObjectLock` uses a conditional PUT instead)::
 
     {"host": "node-3", "pid": 12345, "pid_start": 98765432, "boot_id": "...", "started": "2025-01-01T10:00:00+00:00",
      "token": "<uuid4 hex>", "purpose": "writer"}
@@ -13,6 +13,14 @@ rebooted since (``boot_id``). A live lock refuses the second writer; a stale one
 message says which file to delete once that host's writer is known to be gone). Many workers later: each takes the
 store lock only briefly to update shared files (manifest, root attrs) and holds one lock per episode it writes
 (``<task>/episode_<k>.claim``), made with this same class.
+
+On object storage (``s3://``, ``gs://``; :class:`ObjectLock`) there is no ``link``: the lock object is created with
+a *conditional* PUT that fails if the object exists (S3 ``If-None-Match: *``, s3fs ``mode="create"``; GCS
+``ifGenerationMatch=0`` where gcsfs implements ``mode="create"``), which is as exclusive as ``os.link``. Where the
+filesystem has no conditional create (fsspec's generic fallback checks, then writes), the lock is *best effort*: two
+writers starting within the same second may both get it; a warning says so. Breaking a stale lock on object storage
+has no guard file: it re-reads the lock just before deleting it and deletes it only if it still holds the same stale
+token, which leaves a window of one request between the read and the delete.
 """
 
 from __future__ import annotations
@@ -21,11 +29,16 @@ import dataclasses
 import datetime
 import fcntl
 import json
+import logging
 import os
 import pathlib
 import socket
 import uuid
 from typing import Any
+
+from openpi.latents.store import location
+
+logger = logging.getLogger(__name__)
 
 
 class StoreLockedError(FileExistsError):
@@ -74,7 +87,7 @@ def _me(purpose: str) -> LockHolder:
     )
 
 
-def read_holder(path: pathlib.Path) -> LockHolder | None:
+def read_holder(path: location.StorePath) -> LockHolder | None:
     """The holder recorded in lock file ``path``; None if there is none. Unparsable content raises ValueError."""
     try:
         data: dict[str, Any] = json.loads(path.read_text())
@@ -113,8 +126,8 @@ def holder_is_stale(holder: LockHolder) -> bool | None:
 class FileLock:
     """An exclusive lock file at ``path`` (see the module docstring); ``acquire`` then ``release``."""
 
-    def __init__(self, path: str | pathlib.Path, *, purpose: str = "writer", what: str = "store"):
-        self.path = pathlib.Path(path)
+    def __init__(self, path: str | location.StorePath, *, purpose: str = "writer", what: str = "store"):
+        self.path = location.as_path(path)
         self.purpose = purpose
         self.what = what  # for messages: "store /data/run"
         self.holder: LockHolder | None = None
@@ -190,3 +203,63 @@ class FileLock:
         if current is not None and current.token == self.holder.token:
             self.path.unlink(missing_ok=True)
         self.holder = None
+
+
+class ObjectLock(FileLock):
+    """:class:`FileLock` on object storage: created by a conditional PUT (see the module docstring)."""
+
+    def acquire(self, *, break_stale: bool = False) -> LockHolder:
+        me = _me(self.purpose)
+        body = (json.dumps(dataclasses.asdict(me), indent=2) + "\n").encode()
+        fs, key = self.path.fs, self.path.path
+        for _ in range(2):
+            try:
+                fs.pipe_file(key, body, mode="create")  # fails with FileExistsError if the lock object exists
+            except FileExistsError:
+                self.check(break_stale=break_stale)  # raises unless it is stale and may be broken
+                self._break_stale()
+                continue
+            if not conditional_put_supported(fs):
+                logger.warning(
+                    "%s: %s cannot create objects conditionally, so the writer lock %s is best effort (two writers "
+                    "starting at the same moment could both get it). Run one writer per store.",
+                    self.what,
+                    type(fs).__name__,
+                    self.path,
+                )
+            self.holder = me
+            return me
+        raise StoreLockedError(f"{self.what}: another writer took the lock {self.path} while this one broke it.")
+
+    def _break_stale(self) -> None:
+        try:
+            before = read_holder(self.path)
+        except ValueError:
+            before = None
+        self.check(break_stale=True)
+        try:
+            now = read_holder(self.path)
+        except ValueError:
+            now = None
+        if before is None or now is None or now.token == before.token:  # still the stale lock we judged
+            self.path.unlink(missing_ok=True)
+
+
+def conditional_put_supported(fs) -> bool:
+    """Whether ``fs.pipe_file(..., mode="create")`` is an atomic conditional create on the server (s3fs, gcsfs
+    with a ``_pipe_file`` of its own that takes ``mode``), not fsspec's check-then-write fallback."""
+    import inspect
+
+    pipe = getattr(type(fs), "_pipe_file", None)
+    if pipe is None or getattr(pipe, "__module__", "").startswith("fsspec."):
+        return False
+    try:
+        return "mode" in inspect.signature(pipe).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def make_lock(path: location.StorePath, *, purpose: str = "writer", what: str = "store") -> FileLock:
+    """The lock for ``path``: a :class:`FileLock` on a local disk, an :class:`ObjectLock` on object storage."""
+    cls = ObjectLock if location.is_remote(path) else FileLock
+    return cls(path, purpose=purpose, what=what)

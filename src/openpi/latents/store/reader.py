@@ -15,7 +15,6 @@ The store is read as a snapshot taken at ``open_store``; reopen it to see episod
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,7 +22,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from openpi.latents.store import bf16  # noqa: F401 - registers bfloat16 with zarr
+from openpi.latents.store import (
+    bf16,  # noqa: F401 - registers bfloat16 with zarr
+    location,
+)
 from openpi.latents.store import format as sf
 from openpi.latents.store.commit import read_commit
 from openpi.latents.store.format import (
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 class EpisodeReader:
     """One episode: its attrs snapshot and lazily opened arrays."""
 
-    def __init__(self, path: pathlib.Path, task_id: int, episode_index: int):
+    def __init__(self, path: location.StorePath, task_id: int, episode_index: int):
         self.path = path
         self.task_id = task_id
         self.episode_index = episode_index
@@ -101,7 +103,8 @@ class EpisodeReader:
         arr = self._arrays.get(key)
         if arr is None:
             try:
-                arr = zarr.open_array(store=str(self.path / key), mode="r", zarr_format=3)
+                store = location.zarr_store(self.path / key, read_only=True)
+                arr = zarr.open_array(store=store, mode="r", zarr_format=3)
             except FileNotFoundError:
                 raise StoreCorruptionError(
                     f"{self.path / key}: array of key {key!r} ({self.where}) is missing; the store is damaged."
@@ -117,19 +120,16 @@ class EpisodeReader:
             f"array is corrupt; `python -m openpi.latents.store verify {self.path.parent.parent}` lists the damage."
         )
 
-    def missing_chunks(self, key: str, rows: Sequence[int] | None = None) -> list[tuple[int, pathlib.Path]]:
+    def missing_chunks(self, key: str, rows: Sequence[int] | None = None) -> list[tuple[int, location.StorePath]]:
         """(row, path) of the chunk files of committed ``rows`` (None: all) of ``key`` that do not exist. Format-1
         episodes check only keys where an absent file cannot be a legitimate all-zero row."""
         spec = self._spec(key)
         if self.record.checksums is None and not sf.legacy_row_checkable(spec):
             return []
         rows = range(len(self.present_steps(key))) if rows is None else rows
-        out = []
-        for row in rows:
-            chunk = sf.row_chunk_key(spec, row)
-            if chunk is not None and not os.path.exists(self.path / chunk):
-                out.append((row, self.path / chunk))
-        return out
+        chunks = {row: chunk for row in rows if (chunk := sf.row_chunk_key(spec, row)) is not None}
+        missing = set(location.missing_files(self.path, list(chunks.values())))
+        return [(row, self.path / chunk) for row, chunk in chunks.items() if chunk in missing]
 
     def _check_present(self, key: str, rows: list[int] | slice) -> None:
         if isinstance(rows, slice):
@@ -219,10 +219,10 @@ class EpisodeReader:
 class LatentStore:
     """A latent store opened for reading (see :func:`open_store`)."""
 
-    def __init__(self, root: str | pathlib.Path):
-        self.root = pathlib.Path(root)
+    def __init__(self, root: str | pathlib.Path | location.ObjectPath):
+        self.root = location.as_path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: no such latent store directory.")
+            raise FileNotFoundError(f"{self.root}: no such latent store directory (or an empty prefix).")
         self.manifest, self.attrs = sf.read_store_manifest(self.root)
         self._dirs = scan_episode_dirs(self.root)
         self._tasks: dict[int, dict[str, Any]] = {}
@@ -349,14 +349,15 @@ class LatentStore:
         return TasksView(self, include_incomplete)
 
 
-def open_store(root: str | pathlib.Path) -> LatentStore:
-    """Opens a latent store for lazy reading; raises StoreFormatError naming the path if it is not one."""
+def open_store(root: str | pathlib.Path | location.ObjectPath) -> LatentStore:
+    """Opens a latent store (a directory, ``s3://bucket/prefix`` or ``gs://...``) for lazy reading; raises
+    StoreFormatError naming the path if it is not one."""
     return LatentStore(root)
 
 
-def completed_episodes(root: str | pathlib.Path) -> set[tuple[int, int]]:
+def completed_episodes(root: str | pathlib.Path | location.ObjectPath) -> set[tuple[int, int]]:
     """{(task_id, episode_index)} of the episodes marked complete in the store at ``root`` (empty if none)."""
-    root = pathlib.Path(root)
+    root = location.as_path(root)
     if not root.exists() or not any(root.iterdir()):
         return set()
     return open_store(root).completed_episodes()

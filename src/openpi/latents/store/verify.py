@@ -16,13 +16,13 @@ Incomplete episodes are checked like complete ones (their committed rows must be
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 from collections.abc import Callable
 
 import google_crc32c
 
 from openpi.latents.store import format as sf
+from openpi.latents.store import location
 from openpi.latents.store.format import DamagedEpisodeError, StoreFormatError, scan_episode_dirs
 from openpi.latents.store.reader import EpisodeReader, LatentStore
 
@@ -33,7 +33,7 @@ class Damage:
 
     task_id: int
     episode_index: int | None
-    path: pathlib.Path
+    path: location.StorePath
     problem: str
     repaired_by_resume: bool
 
@@ -45,7 +45,7 @@ class Damage:
 
 @dataclasses.dataclass
 class VerifyReport:
-    root: pathlib.Path
+    root: location.StorePath
     episodes: int = 0
     complete: int = 0
     rows: int = 0
@@ -60,9 +60,9 @@ class VerifyReport:
         return {(d.task_id, d.episode_index) for d in self.damages}
 
 
-def _crc32c_file(path: pathlib.Path) -> int:
+def _crc32c_file(path: location.StorePath) -> int:
     crc = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while block := f.read(1 << 22):
             crc = google_crc32c.extend(crc, block)
     return crc
@@ -72,19 +72,20 @@ def _check_rows(ep: EpisodeReader, key: str, decode: bool, report: VerifyReport,
     spec = ep.fields[key]
     checksums = None if ep.record.checksums is None else ep.record.checksums[key]
     steps = ep.present_steps(key)
+    missing = {row for row, _ in ep.missing_chunks(key)}  # one listing per key on object storage
     for row, step in enumerate(steps):
         report.rows += 1
         chunk = sf.row_chunk_key(spec, row)
         where = f"key {key!r} row {row} (rollout step {step})"
         if chunk is not None and checksums is not None:
             path = ep.path / chunk
-            if not os.path.exists(path):
+            if row in missing:
                 add(path, f"missing chunk file of {where}")
                 continue
             if checksums[row] is not None and _crc32c_file(path) != checksums[row]:
                 add(path, f"checksum mismatch of {where} (truncated or corrupt file)")
                 continue
-        elif chunk is not None and sf.legacy_row_checkable(spec) and not os.path.exists(ep.path / chunk):
+        elif chunk is not None and row in missing:  # format 1: only where legacy_row_checkable
             add(ep.path / chunk, f"missing chunk file of {where}")
             continue
         if decode or checksums is None:
@@ -94,7 +95,7 @@ def _check_rows(ep: EpisodeReader, key: str, decode: bool, report: VerifyReport,
                 add(ep.path / key, f"cannot read {where}: {e}")
 
 
-def _verify_episode(path: pathlib.Path, t: int, k: int, decode: bool, report: VerifyReport) -> None:
+def _verify_episode(path: location.StorePath, t: int, k: int, decode: bool, report: VerifyReport) -> None:
     report.episodes += 1
     try:
         ep = EpisodeReader(path, t, k)
@@ -119,11 +120,14 @@ def _verify_episode(path: pathlib.Path, t: int, k: int, decode: bool, report: Ve
 
 
 def verify_store(
-    root: str | pathlib.Path, *, decode: bool = False, progress: Callable[[int, int], None] | None = None
+    root: str | pathlib.Path | location.ObjectPath,
+    *,
+    decode: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Checks every committed row of the store at ``root`` (see the module docstring). Raises StoreFormatError /
     FileNotFoundError if ``root`` is not a latent store at all; everything else is collected in the report."""
-    root = pathlib.Path(root)
+    root = location.as_path(root)
     LatentStore(root)  # root attrs and manifest
     report = VerifyReport(root)
     dirs = scan_episode_dirs(root)

@@ -15,8 +15,9 @@ a crash at any point leaves every committed step and every finished episode inta
 ``complete=False`` and resuming deletes it. One writer per store: ``create_or_open`` takes ``<root>/writer.lock``
 (see ``lock``) and ``close`` releases it. The directory the caller gives is never removed or recreated (its mode,
 owner, setgid bit, mount or symlink stay). The layout is documented in ``format``; reading is ``reader`` / ``loading``;
-the pickle compat format is ``pickle_format``. Local directories only (zarr's LocalStore writes each file atomically,
-which the crash story needs).
+the pickle compat format is ``pickle_format``. The root is a local directory (zarr's LocalStore writes each file by
+temp file + rename) or a prefix on object storage (``s3://``, ``gs://``; zarr's FsspecStore writes each object in one
+PUT, atomic there; see ``location``): the crash story needs only that each file appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import logging
 import os
 import pathlib
 import queue
-import shutil
 import tempfile
 import threading
 from collections.abc import Collection, Mapping
@@ -34,13 +34,22 @@ from typing import Any
 
 import zarr
 
-from openpi.latents.store import bf16  # noqa: F401 - registers bfloat16 with zarr
+from openpi.latents.store import (
+    bf16,  # noqa: F401 - registers bfloat16 with zarr
+    location,
+)
 from openpi.latents.store import format as sf
 from openpi.latents.store import manifest as manifest_lib
 from openpi.latents.store.commit import read_commit
-from openpi.latents.store.episode_writer import ChecksumStore, EpisodeSink, EpisodeWriter
+from openpi.latents.store.episode_writer import (
+    ChecksumFsspecStore,
+    ChecksumStore,
+    EpisodeSink,
+    EpisodeWriter,
+    checksum_store,
+)
 from openpi.latents.store.format import DamagedEpisodeError, is_store, read_group_attrs, scan_episode_dirs
-from openpi.latents.store.lock import FileLock
+from openpi.latents.store.lock import FileLock, make_lock
 
 logger = logging.getLogger(__name__)
 _STOP = object()
@@ -50,12 +59,17 @@ class LatentStoreWriteError(RuntimeError):
     """The background writer failed; the message says where. The episode being written stays incomplete."""
 
 
-def check_writable(root: str | pathlib.Path) -> pathlib.Path:
+def check_writable(root: str | pathlib.Path | location.ObjectPath) -> location.StorePath:
     """Raises PermissionError/NotADirectoryError (naming the path and the fix) unless ``root`` can be written.
 
-    Checks the nearest existing ancestor when ``root`` does not exist yet, by creating and deleting a file.
+    Checks the nearest existing ancestor when ``root`` does not exist yet, by creating and deleting a file. On object
+    storage (``s3://``, ``gs://``) writes and deletes a probe object: ``location.ObjectStoreError`` says what is
+    missing (the s3fs/gcsfs package and its extra, credentials, the bucket) before anything else runs.
     """
-    root = pathlib.Path(root).expanduser().absolute()
+    root = location.as_path(root)
+    if isinstance(root, location.ObjectPath):
+        return location.check_object_store_writable(root)
+    root = root.expanduser().absolute()
     probe_dir = root
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
@@ -73,13 +87,13 @@ def check_writable(root: str | pathlib.Path) -> pathlib.Path:
     return root
 
 
-def _user_entries(root: pathlib.Path) -> list[pathlib.Path]:
+def _user_entries(root: location.StorePath) -> list[location.StorePath]:
     """Entries of ``root`` other than the writer lock and its temp/guard files."""
     lock = sf.LOCK_FILE
     return [p for p in root.iterdir() if p.name != lock and not p.name.startswith(f".{lock}.")]
 
 
-def _episode_state(path: pathlib.Path) -> bool | DamagedEpisodeError:
+def _episode_state(path: location.StorePath) -> bool | DamagedEpisodeError:
     """True: complete; False: incomplete; or the damage found."""
     try:
         return read_commit(path)[0].complete
@@ -92,7 +106,7 @@ class LatentStoreWriter:
 
     def __init__(
         self,
-        root: pathlib.Path,
+        root: location.StorePath,
         group: zarr.Group,
         manifest: dict[str, Any],
         *,
@@ -104,7 +118,7 @@ class LatentStoreWriter:
         self.root = root
         self.manifest = manifest
         self._group = group
-        self._store: ChecksumStore = group.store  # type: ignore[assignment]
+        self._store: ChecksumStore | ChecksumFsspecStore = group.store  # type: ignore[assignment]
         self._store.written = {}
         self._lock = lock
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -129,7 +143,7 @@ class LatentStoreWriter:
     @classmethod
     def create_or_open(
         cls,
-        root: str | pathlib.Path,
+        root: str | pathlib.Path | location.ObjectPath,
         manifest: Mapping[str, Any],
         *,
         resume: bool,
@@ -150,7 +164,7 @@ class LatentStoreWriter:
             root, requested, resume=resume, resume_ignore=resume_ignore, break_stale_lock=break_stale_lock
         )
         root.mkdir(parents=True, exist_ok=True)  # an existing directory is kept as it is (mode, owner, mount, link)
-        lock = FileLock(root / sf.LOCK_FILE, what=f"latent store {root}")
+        lock = make_lock(root / sf.LOCK_FILE, what=f"latent store {root}")
         lock.acquire(break_stale=break_stale_lock)
         try:  # checked again under the lock: another writer may have changed the store meanwhile
             n_episodes = cls.check_can_open(root, requested, resume=resume, resume_ignore=resume_ignore, locked=True)
@@ -164,20 +178,20 @@ class LatentStoreWriter:
             raise
 
     @classmethod
-    def _create(cls, root: pathlib.Path, requested: dict[str, Any], queue_size: int, lock: FileLock):
+    def _create(cls, root: location.StorePath, requested: dict[str, Any], queue_size: int, lock: FileLock):
         # root is empty, or a store without episodes (e.g. from a run that died before its first one): remove only
         # the store's own episode-less task groups, never root itself.
         for task_id in scan_episode_dirs(root):
-            shutil.rmtree(root / sf.task_group_name(task_id))
+            location.remove_tree(root / sf.task_group_name(task_id))
         attrs = {"format": sf.FORMAT_NAME, "format_version": sf.FORMAT_VERSION, "manifest": requested, "resumes": []}
         sf.write_group_json(root, attrs)
         sf.write_json_atomic(root / sf.MANIFEST_FILE, requested)
-        group = zarr.open_group(store=ChecksumStore(root), mode="r+", zarr_format=3)
+        group = zarr.open_group(store=checksum_store(root), mode="r+", zarr_format=3)
         return cls(root, group, requested, queue_size=queue_size, lock=lock)
 
     @staticmethod
     def check_can_open(
-        root: str | pathlib.Path,
+        root: str | pathlib.Path | location.ObjectPath,
         manifest: Mapping[str, Any],
         *,
         resume: bool,
@@ -193,7 +207,7 @@ class LatentStoreWriter:
         manifest differing outside ``resume_ignore``). ``locked``: the caller holds the lock (skip that check).
         """
         root = check_writable(root)
-        lock = None if locked or not root.exists() else FileLock(root / sf.LOCK_FILE, what=f"latent store {root}")
+        lock = None if locked or not root.exists() else make_lock(root / sf.LOCK_FILE, what=f"latent store {root}")
         if lock is not None:
             lock.check(break_stale=True)  # a live writer first: the other checks may be about its half-made store
         n_episodes = LatentStoreWriter._check_content(root, manifest, resume=resume, resume_ignore=resume_ignore)
@@ -203,7 +217,7 @@ class LatentStoreWriter:
 
     @staticmethod
     def _check_content(
-        root: pathlib.Path, manifest: Mapping[str, Any], *, resume: bool, resume_ignore: Collection[str]
+        root: location.StorePath, manifest: Mapping[str, Any], *, resume: bool, resume_ignore: Collection[str]
     ) -> int:
         if not (root.exists() and _user_entries(root)):
             return 0
@@ -231,7 +245,7 @@ class LatentStoreWriter:
         return n_episodes
 
     @staticmethod
-    def _incomplete_episodes(root: pathlib.Path) -> dict[tuple[int, int], str]:
+    def _incomplete_episodes(root: location.StorePath) -> dict[tuple[int, int], str]:
         """(task, episode) -> why, for every episode resume must delete; raises if a damaged one may be complete."""
         out: dict[tuple[int, int], str] = {}
         suspect = []
@@ -255,7 +269,7 @@ class LatentStoreWriter:
 
     @classmethod
     def _reopen(
-        cls, root: pathlib.Path, requested: dict[str, Any], queue_size: int, lock: FileLock
+        cls, root: location.StorePath, requested: dict[str, Any], queue_size: int, lock: FileLock
     ) -> LatentStoreWriter:
         stored, _ = sf.read_store_manifest(root)  # checked against `requested` by check_can_open
         if stored.get("code_version") != requested.get("code_version"):
@@ -268,13 +282,13 @@ class LatentStoreWriter:
         deleted = []
         for (task_id, k), why in cls._incomplete_episodes(root).items():
             path = root / sf.task_group_name(task_id) / sf.episode_group_name(k)
-            shutil.rmtree(path)
+            location.remove_tree(path)
             deleted.append([task_id, k])
             if why != "incomplete":
                 logger.warning("Resume: deleted task %d episode %d (%s)", task_id, k, why)
         if deleted:
             logger.info("Resume: deleted %d incomplete episodes (task, episode): %s", len(deleted), deleted)
-        group = zarr.open_group(store=ChecksumStore(root), mode="r+", zarr_format=3)
+        group = zarr.open_group(store=checksum_store(root), mode="r+", zarr_format=3)
         resumes = list(group.attrs.get("resumes", []))
         resumes.append(
             {
