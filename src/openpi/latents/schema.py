@@ -68,10 +68,11 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
     RecordKey("segment_mask", None, "bool", "model", False),
     RecordKey("denoise_times", ("denoise_step",), "float32", "model", False),
     RecordKey("expert_0_hidden_states", _HIDDEN, CAPTURE_DTYPE, "expert_0", True),
-    RecordKey("expert_0_segment_means", _SEGMENTS, CAPTURE_DTYPE, "expert_0", True),
+    # pooled captures are float32 whatever the capture dtype (small; bf16 floors relative changes at ~1e-3)
+    RecordKey("expert_0_segment_means", _SEGMENTS, "float32", "expert_0", True),
     RecordKey("text_only_hidden_states", _HIDDEN, CAPTURE_DTYPE, "text", True),
     RecordKey("expert_1_hidden_states", ("denoise_step", *_HIDDEN), CAPTURE_DTYPE, "expert_1", True),
-    RecordKey("expert_1_segment_means", ("denoise_step", *_SEGMENTS), CAPTURE_DTYPE, "expert_1", True),
+    RecordKey("expert_1_segment_means", ("denoise_step", *_SEGMENTS), "float32", "expert_1", True),
     RecordKey(
         "attention_to_text", ("denoise_step", "layer", "batch", "head", "query"), "float32", "attention_to_text", True
     ),
