@@ -5,7 +5,7 @@ from every figure. Three measurements:
 
 1. Wall time per episode, capture on vs off, interleaved by rounds (the order alternates each round; both variants of a
    round start from the same initial state with the same noise):
-     * off: openpi's protocol with the plain `Policy.infer` (`openpi.envs.libero.run_episode`), nothing recorded;
+     * off: openpi's protocol with the plain `Policy.infer` (`openpi.envs.base.run_episode`), nothing recorded;
      * on:  the collection's episode (`collection.run_task_episode`) with the default `CaptureSpec`, every step
             streamed to a latent store; the time includes draining the writer queue at the end of the episode.
    Target: on / off <= 1.10 (median over rounds).
@@ -42,13 +42,16 @@ import numpy as np
 import psutil
 import tyro
 
-from openpi.envs import libero
-from openpi.latents import collection, schema, store
+from openpi import envs
+from openpi.envs import base as env_base
+from openpi.latents import collect as collection
+from openpi.latents import schema, store
 from openpi.models.capture import CaptureSpec
 from openpi.models.pi0_config import Pi0Config
 from openpi.policies import policy_config
 
 SUITE, TASK_ID = "libero_goal", 0
+LIBERO = envs.get("libero")
 
 
 @dataclasses.dataclass
@@ -131,7 +134,7 @@ def _dir_bytes(path: pathlib.Path) -> int:
 
 def _episode_noise(k: int, shape: tuple[int, int]):
     """The collection's per-episode noise (default_rng([seed, task_id, episode])), for the capture-off variant."""
-    rng = np.random.default_rng([libero.DEFAULT_SEED, TASK_ID, k])
+    rng = np.random.default_rng([LIBERO.default_seed, TASK_ID, k])
     while True:
         yield rng.standard_normal(shape, dtype=np.float32)
 
@@ -141,10 +144,10 @@ class Runner:
         self.args = args
         self.work_dir = work_dir
         self.policy = policy_config.create_trained_policy(
-            "pi0_libero_tiny", sample_kwargs={"num_steps": 10}, rng_seed=libero.DEFAULT_SEED
+            "pi0_libero_tiny", sample_kwargs={"num_steps": 10}, rng_seed=LIBERO.default_seed
         )
         self.config = self.policy.model.config
-        self.env = libero.LiberoEnv(SUITE, TASK_ID)
+        self.env = LIBERO.make_env(LIBERO.get_task(SUITE, TASK_ID), LIBERO.default_seed)
         task = self.env.task
         self.task_dict = {
             "task_id": task.task_id,
@@ -179,7 +182,7 @@ class Runner:
 
     def warm_up(self) -> None:
         """Compiles every program the timed episodes use (plain infer, default capture, everything)."""
-        element = libero.to_policy_input(self.env.reset(0), self.env.prompt)
+        element = self.env.policy_input(self.env.reset(0), self.env.prompt)
         noise = next(_episode_noise(0, (self.config.action_horizon, self.config.action_dim)))
         self.policy.infer(element, noise=noise)
         for spec in (CaptureSpec(), CaptureSpec.everything()):
@@ -197,7 +200,7 @@ class Runner:
 
         self.rss.reset()
         start, cpu = time.perf_counter(), _cpu_s()
-        result = libero.run_episode(self.env, k, policy_fn, max_steps=self.args.max_steps)
+        result = env_base.run_episode(self.env, k, policy_fn, max_steps=self.args.max_steps)
         wall, cpu = time.perf_counter() - start, _cpu_s() - cpu
         return self._row("off", k, wall, cpu, result, infer_s)
 
@@ -216,15 +219,15 @@ class Runner:
         timed_policy = types.SimpleNamespace(model=self.policy.model, infer_with_latents=infer_with_latents)
         self.rss.reset()
         start, cpu = time.perf_counter(), _cpu_s()
-        episode = writer.begin_episode(self.task_dict, k, {"init_state_index": k, "seed": libero.DEFAULT_SEED})
-        result = collection.run_task_episode(args, plan, timed_policy, self.env, episode, k)
+        episode = writer.begin_episode(self.task_dict, k, {"init_state_index": k, "seed": LIBERO.default_seed})
+        result = collection.run_task_episode(plan, timed_policy, self.env, episode, k)
         episode.finish({"success": result.success, "total_steps": result.total_steps, "error": result.error})
         writer.flush()
         wall, cpu = time.perf_counter() - start, _cpu_s() - cpu
         return self._row(name, k, wall, cpu, result, infer_s)
 
     def _row(
-        self, variant: str, k: int, wall: float, cpu: float, result: libero.EpisodeResult, infer_s: list[float]
+        self, variant: str, k: int, wall: float, cpu: float, result: env_base.EpisodeResult, infer_s: list[float]
     ) -> dict:
         return {
             "variant": variant,
@@ -293,7 +296,7 @@ def _mib(n: float) -> str:
 def run(args: Args) -> dict[str, Any]:
     # What `collect` does first, before any JAX / env thread exists.
     arenas_capped = collection.limit_malloc_arenas() if args.cap_malloc_arenas else False
-    libero.configure_headless_rendering()
+    LIBERO.configure()
     machine = _machine()
     with contextlib.ExitStack() as stack:
         if args.work_dir is None:

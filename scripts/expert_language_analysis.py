@@ -16,7 +16,6 @@ The original notebook API's entry points are kept here (they delegate to the pac
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 import sys
 import time
@@ -26,6 +25,7 @@ import tyro
 
 from openpi.latents import analysis, report
 from openpi.latents.analysis.language_loss import analyze_inference_language_loss, analyze_rollout_step
+from openpi.shared import cli
 
 __all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "main"]
 
@@ -66,7 +66,7 @@ class Args:
 
 
 def main(args: Args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.configure_logging()
     embedding: object = "auto"
     if not args.text_decoding:
         embedding = None
@@ -101,5 +101,5 @@ if __name__ == "__main__":
     try:
         main(tyro.cli(Args, description=__doc__))
     except (ValueError, FileNotFoundError, PermissionError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.cli_message(str(e), {'allow_pickle': '--allow-pickle'})}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -9,26 +9,45 @@ The real job (openpi's released pi0_libero checkpoint; needs the `gcs` extra for
 
     uv run python scripts/inference_latent_collection.py --preset pi0_libero --task-suite libero_goal \\
         --episodes-per-task 10 --output-dir data/pi0_libero_goal
+
+Ctrl-C (or SIGTERM) stops after the inference in flight and prints the command that resumes the run.
 """
 
-import logging
+import shlex
 import sys
+from collections.abc import Sequence
 
 import tyro
 
-from openpi.latents import collection
+from openpi.latents import collect
+from openpi.shared import cli
 
 
-def main(args: collection.CollectionArgs) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues the run `argv` started (the same arguments with --resume)."""
+    kept = [a for a in argv[1:] if a not in ("--resume", "--no-resume")]
+    return shlex.join([sys.executable, argv[0], *kept, "--resume"])
+
+
+def main(args: collect.CollectionArgs, argv: Sequence[str] | None = None) -> None:
+    """Runs the collection; `argv` (default `sys.argv`) is the command line, repeated in the hint to resume."""
+    cli.configure_logging()
     try:
-        outcomes = collection.collect(args)
-    except collection.SetupError as e:
+        with collect.StopOnSignal() as stop:
+            outcomes = collect.collect(args, stop=stop)
+    except collect.SetupError as e:
         # Bad input, found before any rollout: a clear message, no traceback, nothing written.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except collect.Interrupted as e:
+        print(
+            f"\nStopped by {e.signal_name}. Finished episodes are kept in {args.output_dir}; an unfinished one is run "
+            f"again from its start on resume. Resume with:\n  {resume_command(sys.argv if argv is None else argv)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(e.exit_code) from None
     print()
-    print(collection.summary_table(collection.make_plan(args), outcomes))
+    print(collect.summary_table(collect.make_plan(args), outcomes))
     print(f"\nLatents in {args.output_dir} ({args.output_format}). Open them with:")
     print("  import expert_data_utils")
     extra = ", allow_pickle=True" if args.output_format == "pickle" else ""  # only for pickles you trust
@@ -36,4 +55,4 @@ def main(args: collection.CollectionArgs) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(collection.CollectionArgs, description=__doc__))
+    main(tyro.cli(collect.CollectionArgs, description=__doc__), sys.argv)

@@ -1,4 +1,4 @@
-"""The collection (openpi.latents.collection + scripts/inference_latent_collection.py) on the REAL LIBERO simulator.
+"""The collection (openpi.latents.collect + scripts/inference_latent_collection.py) on the REAL LIBERO simulator.
 
 Everything runs the tiny random-weight preset (`pi0_libero_tiny`) on libero_goal task 0 ("open the middle drawer of
 the cabinet") with short episodes. One in-process run is shared by the structure / success / counterfactual / video
@@ -20,6 +20,8 @@ import json
 import math
 import os
 import pathlib
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +32,8 @@ import numpy as np
 import pytest
 
 from openpi.envs import libero as L
-from openpi.latents import collection, store
+from openpi.latents import collect as collection
+from openpi.latents import store
 from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config
 
@@ -206,9 +209,12 @@ SETUP_ERROR_CASES = {
     "missing norm stats": (
         {"checkpoint": str(TINY_CHECKPOINT)},
         None,
-        ["No norm stats for asset id 'pi0_libero_tiny'", "Asset ids in this checkpoint: 'test'"],
+        ["No norm stats for asset id 'pi0_libero_tiny'", "Asset ids in this checkpoint: 'test'", "Pass --asset-id"],
         True,
     ),
+    "zero denoise steps": ({"num_denoise_steps": 0}, None, ["--num-denoise-steps must be >= 1", "got 0"], False),
+    "zero queue size": ({"queue_size": 0}, None, ["--queue-size must be >= 1", "got 0"], False),
+    "full disk": ({}, "full_disk", ["No space left for --output-dir", "0 B free", "Free some space"], False),
 }
 
 
@@ -227,6 +233,8 @@ def test_setup_errors_exit_2_before_any_rollout_and_write_nothing(case, tmp_path
     elif prepare == "under_file":
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "out"
+    elif prepare == "full_disk":
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, 0))
     if overrides.get("checkpoint") == "MISSING":
         overrides = {**overrides, "checkpoint": str(tmp_path / "no_such_checkpoint")}
     elif overrides.get("checkpoint") == "NO_PARAMS":
@@ -251,7 +259,9 @@ def test_setup_errors_exit_2_before_any_rollout_and_write_nothing(case, tmp_path
         script.main(args)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
+    # The error is the last line (INFO lines such as "Loading policy" may come before it).
+    assert err.rstrip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert "asset_id=" not in err and "checkpoint_dir=" not in err  # the flags the user types, not Python names
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
     assert len(policy_loads) == int(loads_policy)  # output checks come before the (slow) policy load
@@ -284,6 +294,64 @@ def test_cli_setup_errors(tmp_path, extra, fragments):
     assert "Capture per inference" not in proc.stdout  # printed once the policy is loaded
     assert not out.exists()
     assert time.monotonic() - start < 60
+
+
+def test_cli_logs_info_lines_and_names_flags(tmp_path):
+    """openpi's INFO lines print although absl (via orbax) configured logging at import; a library's fix is worded as
+    the flag the user typed (--asset-id, not asset_id=...)."""
+    proc = cli(*cli_args(tmp_path / "out", "--checkpoint", str(TINY_CHECKPOINT)), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "INFO openpi.latents.collect.run: Loading policy pi0_libero_tiny" in proc.stderr
+    assert "Pass --asset-id with one of them." in proc.stderr and "asset_id=" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stop_on_signal_defers_during_rollouts_and_raises_at_once_otherwise(signum):
+    def deliver() -> None:
+        os.kill(os.getpid(), signum)
+        for _ in range(200):  # Python runs the handler in the main thread between bytecodes
+            time.sleep(0.005)
+
+    before = signal.getsignal(signum)
+    with collection.StopOnSignal() as stop:
+        with pytest.raises(collection.Interrupted) as info:  # setup: at once
+            deliver()
+        assert info.value.exit_code == 128 + signum and info.value.signal_name == signum.name
+        stop.deferring = True  # rollouts: only a request...
+        deliver()
+        assert stop.requested == signum
+        with pytest.raises(collection.Interrupted):  # ...acted on at the next step boundary
+            stop.check()
+        with pytest.raises(collection.Interrupted):  # a second signal: at once
+            deliver()
+    assert signal.getsignal(signum) is before
+
+
+def test_resume_command_repeats_the_arguments_with_resume():
+    script = _load_script()
+    argv = ["scripts/inference_latent_collection.py", "--output-dir", "my out", "--no-resume", "--task-ids", "0"]
+    command = script.resume_command(argv)
+    assert shlex.split(command) == [sys.executable, *argv[:3], "--task-ids", "0", "--resume"]
+    assert shlex.split(script.resume_command([*argv[:3], "--resume"])).count("--resume") == 1
+
+
+def test_free_space_warning_and_collect_prints_it(tmp_path, monkeypatch, capsys):
+    from openpi.latents.collect import disk
+
+    free = shutil.disk_usage(tmp_path).free
+    assert disk.free_space_warning(tmp_path / "new" / "out", 0) is None
+    warning = disk.free_space_warning(tmp_path / "new" / "out", free + (1 << 30))
+    assert warning is not None and f"filesystem of {tmp_path}" in warning and "--output-dir" in warning
+
+    # collect() warns after the size estimate (about 1.9 MB here: 4 inferences), before the first env.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, 3 << 19))
+    monkeypatch.setattr(L, "LiberoEnv", _NoEnv)
+    policy = policy_config.create_trained_policy("pi0_libero_tiny", sample_kwargs={"num_steps": NUM_DENOISE_STEPS})
+    with pytest.raises(AssertionError, match="a LIBERO env was created"):
+        collection.collect(tiny_args(tmp_path / "out"), policy=policy)
+    err = capsys.readouterr().err
+    assert "warning: the estimated size" in err and "exceeds the 1.6 MB free" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -622,11 +690,20 @@ def test_sigkill_mid_episode_then_resume_runs_each_episode_once(tmp_path):
     assert refused.returncode == 2 and "already holds 2 episodes; pass --resume" in refused.stderr
     changed = cli(*cli_args(root, "--episodes-per-task", "2", "--max-steps", "40", "--resume"), timeout=120)
     assert changed.returncode == 2 and "Cannot resume" in changed.stderr and "max_steps" in changed.stderr
+    # The killed run's writer lock is recognised as stale and taken over only when asked.
+    locked = cli(*cli_args(root, "--episodes-per-task", "2", "--max-steps", str(max_steps), "--resume"), timeout=120)
+    assert locked.returncode == 2 and "stale writer lock" in locked.stderr and "--break-stale-lock" in locked.stderr
     assert tree_snapshot(root) == before
 
-    resumed = cli(*cli_args(root, "--episodes-per-task", "2", "--max-steps", str(max_steps), "--resume"))
+    resumed = cli(
+        *cli_args(root, "--episodes-per-task", "2", "--max-steps", str(max_steps), "--resume", "--break-stale-lock")
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Resuming: 1 episodes already complete, 1 to run." in resumed.stdout
+    # openpi's INFO lines print (absl configures logging when orbax is imported; the CLI overrides it).
+    assert "Resume: deleted 1 incomplete episodes" in resumed.stderr
+    assert "Replaying 1 env resets for episode 1." in resumed.stderr
+    assert f"task 0 episode 1: failure after {max_steps} steps" in resumed.stderr
     (total,) = [line for line in resumed.stdout.splitlines() if "Total success rate" in line]
     assert total.split()[-3:] == ["2", "0", "0.0%"]  # the closing table counts both episodes
 
@@ -646,3 +723,50 @@ def test_sigkill_mid_episode_then_resume_runs_each_episode_once(tmp_path):
         np.testing.assert_array_equal(ep1_data["rollout_steps"]["step_0"][key], value, err_msg=key)
     resumes = json.loads((root / "zarr.json").read_text())["attributes"]["resumes"]
     assert [r["deleted_incomplete"] for r in resumes] == [[[0, 1]]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGINT, then SIGTERM of the printed resume command: a clean stop, a hint to resume, exit 128 + signal.
+
+
+def _wait_for_step(proc: subprocess.Popen, episode: pathlib.Path, log: pathlib.Path, after: str = "") -> None:
+    """Until `episode` has a committed step (once `after` is in the log); fails if the run ends first."""
+    deadline = time.monotonic() + 300
+    while not (after in log.read_text() and (_episode_attrs(episode) or {}).get("committed_steps", 0) >= 1):
+        assert proc.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no step was committed"
+        time.sleep(0.05)
+
+
+@pytest.mark.libero
+@pytest.mark.timeout(400)
+def test_sigint_and_sigterm_stop_cleanly_and_print_the_resume_command(tmp_path):
+    root, log = tmp_path / "store", tmp_path / "log.txt"
+    episode = root / "task_000" / "episode_0"
+    command = [sys.executable, str(SCRIPT), *cli_args(root, "--max-steps", "30", "--num-denoise-steps", "2")]
+    n_inferences = 6
+    for signum, after in [(signal.SIGINT, ""), (signal.SIGTERM, "Resume: deleted 1 incomplete episodes")]:
+        with log.open("w") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            try:
+                _wait_for_step(proc, episode, log, after)
+                proc.send_signal(signum)
+                proc.wait(timeout=120)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        text = log.read_text()
+        assert proc.returncode == 128 + signum, text[-3000:]
+        assert "Traceback" not in text and f"Stopped by {signum.name}." in text
+        # The stop waited for the inference in flight: every committed step is complete and readable.
+        partial = store.load_inference_task_data(root, TASK_ID, include_incomplete=True)["episodes"]["episode_0"]
+        committed = partial["metadata"]["committed_steps"]
+        assert partial["metadata"]["complete"] is False and 1 <= committed < n_inferences
+        for name, step in partial["rollout_steps"].items():
+            assert np.isfinite(step["actions"]).all() and step["image"].std() > 10, name
+        # The hint is the command that continues this run (the next round runs it).
+        hint = text.split("Resume with:\n", 1)[1].strip().splitlines()[0]
+        command = shlex.split(hint)
+        assert command == [sys.executable, str(SCRIPT), *cli_args(root, "--max-steps", "30", "--num-denoise-steps", "2"),
+                           "--resume"]  # fmt: skip

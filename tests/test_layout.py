@@ -7,6 +7,7 @@ imports inside functions are deferred, so they cannot form an import-time cycle)
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import pathlib
@@ -14,7 +15,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from openpi import envs
+from openpi.envs import base
 from openpi.latents import store
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
@@ -151,7 +155,6 @@ def test_store_writer_imports_no_reader():
         assert not graph[writer] & readers, f"{writer} imports {sorted(graph[writer] & readers)}"
 
 
-def test_schema_is_pure_numpy():
     tree = ast.parse((OPENPI / "latents" / "schema.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -193,15 +196,68 @@ def test_reading_a_store_imports_no_model_policy_env_or_jax(tmp_path):
 
 
 def _imports_anywhere(path: pathlib.Path) -> list[tuple[int, str]]:
-    """(line, module) of every import in a file: top level, TYPE_CHECKING blocks and function bodies alike."""
-    module = _module_name(path)
+    """(line, module) of every import in `path`: module level, function bodies and TYPE_CHECKING blocks alike.
+
+    ``from pkg import name`` yields ``pkg.name`` as well as ``pkg`` (``name`` may be a submodule).
+    """
+    module = _module_name(path) if path.is_relative_to(SRC) else path.stem
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            out.append((node.lineno, _from_base(module, path.name == "__init__.py", node)))
+            base = _from_base(module, path.name == "__init__.py", node)
+            out += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}") for a in node.names]
     return out
+
+
+REPO = SRC.parent
+ENVS = OPENPI / "envs"
+# The simulator modules: everything in openpi/envs but the package (the registry) and the protocol.
+SIMULATOR_MODULES = sorted(f"openpi.envs.{p.stem}" for p in ENVS.glob("*.py") if p.stem not in ("__init__", "base"))
+
+
+def test_simulators_are_reached_only_through_the_registry():
+    """Outside openpi/envs, code (src/, scripts/, benchmarks/) names a simulator with `openpi.envs.get(name)`, never by
+    importing its module; tests may (they test a simulator itself or patch its env class)."""
+    assert "openpi.envs.libero" in SIMULATOR_MODULES
+    files = [p for p in SRC.rglob("*.py") if not p.is_relative_to(ENVS)]
+    files += [*(REPO / "scripts").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    bad = [
+        f"{p.relative_to(REPO)}:{line} imports {name}"
+        for p in files
+        for line, name in _imports_anywhere(p)
+        if name in SIMULATOR_MODULES
+    ]
+    assert not bad, bad
+
+
+def test_envs_import_nothing_from_models_latents_policies():
+    forbidden = ("openpi.models", "openpi.latents", "openpi.policies")
+    bad = [
+        f"{p.name}:{line} imports {name}"
+        for p in sorted(ENVS.glob("*.py"))
+        for line, name in _imports_anywhere(p)
+        if name.startswith(forbidden)
+    ]
+    assert not bad, bad
+
+
+def test_every_simulator_module_is_registered_and_the_registry_names_the_valid_ones():
+    assert sorted(envs.SIMULATORS.values()) == SIMULATOR_MODULES
+    for name, module in envs.SIMULATORS.items():
+        sim = envs.get(name)
+        assert isinstance(sim, base.Simulator) and sim.name == name
+        assert sim is importlib.import_module(module).SIMULATOR
+    with pytest.raises(ValueError, match=r"Unknown simulator 'libro'; registered simulators: libero"):
+        envs.get("libro")
+
+
+def test_collection_env_and_policy_modules_stay_small():
+    """The issue's size rule for the packages this layout introduced: no module over ~400 lines."""
+    packages = (OPENPI / "envs", OPENPI / "policies", OPENPI / "latents" / "collect")
+    sizes = {str(p.relative_to(SRC)): len(p.read_text().splitlines()) for d in packages for p in d.glob("*.py")}
+    assert {k: n for k, n in sizes.items() if n > 420} == {}
 
 
 def test_models_import_nothing_from_latents_policies_envs():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from openpi.envs import base
 from openpi.envs import libero as L
 
 # robosuite 1.4 emits DeprecationWarnings at import (Logger.warn, an invalid escape in its logo string).
@@ -50,10 +51,14 @@ def test_quat2axisangle_formula():
 
 
 class _FakeEnv:
-    """Duck-typed LiberoEnv: counts steps, reports done at `done_at` (1-based env step), raises at `raise_at`."""
+    """Duck-typed LiberoEnv (a `base.Env` returning LIBERO observations): counts steps, reports done at `done_at`
+    (1-based env step), raises at `raise_at`."""
 
     max_steps = 300
     prompt = "fake task"
+    action_dim = L.ACTION_DIM
+    policy_input = staticmethod(L.to_policy_input)
+    frame = staticmethod(L.policy_image)
 
     def __init__(self, done_at=None, raise_at=None):
         self.done_at, self.raise_at = done_at, raise_at
@@ -105,7 +110,7 @@ def test_run_episode_protocol_fake_env():
     env = _FakeEnv()
     policy, calls = _counting_policy()
     seen = []
-    result = L.run_episode(env, 0, policy, max_steps=12, on_inference=lambda t, inp, c: seen.append((t, c.shape)))
+    result = base.run_episode(env, 0, policy, max_steps=12, on_inference=lambda t, inp, c: seen.append((t, c.shape)))
     assert (result.success, result.total_steps, result.num_inferences, result.error) == (False, 12, 3, None)
     assert seen == [(0, (50, 7)), (5, (50, 7)), (10, (50, 7))]
     # Each chunk's first 5 actions are executed, in order.
@@ -120,7 +125,7 @@ def test_run_episode_protocol_fake_env():
 def test_run_episode_success_and_frames_fake_env():
     env = _FakeEnv(done_at=7)
     policy, _ = _counting_policy()
-    result = L.run_episode(env, 0, policy, max_steps=300, record_frames=True)
+    result = base.run_episode(env, 0, policy, max_steps=300, record_frames=True)
     assert (result.success, result.total_steps, result.num_inferences) == (True, 7, 2)
     assert len(result.frames) == 8 and result.frames[0].shape == (224, 224, 3)
     assert [int(f[100, 100, 0]) for f in result.frames] == list(range(8))
@@ -129,7 +134,7 @@ def test_run_episode_success_and_frames_fake_env():
 def test_run_episode_env_error_is_a_failure_policy_error_propagates():
     env = _FakeEnv(raise_at=4)
     policy, _ = _counting_policy()
-    result = L.run_episode(env, 0, policy, max_steps=300)
+    result = base.run_episode(env, 0, policy, max_steps=300)
     assert (result.success, result.total_steps) == (False, 3)
     assert result.error == "env.step failed at t=3: ValueError: mujoco went unstable"
 
@@ -137,11 +142,11 @@ def test_run_episode_env_error_is_a_failure_policy_error_propagates():
         raise RuntimeError("policy server down")
 
     with pytest.raises(RuntimeError, match="policy server down"):
-        L.run_episode(_FakeEnv(), 0, broken_policy, max_steps=10)
+        base.run_episode(_FakeEnv(), 0, broken_policy, max_steps=10)
     with pytest.raises(ValueError, match=r"action chunk \[H, 7\] with H >= replan_steps=5, got shape \(3, 7\)"):
-        L.run_episode(_FakeEnv(), 0, lambda inp: np.zeros((3, 7)), max_steps=10)
+        base.run_episode(_FakeEnv(), 0, lambda inp: np.zeros((3, 7)), max_steps=10)
     with pytest.raises(ValueError, match="out of range"):
-        L.run_episode(_FakeEnv(), 1, policy, max_steps=10)
+        base.run_episode(_FakeEnv(), 1, policy, max_steps=10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +211,7 @@ def test_reset_and_policy_input(goal_env):
 @pytest.mark.libero
 def test_run_episode_runs_out_of_steps(goal_env, tmp_path):
     seen = []
-    result = L.run_episode(
+    result = base.run_episode(
         goal_env,
         1,
         _zero_motion_policy,
@@ -221,7 +226,7 @@ def test_run_episode_runs_out_of_steps(goal_env, tmp_path):
     assert all(s == (8,) and c == (50, 7) for _, s, c in seen)
     assert result.init_state_index == 1 and result.wall_time_s > 0
     assert len(result.frames) == 21 and result.frames[-1].shape == (224, 224, 3)
-    video = L.save_video(result.frames, tmp_path / "videos" / "ep.mp4")
+    video = base.save_video(result.frames, tmp_path / "videos" / "ep.mp4")
     assert video.stat().st_size > 1000
 
 
@@ -241,7 +246,7 @@ def test_success_label_from_real_predicate(goal_env):
         return _zero_motion_policy(inp)
 
     policy.calls = 0
-    result = L.run_episode(goal_env, 0, policy)  # suite default max_steps (300)
+    result = base.run_episode(goal_env, 0, policy)  # suite default max_steps (300)
     assert result.error is None
     assert result.success is True
     assert result.total_steps == 6  # the env step taken at t=5 reported done

@@ -1,21 +1,20 @@
-"""Everything LIBERO: suites, tasks, the simulator env, observation conversion and the rollout protocol.
+"""Everything LIBERO: suites, tasks, the simulator env and observation conversion (the `Simulator` "libero").
 
-The protocol is openpi's LIBERO evaluation (`examples/libero/main.py`), see design.md section 4:
-`OffScreenRenderEnv` at 256x256 seeded with 7, episode k starts from the suite's initial state k, 10 no-op
-steps first, images rotated 180 degrees and resized with padding to 224, state = eef_pos + axis-angle(eef_quat)
-+ gripper_qpos, replanning every 5 steps from the policy's action chunk, success = LIBERO's `done`.
+The protocol is openpi's LIBERO evaluation (`examples/libero/main.py` in openpi): `OffScreenRenderEnv` at 256x256
+seeded with 7, episode k starts from the suite's initial state k, 10 no-op steps first, images rotated 180 degrees and
+resized with padding to 224, state = eef_pos + axis-angle(eef_quat) + gripper_qpos, replanning every 5 steps from the
+policy's action chunk (`openpi.envs.base.run_episode`), success = LIBERO's `done`.
 
 One difference in bookkeeping (not in behaviour): openpi counts the wait steps inside its step counter `t`;
 here `t` starts at 0 on the first policy step AFTER the wait steps, so inferences happen at t = 0, 5, 10, ...
 and `max_steps` policy steps are allowed, exactly as many as openpi allows.
 
 LIBERO (and with it robosuite / mujoco) is imported lazily, after `configure_headless_rendering()`, because the
-rendering backend is chosen at import time.
+rendering backend is chosen at import time. Other packages reach this module through `openpi.envs.get("libero")`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -25,13 +24,13 @@ import math
 import os
 import pathlib
 import sys
-import time
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 import numpy as np
 
+from openpi.envs import base
 from openpi.shared import image_tools
 
 logger = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ DUMMY_ACTION: tuple[float, ...] = (0.0,) * 6 + (-1.0,)  # no motion, gripper ope
 ENV_RESOLUTION = 256  # camera height/width of the simulator (what the training data was rendered at)
 MODEL_IMAGE_SIZE = 224  # images are resized with padding to this before reaching the policy
 DEFAULT_SEED = 7
-REPLAN_STEPS = 5
 ACTION_DIM = 7
 
 AGENTVIEW_KEY = "agentview_image"
@@ -113,13 +111,10 @@ def validate_suite(name: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskInfo:
-    suite: str
-    task_id: int
-    name: str  # LIBERO's task name (the bddl file stem)
-    language: str  # the instruction, as openpi sends it as the prompt (LIBERO's `task.language`)
+class TaskInfo(base.TaskInfo):
+    """A LIBERO task: `name` is the bddl file stem, `language` LIBERO's `task.language` (openpi's prompt)."""
+
     bddl_file: str  # absolute path
-    num_init_states: int
 
 
 @functools.cache
@@ -173,7 +168,7 @@ def get_init_states(suite: str, task_id: int) -> np.ndarray:
 
 
 class LiberoEnv:
-    """One LIBERO task's simulator (`OffScreenRenderEnv`), reused across that task's episodes.
+    """One LIBERO task's simulator (`OffScreenRenderEnv`), reused across that task's episodes (a `base.Env`).
 
     Create one per task and keep it: `close()` does not give the memory (~2 GB) back to the OS, so creating many
     envs in one process grows it. Use as a context manager or call `close()`.
@@ -206,6 +201,8 @@ class LiberoEnv:
         while self._num_resets < until:
             env.reset()
             self._num_resets += 1
+
+    action_dim = ACTION_DIM
 
     @property
     def prompt(self) -> str:
@@ -252,6 +249,12 @@ class LiberoEnv:
         if action.shape != (ACTION_DIM,):
             raise ValueError(f"A LIBERO action has shape ({ACTION_DIM},), got {action.shape}.")
         return self._live().step(action.tolist())
+
+    def policy_input(self, obs: Mapping[str, Any], prompt: str) -> dict[str, Any]:
+        return to_policy_input(obs, prompt)
+
+    def frame(self, obs: Mapping[str, Any]) -> np.ndarray:
+        return policy_image(obs)
 
     def close(self) -> None:
         if self._env is not None:
@@ -314,113 +317,23 @@ def to_policy_input(obs: Mapping[str, Any], prompt: str) -> dict[str, Any]:
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class EpisodeResult:
-    success: bool  # LIBERO's done came within max_steps
-    total_steps: int  # env steps executed after the wait steps (the successful step included)
-    num_inferences: int
-    error: str | None  # the env's exception, if one ended the episode (then success is False)
-    wall_time_s: float  # reset + wait steps + loop
-    init_state_index: int
-    # With record_frames=True: the 224x224 policy view of the agentview camera after the wait steps and after
-    # every executed step (total_steps + 1 frames).
-    frames: tuple[np.ndarray, ...] | None = dataclasses.field(default=None, repr=False, compare=False)
+def _make_env(task: base.TaskInfo, seed: int) -> LiberoEnv:
+    return LiberoEnv(task.suite, task.task_id, seed=seed)
 
 
-PolicyFn = Callable[[dict[str, Any]], np.ndarray]
-InferenceCallback = Callable[[int, dict[str, Any], np.ndarray], None]
-
-
-def run_episode(
-    env: LiberoEnv,
-    init_state_index: int,
-    policy_fn: PolicyFn,
-    *,
-    max_steps: int | None = None,
-    replan_steps: int = REPLAN_STEPS,
-    prompt: str | None = None,
-    on_inference: InferenceCallback | None = None,
-    record_frames: bool = False,
-    num_steps_wait: int = NUM_STEPS_WAIT,
-) -> EpisodeResult:
-    """Runs one episode with openpi's protocol.
-
-    policy_fn(policy_input) -> action chunk [H, 7] with H >= replan_steps; its first `replan_steps` actions are
-    executed before it is asked again. on_inference(t, policy_input, chunk) is called right after each policy call.
-    `max_steps` defaults to the suite's value; `prompt` to the task's instruction; `num_steps_wait` no-op steps run
-    after the reset (not counted in t).
-    An exception raised by the env (reset or step) ends the episode as a failure with the error recorded;
-    exceptions from policy_fn or on_inference propagate.
-    """
-    max_steps = env.max_steps if max_steps is None else max_steps
-    prompt = env.prompt if prompt is None else prompt
-    if replan_steps < 1:
-        raise ValueError(f"replan_steps must be >= 1, got {replan_steps}.")
-    start = time.perf_counter()
-    frames: list[np.ndarray] | None = [] if record_frames else None
-    plan: collections.deque[np.ndarray] = collections.deque()
-    t = num_inferences = 0
-    success = False
-    error = None
-
-    def result() -> EpisodeResult:
-        return EpisodeResult(
-            success=success,
-            total_steps=t,
-            num_inferences=num_inferences,
-            error=error,
-            wall_time_s=time.perf_counter() - start,
-            init_state_index=init_state_index,
-            frames=None if frames is None else tuple(frames),
-        )
-
-    env.check_init_state_index(init_state_index)  # a caller error raises, it is not a failed episode
-    try:
-        obs = env.reset(init_state_index, num_steps_wait=num_steps_wait)
-    except Exception as e:  # the simulator may raise anything; recorded as a failed episode
-        error = f"env.reset failed: {type(e).__name__}: {e}"
-    if error is not None:
-        logger.warning("Episode %d failed: %s", init_state_index, error)
-        return result()
-    if frames is not None:
-        frames.append(policy_image(obs))
-
-    while t < max_steps:
-        if not plan:
-            policy_input = to_policy_input(obs, prompt)
-            chunk = np.asarray(policy_fn(policy_input))
-            num_inferences += 1
-            if chunk.ndim != 2 or chunk.shape[0] < replan_steps or chunk.shape[1] != ACTION_DIM:
-                raise ValueError(
-                    f"policy_fn must return an action chunk [H, {ACTION_DIM}] with H >= replan_steps={replan_steps}, "
-                    f"got shape {chunk.shape}."
-                )
-            if on_inference is not None:
-                on_inference(t, policy_input, chunk)
-            plan.extend(chunk[:replan_steps])
-        action = plan.popleft()
-        try:
-            obs, _, done, _ = env.step(action)
-        except Exception as e:  # see above
-            error = f"env.step failed at t={t}: {type(e).__name__}: {e}"
-            logger.warning("Episode %d failed: %s", init_state_index, error)
-            break
-        t += 1
-        if frames is not None:
-            frames.append(policy_image(obs))
-        if done:
-            success = True
-            break
-    return result()
-
-
-def save_video(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: int = 10) -> pathlib.Path:
-    """Writes uint8 [H, W, 3] frames to a video file (mp4 via imageio-ffmpeg); creates the parent directory."""
-    if len(frames) == 0:
-        raise ValueError("save_video got no frames; run the episode with record_frames=True.")
-    import imageio
-
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimwrite(path, [np.asarray(f, dtype=np.uint8) for f in frames], fps=fps)
-    return path
+SIMULATOR = base.Simulator(
+    name="libero",
+    suites=SUITES,
+    action_dim=ACTION_DIM,
+    image_shape=(MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, 3),
+    camera_keys=types.MappingProxyType({"image": "observation/image", "wrist_image": "observation/wrist_image"}),
+    state_key="observation/state",
+    default_seed=DEFAULT_SEED,
+    num_steps_wait=NUM_STEPS_WAIT,
+    validate_suite=validate_suite,
+    list_tasks=list_tasks,
+    get_task=get_task,
+    default_max_steps=MAX_STEPS.__getitem__,
+    make_env=_make_env,
+    configure=configure_headless_rendering,
+)

@@ -1,29 +1,12 @@
-"""Policy presets and `create_trained_policy` (openpi's `pi0_libero` inference setup).
+"""`create_trained_policy`: a policy from a preset (`openpi.policies.presets`), a checkpoint and its norm stats.
 
-Presets:
-
-* ``pi0_libero``: full-size pi0 (PaliGemma gemma_2b + gemma_300m action expert, SigLIP So400m/14), bf16, the
-  released checkpoint ``gs://openpi-assets/checkpoints/pi0_libero`` with asset id ``physical-intelligence/libero``
-  and the PaliGemma tokenizer (downloaded once into the cache; needs the ``gcs`` extra).
-* ``pi0_libero_low_mem_finetune``: the same model with LoRA adapters (``gemma_2b_lora`` + ``gemma_300m_lora``), as
-  openpi's low-memory fine-tuning config trains it; no default checkpoint (pass your fine-tune's). A preset for any
-  other LoRA fine-tune only swaps the variant names.
-* ``pi0_libero_tiny``: a tiny pi0 (Gemma "dummy" experts, SigLIP mu/14, vocab 1024) for smoke tests and
-  development. Without a checkpoint it uses random weights from a seed and the tokenizer and identity-like norm
-  stats shipped in `openpi.assets` (no download at all). It can also load a tiny checkpoint (e.g. the test fixture,
-  asset id ``test``).
-* ``pi05_libero``: full-size pi0.5 as upstream's ``pi05_libero`` (``Pi0Config(pi05=True, action_horizon=10,
-  discrete_state_input=False)``: the prompt carries no state, so the actions do not depend on the robot state), bf16,
-  checkpoint ``gs://openpi-assets/checkpoints/pi05_libero``, asset id ``physical-intelligence/libero``; quantile
-  normalisation, no delta/absolute action transform.
-* ``pi05_libero_tiny``: a tiny pi0.5 (as ``pi0_libero_tiny``, horizon 10, text window 200) with shipped assets
-  (tokenizer + identity-like norm stats with quantiles). Upstream initialises the adaptive norms to zero, so with
-  random params the action expert's residual branches are gated off (its actions ignore the observation).
+The factory of openpi's inference setup: resolve the checkpoint (downloading a remote one), read its norm stats,
+restore the params (or draw random ones for a preset without a checkpoint), and wrap the model with the preset's
+transforms. `get_preset` / `list_presets` / `PolicyPreset` are re-exported from `presets` for openpi-style callers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pathlib
@@ -33,125 +16,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from openpi import assets as _assets
 from openpi import transforms as _transforms
 from openpi.models import model as _model
 from openpi.models import tokenizer as _tokenizer
-from openpi.models.pi0_config import Pi0Config
-from openpi.policies import libero_policy
 from openpi.policies import policy as _policy
+from openpi.policies.presets import PolicyPreset, get_preset, list_presets
 from openpi.shared import download
 from openpi.shared import normalize as _normalize
 
+__all__ = [
+    "PolicyPreset",
+    "available_asset_ids",
+    "create_trained_policy",
+    "get_preset",
+    "list_presets",
+    "load_checkpoint_norm_stats",
+    "make_transforms",
+    "resolve_checkpoint",
+]
+
 logger = logging.getLogger(__name__)
-
-# LIBERO: the first 6 action dims (end-effector deltas) are relative to the state, the gripper is absolute.
-LIBERO_DELTA_MASK = _transforms.make_bool_mask(6, -1)
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyPreset:
-    """Everything needed to build a LIBERO pi0 / pi0.5 policy (`model_type` "pi05" with `Pi0Config(pi05=True)`)."""
-
-    name: str
-    model_config: Pi0Config
-    # Norm stats are read from <checkpoint>/assets/<asset_id>/norm_stats.json.
-    asset_id: str
-    # Checkpoint used when none is given (local path or URL); None: random params from `param_seed`.
-    default_checkpoint: str | None = None
-    # SentencePiece model (local path or URL); None: PaliGemma's, from gs://big_vision (cached).
-    tokenizer_path: str | None = None
-    # Norm stats used with random params (a directory holding norm_stats.json).
-    default_norm_stats_dir: str | None = None
-    model_type: libero_policy.ModelType = "pi0"
-    param_seed: int = 0
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if (self.model_type == "pi05") != bool(getattr(self.model_config, "pi05", False)):
-            raise ValueError(
-                f"Preset {self.name!r}: model_type={self.model_type!r} does not match the model config "
-                f"(pi05={getattr(self.model_config, 'pi05', False)}); use model_type='pi05' exactly with "
-                "Pi0Config(pi05=True)."
-            )
-
-
-def _tiny_assets(name: str = "pi0_libero_tiny") -> str:
-    return str(_assets.asset_dir(name))
-
-
-def _tiny_config(**kwargs) -> Pi0Config:
-    return Pi0Config(
-        dtype="float32",
-        paligemma_variant="dummy",
-        action_expert_variant="dummy",
-        siglip_variant="mu/14",
-        vocab_size=1024,
-        **kwargs,
-    )
-
-
-def _presets() -> dict[str, PolicyPreset]:
-    tiny_dir = _tiny_assets()
-    tiny05_dir = _tiny_assets("pi05_libero_tiny")
-    return {
-        "pi0_libero": PolicyPreset(
-            name="pi0_libero",
-            model_config=Pi0Config(),
-            asset_id="physical-intelligence/libero",
-            default_checkpoint="gs://openpi-assets/checkpoints/pi0_libero",
-            description="full-size pi0 fine-tuned on LIBERO (openpi release), bf16",
-        ),
-        "pi0_libero_low_mem_finetune": PolicyPreset(
-            name="pi0_libero_low_mem_finetune",
-            model_config=Pi0Config(paligemma_variant="gemma_2b_lora", action_expert_variant="gemma_300m_lora"),
-            asset_id="physical-intelligence/libero",
-            description="a LoRA fine-tune from openpi's pi0_libero_low_mem_finetune (pass checkpoint_dir), bf16",
-        ),
-        "pi0_libero_tiny": PolicyPreset(
-            name="pi0_libero_tiny",
-            model_config=_tiny_config(),
-            asset_id="pi0_libero_tiny",
-            default_checkpoint=None,
-            tokenizer_path=os.path.join(tiny_dir, "tokenizer.model"),
-            default_norm_stats_dir=tiny_dir,
-            description="tiny random-weight pi0 for tests and development (no download), float32",
-        ),
-        "pi05_libero": PolicyPreset(
-            name="pi05_libero",
-            model_config=Pi0Config(pi05=True, action_horizon=10, discrete_state_input=False),
-            asset_id="physical-intelligence/libero",
-            default_checkpoint="gs://openpi-assets/checkpoints/pi05_libero",
-            model_type="pi05",
-            description="full-size pi0.5 fine-tuned on LIBERO (openpi release; no state in the prompt), bf16",
-        ),
-        "pi05_libero_tiny": PolicyPreset(
-            name="pi05_libero_tiny",
-            model_config=_tiny_config(pi05=True, action_horizon=10, discrete_state_input=False),
-            asset_id="pi05_libero_tiny",
-            default_checkpoint=None,
-            tokenizer_path=os.path.join(tiny05_dir, "tokenizer.model"),
-            default_norm_stats_dir=tiny05_dir,
-            model_type="pi05",
-            description="tiny random-weight pi0.5 for tests and development (no download), float32",
-        ),
-    }
-
-
-def get_preset(name: str) -> PolicyPreset:
-    """The preset called `name`; a ValueError lists the presets otherwise."""
-    presets = _presets()
-    if name not in presets:
-        listing = "; ".join(f"{k}: {v.description}" for k, v in presets.items())
-        raise ValueError(f"Unknown policy preset {name!r}. Available presets: {listing}.")
-    return presets[name]
-
-
-def list_presets() -> tuple[str, ...]:
-    return tuple(_presets())
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def available_asset_ids(checkpoint_dir: str | os.PathLike) -> list[str]:
@@ -201,19 +85,21 @@ def make_transforms(
     *,
     default_prompt: str | None = None,
 ) -> tuple[list[_transforms.DataTransformFn], list[_transforms.DataTransformFn]]:
-    """(input transforms, output transforms) for LIBERO inference, in openpi's order.
+    """(input transforms, output transforms) for the preset's robot and model, in openpi's order.
 
-    pi0: z-score normalisation, DeltaActions / AbsoluteActions on the first 6 dims. pi0.5 (`pi05_libero`): quantile
-    normalisation and no delta/absolute transform (upstream's `extra_delta_transform=False`: LIBERO actions are
-    already deltas); the prompt carries the discretised state iff `model_config.discrete_state_input`.
+    pi0: z-score normalisation, DeltaActions / AbsoluteActions on the robot's delta dims. pi0.5 (`pi05_libero`):
+    quantile normalisation and no delta/absolute transform (upstream's `extra_delta_transform=False`: LIBERO actions
+    are already deltas); the prompt carries the discretised state iff `model_config.discrete_state_input`.
     """
     use_quantiles = preset.model_type != "pi0"
-    delta = [] if preset.model_type == "pi05" else [_transforms.DeltaActions(LIBERO_DELTA_MASK)]
-    absolute = [] if preset.model_type == "pi05" else [_transforms.AbsoluteActions(LIBERO_DELTA_MASK)]
     height, width = _model.IMAGE_RESOLUTION
+    robot = preset.transforms
+    relative = preset.model_type != "pi05" and robot.delta_action_mask is not None
+    delta = [_transforms.DeltaActions(robot.delta_action_mask)] if relative else []
+    absolute = [_transforms.AbsoluteActions(robot.delta_action_mask)] if relative else []
     inputs = [
         _transforms.InjectDefaultPrompt(default_prompt),
-        libero_policy.LiberoInputs(preset.model_type),
+        robot.inputs(preset.model_type),
         *delta,
         _transforms.Normalize(norm_stats, use_quantiles=use_quantiles),
         _transforms.InjectDefaultPrompt(default_prompt),
@@ -224,7 +110,7 @@ def make_transforms(
     outputs = [
         _transforms.Unnormalize(norm_stats, use_quantiles=use_quantiles),
         *absolute,
-        libero_policy.LiberoOutputs(),
+        robot.outputs(),
     ]
     return inputs, outputs
 
@@ -239,7 +125,7 @@ def create_trained_policy(
     asset_id: str | None = None,
     tokenizer_path: str | os.PathLike | None = None,
 ) -> _policy.Policy:
-    """Builds a LIBERO policy from a preset.
+    """Builds a policy from a preset.
 
     Args:
         preset: a preset name (see `list_presets`) or a `PolicyPreset`.

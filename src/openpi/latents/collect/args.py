@@ -1,0 +1,179 @@
+"""The collection's arguments, and the checks that need neither the model nor an env (`make_plan`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Literal
+
+from openpi import envs
+from openpi.envs import base as env_base
+from openpi.latents.collect.disk import NoSpaceError
+from openpi.latents.store import manifest as manifest_lib
+from openpi.models.capture import CaptureSpec
+from openpi.policies import presets
+
+
+class SetupError(ValueError):
+    """The run cannot start: a bad argument, a missing checkpoint or norm stats, or an unusable output directory.
+
+    Raised by `collect` before any env is created or anything is written; the message says what to fix (the original
+    exception is the ``__cause__``). Errors during the rollouts are not wrapped.
+    """
+
+
+# What the setup phase raises for bad input (wrapped in SetupError by `collect`).
+SETUP_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    ImportError,
+    NoSpaceError,
+)
+# Arguments a resumed run may change: they add or show work but do not change what an episode records.
+RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
+    "arguments.task_ids",
+    "arguments.episodes_per_task",
+    "arguments.save_videos",
+    "arguments.queue_size",
+    "arguments.break_stale_lock",
+}
+# Library parameters whose fix a setup error names, and the flag a command-line user gives it with.
+CLI_FLAGS = {"asset_id": "--asset-id", "checkpoint_dir": "--checkpoint", "allow_pickle": "--allow-pickle"}
+DEFAULT_PRESET = "pi0_libero"
+# The defaults below that belong to a simulator (wait steps, seed) are the default preset's simulator's.
+_DEFAULT_SIMULATOR = envs.get(presets.get_preset(DEFAULT_PRESET).env)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionArgs:
+    """Run pi0 in simulator episodes (LIBERO by default) and record its latents at every inference."""
+
+    # Policy preset: "pi0_libero" / "pi05_libero" (the released full-size checkpoints), "pi0_libero_low_mem_finetune"
+    # (LoRA; pass --checkpoint) or "pi0_libero_tiny" / "pi05_libero_tiny" (random weights, no download; for smoke
+    # tests). The preset names the simulator.
+    preset: str = DEFAULT_PRESET
+    # Checkpoint directory (local or gs://). Default: the preset's (pi0_libero: gs://openpi-assets/checkpoints/pi0_libero).
+    checkpoint: str | None = None
+    # Norm-stats asset id inside <checkpoint>/assets (default: the preset's, "physical-intelligence/libero").
+    asset_id: str | None = None
+    # Task suite of the preset's simulator; LIBERO: libero_spatial, libero_object, libero_goal, libero_10 or libero_90.
+    task_suite: str = "libero_goal"
+    # Task ids to run (default: every task of the suite).
+    task_ids: tuple[int, ...] = ()
+    # Episodes per task; episode k starts from the suite's initial state k (openpi uses 50).
+    episodes_per_task: int = 10
+    # Env steps per episode after the wait steps (default: openpi's per-suite value, e.g. 300 for libero_goal).
+    max_steps: int | None = None
+    # Actions executed from each predicted chunk before the next inference.
+    replan_steps: int = env_base.REPLAN_STEPS
+    # No-op steps after each reset while objects settle (not counted in t).
+    num_steps_wait: int = _DEFAULT_SIMULATOR.num_steps_wait
+    # env.seed(...) and the noise seed.
+    seed: int = _DEFAULT_SIMULATOR.default_seed
+    # Flow-matching (Euler) steps per inference.
+    num_denoise_steps: int = 10
+    # What to record at each inference.
+    capture: CaptureSpec = CaptureSpec()
+    # Where the store (or the pickle files) go.
+    output_dir: pathlib.Path = pathlib.Path("data/latents")
+    # "zarr": the streaming latent store; "pickle": the original pre-store layout,
+    # inference_latents/task_{id}_{name}.pkl (whole task in RAM; small captures only).
+    output_format: Literal["zarr", "pickle"] = "zarr"
+    # Continue a run in output_dir: finished episodes are kept, an unfinished one is re-run.
+    resume: bool = False
+    # Take over the store's writer lock when the run that held it is no longer running (killed or crashed; checked
+    # by host, pid and process start time). A live writer's lock is never broken.
+    break_stale_lock: bool = False
+    # Save an MP4 of the agent view per episode under <output_dir>/videos.
+    save_videos: bool = False
+    # Re-run inferences with a counterfactual prompt (same observation and noise): "blank" (empty prompt) or
+    # "other-task" (the next task's instruction in the suite). Stored under cf_* keys.
+    counterfactual: Literal["none", "blank", "other-task"] = "none"
+    # Counterfactual rerun at every k-th inference of an episode.
+    counterfactual_every: int = 1
+    # Keep the preprocessed 224x224 images in each step record.
+    store_images: bool = True
+    # Writer queue length (steps); inference waits on disk only when it is full.
+    queue_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run will do, checked before anything expensive starts."""
+
+    args: CollectionArgs
+    simulator: env_base.Simulator
+    preset: presets.PolicyPreset
+    tasks: tuple[env_base.TaskInfo, ...]
+    episodes: tuple[int, ...]
+    max_steps: int
+
+    @property
+    def replan_steps(self) -> int:
+        return self.args.replan_steps
+
+    @property
+    def inferences_per_episode(self) -> int:
+        return math.ceil(self.max_steps / self.replan_steps)
+
+
+def _check_numbers(args: CollectionArgs, tasks: tuple[env_base.TaskInfo, ...]) -> None:
+    ids = [t.task_id for t in tasks]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"--task-ids lists a task twice: {ids}.")
+    if args.episodes_per_task < 1:
+        raise ValueError(f"--episodes-per-task must be >= 1, got {args.episodes_per_task}.")
+    for task in tasks:
+        n = task.num_init_states
+        if args.episodes_per_task > n:
+            raise ValueError(
+                f"--episodes-per-task {args.episodes_per_task} exceeds the {n} initial states of "
+                f"{task.suite} task {task.task_id}: episode k starts from initial state k (valid 1..{n})."
+            )
+    if args.replan_steps < 1 or args.num_steps_wait < 0 or args.counterfactual_every < 1:
+        raise ValueError("--replan-steps and --counterfactual-every must be >= 1 and --num-steps-wait >= 0.")
+    if args.num_denoise_steps < 1:
+        raise ValueError(
+            f"--num-denoise-steps must be >= 1 (flow-matching Euler steps per inference; openpi uses 10), "
+            f"got {args.num_denoise_steps}."
+        )
+    if args.queue_size < 1:
+        raise ValueError(f"--queue-size must be >= 1 (steps waiting for the disk; default 8), got {args.queue_size}.")
+
+
+def make_plan(args: CollectionArgs) -> Plan:
+    """Validates the arguments that need neither the model nor an env; raises ValueError naming the fix."""
+    preset = presets.get_preset(args.preset)
+    sim = envs.get(preset.env)
+    suite = sim.validate_suite(args.task_suite)
+    all_tasks = sim.list_tasks(suite)
+    ids = args.task_ids or tuple(range(len(all_tasks)))
+    tasks = tuple(sim.get_task(suite, i) for i in ids)
+    _check_numbers(args, tasks)
+    max_steps = sim.default_max_steps(suite) if args.max_steps is None else args.max_steps
+    if max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {max_steps}.")
+    if args.counterfactual == "other-task" and len(all_tasks) < 2:
+        raise ValueError(f"--counterfactual other-task needs a suite with two tasks or more; {suite} has one.")
+    config = preset.model_config
+    args.capture.validate(depth=config.depth, num_steps=args.num_denoise_steps)
+    if args.replan_steps > config.action_horizon:
+        raise ValueError(
+            f"--replan-steps {args.replan_steps} exceeds the model's action horizon {config.action_horizon}."
+        )
+    return Plan(args, sim, preset, tasks, tuple(range(args.episodes_per_task)), max_steps)
+
+
+def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo) -> str | None:
+    """The prompt of the counterfactual rerun in `task`'s episodes (None: no rerun)."""
+    mode = plan.args.counterfactual
+    if mode == "none":
+        return None
+    if mode == "blank":
+        return ""
+    tasks = plan.simulator.list_tasks(task.suite)
+    return tasks[(task.task_id + 1) % len(tasks)].language

@@ -1,0 +1,146 @@
+"""One recorded episode: the rollout loop of `openpi.envs.base` with a record written at every inference.
+
+An episode is the same whether it runs in one go, after a resume, or in a run with counterfactual reruns: its noise is
+drawn from `seed`, `task_id` and the episode index, and a counterfactual rerun reuses the inference's observation and
+noise without touching the env.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from openpi.envs import base as env_base
+from openpi.latents import schema
+from openpi.latents.collect.args import Plan, counterfactual_prompt
+from openpi.latents.collect.outputs import EpisodeSink
+from openpi.models.capture import CaptureSpec
+from openpi.policies.policy import Policy
+
+
+def episode_noise(seed: int, task_id: int, k: int, shape: tuple[int, int]) -> Iterator[np.ndarray]:
+    """The noise of each inference of episode `k`: successive draws from ``default_rng([seed, task_id, k])``."""
+    rng = np.random.default_rng([seed, task_id, k])
+    while True:
+        yield rng.standard_normal(shape, dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inference:
+    """One policy call of the rollout, and its counterfactual rerun when this inference has one."""
+
+    element: dict[str, Any]  # the policy input
+    result: dict[str, Any]  # what `Policy.infer_with_latents` returned
+    counterfactual: dict[str, Any] | None = None
+    counterfactual_prompt: str | None = None
+
+
+def rerun_with_prompt(policy: Policy, inference: Inference, prompt: str, capture: CaptureSpec) -> Inference:
+    """`inference` with its counterfactual: the same observation and noise under another `prompt`."""
+    element = {**inference.element, env_base.PROMPT_KEY: prompt}
+    cf = policy.infer_with_latents(element, noise=inference.result["noise"], capture=capture)
+    return dataclasses.replace(inference, counterfactual=cf, counterfactual_prompt=prompt)
+
+
+def _counterfactual_fields(inference: Inference) -> dict[str, Any]:
+    cf = inference.counterfactual
+    if cf is None:
+        return {}
+    return {
+        schema.counterfactual("prompt"): inference.counterfactual_prompt,
+        schema.counterfactual("actions"): np.asarray(cf["actions"], np.float32),
+        schema.counterfactual("model_actions"): np.asarray(cf["model_actions"], np.float32),
+        **{schema.counterfactual(key): v for key, v in cf["latents"].items()},
+    }
+
+
+def step_record(t: int, inference: Inference, plan: Plan) -> dict[str, Any]:
+    """The store record of `inference`, made at env step `t` (keys: `openpi.latents.schema`)."""
+    element, result, args, sim = inference.element, inference.result, plan.args, plan.simulator
+    actions = np.asarray(result["actions"], np.float32)
+    record = {
+        "t": t,
+        "prompt": element[env_base.PROMPT_KEY],
+        "actions": actions,  # the full chunk [H, action_dim] after the output transforms
+        "executed_actions": actions[: args.replan_steps],  # queued for execution (the episode may end earlier)
+        "model_actions": np.asarray(result["model_actions"], np.float32),  # normalized model output [H, AD]
+        "noise": np.asarray(result["noise"], np.float32),
+        "state": np.asarray(element[sim.state_key], np.float32),
+        **result["latents"],
+    }
+    if args.store_images:
+        record.update({key: element[input_key] for key, input_key in sim.camera_keys.items()})
+    record.update(_counterfactual_fields(inference))
+    return record
+
+
+class EpisodeRecorder:
+    """The policy side of one recorded episode, as `env_base.run_episode` calls it.
+
+    `policy_fn` infers with latents (adding the counterfactual rerun at every `counterfactual_every`-th inference)
+    and keeps the inference; `on_inference`, which the loop calls right after with the env step t, writes its record.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        policy: Policy,
+        writer: EpisodeSink,
+        task: env_base.TaskInfo,
+        k: int,
+        check_stop: Callable[[], None] | None = None,
+    ):
+        config = policy.model.config
+        self._plan, self._policy, self._writer = plan, policy, writer
+        self._check_stop = check_stop  # raises to abandon the episode before its next inference
+        self._noise = episode_noise(plan.args.seed, task.task_id, k, (config.action_horizon, config.action_dim))
+        self._cf_prompt = counterfactual_prompt(plan, task)
+        self._inference: Inference | None = None  # made by policy_fn, recorded by on_inference
+        self.num_inferences = 0
+
+    def policy_fn(self, element: dict[str, Any]) -> np.ndarray:
+        if self._check_stop is not None:
+            self._check_stop()
+        capture = self._plan.args.capture
+        result = self._policy.infer_with_latents(element, noise=next(self._noise), capture=capture)
+        inference = Inference(element, result)
+        if self._cf_prompt is not None and self.num_inferences % self._plan.args.counterfactual_every == 0:
+            inference = rerun_with_prompt(self._policy, inference, self._cf_prompt, capture)
+        self.num_inferences += 1
+        self._inference = inference
+        return result["actions"]
+
+    def on_inference(self, t: int, element: dict[str, Any], chunk: np.ndarray) -> None:
+        inference, self._inference = self._inference, None
+        if inference is None or inference.element is not element:
+            raise RuntimeError("on_inference was called without a matching policy_fn call.")
+        self._writer.append_step(step_record(t, inference, self._plan))
+
+
+def run_task_episode(
+    plan: Plan,
+    policy: Policy,
+    env: env_base.Env,
+    writer: EpisodeSink,
+    k: int,
+    *,
+    check_stop: Callable[[], None] | None = None,
+) -> env_base.EpisodeResult:
+    """Episode `k` of `env`'s task: openpi's rollout protocol, one record per inference, counterfactual reruns.
+
+    `check_stop` is called before each inference; what it raises abandons the episode (left incomplete in the output).
+    """
+    recorder = EpisodeRecorder(plan, policy, writer, env.task, k, check_stop)
+    return env_base.run_episode(
+        env,
+        k,
+        recorder.policy_fn,
+        max_steps=plan.max_steps,
+        replan_steps=plan.replan_steps,
+        on_inference=recorder.on_inference,
+        record_frames=plan.args.save_videos,
+        num_steps_wait=plan.args.num_steps_wait,
+    )
