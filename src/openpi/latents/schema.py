@@ -90,6 +90,16 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
 )
 
 
+# A teacher-forced counterfactual rerun (the baseline's x_t fed at every denoising step, so only the prompt differs:
+# `Policy.infer_with_latents(x_t_sequence=)`) stores its values under ``cf_tf_<key>``.
+CF_TF_PREFIX = "cf_tf_"
+
+
+def teacher_forced(key: str) -> str:
+    """The key under which a teacher-forced counterfactual rerun stores ``key``."""
+    return CF_TF_PREFIX + key
+
+
 def is_counterfactual(key: str) -> bool:
     """Whether ``key`` holds a counterfactual rerun's value (such keys may be missing on some rollout steps)."""
     return key.startswith(CF_PREFIX)
@@ -102,6 +112,8 @@ def counterfactual(key: str) -> str:
 
 def base_key(key: str) -> str:
     """``key`` without the counterfactual prefix."""
+    if key.startswith(CF_TF_PREFIX):
+        return key[len(CF_TF_PREFIX) :]
     return key[len(CF_PREFIX) :] if is_counterfactual(key) else key
 
 

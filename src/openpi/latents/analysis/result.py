@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from openpi.latents.analysis import metrics as M
+from openpi.latents.analysis import streams as S
 from openpi.latents.analysis.clustered import (
     WithinTaskDifference,
     cluster_bootstrap_ci,
@@ -37,7 +38,6 @@ from openpi.latents.analysis.clustered import (
     pooled_split_by_task,
     within_task_difference,
 )
-from openpi.latents.analysis import streams as S
 from openpi.latents.analysis.registry import BY_NAME, NOT_APPLICABLE
 
 
@@ -105,7 +105,8 @@ class CollectionAnalysis:
         pe = self.per_episode(stream, metric)
         nb = self.settings["n_boot"] if n_boot is None else n_boot
         tasks = self.task_ids()
-        return [cluster_bootstrap_ci(pe[:, j], tasks, n_boot=nb, seed=self.settings["seed"]) for j in range(pe.shape[1])]
+        seed = self.settings["seed"]
+        return [cluster_bootstrap_ci(pe[:, j], tasks, n_boot=nb, seed=seed) for j in range(pe.shape[1])]
 
     def task_ids(self) -> np.ndarray:
         """[episodes] the task of each episode (the cluster of every interval)."""

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.clustered import cluster_bootstrap_ci, pooled_split_by_task
 from openpi.latents.analysis import registry as R
+from openpi.latents.analysis.clustered import cluster_bootstrap_ci, pooled_split_by_task
 from openpi.latents.analysis.language_loss import language_loss_summary
 from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
 from openpi.latents.analysis.streams import STREAMS
