@@ -188,7 +188,7 @@ def heatmaps(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     if not panels:
         panels = [("no heatmap", _note("no per-step metric in this collection"))]
     return _figure(
-        panels, out / "heatmaps.png", "Layer × normalised-progress heatmaps (mean over episodes; n: episodes per column)"
+        panels, out / "heatmaps.png", "Layer × normalised-progress heatmaps (mean over episodes; n: episodes/column)"
     )
 
 
