@@ -887,7 +887,9 @@ def test_episodes_without_steps_and_errored_episodes(tmp_path):
     data = report.write_report(res, tmp_path / "rep")
     check_report(tmp_path / "rep", data)
     info = data["metrics"]["success_split"]
-    assert [e["episode"] for e in info["excluded_errored"]] == [0, 3] and info["n_inferences"] == 3
+    # default window is "progress" since issue 10 (no common step count: n_inferences None)
+    assert [e["episode"] for e in info["excluded_errored"]] == [0, 3] and info["n_inferences"] is None
+    assert info["window"] == "progress"
     assert data["source"]["n_errored"] == 2
     md = (tmp_path / "rep" / "report.md").read_text()
     assert errors[0] in md and errors[3] in md and "2 episode(s) that ended with an error left out" in md
@@ -947,7 +949,7 @@ def test_success_split_compares_a_common_window_of_rollout_steps(tmp_path):
         steps=lambda t, k: 2 if k < 2 else 4,
         success=lambda t, k: k < 2,
     )
-    res = A.analyze_collection(root, embedding=None, probe=False, n_boot=100)
+    res = A.analyze_collection(root, embedding=None, probe=False, n_boot=100, success_window="common")
     assert res.settings["success_window"] == "common" and res.split_window() == 2
     d1 = 1 - 1 / np.sqrt(2)
     # expert_1 drift is read at the last captured denoising step: the step-0 noise does not enter.

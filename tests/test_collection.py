@@ -112,12 +112,12 @@ def expected_fields(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         "state": ((8,), np.dtype(np.float32)),
         "image": ((224, 224, 3), np.dtype(np.uint8)),
         "wrist_image": ((224, 224, 3), np.dtype(np.uint8)),
-        "expert_0_segment_means": ((L_, 1, config.num_cameras + 1, w0), np.dtype(BF16)),
+        "expert_0_segment_means": ((L_, 1, config.num_cameras + 1, w0), np.dtype(np.float32)),  # pooled: float32
         "text_only_hidden_states": ((L_, 1, n_tok, w0), np.dtype(BF16)),
         "text_mask": ((1, n_tok), np.dtype(bool)),
         "segment_mask": ((1, config.num_cameras + 1), np.dtype(bool)),
         "tokenized_prompt": ((1, n_tok), np.dtype(np.int32)),
-        "expert_1_segment_means": ((S, L_, 1, 2, w1), np.dtype(BF16)),
+        "expert_1_segment_means": ((S, L_, 1, 2, w1), np.dtype(np.float32)),  # pooled: float32
         "attention_to_text": ((S, L_, 1, heads, 1 + H), np.dtype(np.float32)),
         "denoise_times": ((S,), np.dtype(np.float32)),
         "x_t": ((S + 1, 1, H, AD), np.dtype(np.float32)),

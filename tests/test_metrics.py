@@ -214,7 +214,10 @@ def test_task_probe_planted_signal():
     assert res.shuffled_ci[0] <= res.shuffled_mean <= res.shuffled_ci[1]
     assert abs(res.shuffled_mean - 0.25) < 0.15
     assert res.shuffled_ci[1] < res.accuracy
-    assert res.p_value == pytest.approx(1 / 9)
+    # The logistic shuffles' p-value floors at 1/(1 + 8); p_value (definition changed, issue 10) comes from the
+    # ridge permutation test with 1000 permutations, whose floor 1/1001 a planted signal reaches.
+    assert res.shuffled_p_value == pytest.approx(1 / 9)
+    assert res.p_value == pytest.approx(1 / 1001) == res.p_floor and res.p_value_test == "ridge permutation"
 
 
 def test_task_probe_noise_with_episode_structure_is_chance():

@@ -72,10 +72,11 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
     RecordKey("segment_mask", None, "bool", "model", False),
     RecordKey("denoise_times", ("denoise_step",), "float32", "model", False),
     RecordKey("expert_0_hidden_states", _HIDDEN, CAPTURE_DTYPE, "expert_0", True),
-    RecordKey("expert_0_segment_means", _SEGMENTS, CAPTURE_DTYPE, "expert_0", True),
+    # pooled captures are float32 whatever the capture dtype (small; bf16 floors relative changes at ~1e-3)
+    RecordKey("expert_0_segment_means", _SEGMENTS, "float32", "expert_0", True),
     RecordKey("text_only_hidden_states", _HIDDEN, CAPTURE_DTYPE, "text", True),
     RecordKey("expert_1_hidden_states", ("denoise_step", *_HIDDEN), CAPTURE_DTYPE, "expert_1", True),
-    RecordKey("expert_1_segment_means", ("denoise_step", *_SEGMENTS), CAPTURE_DTYPE, "expert_1", True),
+    RecordKey("expert_1_segment_means", ("denoise_step", *_SEGMENTS), "float32", "expert_1", True),
     RecordKey(
         "attention_to_text", ("denoise_step", "layer", "batch", "head", "query"), "float32", "attention_to_text", True
     ),
@@ -93,6 +94,16 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
 )
 
 
+# A teacher-forced counterfactual rerun (the baseline's x_t fed at every denoising step, so only the prompt differs:
+# `Policy.infer_with_latents(x_t_sequence=)`) stores its values under ``cf_tf_<key>``.
+CF_TF_PREFIX = "cf_tf_"
+
+
+def teacher_forced(key: str) -> str:
+    """The key under which a teacher-forced counterfactual rerun stores ``key``."""
+    return CF_TF_PREFIX + key
+
+
 def is_counterfactual(key: str) -> bool:
     """Whether ``key`` holds a counterfactual rerun's value (such keys may be missing on some rollout steps)."""
     return key.startswith(CF_PREFIX)
@@ -105,6 +116,8 @@ def counterfactual(key: str) -> str:
 
 def base_key(key: str) -> str:
     """``key`` without the counterfactual prefix."""
+    if key.startswith(CF_TF_PREFIX):
+        return key[len(CF_TF_PREFIX) :]
     return key[len(CF_PREFIX) :] if is_counterfactual(key) else key
 
 

@@ -106,7 +106,7 @@ class Tap:
       "full"      — every token of this expert in this call.
       (start, stop) — a static token window.
       "pool"      — `pool_weights[expert] @ stream`: a weighted sum per token group ([B, G, T] weights, usually
-                    masked means), computed in float32.
+                    masked means), computed and returned in float32 (never cast to the capture dtype).
     """
 
     name: str
@@ -339,7 +339,10 @@ class Block(nn.Module):
                 if t.stream == stream and per_expert[t.expert] is not None:
                     weights = None if pool_weights is None else pool_weights[t.expert]
                     value = _reduce_tokens(per_expert[t.expert], t.tokens, weights)
-                    captures[t.name] = value.astype(self.capture_dtype) if self.capture_dtype else value
+                    # Pooled reductions stay float32 whatever the capture dtype: they are small, and bf16 would put a
+                    # ~1e-3 floor under relative changes (issue 10).
+                    cast = self.capture_dtype and t.tokens != "pool"
+                    captures[t.name] = value.astype(self.capture_dtype) if cast else value
 
         xs = _edits.edit_streams(edits, "residual", xs, layer)
         tap("residual", xs)

@@ -232,16 +232,21 @@ class Pi0:
         num_steps: int = 10,
         noise: Float[Array, "b h a"] | None = None,
         intervention: Intervention | None = None,
+        x_t_sequence: Float[Array, "s b h a"] | None = None,
     ) -> Float[Array, "b h a"]:
         """Euler flow-matching from noise (t = 1) to actions (t = 0); normalized space, all action_dim dims.
 
         `intervention` (see `openpi.models.intervention`) edits streams / attention inside the same jitted program;
         it is checked against this model before compiling. New values of the same structure do not recompile.
+        `x_t_sequence` [num_steps, B, H, A] teacher-forces the trajectory: denoising step i is fed x_t_sequence[i]
+        instead of the carried x_t (e.g. another run's `x_t[:num_steps]`, so that only the prompt differs).
         """
         self._check_intervention(intervention, observation, num_steps)
+        _check_x_t_sequence(x_t_sequence, num_steps, observation, self.config)
         return _sample_jit(
-            self, rng, observation, num_steps=num_steps, noise=noise, capture=None, intervention=intervention
-        )["actions"]
+            self, rng, observation, num_steps=num_steps, noise=noise, capture=None, intervention=intervention,
+            x_t_sequence=x_t_sequence,
+        )["actions"]  # fmt: skip
 
     def infer_with_latents(
         self,
@@ -252,8 +257,11 @@ class Pi0:
         noise: Float[Array, "b h a"] | None = None,
         capture: CaptureSpec = CaptureSpec(),
         intervention: Intervention | None = None,
+        x_t_sequence: Float[Array, "s b h a"] | None = None,
     ) -> dict[str, jax.Array]:
         """`sample_actions` plus the latents `capture` asks for, in one jitted call (the prefix is computed once).
+        `x_t_sequence` [num_steps, B, H, A]: teacher forcing, as in `sample_actions` (the captured `x_t` are then
+        the fed ones).
 
         Returns "actions" (identical to `sample_actions` for the same inputs and noise) and the keys of
         docs/INTERFACES.md: `expert_0_hidden_states` [L', B, Tp, W0] or `expert_0_segment_means` [L', B, cams+1, W0],
@@ -271,9 +279,11 @@ class Pi0:
         if capture.modulation and not self.config.pi05:
             raise ValueError("CaptureSpec.modulation: only pi0.5 (Pi0Config(pi05=True)) has adaptive norms to capture.")
         self._check_intervention(intervention, observation, num_steps)
+        _check_x_t_sequence(x_t_sequence, num_steps, observation, self.config)
         return _sample_jit(
-            self, rng, observation, num_steps=num_steps, noise=noise, capture=capture, intervention=intervention
-        )
+            self, rng, observation, num_steps=num_steps, noise=noise, capture=capture, intervention=intervention,
+            x_t_sequence=x_t_sequence,
+        )  # fmt: skip
 
     def _check_intervention(self, intervention, observation, num_steps: int) -> None:
         if intervention is None:
@@ -323,6 +333,17 @@ class Pi0:
         return {"ar_process_steps": [ar_step], "flow_matching_steps": flow, "final_action": out["actions"]}
 
 
+def _check_x_t_sequence(x_t_sequence, num_steps: int, observation, cfg: Pi0Config) -> None:
+    if x_t_sequence is None:
+        return
+    want = (num_steps, observation.state.shape[0], cfg.action_horizon, cfg.action_dim)
+    if tuple(x_t_sequence.shape) != want:
+        raise ValueError(
+            f"x_t_sequence has shape {tuple(x_t_sequence.shape)}, expected [num_steps, B, H, A] = {want}: pass the "
+            "x_t fed to each denoising step (a run's captured x_t without its last entry, x_t[:num_steps])."
+        )
+
+
 def _euler_times(num_steps: int) -> jax.Array:
     """The t of each step, accumulated in float32 exactly as the sampling loop does (1.0, 0.9, 0.79999995, ...)."""
     dt = -1.0 / num_steps
@@ -370,11 +391,15 @@ def _suffix_taps(capture: CaptureSpec | None) -> tuple[gemma.Tap, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "capture"))
-def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture: CaptureSpec | None, intervention=None):
+def _sample_jit(
+    model: Pi0, rng, observation, *, num_steps: int, noise, capture: CaptureSpec | None, intervention=None,
+    x_t_sequence=None,
+):  # fmt: skip
     """The sampling loop shared by `sample_actions` (capture=None: the plain program) and `infer_with_latents`.
 
     An `intervention`'s expert-0 edits act in the prefix pass (and so on the KV cache every step reads); its expert-1
-    edits act in each denoising step (selected by the step index)."""
+    edits act in each denoising step (selected by the step index). `x_t_sequence` replaces the carried x_t of each
+    step (teacher forcing)."""
     cfg = model.config
     if capture is not None and capture.is_off:
         capture = None
@@ -416,8 +441,11 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
     suffix_positions_base = jnp.sum(prefix_mask, axis=-1)[:, None]
     prefix_cols = einops.repeat(prefix_mask, "b p -> b s p", s=cfg.suffix_len)
 
-    def step(carry, step_index):
+    def step(carry, xs):
+        step_index, forced = xs
         x_t, t = carry
+        if forced is not None:
+            x_t = forced.astype(x_t.dtype)
         time = jnp.broadcast_to(t, (batch,))
         edits1 = (
             None if intervention is None else layer_edits.for_denoise_step(intervention, cfg, step_index, num_steps)
@@ -445,7 +473,9 @@ def _sample_jit(model: Pi0, rng, observation, *, num_steps: int, noise, capture:
                 ys["adarms_cond"] = cond
         return (x_t + dt * v_t, t + dt), ys
 
-    (x_0, _), ys = jax.lax.scan(step, (noise, jnp.array(1.0, jnp.float32)), jnp.arange(num_steps))
+    (x_0, _), ys = jax.lax.scan(
+        step, (noise, jnp.array(1.0, jnp.float32)), (jnp.arange(num_steps), x_t_sequence)
+    )
     out = {"actions": x_0}
     if capture is None:
         return out

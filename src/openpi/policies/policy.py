@@ -184,8 +184,13 @@ class Policy:
         noise: Any = None,
         capture: CaptureSpec | None = None,
         intervention: Any = None,
+        x_t_sequence: Any = None,
     ) -> dict[str, Any]:
         """Like `infer`, plus the captured hidden states (of the edited model when an `intervention` is given).
+
+        ``x_t_sequence`` ([num_steps, H, AD] or [num_steps, 1, H, AD], normalized space, e.g. another run's
+        ``latents["x_t"][:num_steps]``) teacher-forces the denoising trajectory: step i is fed x_t_sequence[i]
+        instead of the carried x_t, so a counterfactual rerun differs from its baseline by the prompt alone.
 
         The noise is drawn from the policy's rng (``jax.random.normal``) when not given and returned, so a
         counterfactual rerun (e.g. another prompt) can reuse it. Requesting capture does not change the actions.
@@ -204,6 +209,9 @@ class Policy:
         kwargs = dict(self._sample_kwargs)
         if intervention is not None:
             kwargs["intervention"] = intervention
+        if x_t_sequence is not None:
+            xs = jnp.asarray(x_t_sequence, jnp.float32)
+            kwargs["x_t_sequence"] = xs[:, None] if xs.ndim == 3 else xs  # the batch axis (B = 1)
         start = time.monotonic()
         result = self._model.infer_with_latents(  # one jitted call (the capture spec is static)
             sample_rng, observation, noise=batched_noise, capture=capture, **kwargs

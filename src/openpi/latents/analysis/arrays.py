@@ -83,3 +83,20 @@ def scatter(values: np.ndarray, valid: np.ndarray, fill) -> np.ndarray:
     out = np.full(valid.shape, fill, dtype=values.dtype)
     out[valid] = values
     return out
+
+
+def informative_text_mask(text_mask) -> np.ndarray:
+    """``text_mask`` [..., T] without each row's first and last valid position.
+
+    pi0's tokenizer lays the prompt out as ``[BOS] prompt tokens ["\\n"]`` (``openpi.models.tokenizer``): BOS and the
+    trailing ``"\\n"`` are the same for every prompt, so they carry no information about it and would inflate text
+    decoding, probes and attention to text (BOS is an attention sink). A row with two valid positions or fewer keeps
+    none. (pi0.5's discrete-state prompt also starts with BOS and ends in the constant ``"Action: "``.)
+    """
+    m = np.asarray(text_mask).astype(bool)
+    if m.shape[-1] == 0:
+        return m.copy()
+    idx = np.arange(m.shape[-1])
+    first = np.where(m.any(-1), m.argmax(-1), -1)
+    last = np.where(m.any(-1), m.shape[-1] - 1 - m[..., ::-1].argmax(-1), -1)
+    return m & (idx != first[..., None]) & (idx != last[..., None])

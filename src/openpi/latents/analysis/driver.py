@@ -31,7 +31,7 @@ from openpi.latents.analysis import registry as R
 from openpi.latents.analysis import source as src
 from openpi.latents.analysis import streams as S
 from openpi.latents.analysis.embedding import TokenEmbedding, token_embedding_for_manifest
-from openpi.latents.analysis.result import CollectionAnalysis, EpisodeRef
+from openpi.latents.analysis.result import WINDOWS, CollectionAnalysis, EpisodeRef
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +130,13 @@ def analyze_collection(
     seed: int = 0,
     text_step_stride: int = 1,
     max_block_bytes: int = 64 << 20,
-    success_window: str = "common",
+    success_window: str = "progress",
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
     skip_damaged: bool = False,
+    n_permutations: int = 1000,
+    progress_bins: int = 10,
+    include_constant_tokens: bool = False,
 ) -> CollectionAnalysis:
     """Computes every registered metric per stream and layer for a collection (store path, task data, ...).
 
@@ -141,17 +144,25 @@ def analyze_collection(
         data: a store directory, a pickle path (with ``allow_pickle``), a ``LatentStore``, task data or ``{id: task}``.
         embedding: the :class:`TokenEmbedding` for text decoding; "auto" reads it from the manifest's checkpoint;
             None skips text decoding (reported with the reason).
-        probe: run the task probe (needs two tasks or more); ``probe_splits`` folds, ``probe_shuffles`` permutations.
-        n_boot, seed: bootstrap resamples and seed for every interval.
+        probe: run the task probe (needs two tasks or more); ``probe_splits`` folds, ``probe_shuffles`` logistic
+            shuffled-label refits (the control level drawn in the figures).
+        n_permutations: permutations of the probe's p-value (a ridge classifier refit in closed form: floor
+            1/(n+1)) and of the within-task success test.
+        n_boot, seed: bootstrap resamples (of tasks: the unit of resampling) and seed for every interval.
         text_step_stride: decode text at every k-th rollout step only (text decoding dominates the cost at full size).
         max_block_bytes: rollout steps of one layer read per block (bounds memory).
-        success_window: "common" (default): the success split averages every episode over the first N rollout steps,
-            N = the fewest any episode of the split has; "all": over each episode's own steps (length-confounded).
+        success_window: "progress" (default): every episode by normalised progress (``progress_bins`` bins; a
+            1-step episode fills every bin, nothing collapses); "common": the first N rollout steps, N = the fewest
+            any episode has (collapses to 1 with a 1-step episode); "all": each episode's own steps.
+        include_constant_tokens: keep BOS and the trailing "\n" in text decoding, the text probe and attention to
+            text (default: left out; they are the same for every prompt).
         skip_damaged: a store path with damaged episodes is refused (listing them) unless this skips them.
     """
     t0 = time.monotonic()
-    if success_window not in ("common", "all"):
-        raise ValueError(f"success_window must be 'common' or 'all', got {success_window!r}")
+    if success_window not in WINDOWS:
+        raise ValueError(f"success_window must be one of {WINDOWS}, got {success_window!r}")
+    if progress_bins < 1:
+        raise ValueError(f"progress_bins must be >= 1, got {progress_bins}")
     source = src.make_source(data, task_ids=task_ids, allow_pickle=allow_pickle, skip_damaged=skip_damaged)
     episodes = _episodes(source)
     if not episodes:
@@ -169,6 +180,9 @@ def analyze_collection(
         text_step_stride=text_step_stride,
         max_block_bytes=max_block_bytes,
         success_window=success_window,
+        n_permutations=n_permutations,
+        progress_bins=progress_bins,
+        include_constant_tokens=include_constant_tokens,
     )
     res = CollectionAnalysis(
         _source_info(source, episodes, emb, denoise), episodes, streams, missing, {}, {}, {}, {}, settings, notes=notes
@@ -217,6 +231,8 @@ class _ProbeRows:
 
     def add(self, stream: S.Stream, block: R.LayerBlock, cam: np.ndarray | None) -> None:
         text_mask = block.mask if stream.name == "text_only" else None
+        if text_mask is not None and not block.res.settings.get("include_constant_tokens", False):
+            text_mask = M.informative_text_mask(text_mask)  # BOS and "\n": the same for every prompt
         self.feats.append(S.probe_features(stream, block.x, text_mask, cam))
         self.labels += [block.episode.task_id] * len(self.feats[-1])
         self.groups += [block.ep_index] * len(self.feats[-1])
@@ -251,6 +267,7 @@ def _analyze_layer(source, res: CollectionAnalysis, stream: S.Stream, j: int, em
     block_metrics = [m for m in R.REGISTRY if m.scope == "block" and R.applies(m, stream, emb)]
     episode_metrics = [m for m in R.REGISTRY if m.scope == "episode" and R.applies(m, stream, emb)]
     probe = _ProbeRows()
+    mean = _layer_mean(source, res, stream, j) if any(m.needs_layer_mean for m in block_metrics) else None
     for ep_i, ep in enumerate(res.episodes):
         if ep.n_steps == 0:  # env.reset failed: no rollout step (its rows stay empty / NaN)
             continue
@@ -261,7 +278,7 @@ def _analyze_layer(source, res: CollectionAnalysis, stream: S.Stream, j: int, em
             per_step = schema.nbytes([s for d, s in zip(dims, shape) if d != "layer"], np.float32)  # read as float32
             carry: dict[str, Any] = {}
             for steps in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
-                block = R.LayerBlock(**common, steps=steps, embedding=emb, carry=carry)
+                block = R.LayerBlock(**common, steps=steps, embedding=emb, carry=carry, layer_mean=mean)
                 cam = _read_block(block, "segment_mask" in fields)
                 _run(block_metrics, block)
                 probe.add(stream, block, cam)
@@ -269,11 +286,39 @@ def _analyze_layer(source, res: CollectionAnalysis, stream: S.Stream, j: int, em
     return probe.result(stream)
 
 
+def _layer_mean(source, res: CollectionAnalysis, stream: S.Stream, j: int) -> np.ndarray | None:
+    """[W] float64 mean of the layer's drift states over every valid position, rollout step and episode (a first
+    pass over the layer: centred drift needs the centre before its first block)."""
+    total, count = None, 0
+    for ep_i, ep in enumerate(res.episodes):
+        fields = source.fields(ep.task_id, ep.episode)
+        if ep.n_steps == 0 or stream.key is None or stream.key not in fields:
+            continue
+        common = dict(source=source, res=res, stream=stream, ep_index=ep_i, episode=ep, layer=j, fields=fields)
+        shape, dims = fields[stream.key]
+        per_step = schema.nbytes([s for d, s in zip(dims, shape) if d != "layer"], np.float32)
+        for steps in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
+            block = R.LayerBlock(**common, steps=steps)
+            _read_block(block, "segment_mask" in fields)
+            x = R.drift_states(stream, block.x).astype(np.float64)
+            valid = np.ones(x.shape[:-1], bool) if block.mask is None else np.broadcast_to(block.mask, x.shape[:-1])
+            part = x[valid].sum(0)
+            total = part if total is None else total + part
+            count += int(valid.sum())
+    return None if not count else total / count
+
+
 def _probe(res: CollectionAnalysis, feats, n_tasks: int) -> M.ProbeResult:
     x, y, g = feats
     s = res.settings
     return M.task_probe(
-        x, y, g, n_splits=s["probe_splits"], n_shuffles=s["probe_shuffles"] if n_tasks > 1 else 0, seed=s["seed"]
+        x,
+        y,
+        g,
+        n_splits=s["probe_splits"],
+        n_shuffles=s["probe_shuffles"] if n_tasks > 1 else 0,
+        seed=s["seed"],
+        n_permutations=s["n_permutations"] if n_tasks > 1 else 0,
     )
 
 

@@ -29,6 +29,8 @@ Metrics (name: definition):
   logistic-regression accuracy of the task id, with chance levels and a shuffled-label control.
 * Drift (:func:`rollout_drift`): ``1 − cos(x_t, x_0)`` between rollout step t and the first rollout step of the same
   episode, over the flattened valid features; in [0, 2], 0 = same direction.
+* Centred drift (:func:`centred_drift`): per position ``1 − cos(x_t − μ, x_0 − μ)`` with μ the collection mean of the
+  layer, averaged over the positions valid at both steps (the headline drift; :func:`rollout_drift` is uncentred).
 * Attention to language (:func:`attention_to_language`): attention probability mass from expert-1 queries onto the
   valid text keys (:func:`attention_mass_onto_keys`), averaged over batch, heads and queries, per denoising step and
   layer, and separately for the state-token query and the action-token queries.
@@ -42,7 +44,7 @@ import dataclasses
 
 import numpy as np
 
-from openpi.latents.analysis.arrays import masked_mean, norm_axes, scalar_or, text_positions
+from openpi.latents.analysis.arrays import informative_text_mask, masked_mean, norm_axes, scalar_or, text_positions
 from openpi.latents.analysis.stats import (
     BootstrapCI,
     ProbeResult,
@@ -71,7 +73,9 @@ __all__ = [
     "attention_mass_onto_keys",
     "attention_to_language",
     "bootstrap_ci",
+    "centred_drift",
     "final_rms_norm",
+    "informative_text_mask",
     "logit_lens",
     "masked_mean",
     "prompt_sensitivity",
@@ -181,6 +185,36 @@ def rollout_drift(states, *, mask=None, keep_axes=()) -> np.ndarray:
             den = np.sqrt(np.sum(a * a) * np.sum(b * b))
             if den > 0:
                 out[(t,) + idx] = np.clip(1.0 - np.sum(a * b) / den, 0.0, 2.0)
+    return out
+
+
+def centred_drift(states, mean, *, mask=None) -> np.ndarray:
+    """Per rollout step, the mean over positions of ``1 − cos(x_t,p − μ, x_0,p − μ)`` against the first step.
+
+    ``states`` [steps, ..., W] (one episode; every axis between the first and the last is a position: batch, token,
+    segment), ``mean`` μ [W] (the collection mean of the layer over every valid position, rollout step and episode).
+    Centring removes what every state shares: Gemma's residual stream carries a few massive shared directions, and
+    an uncentred cosine over all tokens flattened (:func:`rollout_drift`) is dominated by them, so a large change
+    orthogonal to them reads as almost none. Comparing each position with itself (then averaging over the positions
+    valid at both steps, ``mask`` broadcast against ``states.shape[:-1]``) keeps one token's change from being
+    averaged against another's. Float64; each cosine clipped to [0, 2]; a position with a zero centred vector at
+    either step does not count; NaN where no position counts. Returns [steps] (row 0 is 0).
+    """
+    x = np.asarray(states).astype(np.float64) - np.asarray(mean, np.float64)
+    n = x.shape[0]
+    flat = x.reshape(n, -1, x.shape[-1])
+    m = np.ones(flat.shape[:2], bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape[:-1])
+    m = m.reshape(n, -1)
+    a0 = flat[0]
+    n0 = np.linalg.norm(a0, axis=-1)
+    out = np.full(n, np.nan)
+    for t in range(n):
+        nt = np.linalg.norm(flat[t], axis=-1)
+        ok = m[0] & m[t] & (n0 > 0) & (nt > 0)
+        if ok.any():
+            cos = np.einsum("pw,pw->p", flat[t][ok], a0[ok]) / (nt[ok] * n0[ok])
+            same = np.all(flat[t][ok] == a0[ok], axis=-1)
+            out[t] = float(np.mean(np.where(same, 0.0, np.clip(1.0 - cos, 0.0, 2.0))))
     return out
 
 

@@ -53,6 +53,7 @@ class LayerBlock:
     mask: np.ndarray | None = None
     carry: dict[str, Any] = dataclasses.field(default_factory=dict)
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layer_mean: np.ndarray | None = None  # [W] collection mean of the layer's drift states (centred drift)
 
     def read(self, key: str, steps: Sequence[int] | None = None, layer: int | None = None) -> np.ndarray:
         """``key`` at ``steps`` (default: this block's) of this episode, one stored layer if ``layer`` is given."""
@@ -81,6 +82,7 @@ class Metric:
     curves: bool = False  # drawn in the per-layer curves
     heatmaps: bool = False  # drawn as layer × rollout-step heatmaps and split by success
     fraction: bool = False  # a fraction in [0, 1]: figures keep the full scale
+    needs_layer_mean: bool = False  # the driver first computes the layer's collection mean (LayerBlock.layer_mean)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -97,7 +99,10 @@ def _text_inputs(b: LayerBlock):
     def read():
         dec = _decoded_rows(b)
         rows = [b.steps[i] for i in dec]
-        return rows, b.x[dec], b.read("tokenized_prompt", steps=rows), b.mask[dec]
+        mask = b.mask[dec]
+        if not b.res.settings.get("include_constant_tokens", False):
+            mask = M.informative_text_mask(mask)  # BOS and the trailing "\n" are the same for every prompt
+        return rows, b.x[dec], b.read("tokenized_prompt", steps=rows), mask
 
     return b.cached("text_inputs", read)
 
@@ -134,6 +139,23 @@ def drift(b: LayerBlock) -> Values:
     both = np.concatenate([b.carry["x0"], xd])
     bm = None if b.mask is None else np.concatenate([b.carry["m0"], b.mask])
     return b.steps, M.rollout_drift(both, mask=bm)[1:]
+
+
+def drift_states(stream: S.Stream, x: np.ndarray) -> np.ndarray:
+    """The states drift compares: expert_1 at the last captured denoising step, the others as read."""
+    return x[:, -1] if stream.name == "expert_1" else x
+
+
+def centred_drift(b: LayerBlock) -> Values | None:
+    """Per-position 1 − cos after subtracting the layer's collection mean, to the episode's first rollout step."""
+    if b.layer_mean is None:
+        return None
+    xd = drift_states(b.stream, b.x)
+    if "cx0" not in b.carry:
+        b.carry["cx0"], b.carry["cm0"] = xd[:1], None if b.mask is None else b.mask[:1]
+    both = np.concatenate([b.carry["cx0"], xd])
+    bm = None if b.mask is None else np.concatenate([b.carry["cm0"], b.mask])
+    return b.steps, M.centred_drift(both, b.layer_mean, mask=bm)[1:]
 
 
 def _cf_mask(b: LayerBlock, sel: list[int], steps: list[int], cf_states: np.ndarray) -> np.ndarray | None:
@@ -265,7 +287,9 @@ REGISTRY: tuple[Metric, ...] = (
     Metric(
         "drift",
         S.STREAMS,
-        "1 − cos(x_t, x_0) to the first rollout step of the same episode (expert_0: valid cameras only; expert_1: at "
+        "uncentred 1 − cos(x_t, x_0) over all positions flattened, to the first rollout step of the same episode "
+        "(can hide change along directions orthogonal to a shared high-norm direction: read centred_drift; "
+        "expert_0: valid cameras only; expert_1: at "
         "the last captured denoising step, the one closest to the action: openpi draws fresh noise at every "
         "inference, so early denoising steps drift by the noise alone)",
         drift,
@@ -273,6 +297,20 @@ REGISTRY: tuple[Metric, ...] = (
         higher_means="the stream moved further from the episode's first rollout step",
         curves=True,
         heatmaps=True,
+    ),
+    Metric(
+        "centred_drift",
+        S.STREAMS,
+        "mean over positions of 1 − cos(x_t − μ, x_0 − μ), μ = the collection mean of the layer over every valid "
+        "position, rollout step and episode; each position compared with itself, against the episode's first "
+        "rollout step (expert_0: valid cameras only; expert_1: at the last captured denoising step). Centring removes "
+        "the shared high-norm directions that make the uncentred drift read a large change as almost none",
+        centred_drift,
+        label="centred drift 1 − cos(x_t − μ, x_0 − μ)",
+        higher_means="the stream moved further from the episode's first rollout step, shared directions removed",
+        curves=True,
+        heatmaps=True,
+        needs_layer_mean=True,
     ),
     Metric(
         "attention_to_text",

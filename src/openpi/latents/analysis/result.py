@@ -8,13 +8,15 @@
   for the heatmap (:func:`attention_means`); ``attention["denoise_steps"]`` the denoising-step id of each row.
 * ``actions``: per episode [steps] action-chunk divergence (mean L2 over the chunk) under the counterfactual prompt.
 
-Summaries over episodes (:meth:`CollectionAnalysis.per_layer`, :meth:`heatmap`, :meth:`success_split`) treat the
-episode as the unit: a metric is first averaged over an episode's rollout steps (``drift`` without step 0, which is
-0 by definition), then bootstrapped over episodes. The success split (:meth:`success_split`) leaves out episodes that
-ended with an error and, by default (``success_window="common"``), averages every episode over the same window: the
-first N rollout steps, N = the fewest steps of any episode in the split. Failed episodes run to max_steps while
-successful ones stop early, and per-step metrics such as drift grow with t, so whole-episode means would differ by
-episode length alone.
+Summaries over episodes (:meth:`CollectionAnalysis.per_layer`, :meth:`heatmap_progress`, :meth:`success_split`,
+:meth:`within_task_split`): a metric is first averaged over an episode's rollout steps (``drift`` /
+``centred_drift`` without step 0, which is 0 by definition); intervals resample *tasks* (episodes of one task share
+prompt and scene and are not independent; a one-task collection resamples its episodes and says so). The success
+split leaves out episodes that ended with an error and, by default (``success_window="progress"``), summarises every
+episode by normalised progress (:func:`progress_bins`, 10 bins): no episode length makes it collapse, a 1-step
+episode included. It is compared within task (:meth:`within_task_split`: per task, then combined with weights ∝
+episodes; tasks with a single outcome cannot contribute and are counted; within-task permutation p-values with Holm's
+correction over layers); the pooled comparison (:meth:`success_split`) is kept beside it and is confounded by task.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ import numpy as np
 
 from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis import streams as S
+from openpi.latents.analysis.clustered import (
+    WithinTaskDifference,
+    cluster_bootstrap_ci,
+    holm,
+    pooled_split_by_task,
+    within_task_difference,
+)
 from openpi.latents.analysis.registry import BY_NAME, NOT_APPLICABLE
 
 
@@ -91,10 +100,40 @@ class CollectionAnalysis:
         return np.asarray(out)
 
     def per_layer(self, stream: str, metric: str, *, n_boot: int | None = None) -> list[M.BootstrapCI]:
-        """Per layer: mean over episodes of :meth:`per_episode`, with a bootstrap interval over episodes."""
+        """Per layer: mean over episodes of :meth:`per_episode`, with a task-cluster bootstrap interval (episodes of
+        one task are not independent; one task: episodes resampled, ``unit="episode"``)."""
         pe = self.per_episode(stream, metric)
         nb = self.settings["n_boot"] if n_boot is None else n_boot
-        return [M.bootstrap_ci(pe[:, j], n_boot=nb, seed=self.settings["seed"]) for j in range(pe.shape[1])]
+        tasks = self.task_ids()
+        seed = self.settings["seed"]
+        return [cluster_bootstrap_ci(pe[:, j], tasks, n_boot=nb, seed=seed) for j in range(pe.shape[1])]
+
+    def task_ids(self) -> np.ndarray:
+        """[episodes] the task of each episode (the cluster of every interval)."""
+        return np.array([e.task_id for e in self.episodes])
+
+    def progress_values(self, stream: str, metric: str, n_bins: int | None = None) -> np.ndarray:
+        """[episodes, n_bins, layers]: each episode's metric by normalised progress (:func:`progress_bins`; drift
+        without step 0, which is 0 by definition). An episode with any value has a value in every bin."""
+        k = n_bins or self.settings.get("progress_bins", 10)
+        out = []
+        for v in self.step_values[(stream, metric)]:
+            out.append(progress_bins(v[1:] if metric == "drift" or metric == "centred_drift" else v, k))
+        return np.stack(out) if out else np.zeros((0, k, 0))
+
+    def heatmap_progress(self, stream: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """([layers, bins] mean over episodes by normalised progress, [layers, bins] episodes behind each cell)."""
+        pv = self.progress_values(stream, metric)
+        with quiet_nan_warnings():
+            return np.nanmean(pv, axis=0).T, np.sum(~np.isnan(pv), axis=0).T
+
+    def window_values(self, stream: str, metric: str, window: str | None = None) -> np.ndarray:
+        """[episodes, layers] the per-episode value the success split compares (see :meth:`split_window`)."""
+        window = window or self.settings.get("success_window", "progress")
+        if window == "progress":
+            with quiet_nan_warnings():
+                return np.nanmean(self.progress_values(stream, metric), axis=1)
+        return self.per_episode(stream, metric, n_steps=self.split_window(window))
 
     def heatmap(self, stream: str, metric: str) -> np.ndarray:
         """[layers, rollout-step index]: mean over the episodes that reached that step (NaN where none)."""
@@ -117,24 +156,33 @@ class CollectionAnalysis:
         return n_s, int(keep.sum()) - n_s
 
     def split_window(self, window: str | None = None) -> int | None:
-        """Rollout steps each episode is averaged over in the success split: None (all its steps) for
-        ``window="all"``; for "common" (the default setting) the fewest steps of any episode in the split."""
-        window = window or self.settings.get("success_window", "common")
-        if window not in ("common", "all"):
-            raise ValueError(f"success window must be 'common' or 'all', got {window!r}")
-        if window == "all":
+        """Rollout steps each episode is averaged over in the success split: None for ``window="progress"`` (the
+        default: every episode by normalised progress, see :meth:`window_values`) and "all" (all its steps); for
+        "common" the fewest steps of any episode in the split."""
+        window = window or self.settings.get("success_window", "progress")
+        if window not in WINDOWS:
+            raise ValueError(f"success window must be one of {WINDOWS}, got {window!r}")
+        if window in ("all", "progress"):
             return None
         n = [e.n_steps for e, k in zip(self.episodes, self.split_mask()) if k]
         return min(n) if n else None
 
     def split_info(self, window: str | None = None) -> dict[str, Any]:
         """What the success split compares: window, steps, episodes left out (errors) and the counts per side."""
-        window = window or self.settings.get("success_window", "common")
+        window = window or self.settings.get("success_window", "progress")
         n_s, n_f = self.split_counts()
         errored = [e for e in self.episodes if e.error is not None]
+        keep = self.split_mask()
+        tasks = {e.task_id: set() for e, k in zip(self.episodes, keep) if k}
+        for e, k in zip(self.episodes, keep):
+            if k:
+                tasks[e.task_id].add(e.success)
         return {
             "window": window,
             "n_inferences": self.split_window(window),
+            "progress_bins": self.settings.get("progress_bins", 10) if window == "progress" else None,
+            "n_tasks": len(tasks),
+            "n_tasks_both_outcomes": sum(len(v) == 2 for v in tasks.values()),
             "n_success": n_s,
             "n_failure": n_f,
             "excluded_errored": [
@@ -143,13 +191,34 @@ class CollectionAnalysis:
         }
 
     def success_split(self, stream: str, metric: str, window: str | None = None) -> list[M.SuccessSplit]:
-        """Per layer: successful vs failed episodes (errored episodes left out), each averaged over the window of
-        :meth:`split_window` (default: the rollout steps every episode of the split has)."""
-        pe = self.per_episode(stream, metric, n_steps=self.split_window(window))
+        """Per layer: successful vs failed episodes pooled over tasks (errored episodes left out), each episode
+        summarised by :meth:`window_values`; intervals from a task-cluster bootstrap. Pooled, so confounded by task
+        when success rates differ by task: :meth:`within_task_split` is the comparison to read."""
+        pe = self.window_values(stream, metric, window)
         keep = self.split_mask()
         flags = np.array([e.success for e in self.episodes])[keep]
-        s = self.settings
-        return [M.split_by_success(pe[keep, j], flags, n_boot=s["n_boot"], seed=s["seed"]) for j in range(pe.shape[1])]
+        tasks, s = self.task_ids()[keep], self.settings
+        return [
+            pooled_split_by_task(pe[keep, j], flags, tasks, n_boot=s["n_boot"], seed=s["seed"])
+            for j in range(pe.shape[1])
+        ]
+
+    def within_task_split(self, stream: str, metric: str, window: str | None = None) -> list[WithinTaskDifference]:
+        """Per layer: success − failure within task (:func:`within_task_difference`), with the within-task
+        permutation p-value and its Holm adjustment over the layers (``p_holm``), for picking a layer."""
+        pe = self.window_values(stream, metric, window)
+        keep = self.split_mask()
+        flags = np.array([e.success for e in self.episodes])[keep]
+        tasks, s = self.task_ids()[keep], self.settings
+        out = [
+            within_task_difference(
+                pe[keep, j], flags, tasks, n_boot=s["n_boot"], n_permutations=s.get("n_permutations", 1000),
+                seed=s["seed"],
+            )
+            for j in range(pe.shape[1])
+        ]  # fmt: skip
+        adjusted = holm([x.p_value for x in out])
+        return [dataclasses.replace(x, p_holm=float(p)) for x, p in zip(out, adjusted)]
 
     def action_divergence_per_episode(self, n_steps: int | None = None) -> np.ndarray:
         """[episodes] mean over the reruns (among the first ``n_steps`` rollout steps) of the action divergence."""
@@ -157,6 +226,32 @@ class CollectionAnalysis:
             return np.array(
                 [np.nanmean(v[:n_steps]) if np.any(~np.isnan(v[:n_steps])) else np.nan for v in self.actions["mean_l2"]]
             )
+
+
+WINDOWS = ("progress", "common", "all")
+
+
+def progress_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """[steps, ...] per-step values → [n_bins, ...] by normalised progress.
+
+    Step i of n covers progress [i/n, (i+1)/n); bin k covers [k/K, (k+1)/K). A bin's value is the mean of the
+    non-NaN steps overlapping it, weighted by the overlap. Every bin of an episode with one non-NaN step or more gets
+    a value (a 1-step episode fills every bin with its one value), so no window collapses; NaN only where no
+    overlapping step has a value. The mean over bins equals the step mean weighted by each step's share of progress.
+    """
+    v = np.asarray(values, np.float64)
+    n = len(v)
+    out_shape = (n_bins,) + v.shape[1:]
+    if n == 0:
+        return np.full(out_shape, np.nan)
+    s0, s1 = np.arange(n) / n, np.arange(1, n + 1) / n
+    b0, b1 = np.arange(n_bins) / n_bins, np.arange(1, n_bins + 1) / n_bins
+    w = np.clip(np.minimum(s1[:, None], b1[None]) - np.maximum(s0[:, None], b0[None]), 0, None)  # [n, K]
+    ok = ~np.isnan(v)
+    flat_v, flat_ok = np.where(ok, v, 0).reshape(n, -1), ok.reshape(n, -1).astype(np.float64)
+    num, den = w.T @ flat_v, w.T @ flat_ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan).reshape(out_shape)
 
 
 @contextlib.contextmanager
@@ -187,4 +282,7 @@ def summary_value(res: CollectionAnalysis, stream: str, metric: str) -> Mapping[
         "ci_low": [c.low for c in cis],
         "ci_high": [c.high for c in cis],
         "n_episodes": [c.n for c in cis],
+        "n_tasks": [c.n_clusters for c in cis],
+        "unit_of_resampling": cis[0].unit if cis else None,
+        "correction": "none (per-layer 95% intervals, not simultaneous)",
     }

@@ -41,7 +41,17 @@ class ProbeResult:
             groups so that each group keeps a single label). NaN when the control was not run (see ``notes``).
         shuffled_ci: central ``ci`` percentile interval of the shuffled accuracies.
         shuffled_accuracies: [n_shuffles] the mean-over-folds accuracy of each permutation.
-        p_value: ``(1 + #{shuffled >= accuracy}) / (1 + n_shuffles)``, the permutation p-value.
+        p_value: the permutation p-value of decodability. With ``n_permutations > 0`` (default 1000): from
+            :func:`openpi.latents.analysis.probe_permutation.ridge_permutation_test`, a ridge classifier refit in
+            closed form under each group-label permutation on the same folds (exact for its own statistic, cheap).
+            With ``n_permutations=0``: the shuffled logistic control's ``shuffled_p_value``.
+        p_floor: the smallest p-value the test could give, ``1 / (1 + permutations)``.
+        n_permutations: permutations behind ``p_value``.
+        p_value_test: which test gave ``p_value`` ("ridge permutation", "logistic shuffles" or None).
+        permutation_accuracy: the ridge classifier's held-out accuracy (the statistic the permutations test).
+        permutation_null_mean: mean ridge accuracy under the permutations.
+        shuffled_p_value: ``(1 + #{shuffled >= accuracy}) / (1 + n_shuffles)`` of the logistic shuffled control
+            (floor ``1 / (1 + n_shuffles)``: with 10 shuffles it can never reach 0.05).
         n_splits: number of folds actually used (may be smaller than requested, see ``notes``).
         n_samples, n_groups, n_classes: sizes of the input.
         notes: human-readable remarks (fewer folds, dropped empty folds, single-class training folds, non-convergence).
@@ -63,6 +73,12 @@ class ProbeResult:
     n_classes: int
     notes: tuple[str, ...] = ()
     reason: str | None = None
+    p_floor: float = float("nan")
+    n_permutations: int = 0
+    p_value_test: str | None = None
+    permutation_accuracy: float = float("nan")
+    permutation_null_mean: float = float("nan")
+    shuffled_p_value: float = float("nan")
 
 
 def _t_interval(x: np.ndarray, ci: float) -> tuple[float, float]:
@@ -111,6 +127,7 @@ def task_probe(
     ci: float = 0.95,
     C: float = 1.0,
     max_iter: int = 1000,
+    n_permutations: int = 1000,
 ) -> ProbeResult:
     """Cross-validated linear probe: how well can ``labels`` be decoded from ``features``?
 
@@ -137,6 +154,8 @@ def task_probe(
         n_shuffles: number of label permutations for the control (0 skips it). Each costs ``n_splits`` fits.
         ci: coverage of the fold interval and of the shuffled interval.
         C, max_iter: passed to ``LogisticRegression``.
+        n_permutations: group-label permutations of the ridge permutation test behind ``p_value`` (0: use the
+            logistic shuffles instead). Needs one label per group (else skipped, noted).
     """
     x, y, g, sizes = _probe_inputs(features, labels, groups)
     uniq_groups = np.unique(g)
@@ -151,7 +170,25 @@ def task_probe(
     fold_acc = _cv_accuracy(x, y, splits, C, max_iter, notes)
     acc = float(fold_acc.mean())
     shuffled = _shuffled_control(x, y, np.searchsorted(uniq_groups, g), splits, n_shuffles, seed, (C, max_iter), notes)
-    s_mean, s_ci, p_value = _control_summary(shuffled, acc, ci)
+    s_mean, s_ci, s_p = _control_summary(shuffled, acc, ci)
+    perm = _permutation(x, y, np.searchsorted(uniq_groups, g), splits, n_permutations, seed, notes)
+    if perm is not None:
+        p_fields = dict(
+            p_value=perm.p_value,
+            p_floor=perm.p_floor,
+            n_permutations=n_permutations,
+            p_value_test="ridge permutation",
+            permutation_accuracy=perm.accuracy,
+            permutation_null_mean=float(perm.null.mean()),
+        )
+    else:
+        n_sh = len(shuffled)
+        p_fields = dict(
+            p_value=s_p,
+            p_floor=1.0 / (1 + n_sh) if n_sh else float("nan"),
+            n_permutations=n_sh,
+            p_value_test="logistic shuffles" if n_sh else None,
+        )
     return ProbeResult(
         accuracy=acc,
         accuracy_ci=_t_interval(fold_acc, ci),
@@ -159,11 +196,25 @@ def task_probe(
         shuffled_mean=s_mean,
         shuffled_ci=s_ci,
         shuffled_accuracies=shuffled,
-        p_value=p_value,
         n_splits=len(splits),
         notes=tuple(sorted(notes)),
+        shuffled_p_value=s_p,
+        **p_fields,
         **sizes,
     )
+
+
+def _permutation(x, y, group_index, splits, n_permutations: int, seed: int, notes: set[str]):
+    """The ridge permutation test behind ``p_value``, or None when not run (0 permutations, mixed-label groups)."""
+    from openpi.latents.analysis.probe_permutation import group_folds, ridge_permutation_test
+
+    if n_permutations <= 0:
+        return None
+    if any(len(np.unique(y[group_index == i])) > 1 for i in np.unique(group_index)):
+        notes.add("permutation test skipped: some group carries more than one label")
+        return None
+    folds = group_folds(group_index, len(splits), seed)  # label-free folds (exchangeable under relabelling)
+    return ridge_permutation_test(x, y, group_index, folds, n_permutations=n_permutations, seed=seed)
 
 
 _NAN2 = (float("nan"), float("nan"))
@@ -262,6 +313,9 @@ class BootstrapCI:
             resamples with replacement. NaN when fewer than 2 values.
         n: number of non-NaN values used.
         ci: the coverage asked for.
+        unit: what was resampled: "episode" (the values), or "task" (clusters of episodes:
+            :func:`openpi.latents.analysis.clustered.cluster_bootstrap_ci`).
+        n_clusters: number of clusters (tasks) behind a clustered interval; None for an episode bootstrap.
     """
 
     estimate: float
@@ -269,6 +323,8 @@ class BootstrapCI:
     high: float
     n: int
     ci: float
+    unit: str = "episode"
+    n_clusters: int | None = None
 
     def excludes_zero(self) -> bool:
         """True when the whole interval lies strictly on one side of 0 (False if it is NaN)."""

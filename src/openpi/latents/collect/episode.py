@@ -54,6 +54,26 @@ def rerun_with_prompt(
     return dataclasses.replace(inference, counterfactual=cf, counterfactual_prompt=prompt)
 
 
+def teacher_forced_rerun(policy: Policy, inference: Inference, prompt: str, capture: CaptureSpec) -> dict[str, Any]:
+    """The counterfactual rerun fed the baseline's x_t at every denoising step (needs ``capture.trajectory``): the
+    two runs then differ by the prompt alone, so expert-1 prompt sensitivity is not contaminated by trajectory
+    divergence (its layer 0 is exactly 0). Stored under ``cf_tf_<key>`` (`schema.teacher_forced`)."""
+    x_t = inference.result["latents"].get("x_t")
+    if x_t is None:
+        raise ValueError("a teacher-forced rerun needs the baseline's trajectory: capture with trajectory=True")
+    element = {**inference.element, env_base.PROMPT_KEY: prompt}
+    return policy.infer_with_latents(element, noise=inference.result["noise"], capture=capture, x_t_sequence=x_t[:-1])
+
+
+def teacher_forced_fields(cf_tf: dict[str, Any]) -> dict[str, Any]:
+    """The store fields of a :func:`teacher_forced_rerun`."""
+    return {
+        schema.teacher_forced("actions"): np.asarray(cf_tf["actions"], np.float32),
+        schema.teacher_forced("model_actions"): np.asarray(cf_tf["model_actions"], np.float32),
+        **{schema.teacher_forced(key): v for key, v in cf_tf["latents"].items()},
+    }
+
+
 def _counterfactual_fields(inference: Inference) -> dict[str, Any]:
     cf = inference.counterfactual
     if cf is None:

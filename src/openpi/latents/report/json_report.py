@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis import registry as R
+from openpi.latents.analysis.clustered import cluster_bootstrap_ci, pooled_split_by_task
 from openpi.latents.analysis.language_loss import language_loss_summary
 from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
 from openpi.latents.analysis.streams import STREAMS
 from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
+from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics
 
 MANIFEST_KEYS = (
     "preset",
@@ -64,7 +65,29 @@ def clean(v: Any) -> Any:
 
 
 def _ci(c) -> dict[str, Any]:
-    return {"estimate": c.estimate, "low": c.low, "high": c.high, "n": c.n}
+    return {
+        "estimate": c.estimate,
+        "low": c.low,
+        "high": c.high,
+        "n": c.n,
+        "unit_of_resampling": c.unit,
+        "n_tasks": c.n_clusters,
+    }
+
+
+def _within(x) -> dict[str, Any]:
+    return {
+        "difference": _ci(x.difference),
+        "p_value": x.p_value,
+        "p_holm": x.p_holm,
+        "p_floor": x.p_floor,
+        "n_permutations": x.n_permutations,
+        "n_tasks": x.n_tasks,
+        "n_tasks_contributing": x.n_tasks_contributing,
+        "n_success": x.n_success,
+        "n_failure": x.n_failure,
+        "per_task": {str(k): {"difference": v[0], "n_success": v[1], "n_failure": v[2]} for k, v in x.per_task.items()},
+    }
 
 
 def _probe_entry(layer: int, p) -> dict[str, Any]:
@@ -77,6 +100,12 @@ def _probe_entry(layer: int, p) -> dict[str, Any]:
         "shuffled_mean": p.shuffled_mean,
         "shuffled_ci": list(p.shuffled_ci),
         "p_value": p.p_value,
+        "p_floor": p.p_floor,
+        "n_permutations": p.n_permutations,
+        "p_value_test": p.p_value_test,
+        "permutation_accuracy": p.permutation_accuracy,
+        "permutation_null_mean": p.permutation_null_mean,
+        "shuffled_p_value": p.shuffled_p_value,
         "n_splits": p.n_splits,
         "n_samples": p.n_samples,
         "n_groups": p.n_groups,
@@ -112,9 +141,15 @@ def _success_relation(res: CollectionAnalysis) -> dict[str, Any]:
             success[m][s] = {
                 "layers": res.layers(s),
                 "per_layer": [
-                    {"success": _ci(x.success), "failure": _ci(x.failure), "difference": _ci(x.difference)}
-                    for x in res.success_split(s, m)
+                    {
+                        "success": _ci(x.success),
+                        "failure": _ci(x.failure),
+                        "difference": _ci(x.difference),
+                        "within_task": _within(w),
+                    }
+                    for x, w in zip(res.success_split(s, m), res.within_task_split(s, m))
                 ],
+                "correction": "Holm over layers (within_task.p_holm)",
             }
     return success
 
@@ -139,9 +174,10 @@ def _action_divergence(res: CollectionAnalysis) -> dict[str, Any]:
     keep = res.split_mask()
     window = res.action_divergence_per_episode(res.split_window())[keep]
     flags = np.array([e.success for e in res.episodes])[keep]
-    split = M.split_by_success(window, flags, n_boot=res.settings["n_boot"], seed=res.settings["seed"])
+    nb, seed, tasks = res.settings["n_boot"], res.settings["seed"], res.task_ids()
+    split = pooled_split_by_task(window, flags, tasks[keep], n_boot=nb, seed=seed)
     return {
-        "mean_l2": _ci(M.bootstrap_ci(per_ep, n_boot=res.settings["n_boot"], seed=res.settings["seed"])),
+        "mean_l2": _ci(cluster_bootstrap_ci(per_ep, tasks, n_boot=nb, seed=seed)),
         "success_split": {k: _ci(getattr(split, k)) for k in ("success", "failure", "difference")},
         "per_episode": per_ep,
     }
@@ -173,6 +209,7 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
     metrics["task_probe"] = _task_probe(res)
     metrics["success_relation"] = _success_relation(res)
     metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}
+    metrics["statistics"] = figure_statistics(res)
     metrics["attention_by_denoise_step"] = _attention(res)
     metrics["action_divergence"] = _action_divergence(res)
     return {
@@ -190,7 +227,8 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
         ],
         "streams": _streams(res),
         "missing": res.missing,
-        "notes": res.notes,
+        "notes": {**res.notes, "state_token": STATE_TOKEN_NOTE},
+        "statistics": figure_statistics(res),
         "definitions": {m.name: m.definition for m in R.REGISTRY} | R.OTHER_DEFINITIONS,
         "metrics": metrics,
         "language_loss": language_loss_summary(res),

@@ -11,6 +11,7 @@ from openpi.latents.analysis.streams import STREAMS
 from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
 from openpi.latents.report.notes import fmt as _fmt
 from openpi.latents.report.readings import readings
+from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics, statistics_line
 from openpi.latents.report.tables import TABLES
 
 # (figure, section title, reading) in report order
@@ -57,17 +58,22 @@ def _definitions_and_notes(res: CollectionAnalysis) -> list[str]:
         "",
         "## Method notes",
         "",
-        f"* Success split: {SPLIT_NOTE}"
-        + (
-            f" (this report: first {res.split_window()} rollout steps)."
-            if res.settings.get("success_window", "common") == "common"
-            else " — this report used the whole-episode window instead (success_window='all')."
-        ),
+        f"* Success split: {SPLIT_NOTE}" + _window_text(res),
         f"* Drift: {DRIFT_NOTE}.",
+        f"* State token: {STATE_TOKEN_NOTE}.",
         f"* Prompt sensitivity: {TEXT_CF_NOTE}. expert_0 counts only the image positions of valid cameras "
         "(segment_mask; a masked camera's states are meaningless but prompt-dependent).",
         "",
     ]
+
+
+def _window_text(res: CollectionAnalysis) -> str:
+    window = res.settings.get("success_window", "progress")
+    if window == "common":
+        return f" — this report used the common window instead: the first {res.split_window()} rollout steps."
+    if window == "all":
+        return " — this report used the whole-episode window instead (success_window='all')."
+    return f" (this report: {res.settings.get('progress_bins', 10)} progress bins)."
 
 
 def _caveats(res: CollectionAnalysis) -> list[str]:
@@ -98,8 +104,10 @@ def report_md(res: CollectionAnalysis, figures: dict[str, Any], summary: dict[st
         + f"; overall_loss = {_fmt(summary['overall_loss'])} (mean over layers of the text-only language loss).",
         "",
     ]
+    stats = figure_statistics(res)
     for name, title, key in SECTIONS:
         lines += [f"## {title}", "", r[key], "", f"![{name}]({figures[name]['file']})", ""]
+        lines += [statistics_line(stats[name]), ""]
     lines += _definitions_and_notes(res) + _caveats(res)
     lines += [
         "## Files",

@@ -10,14 +10,18 @@ import numpy as np
 from openpi.latents.analysis.result import CollectionAnalysis
 
 SPLIT_NOTE = (
-    "success vs failure compares each episode's mean over the first n_inferences rollout steps (the fewest any "
-    "episode of the split has): failed episodes run to max_steps while successful ones stop early, and per-step "
-    "metrics such as drift grow with t, so whole-episode means would differ by length alone; episodes that ended "
-    "with an error are left out"
+    "success vs failure is compared within task (per task, success mean − failure mean, combined with weights ∝ the "
+    "task's episodes; only tasks with both outcomes contribute; interval from a two-stage task/episode bootstrap; "
+    "p-value from permuting success labels inside each task, Holm-adjusted over layers where a layer is picked); the "
+    "pooled split is drawn beside it and is confounded by task when success rates differ between tasks. Each "
+    "episode is summarised by normalised progress (its steps mapped onto equal progress bins; a 1-step episode fills "
+    "every bin, so no episode length collapses the window); episodes that ended with an error are left out"
 )
 DRIFT_NOTE = (
-    "expert_1 drift is taken at the last captured denoising step (closest to the action): openpi draws fresh noise "
-    "at every inference, so expert 1 at early denoising steps drifts by the noise alone"
+    "centred_drift (the collection mean of the layer subtracted, each position compared with itself) is the "
+    "headline drift; the uncentred drift can read a large change orthogonal to a shared high-norm direction as "
+    "almost none. expert_1 drift is taken at the last captured denoising step (closest to the action): openpi "
+    "draws fresh noise at every inference, so expert 1 at early denoising steps drifts by the noise alone"
 )
 TEXT_CF_NOTE = (
     "text_only prompt sensitivity compares only the positions whose token is the same under both prompts; with a "

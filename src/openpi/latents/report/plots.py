@@ -166,7 +166,7 @@ def heatmaps(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
                 continue
 
             def draw(ax, s=s, metric=metric):
-                grid = res.heatmap(s, metric)
+                grid, counts = res.heatmap_progress(s, metric)
                 layers = res.layers(s)
                 im = ax.imshow(
                     grid,
@@ -177,14 +177,19 @@ def heatmaps(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
                     extent=(-0.5, grid.shape[1] - 0.5, -0.5, len(layers) - 0.5),
                 )
                 ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-                ax.set_xlabel("rollout step (inference index)")
+                n = counts.max(axis=0) if counts.size else np.zeros(grid.shape[1], int)
+                k = grid.shape[1]
+                ax.set_xticks(range(k), [f"{100 * (i + 1) // k}%\nn={int(c)}" for i, c in enumerate(n)], fontsize=5)
+                ax.set_xlabel("normalised progress bin (episodes per column)")
                 ax.set_ylabel(_layer_label(res, s))
                 ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
 
             panels.append((f"{s}: {metric}", draw))
     if not panels:
         panels = [("no heatmap", _note("no per-step metric in this collection"))]
-    return _figure(panels, out / "heatmaps.png", "Layer × rollout-step heatmaps (mean over episodes)")
+    return _figure(
+        panels, out / "heatmaps.png", "Layer × normalised-progress heatmaps (mean over episodes; n: episodes/column)"
+    )
 
 
 def success_failure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
@@ -222,11 +227,15 @@ def success_failure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any
             panels.append((f"{s}: {metric}", draw))
     if not panels:
         panels = [("no metric", _note("no per-layer metric to split by success"))]
-    scope = "all rollout steps" if window is None else f"first {window} rollout steps of every episode"
+    scope = {
+        "progress": "episodes by normalised progress",
+        "all": "all rollout steps",
+        "common": f"first {window} rollout steps of every episode",
+    }[res.settings.get("success_window", "progress")]
     return _figure(
         panels,
         out / "success_failure.png",
-        f"Success vs failure ({scope}; errored episodes left out; mean over episodes, 95% bootstrap CI)",
+        f"Success vs failure pooled ({scope}; errored out; 95% task-bootstrap CI; within-task test: report.md)",
     )
 
 

@@ -73,14 +73,15 @@ def _probe(res: CollectionAnalysis) -> str:
 
 
 def _drift(res: CollectionAnalysis) -> str:
+    metric = "centred_drift" if any(res.has(s, "centred_drift") for s in STREAMS) else "drift"
     parts = [
-        f"{s} {_fmt(float(np.nanmean(res.per_episode(s, 'drift')[:, -1])))}" for s in STREAMS if res.has(s, "drift")
+        f"{s} {_fmt(float(np.nanmean(res.per_episode(s, metric)[:, -1])))}" for s in STREAMS if res.has(s, metric)
     ]
     if not parts:
         return "Drift not computed: no hidden-state stream captured."
     last = ((res.source.get("denoise_steps") or {}).get("ids") or [None])[-1]
     return (
-        "Mean drift from the first rollout step at the last captured layer: "
+        f"Mean {metric.replace('_', ' ')} from the first rollout step at the last captured layer: "
         + ", ".join(parts)
         + "."
         + (
@@ -107,27 +108,29 @@ def _success(res: CollectionAnalysis) -> str:
     n_s, n_f = res.split_counts()
     info = res.split_info()
     n_err = len(info["excluded_errored"])
-    window = (
-        f"each episode averaged over its first {info['n_inferences']} rollout steps, the fewest any episode has: "
-        "failed episodes run longer and per-step metrics such as drift grow with t"
-        if info["window"] == "common"
-        else "each episode averaged over all its rollout steps (length-confounded: failed episodes run longer)"
-    )
+    window = {
+        "common": f"each episode averaged over its first {info['n_inferences']} rollout steps, the fewest any "
+        "episode has",
+        "all": "each episode averaged over all its rollout steps (length-confounded: failed episodes run longer)",
+        "progress": "each episode summarised by normalised progress",
+    }[info["window"]]
     errors = f"; {n_err} episode(s) that ended with an error left out" if n_err else ""
     if not (n_s and n_f and res.has("text_only", "language_loss")):
         return f"{n_s} successful / {n_f} failed episodes ({window}{errors})" + (
             "; a success/failure comparison needs both outcomes." if not (n_s and n_f) else "."
         )
-    d = res.success_split("text_only", "language_loss")
+    d = res.within_task_split("text_only", "language_loss")
     diffs = [abs(x.difference.estimate) for x in d]
+    k = f"{info['n_tasks_both_outcomes']} of {info['n_tasks']} tasks have both outcomes"
     if np.all(np.isnan(diffs)):
-        return f"{n_s} successful / {n_f} failed episodes ({window}{errors}); no defined gap."
+        return f"{n_s} successful / {n_f} failed episodes ({window}{errors}); {k}: no within-task gap is defined."
     j = int(np.nanargmax(diffs))
-    x = d[j].difference
+    x = d[j]
     return (
-        f"{n_s} successful / {n_f} failed episodes ({window}{errors}); the largest success − failure gap in "
-        f"language loss is {_fmt(x.estimate)} [{_fmt(x.low)}, {_fmt(x.high)}] at layer "
-        f"{res.layers('text_only')[j]}."
+        f"{n_s} successful / {n_f} failed episodes ({window}{errors}); {k}. The largest within-task success − "
+        f"failure gap in language loss is {_fmt(x.difference.estimate)} [{_fmt(x.difference.low)}, "
+        f"{_fmt(x.difference.high)}] (task bootstrap) at layer {res.layers('text_only')[j]}, within-task "
+        f"permutation p = {_fmt(x.p_value, 4)}, Holm-adjusted over {len(d)} layers p = {_fmt(x.p_holm, 4)}."
     )
 
 

@@ -1,0 +1,104 @@
+"""What every figure's numbers rest on: the unit of resampling, the number of tasks / episodes, the correction for
+multiple comparisons and the control's value. report.md prints it under each figure; metrics.json carries the same
+under ``statistics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.report.notes import fmt
+
+STATE_TOKEN_NOTE = (
+    "pi0's state token (expert-1 suffix token 0) attends only to the prefix and to itself, and its input does not "
+    "depend on the denoising time or x_t, so its stream (and its attention) is identical at every denoising step by "
+    "construction: it is shown once, not per denoising step. pi0.5 has no state token (suffix_segment_names: the "
+    "first action token and the rest)"
+)
+
+
+def _unit(res: CollectionAnalysis) -> tuple[str, int, int]:
+    n_tasks = res.source["n_tasks"]
+    unit = "task (cluster bootstrap)" if n_tasks >= 2 else "episode (one task: the interval speaks for it only)"
+    return unit, n_tasks, sum(e.n_steps > 0 for e in res.episodes)
+
+
+def _probe_control(res: CollectionAnalysis) -> str:
+    parts = []
+    for s, ps in res.probes.items():
+        acc = np.array([p.accuracy for p in ps], float)
+        if np.all(np.isnan(acc)):
+            continue
+        j = int(np.nanargmax(acc))
+        p = ps[j]
+        parts.append(
+            f"{s}: best layer {res.layers(s)[j]}, chance {fmt(p.chance_majority, 2)}, shuffled-label logistic "
+            f"{fmt(p.shuffled_mean, 2)}, ridge permutation null {fmt(p.permutation_null_mean, 2)} (p = "
+            f"{fmt(p.p_value, 4)}, floor {fmt(p.p_floor, 4)}, {p.n_permutations} permutations)"
+        )
+    return "; ".join(parts) or "n/a"
+
+
+def figure_statistics(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
+    """{figure: {unit_of_resampling, n_tasks, n_episodes, correction, control}} for every figure of the report."""
+    unit, n_tasks, n_eps = _unit(res)
+    info = res.split_info()
+    base = {"unit_of_resampling": unit, "n_tasks": n_tasks, "n_episodes": n_eps}
+    per_layer = "none: per-layer 95% intervals (not simultaneous)"
+    perms = res.settings.get("n_permutations", 1000)
+    return {
+        "overview": {**base, "correction": per_layer, "control": "see the figures below"},
+        "layer_curves": {**base, "correction": per_layer, "control": _probe_control(res)},
+        "heatmaps": {
+            **base,
+            "unit_of_resampling": "none (means over episodes per normalised-progress bin)",
+            "correction": "n/a",
+            "control": "n/a; the count of episodes behind every column is drawn under each heatmap",
+        },
+        "success_failure": {
+            **base,
+            "n_tasks_both_outcomes": info["n_tasks_both_outcomes"],
+            "n_success": info["n_success"],
+            "n_failure": info["n_failure"],
+            "correction": f"Holm over layers on the within-task permutation p-values ({perms} permutations, floor "
+            f"{fmt(1 / (1 + perms), 4)}) when a layer is picked",
+            "control": "within-task comparison (success labels permuted inside each task); the pooled split "
+            "drawn is confounded by task",
+        },
+        "probe": {
+            **base,
+            "unit_of_resampling": "episode groups (folds grouped by episode; permutations relabel whole episodes)",
+            "correction": "none (per layer)",
+            "control": _probe_control(res),
+        },
+        "prompt_sensitivity": {
+            **base,
+            "correction": per_layer,
+            "control": "teacher-forced rerun (cf_tf_*: the baseline's x_t at each denoising step) where collected; "
+            "expert-1 layer 0 is 0 there by construction",
+        },
+        "attention_to_text": {
+            **base,
+            "unit_of_resampling": "none (means over rollout steps)",
+            "correction": "n/a",
+            "control": "uniform attention: mass / share of visible keys that are text = 1 (per head in "
+            "metrics.json 'attention_by_denoise_step'); BOS and the trailing newline excluded, BOS mass reported "
+            "separately where captured",
+        },
+    }
+
+
+def statistics_line(stats: dict[str, Any]) -> str:
+    """One report.md line from a :func:`figure_statistics` entry."""
+    extra = ""
+    if "n_tasks_both_outcomes" in stats:
+        extra = (
+            f", {stats['n_tasks_both_outcomes']} with both outcomes (the only ones that contribute within task); "
+            f"{stats['n_success']} successes / {stats['n_failure']} failures"
+        )
+    return (
+        f"*Statistics: unit of resampling {stats['unit_of_resampling']}; {stats['n_tasks']} tasks, "
+        f"{stats['n_episodes']} episodes{extra}; correction: {stats['correction']}; control: {stats['control']}.*"
+    )
