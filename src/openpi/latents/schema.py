@@ -70,6 +70,8 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
     RecordKey("expert_0_hidden_states", _HIDDEN, CAPTURE_DTYPE, "expert_0", True),
     RecordKey("expert_0_segment_means", _SEGMENTS, CAPTURE_DTYPE, "expert_0", True),
     RecordKey("text_only_hidden_states", _HIDDEN, CAPTURE_DTYPE, "text", True),
+    # CaptureSpec.final_norm: expert 0's output after its final norm at the text positions (after the last layer).
+    RecordKey("text_only_final_norm", ("batch", "token", "width"), CAPTURE_DTYPE, "text", True),
     RecordKey("expert_1_hidden_states", ("denoise_step", *_HIDDEN), CAPTURE_DTYPE, "expert_1", True),
     RecordKey("expert_1_segment_means", ("denoise_step", *_SEGMENTS), CAPTURE_DTYPE, "expert_1", True),
     RecordKey(
