@@ -145,3 +145,98 @@ def test_effective_rank_reads_anisotropy():
     # two directions, one with 100x the other's singular value: between 1 and 2, near 1
     x = rng.normal(size=(2000, 2)) * np.array([100.0, 1.0])
     assert 1.0 < G.effective_rank(x) < 1.1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token-identity probe (control task, selectivity) and tuned lens
+
+
+def _prompt_rows(rng, n_tasks=8, n_eps=6, n_steps=3, prompt_len=6, vocab=20):
+    """Rows of a synthetic collection: every task has a fixed prompt (tokens from a shared vocabulary), repeated in
+    each episode and rollout step; returns tokens, task, episode and slot (task, position) per row."""
+    prompts = rng.integers(0, vocab, size=(n_tasks, prompt_len))
+    t, e, p = np.meshgrid(np.arange(n_tasks), np.arange(n_eps), np.arange(n_steps * prompt_len), indexing="ij")
+    t, e, p = t.ravel(), e.ravel() + n_eps * t.ravel(), p.ravel() % prompt_len
+    return prompts[t, p], t, e, t * prompt_len + p
+
+
+def test_token_probe_perfect_encoding_is_selective():
+    rng = np.random.default_rng(0)
+    tokens, task, _, slot = _prompt_rows(rng)
+    emb = rng.normal(size=(20, 32))
+    x = emb[tokens] + 0.05 * rng.normal(size=(len(tokens), 32))
+    r = TP.token_identity_probe(x, tokens, task, slot)
+    assert r.accuracy > 0.98 and r.coverage > 0.5  # tasks held out: tokens of unseen prompts, read off the state
+    assert r.control_accuracy < 0.3 and r.selectivity > 0.65
+    assert r.n_splits == 5 and r.n_groups == 8
+
+
+def test_token_probe_on_random_states_has_no_selectivity():
+    rng = np.random.default_rng(1)
+    tokens, task, _, slot = _prompt_rows(rng)
+    r = TP.token_identity_probe(rng.normal(size=(len(tokens), 32)), tokens, task, slot)
+    assert r.accuracy < 0.2 and abs(r.selectivity) < 0.1
+
+
+def test_token_probe_control_catches_a_context_memoriser():
+    """States that encode the prompt slot (task, position) but not the token: split by episode, the probe reaches
+    ~1 by memorising slot → token, and the control task (slots relabelled at random) equally: selectivity ~0."""
+    rng = np.random.default_rng(2)
+    tokens, task, episode, slot = _prompt_rows(rng)
+    x = rng.normal(size=(slot.max() + 1, 64))[slot] + 0.05 * rng.normal(size=(len(slot), 64))
+    by_episode = TP.token_identity_probe(x, tokens, episode, slot)
+    assert by_episode.accuracy > 0.95 and by_episode.control_accuracy > 0.95 and abs(by_episode.selectivity) < 0.05
+    by_task = TP.token_identity_probe(x, tokens, task, slot)  # unseen prompts: the memoriser has nothing to read
+    assert by_task.accuracy < 0.3
+
+
+def test_control_labels_keep_the_label_distribution():
+    rng = np.random.default_rng(3)
+    tokens, _, _, slot = _prompt_rows(rng)
+    c = TP.control_labels(tokens, slot, seed=0)
+    first = np.unique(slot, return_index=True)[1]
+    assert sorted(c[first]) == sorted(tokens[first])  # a permutation of the slots' tokens
+    assert (c[first] != tokens[first]).mean() > 0.5
+    for s in np.unique(slot):  # one label per slot
+        assert len(np.unique(c[slot == s])) == 1
+    with pytest.raises(ValueError, match="control"):
+        TP.control_labels(tokens, slot, kind="word")
+
+
+def _lens_data(rng, vocab=60, width=32):
+    tokens, task, _, _ = _prompt_rows(rng, vocab=vocab)
+    emb = rng.normal(size=(vocab, width)).astype(np.float32)
+    final = emb[tokens] + 0.05 * rng.normal(size=(len(tokens), width))  # the unembedding input: E·u tops the token
+    a = _orthogonal(width, rng) * np.linspace(0.5, 2.0, width)  # well conditioned, not aligned with the identity
+    x = final @ a.T + rng.normal(size=width) * 4 + 0.01 * rng.normal(size=(len(tokens), width))  # an affine map of it
+    return x, final, tokens, task, emb
+
+
+def test_tuned_lens_recovers_tokens_from_an_affine_map_of_the_unembedding_input():
+    rng = np.random.default_rng(4)
+    x, final, tokens, task, emb = _lens_data(rng)
+    _, rank = TP.vocab_scores(final, tokens, emb)
+    assert (rank == 0).mean() > 0.99  # the target itself decodes (the premise)
+    r = TP.tuned_lens(x, final, tokens, task, emb, target_normed=True)
+    assert r.top1 > 0.97 and r.translator_r2 > 0.95 and r.n_splits == 5
+    assert r.logit_top1 < 0.3  # the untranslated state does not read through the unembedding
+    # the same with a pre-norm target read through the final RMSNorm (scale offset 0: norm only rescales)
+    r2 = TP.tuned_lens(x, 3.0 * final, tokens, task, emb, np.zeros(32), target_normed=False)
+    assert r2.top1 > 0.97
+
+
+def test_tuned_lens_on_states_without_the_tokens_reads_nothing():
+    rng = np.random.default_rng(5)
+    _, final, tokens, task, emb = _lens_data(rng)
+    r = TP.tuned_lens(rng.normal(size=final.shape), final, tokens, task, emb, target_normed=True)
+    assert r.top1 < 0.1 and r.translator_r2 < 0.1
+
+
+def test_vocab_scores_match_a_dense_softmax():
+    rng = np.random.default_rng(6)
+    h, emb, ids = rng.normal(size=(7, 5)), rng.normal(size=(30, 5)), rng.integers(0, 30, 7)
+    z = h @ emb.T
+    nll, rank = TP.vocab_scores(h, ids, emb, chunk=4)
+    want = np.log(np.exp(z).sum(1)) - z[np.arange(7), ids]
+    np.testing.assert_allclose(nll, want, rtol=1e-4)
+    np.testing.assert_array_equal(rank, (z > z[np.arange(7), ids][:, None]).sum(1))

@@ -211,7 +211,7 @@ def tuned_lens(
     *,
     target_normed: bool,
     n_splits: int = 5,
-    alpha: float = 1e-2,
+    alpha: float = 1e-3,
     max_eval_rows: int = 1024,
     seed: int = 0,
 ) -> LensResult:
