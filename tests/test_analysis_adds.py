@@ -57,7 +57,9 @@ def test_final_norm_capture_is_the_final_norm_of_the_last_layer(tiny_a):
     model, obs, noise = tiny_a
     cfg = model.config
     spec = CaptureSpec(expert_0="off", expert_1="off", attention_to_text=False, final_norm=True, dtype="float32")
-    out = jax.tree.map(np.asarray, model.infer_with_latents(jax.random.key(0), obs, num_steps=3, noise=noise, capture=spec))
+    out = jax.tree.map(
+        np.asarray, model.infer_with_latents(jax.random.key(0), obs, num_steps=3, noise=noise, capture=spec)
+    )
     got = out["text_only_final_norm"]
     assert got.shape == (obs.state.shape[0], cfg.max_token_len, cfg.paligemma_config.width)
     h = _last_layer_output(model, obs)[:, cfg.text_start : cfg.prefix_len]
