@@ -242,3 +242,80 @@ def test_vocab_scores_match_a_dense_softmax():
     want = np.log(np.exp(z).sum(1)) - z[np.arange(7), ids]
     np.testing.assert_allclose(nll, want, rtol=1e-4)
     np.testing.assert_array_equal(rank, (z > z[np.arange(7), ids][:, None]).sum(1))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Through the store: the pooled pass, the control collection, the report
+
+from openpi.latents import analysis as A  # noqa: E402
+from openpi.latents import report  # noqa: E402
+from openpi.latents.analysis.result import pooled_values  # noqa: E402
+
+N_TASKS, VOCAB = 6, 12
+
+
+def _planted_store(root, syn, *, trained: bool):
+    """Text states with known information: trained, layer 0 = the token's embedding (perfect encoding), layer 1 =
+    noise (none), layer 2 = an affine map of the final representation (``text_only_final_norm`` = E[token], which
+    the unembedding reads as the token); untrained (the control), noise everywhere."""
+    from test_analysis import build_store
+
+    prompts = np.random.default_rng(0).integers(1, VOCAB, (N_TASKS, syn.T))
+    mix = _orthogonal(syn.W, np.random.default_rng(1)) * np.linspace(0.5, 2.0, syn.W)
+
+    def rec(t, k, i):
+        r = syn.record(t, k, i)
+        ids = np.where(r["text_mask"], prompts[t], 0).astype(np.int32)
+        rng = np.random.default_rng([t, k, i, 7])
+        final = syn.embedding[ids] + 0.05 * rng.normal(size=(1, syn.T, syn.W))
+        text = rng.normal(size=(syn.L, 1, syn.T, syn.W))
+        if trained:
+            text[0] = syn.embedding[ids] + 0.05 * rng.normal(size=(1, syn.T, syn.W))
+            text[2] = final @ mix.T + 1.0
+        r |= {"tokenized_prompt": ids, "text_only_hidden_states": text.astype(np.float32)}
+        return r | {"text_only_final_norm": final.astype(np.float32)}
+
+    return build_store(root, rec, tasks=tuple(range(N_TASKS)), episodes=2, steps=3)
+
+
+def test_pooled_metrics_through_the_store_with_a_control_collection(tmp_path):
+    from test_analysis import Synth, check_report
+
+    syn = Synth(V=VOCAB, T=10, n_valid=8, W=24)
+    syn.scale = np.zeros(syn.W, np.float32)
+    trained = _planted_store(tmp_path / "trained", syn, trained=True)
+    control = _planted_store(tmp_path / "random", syn, trained=False)
+    res = A.analyze_collection(
+        trained, embedding=syn.token_embedding(), probe=False, n_boot=50, pooled_steps_per_episode=3,
+        control=control, control_label="random init (same observations)",
+    )  # fmt: skip
+    info = res.pooled_info
+    assert (info["n_tasks"], info["n_episodes"], info["n_inferences"], info["split"]) == (6, 12, 36, "task")
+    acc = pooled_values(res, "text_only", "token_probe")
+    sel = pooled_values(res, "text_only", "token_probe", "selectivity")
+    assert acc[0] > 0.95 and sel[0] > 0.6  # the embedding: token identity, read on prompts never trained on
+    assert abs(sel[1]) < 0.2  # noise: nothing beyond the control
+    csel = pooled_values(res.control, "text_only", "token_probe", "selectivity")
+    assert np.all(np.abs(csel) < 0.2)  # the random control shows no selectivity at any layer
+    lens = res.pooled[("text_only", "tuned_lens")]
+    assert lens[2].extra["target"].startswith("text_only_final_norm") and lens[2].extra["final_top1"] > 0.9
+    assert lens[2].value > 0.9 and lens[2].extra["logit_lens_top1"] < 0.5  # the affine map undone by the lens
+    assert lens[1].value < 0.3
+    # geometry: CKA rows line up across layers; layer 1 (noise) is unlike layer 0
+    cka = res.pooled[("text_only", "cka_layers")]
+    assert cka[0].extra["row"] == [pytest.approx(1.0)] and abs(cka[1].value) < 0.2
+    assert len(res.pooled[("expert_1", "cka_denoise")][0].extra["matrix"]) == syn.S
+    assert pooled_values(res, "expert_1", "cka_experts").shape == (syn.L,)
+    erank = pooled_values(res, "text_only", "effective_rank")
+    assert np.all((erank >= 1) & (erank <= syn.W))
+    data = report.write_report(res, tmp_path / "rep")
+    check_report(tmp_path / "rep", data)
+    entry = data["metrics"]["token_probe"]["text_only"]
+    assert entry["control"]["label"] == "random init (same observations)" and len(entry["control"]["per_layer"]) == 3
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "held out by task" in md and "random init (same observations)" in md and "6 tasks, 12 episodes" in md
+
+
+def test_pooled_settings_are_checked_before_work(tmp_path):
+    with pytest.raises(ValueError, match="pooled_split"):
+        A.analyze_collection(tmp_path / "nothing", pooled_split="steps")

@@ -82,7 +82,9 @@ def sample_steps(res: CollectionAnalysis, per_episode: int) -> dict[int, list[in
     out = {}
     for i, ep in enumerate(res.episodes):
         if ep.n_steps:
-            out[i] = sorted(set(np.rint(np.linspace(0, ep.n_steps - 1, min(per_episode, ep.n_steps))).astype(int).tolist()))
+            out[i] = sorted(
+                set(np.rint(np.linspace(0, ep.n_steps - 1, min(per_episode, ep.n_steps))).astype(int).tolist())
+            )
     return out
 
 

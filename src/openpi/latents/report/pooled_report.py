@@ -13,6 +13,7 @@ import numpy as np
 
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis.result import CollectionAnalysis, pooled_values
+from openpi.latents.analysis.streams import STREAMS
 from openpi.latents.report.plots import STREAM_COLORS, _figure, _layer_label, _note
 
 CONTROL_STYLE = dict(color="0.45", ls="--", lw=1.2)
@@ -28,7 +29,12 @@ def pooled_summary(res: CollectionAnalysis, stream: str, metric: str) -> dict[st
     the sample, and the control collection's values."""
     vals = res.pooled.get((stream, metric))
     if vals is None:
-        return {"per_layer": None, "reason": res.reason(stream, metric) if stream in res.streams else "not captured"}
+        if stream not in R.BY_NAME[metric].streams:
+            return {"per_layer": None, "reason": f"{metric} applies to {', '.join(R.BY_NAME[metric].streams)} only"}
+        why = res.missing.get(f"{stream}.{metric}") or res.missing.get(stream) or "not computed"
+        if not res.settings.get("pooled", True):
+            why = "pooled metrics not requested (pooled=False)"
+        return {"per_layer": None, "reason": why}
     out = {
         "layers": res.layers(stream),
         "per_layer": list(pooled_values(res, stream, metric)),
@@ -49,7 +55,7 @@ def pooled_summary(res: CollectionAnalysis, stream: str, metric: str) -> dict[st
 
 def pooled_json(res: CollectionAnalysis) -> dict[str, Any]:
     """{metric: {stream: :func:`pooled_summary`}} for every pooled metric of the registry."""
-    return {m: {s: pooled_summary(res, s, m) for s in R.BY_NAME[m].streams} for m in R.POOLED_METRICS}
+    return {m: {s: pooled_summary(res, s, m) for s in STREAMS} for m in R.POOLED_METRICS}
 
 
 def caption(res: CollectionAnalysis) -> str:
