@@ -63,6 +63,17 @@ class Args:
     success_window: Literal["common", "all"] = "common"
     # Analyse a damaged store's intact episodes (by default a damaged store is refused, listing the damage).
     skip_damaged: bool = False
+    # Pooled metrics (token-identity probe, tuned lens, CKA, effective rank) on a sample of every episode's steps.
+    pooled: bool = True
+    # Held-out unit of the token probe and the tuned lens: "task" (prompts never seen in training) or "episode".
+    pooled_split: Literal["task", "episode"] = "task"
+    # Evenly spaced rollout steps per episode in the pooled sample.
+    pooled_steps_per_episode: int = 2
+    # A control collection analysed the same way and shown beside this one (dashed): e.g. the same observations
+    # re-run with a random-initialised model of the same config, or a second checkpoint (docs/INTERFACES.md).
+    control: pathlib.Path | None = None
+    # The control's name in the report (default: its manifest's checkpoint).
+    control_label: str | None = None
 
 
 def main(args: Args) -> dict:
@@ -88,6 +99,11 @@ def main(args: Args) -> dict:
         allow_pickle=args.allow_pickle,
         success_window=args.success_window,
         skip_damaged=args.skip_damaged,
+        pooled=args.pooled,
+        pooled_split=args.pooled_split,
+        pooled_steps_per_episode=args.pooled_steps_per_episode,
+        control=args.control,
+        control_label=args.control_label,
         progress=lambda msg: print(msg, flush=True),
     )
     data = report.write_report(res, args.output_dir)

@@ -287,7 +287,7 @@ def test_pooled_metrics_through_the_store_with_a_control_collection(tmp_path):
     control = _planted_store(tmp_path / "random", syn, trained=False)
     res = A.analyze_collection(
         trained, embedding=syn.token_embedding(), probe=False, n_boot=50, pooled_steps_per_episode=3,
-        control=control, control_label="random init (same observations)",
+        control=control, control_label="random init (same observations)", control_embedding=syn.token_embedding(),
     )  # fmt: skip
     info = res.pooled_info
     assert (info["n_tasks"], info["n_episodes"], info["n_inferences"], info["split"]) == (6, 12, 36, "task")

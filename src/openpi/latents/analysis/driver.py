@@ -140,6 +140,7 @@ def analyze_collection(
     pooled_steps_per_episode: int = 2,
     control: Any = None,
     control_label: str | None = None,
+    control_embedding: TokenEmbedding | str | None = "auto",
 ) -> CollectionAnalysis:
     """Computes every registered metric per stream and layer for a collection (store path, task data, ...).
 
@@ -159,7 +160,9 @@ def analyze_collection(
             ("task", default, or "episode").
         control: a control collection (same kinds of ``data``; e.g. :mod:`openpi.latents.control_rerun`'s re-run of
             this collection's observations with a random-initialised model), analysed with the same settings and
-            shown beside this one (``res.control``); ``control_label`` names it (default: its manifest checkpoint).
+            shown beside this one (``res.control``); ``control_label`` names it (default: its manifest checkpoint);
+            ``control_embedding``: the control model's own token embedding ("auto": from the control's manifest, a
+            ``random(seed=N)`` checkpoint re-created from its model_config; None when ``embedding`` is None).
     """
     t0 = time.monotonic()
     if success_window not in ("common", "all"):
@@ -200,7 +203,8 @@ def analyze_collection(
         kw |= dict(n_boot=n_boot, seed=seed, text_step_stride=text_step_stride, max_block_bytes=max_block_bytes)
         kw |= dict(success_window=success_window, allow_pickle=allow_pickle, progress=progress, pooled=pooled)
         kw |= dict(pooled_split=pooled_split, pooled_steps_per_episode=pooled_steps_per_episode)
-        res.control = analyze_collection(control, embedding=embedding, skip_damaged=skip_damaged, **kw)
+        ctrl_emb = None if embedding is None else control_embedding
+        res.control = analyze_collection(control, embedding=ctrl_emb, skip_damaged=skip_damaged, **kw)
         res.control_label = control_label or str(res.control.source["manifest"].get("checkpoint") or "control")
     res.timings["total_s"] = time.monotonic() - t0
     return res
