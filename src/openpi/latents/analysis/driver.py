@@ -200,14 +200,21 @@ def analyze_collection(
         P.analyze_pooled(source, res, emb, [m for m in R.REGISTRY if m.scope == "pooled"], say)
     if control is not None:
         kw = dict(task_ids=task_ids, probe=probe, probe_splits=probe_splits, probe_shuffles=probe_shuffles)
-        kw |= dict(n_boot=n_boot, seed=seed, text_step_stride=text_step_stride, max_block_bytes=max_block_bytes)
-        kw |= dict(success_window=success_window, allow_pickle=allow_pickle, progress=progress, pooled=pooled)
-        kw |= dict(pooled_split=pooled_split, pooled_steps_per_episode=pooled_steps_per_episode)
-        ctrl_emb = None if embedding is None else control_embedding
-        res.control = analyze_collection(control, embedding=ctrl_emb, skip_damaged=skip_damaged, **kw)
-        res.control_label = control_label or str(res.control.source["manifest"].get("checkpoint") or "control")
+        kw |= dict(text_step_stride=text_step_stride, max_block_bytes=max_block_bytes, allow_pickle=allow_pickle)
+        kw |= dict(success_window=success_window, progress=progress, skip_damaged=skip_damaged)
+        _analyze_control(res, control, control_label, None if embedding is None else control_embedding, kw)
     res.timings["total_s"] = time.monotonic() - t0
     return res
+
+
+def _analyze_control(res: CollectionAnalysis, control, label: str | None, embedding, kw: dict) -> None:
+    """The control collection, analysed with ``res``'s settings, into ``res.control`` / ``res.control_label``."""
+    st = res.settings
+    kw |= dict(n_boot=st["n_boot"], seed=st["seed"], pooled=st["pooled"], pooled_split=st["pooled_split"])
+    res.control = analyze_collection(
+        control, embedding=embedding, pooled_steps_per_episode=st["pooled_steps_per_episode"], **kw
+    )
+    res.control_label = label or str(res.control.source["manifest"].get("checkpoint") or "control")
 
 
 def _pooled_settings(pooled: bool, split: str, steps_per_episode: int) -> dict[str, Any]:
