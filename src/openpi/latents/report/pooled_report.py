@@ -122,7 +122,12 @@ def _heat(mat, labels, title_note: str = ""):
     def draw(ax):
         m = np.asarray(mat, float)
         im = ax.imshow(
-            m, origin="lower", cmap="viridis", vmin=min(0.0, np.nanmin(m)), vmax=1.0, interpolation="nearest"
+            m,
+            origin="lower",
+            cmap="viridis",
+            vmin=min(0.0, np.nanmin(m)) if np.isfinite(m).any() else 0.0,
+            vmax=1.0,
+            interpolation="nearest",
         )
         ticks = range(len(labels))
         ax.set_xticks(list(ticks), [str(v) for v in labels], fontsize=6)
