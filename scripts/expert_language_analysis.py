@@ -64,9 +64,11 @@ class Args:
     max_block_mib: int = 64
     # Open pickles (unpickling executes code from the file: only for files you trust).
     allow_pickle: bool = False
-    # Success vs failure over the first N rollout steps of every episode (N = fewest any episode has; "common"), or
-    # over each episode's own steps ("all": failed episodes run longer, so step-dependent metrics are confounded).
-    success_window: Literal["common", "all"] = "common"
+    # How episodes of different lengths are aligned for success vs failure: "progress" (default: bins of normalised
+    # progress through each episode, which never collapse), "common" (the first N rollout steps, N = fewest any
+    # episode has) or "all" (each episode's own steps: failed episodes run longer, so step-dependent metrics are
+    # confounded).
+    success_window: Literal["progress", "common", "all"] = "progress"
     # Analyse a damaged store's intact episodes (by default a damaged store is refused, listing the damage).
     skip_damaged: bool = False
     # Closed-loop conditions to compare with their paired baseline (a directory of condition stores, as a sweep or
@@ -74,6 +76,17 @@ class Args:
     conditions: pathlib.Path | None = None
     # The baseline store of --conditions (default: the one among them with the task prompt and no intervention).
     baseline: pathlib.Path | None = None
+    # Pooled metrics (token-identity probe, tuned lens, CKA, effective rank) on a sample of every episode's steps.
+    pooled: bool = True
+    # Held-out unit of the token probe and the tuned lens: "task" (prompts never seen in training) or "episode".
+    pooled_split: Literal["task", "episode"] = "task"
+    # Evenly spaced rollout steps per episode in the pooled sample.
+    pooled_steps_per_episode: int = 2
+    # A control collection analysed the same way and shown beside this one (dashed): e.g. the same observations
+    # re-run with a random-initialised model of the same config, or a second checkpoint (docs/INTERFACES.md).
+    control: pathlib.Path | None = None
+    # The control's name in the report (default: its manifest's checkpoint).
+    control_label: str | None = None
 
 
 def main(args: Args) -> dict:
@@ -99,6 +112,11 @@ def main(args: Args) -> dict:
         allow_pickle=args.allow_pickle,
         success_window=args.success_window,
         skip_damaged=args.skip_damaged,
+        pooled=args.pooled,
+        pooled_split=args.pooled_split,
+        pooled_steps_per_episode=args.pooled_steps_per_episode,
+        control=args.control,
+        control_label=args.control_label,
         progress=lambda msg: print(msg, flush=True),
     )
     behaviour = None

@@ -75,6 +75,8 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
     # pooled captures are float32 whatever the capture dtype (small; bf16 floors relative changes at ~1e-3)
     RecordKey("expert_0_segment_means", _SEGMENTS, "float32", "expert_0", True),
     RecordKey("text_only_hidden_states", _HIDDEN, CAPTURE_DTYPE, "text", True),
+    # CaptureSpec.final_norm: expert 0's output after its final norm at the text positions (after the last layer).
+    RecordKey("text_only_final_norm", ("batch", "token", "width"), CAPTURE_DTYPE, "text", True),
     RecordKey("expert_1_hidden_states", ("denoise_step", *_HIDDEN), CAPTURE_DTYPE, "expert_1", True),
     RecordKey("expert_1_segment_means", ("denoise_step", *_SEGMENTS), "float32", "expert_1", True),
     RecordKey(

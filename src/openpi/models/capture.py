@@ -13,6 +13,8 @@ Streams (see docs/INTERFACES.md for the exact keys and shapes):
 * `attention_to_text`: attention mass (summed softmax probability) from each expert-1 query onto the valid text keys,
   per layer, head and denoising step.
 * `trajectory`: the flow-matching path x_t (before each step and the final x_0) and the velocities v_t.
+* `final_norm`: expert 0's output after its final RMSNorm (what the tied unembedding reads) at the text positions,
+  the entry after the last layer (the residual entries are the streams *entering* each layer).
 * `modulation` (pi0.5 only): the adaptive-norm modulation (scale, shift, gate) of each action-expert layer at each
   denoising step, and the time condition it is computed from.
 """
@@ -48,6 +50,8 @@ class CaptureSpec:
     dtype: StorageDtype = "bfloat16"
     # pi0.5 only: each action-expert layer's adaRMS (scale, shift, gate) per denoising step, plus `adarms_cond`.
     modulation: bool = False
+    # Expert 0's final output after its final norm, at the text positions (`text_only_final_norm`); off by default.
+    final_norm: bool = False
 
     def __post_init__(self):
         for field in ("expert_0", "expert_1"):

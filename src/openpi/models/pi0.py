@@ -270,7 +270,8 @@ class Pi0:
         `expert_1_hidden_states` [S', L', B, Ts, W1] or `expert_1_segment_means` [S', L', B, 2, W1]
         (`config.suffix_segment_names`), `attention_to_text` [S', L', B, heads, Ts], `denoise_times` [S'],
         `x_t` [S+1, B, H, A], `v_t` [S, B, H, A]; pi0.5 with `capture.modulation`: `expert_1_modulation`
-        [S', L', B, 2, 3, W1] and `adarms_cond` [S', B, W1].
+        [S', L', B, 2, 3, W1] and `adarms_cond` [S', B, W1]; with `capture.final_norm`: `text_only_final_norm`
+        [B, n, W0] (expert 0's output after its final norm at the text positions: the entry after the last layer).
         L' = captured layers (entry l = residual stream entering that layer), S' = captured denoising steps.
         With an `intervention`, the actions are `sample_actions(..., intervention=...)`'s and the captures show the
         edited streams.
@@ -420,7 +421,7 @@ def _sample_jit(
     if any(t.tokens == "pool" for t in taps0):
         pool0 = [_mean_weights(model._token_groups(prefix_mask, None)), None]
     edits0 = None if intervention is None else layer_edits.for_prefix(intervention, cfg)
-    _, kv_cache, prefix_caps = cfg.llm(taps0, capture_dtype).apply(
+    prefix_out, kv_cache, prefix_caps = cfg.llm(taps0, capture_dtype).apply(
         llm_params, [prefix_tokens, None], positions, prefix_attn, pool_weights=pool0, edits=edits0
     )
 
@@ -493,6 +494,8 @@ def _sample_jit(
         out["attention_to_text"] = ys["attention_mass"][steps][:, layers][..., 0]  # one key group: the text
     ts = cfg.text_start
     out["text_mask"] = prefix_mask[:, ts : ts + cfg.max_token_len]
+    if capture.final_norm:  # the entry after the last layer: expert 0's output after its final norm (text window)
+        out["text_only_final_norm"] = prefix_out[0][:, ts : ts + cfg.max_token_len].astype(capture.dtype)
     # Which prefix segments (each camera, then the text) hold any valid token: a masked camera's tokens attend to
     # nothing valid, so their states are meaningless and analyses must leave them out.
     out["segment_mask"] = model._token_groups(prefix_mask, None).any(axis=-1)

@@ -27,6 +27,7 @@ import numpy as np
 from openpi.latents import schema
 from openpi.latents.analysis import labels
 from openpi.latents.analysis import metrics as M
+from openpi.latents.analysis import pooled as P
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis import source as src
 from openpi.latents.analysis import streams as S
@@ -137,6 +138,12 @@ def analyze_collection(
     n_permutations: int = 1000,
     progress_bins: int = 10,
     include_constant_tokens: bool = False,
+    pooled: bool = True,
+    pooled_split: str = "task",
+    pooled_steps_per_episode: int = 2,
+    control: Any = None,
+    control_label: str | None = None,
+    control_embedding: TokenEmbedding | str | None = "auto",
 ) -> CollectionAnalysis:
     """Computes every registered metric per stream and layer for a collection (store path, task data, ...).
 
@@ -157,12 +164,24 @@ def analyze_collection(
         include_constant_tokens: keep BOS and the trailing "\n" in text decoding, the text probe and attention to
             text (default: left out; they are the same for every prompt).
         skip_damaged: a store path with damaged episodes is refused (listing them) unless this skips them.
+        pooled: compute the pooled metrics (registry scope "pooled": token probe, tuned lens, CKA, effective rank) on
+            ``pooled_steps_per_episode`` evenly spaced rollout steps of every episode, held out by ``pooled_split``
+            ("task", default, or "episode").
+        control: a control collection (same kinds of ``data``; e.g. :mod:`openpi.latents.control_rerun`'s re-run of
+            this collection's observations with a random-initialised model), analysed with the same settings and
+            shown beside this one (``res.control``); ``control_label`` names it (default: its manifest checkpoint);
+            ``control_embedding``: the control model's own token embedding ("auto": from the control's manifest, a
+            ``random(seed=N)`` checkpoint re-created from its model_config; None when ``embedding`` is None).
     """
     t0 = time.monotonic()
     if success_window not in WINDOWS:
         raise ValueError(f"success_window must be one of {WINDOWS}, got {success_window!r}")
     if progress_bins < 1:
         raise ValueError(f"progress_bins must be >= 1, got {progress_bins}")
+    if pooled_split not in ("task", "episode"):
+        raise ValueError(f"pooled_split must be 'task' or 'episode', got {pooled_split!r}")
+    if pooled_steps_per_episode < 1:
+        raise ValueError(f"pooled_steps_per_episode must be >= 1, got {pooled_steps_per_episode}")
     source = src.make_source(data, task_ids=task_ids, allow_pickle=allow_pickle, skip_damaged=skip_damaged)
     episodes = _episodes(source)
     if not episodes:
@@ -183,14 +202,46 @@ def analyze_collection(
         n_permutations=n_permutations,
         progress_bins=progress_bins,
         include_constant_tokens=include_constant_tokens,
+        **_pooled_settings(pooled, pooled_split, pooled_steps_per_episode),
     )
     res = CollectionAnalysis(
         _source_info(source, episodes, emb, denoise), episodes, streams, missing, {}, {}, {}, {}, settings, notes=notes
     )
-    _analyze_streams(source, res, emb, probe, progress or (lambda msg: logger.info(msg)), t0)
+    say = progress or (lambda msg: logger.info(msg))
+    _analyze_streams(source, res, emb, probe, say, t0)
     _action_divergence(source, res)
+    if pooled:
+        P.analyze_pooled(source, res, emb, [m for m in R.REGISTRY if m.scope == "pooled"], say)
+    if control is not None:
+        kw = dict(task_ids=task_ids, probe=probe, probe_splits=probe_splits, probe_shuffles=probe_shuffles)
+        kw |= dict(text_step_stride=text_step_stride, max_block_bytes=max_block_bytes, allow_pickle=allow_pickle)
+        kw |= dict(success_window=success_window, progress=progress, skip_damaged=skip_damaged)
+        _analyze_control(res, control, control_label, None if embedding is None else control_embedding, kw)
     res.timings["total_s"] = time.monotonic() - t0
     return res
+
+
+def _analyze_control(res: CollectionAnalysis, control, label: str | None, embedding, kw: dict) -> None:
+    """The control collection, analysed with ``res``'s settings, into ``res.control`` / ``res.control_label``."""
+    st = res.settings
+    kw |= dict(n_boot=st["n_boot"], seed=st["seed"], pooled=st["pooled"], pooled_split=st["pooled_split"])
+    res.control = analyze_collection(
+        control, embedding=embedding, pooled_steps_per_episode=st["pooled_steps_per_episode"], **kw
+    )
+    res.control_label = label or str(res.control.source["manifest"].get("checkpoint") or "control")
+
+
+def _pooled_settings(pooled: bool, split: str, steps_per_episode: int) -> dict[str, Any]:
+    """The pooled metrics' settings (openpi.latents.analysis.pooled): sample, held-out unit, row caps."""
+    return dict(
+        pooled=pooled,
+        pooled_split=split,
+        pooled_steps_per_episode=steps_per_episode,
+        pooled_max_rows=4000,  # rows per layer (subsampled with the seed, the same rows for every layer)
+        cka_rows=1000,  # rows behind each CKA gram ([N, N] float64 per stored layer)
+        lens_eval_rows=512,  # held-out rows the tuned lens decodes against the whole vocabulary
+        token_probe_control="slot",
+    )
 
 
 def _analyze_streams(source, res: CollectionAnalysis, emb, probe: bool, say: Callable[[str], None], t0: float) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from openpi.latents import schema
 from openpi.latents.analysis import metrics as M
+from openpi.latents.analysis import pooled_metrics as PM
 from openpi.latents.analysis import streams as S
 
 if TYPE_CHECKING:
@@ -77,7 +78,8 @@ class Metric:
     compute: Callable[[LayerBlock], Values | None]
     label: str  # axis label of its figures
     higher_means: str  # what a higher value says (the openpi-style language-loss view)
-    scope: str = "block"  # "block": per block of rollout steps; "episode": once per episode and layer
+    scope: str = "block"  # "block": per block of rollout steps; "episode": once per episode and layer; "pooled":
+    # once per layer on rows pooled over a sample of the collection (openpi.latents.analysis.pooled)
     needs_embedding: bool = False  # skipped (with the reason) without a token embedding
     curves: bool = False  # drawn in the per-layer curves
     heatmaps: bool = False  # drawn as layer × rollout-step heatmaps and split by success
@@ -323,11 +325,86 @@ REGISTRY: tuple[Metric, ...] = (
         curves=True,
         heatmaps=True,
     ),
+    # ---- pooled metrics (issue 10: information, geometry): one value per layer over a sample of the collection,
+    # computed by openpi.latents.analysis.pooled; unit of resampling / held-out unit: the task (settings.pooled_split)
+    Metric(
+        "token_probe",
+        _TEXT,
+        "held-out accuracy of a ridge linear probe of the token id at the prompt's content positions (no BOS, no "
+        "trailing newline), folds grouped by task (prompts never seen in training; test tokens must occur in "
+        "training: coverage); control task: every prompt slot (task, position) relabelled with another slot's token "
+        "(same label distribution); selectivity = accuracy − control accuracy",
+        PM.token_probe,
+        label="token-identity probe accuracy",
+        higher_means="token identity is linearly decodable from the state",
+        scope="pooled",
+        fraction=True,
+    ),
+    Metric(
+        "tuned_lens",
+        _TEXT,
+        "held-out top-1 of a tuned lens: a per-layer affine translator (ridge least squares) to expert 0's final "
+        "representation at the same position (text_only_final_norm, after the final norm, when captured; else the "
+        "last stored layer through the final RMSNorm), read through the tied unembedding; folds grouped by task; the "
+        "plain logit lens on the same held-out rows beside it",
+        PM.tuned_lens,
+        label="tuned-lens top-1",
+        higher_means="the prompt token is readable through the unembedding after an affine translation",
+        scope="pooled",
+        needs_embedding=True,
+        fraction=True,
+    ),
+    Metric(
+        "effective_rank",
+        S.STREAMS,
+        "exp of the entropy of the normalised singular values σ/Σσ of the column-centred rows (text_only: content "
+        "positions; expert_0: valid cameras' pooled states; expert_1: suffix tokens at the last captured denoising "
+        "step); bounded by min(rows, width)",
+        PM.effective_rank,
+        label="effective rank",
+        higher_means="the states spread over more directions",
+        scope="pooled",
+    ),
+    Metric(
+        "cka_layers",
+        S.STREAMS,
+        "debiased linear CKA (unbiased HSIC) between the same rows at two stored layers; per layer: with the "
+        "previous stored layer; the full layer × layer matrix in the report",
+        PM.cka_layers,
+        label="CKA with the previous layer",
+        higher_means="the layer changes the representation less",
+        scope="pooled",
+        fraction=True,
+    ),
+    Metric(
+        "cka_experts",
+        ("expert_1",),
+        "debiased linear CKA, one row per sampled inference (the task probe's features), between expert 1 and "
+        "expert 0 (image stream; text stream beside it) at the same stored layer; values on expert_1 only",
+        PM.cka_experts,
+        label="CKA expert 1 vs expert 0",
+        higher_means="the action expert's states share more structure with expert 0's",
+        scope="pooled",
+        fraction=True,
+    ),
+    Metric(
+        "cka_denoise",
+        ("expert_1",),
+        "debiased linear CKA of expert 1's suffix tokens 1: (pi0: the action tokens; the state token is the same at "
+        "every step by construction) between the first and the last captured denoising step; [S, S] matrix beside it",
+        PM.cka_denoise,
+        label="CKA first vs last denoising step",
+        higher_means="the representation changes less over denoising",
+        scope="pooled",
+        fraction=True,
+    ),
+    # ---- end of the pooled metrics
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in REGISTRY}
 # metric -> (streams it applies to, one-line definition): the shape metrics.json and older callers read.
 METRICS: dict[str, tuple[tuple[str, ...], str]] = {m.name: (m.streams, m.definition) for m in REGISTRY}
 CURVE_METRICS = tuple(m.name for m in REGISTRY if m.curves)
+POOLED_METRICS = tuple(m.name for m in REGISTRY if m.scope == "pooled")
 HEATMAP_METRICS = tuple(m.name for m in REGISTRY if m.heatmaps)
 TEXT_DECODING_METRICS = tuple(m.name for m in REGISTRY if m.needs_embedding)
 

@@ -71,6 +71,13 @@ class CollectionAnalysis:
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
     # text_only counterfactual reruns: positions compared per rerun (same token under both prompts)
     cf_text_positions: list[int] = dataclasses.field(default_factory=list)
+    # pooled metrics (registry scope "pooled"): (stream, metric) -> one PooledValue (or None) per stored layer, and
+    # the sample they were computed on (openpi.latents.analysis.pooled)
+    pooled: dict[tuple[str, str], list] = dataclasses.field(default_factory=dict)
+    pooled_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the same analysis of a control collection (random-initialised model / second checkpoint), and what it is
+    control: CollectionAnalysis | None = None
+    control_label: str | None = None
 
     def has(self, stream: str, metric: str) -> bool:
         return (stream, metric) in self.step_values
@@ -286,3 +293,14 @@ def summary_value(res: CollectionAnalysis, stream: str, metric: str) -> Mapping[
         "unit_of_resampling": cis[0].unit if cis else None,
         "correction": "none (per-layer 95% intervals, not simultaneous)",
     }
+
+
+def pooled_values(res: CollectionAnalysis, stream: str, metric: str, extra: str | None = None) -> np.ndarray:
+    """[layers] a pooled metric's value per stored layer (or its named ``extra``), NaN where not computed."""
+    vals = res.pooled.get((stream, metric)) or []
+    out = np.full(len(vals), np.nan)
+    for j, v in enumerate(vals):
+        x = None if v is None else (v.value if extra is None else v.extra.get(extra))
+        if isinstance(x, int | float | np.floating | np.integer):
+            out[j] = float(x)
+    return out

@@ -20,8 +20,11 @@ from openpi.latents.report.json_report import clean, metrics_json
 from openpi.latents.report.markdown import report_md
 from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
 from openpi.latents.report.plots import FIGURES
+from openpi.latents.report.pooled_report import POOLED_FIGURES
 from openpi.latents.report.readings import readings
 from openpi.latents.report.tables import TABLES, write_tables
+
+FIGURES.update(POOLED_FIGURES)  # the information and geometry figures of the pooled metrics
 
 __all__ = [
     "DRIFT_NOTE",

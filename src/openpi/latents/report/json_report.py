@@ -32,6 +32,7 @@ from openpi.latents.analysis.language_loss import language_loss_summary
 from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
 from openpi.latents.analysis.streams import STREAMS
 from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
+from openpi.latents.report.pooled_report import pooled_json
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics
 
 MANIFEST_KEYS = (
@@ -205,7 +206,10 @@ def _streams(res: CollectionAnalysis) -> dict[str, Any]:
 
 def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
     """The content of metrics.json (before :func:`clean`), figures and tables left out."""
-    metrics: dict[str, Any] = {m.name: {s: summary_value(res, s, m.name) for s in STREAMS} for m in R.REGISTRY}
+    metrics: dict[str, Any] = {
+        m.name: {s: summary_value(res, s, m.name) for s in STREAMS} for m in R.REGISTRY if m.scope != "pooled"
+    }
+    metrics |= pooled_json(res)  # the pooled metrics (token probe, tuned lens, CKA, effective rank)
     metrics["task_probe"] = _task_probe(res)
     metrics["success_relation"] = _success_relation(res)
     metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}

@@ -10,6 +10,7 @@ from openpi.latents.analysis.result import CollectionAnalysis
 from openpi.latents.analysis.streams import STREAMS
 from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
 from openpi.latents.report.notes import fmt as _fmt
+from openpi.latents.report.pooled_report import pooled_sections
 from openpi.latents.report.readings import readings
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics, statistics_line
 from openpi.latents.report.tables import TABLES
@@ -108,6 +109,7 @@ def report_md(res: CollectionAnalysis, figures: dict[str, Any], summary: dict[st
     for name, title, key in SECTIONS:
         lines += [f"## {title}", "", r[key], "", f"![{name}]({figures[name]['file']})", ""]
         lines += [statistics_line(stats[name]), ""]
+    lines += pooled_sections(res, figures)
     lines += _definitions_and_notes(res) + _caveats(res)
     lines += [
         "## Files",
