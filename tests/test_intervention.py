@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from model_inputs import fixture_observation, random_observation, tiny_a_config
 
-from openpi.models.capture import CaptureSpec
-from openpi.models import gemma, pi0
+from openpi.models import gemma, pi0, sampling
 from openpi.models import intervention as iv
 from openpi.models import model as _model
+from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config
 
 NUM_STEPS = 3
@@ -189,7 +189,7 @@ def test_new_values_do_not_recompile(model, obs, noise):
     sizes, outs = [], []
     for alpha in (1.0, 2.5, -1.0):
         outs.append(_actions(model, obs, noise, iv.steer(0, "text", (1,), rng.normal(size=64), alpha=alpha)))
-        sizes.append(pi0._sample_jit._cache_size())
+        sizes.append(sampling.sample_jit._cache_size())
     assert sizes[0] == sizes[1] == sizes[2]  # one program for every value
     assert _maxdiff(outs[0], outs[1]) > 1e-5  # and the new values were used
 
@@ -216,12 +216,12 @@ def test_new_values_do_not_recompile(model, obs, noise):
     ],
 )
 def test_bad_requests_raise_before_compiling(model, obs, noise, make, message):
-    before = pi0._sample_jit._cache_size()
+    before = sampling.sample_jit._cache_size()
     with pytest.raises(ValueError, match=message):
         _actions(model, obs, noise, make())
     with pytest.raises(ValueError, match=message):
         _latents(model, obs, noise, make())
-    assert pi0._sample_jit._cache_size() == before
+    assert sampling.sample_jit._cache_size() == before
 
 
 def test_constructor_errors():

@@ -29,11 +29,11 @@ from test_pi0_capture import (  # noqa: F401
     test_sample_actions_with_inference_steps,
 )
 
-from openpi.models.capture import CaptureSpec
 from openpi.models import gemma, pi0
 from openpi.models import model as _model
 from openpi.models import suffix as _suffix
 from openpi.models import tokenizer as _tokenizer
+from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config
 
 ATOL = 1e-4

@@ -1,13 +1,14 @@
 """Capture contracts: capturing never changes actions; shapes of every capture API over two different configs."""
 
 import dataclasses
+import itertools
 
 import jax
 import numpy as np
 import pytest
 from model_inputs import random_observation
 
-from openpi.models import gemma, pi0
+from openpi.models import gemma, pi0, taps
 from openpi.models.capture import CaptureSpec
 
 # Two configs that differ in batch size, depth, widths (equal vs different expert widths), heads and horizon.
@@ -111,7 +112,7 @@ def test_infer_with_latents_shapes(setup):
 
 
 def test_layer_and_step_selection_and_dtype(setup):
-    model, obs, noise, b = setup
+    model, obs, noise, _b = setup
     cfg = model.config
     full = _run(model, obs, noise, dataclasses.replace(CaptureSpec.everything(), dtype="float32"))
     spec = CaptureSpec(expert_0="full", expert_1="full", layers=(cfg.depth - 1, 0), denoise_steps=(NUM_STEPS - 1,))
@@ -159,7 +160,7 @@ def test_sample_actions_with_inference_steps(setup):
         assert s["expert_1_hidden_states"].shape == (cfg.depth, b, cfg.suffix_len, cfg.action_expert_config.width)
     # Euler: x_{s+1} = x_s + dt * v_s, and the last update gives the final action.
     dt = -1.0 / NUM_STEPS
-    for s0, s1 in zip(steps, steps[1:]):
+    for s0, s1 in itertools.pairwise(steps):
         np.testing.assert_allclose(s1["x_t"], s0["x_t"] + dt * s0["v_t"], atol=1e-6)
     np.testing.assert_allclose(out["final_action"], steps[-1]["x_t"] + dt * steps[-1]["v_t"], atol=1e-6)
     np.testing.assert_allclose(steps[0]["x_t"], noise)
@@ -217,23 +218,23 @@ def test_analysis_accessors(setup):
     full_mask = np.concatenate([mask, suffix_mask], axis=1)
     attn = pi0.make_attn_mask(full_mask, np.concatenate([ar, suffix_ar]))
     positions = np.cumsum(full_mask, axis=1) - 1
-    _, _, caps = cfg.llm(gemma.hidden_state_taps(2)).apply(
+    _, _, caps = cfg.llm(taps.hidden_state_taps(2)).apply(
         {"params": model.params["PaliGemma"]["llm"]}, [tokens, suffix], positions, attn
     )
-    e0 = gemma.Analysis.get_expert_0_hidden_states(caps)
-    e1 = gemma.Analysis.get_expert_1_hidden_states(caps)
+    e0 = taps.Analysis.get_expert_0_hidden_states(caps)
+    e1 = taps.Analysis.get_expert_1_hidden_states(caps)
     assert e0.shape == (cfg.depth, b, cfg.prefix_len, cfg.paligemma_config.width)
     assert e1.shape == (cfg.depth, b, cfg.suffix_len, cfg.action_expert_config.width)
     np.testing.assert_allclose(e0[0], tokens, atol=1e-6)  # layer 0 entry = the embedded input
-    hs = gemma.Analysis.get_hidden_states(caps)
+    hs = taps.Analysis.get_hidden_states(caps)
     if cfg.paligemma_config.width == cfg.action_expert_config.width:
         assert hs.shape == (cfg.depth, b, cfg.prefix_len + cfg.suffix_len, cfg.paligemma_config.width)
     else:
         assert isinstance(hs, tuple) and [h.shape for h in hs] == [e0.shape, e1.shape]
-    text, text_mask = gemma.Analysis.get_text_only_hidden_states(
+    text, text_mask = taps.Analysis.get_text_only_hidden_states(
         caps, text_start=cfg.text_start, text_len=cfg.max_token_len, input_mask=mask
     )
     assert text.shape == (cfg.depth, b, cfg.max_token_len, cfg.paligemma_config.width)
     np.testing.assert_array_equal(text_mask, obs.tokenized_prompt_mask)
     with pytest.raises(KeyError, match="Expert 1"):
-        gemma.Analysis.get_expert_1_hidden_states({"hidden_states_0": e0})
+        taps.Analysis.get_expert_1_hidden_states({"hidden_states_0": e0})

@@ -2,28 +2,29 @@
 
 Parameter layout and numerics follow upstream openpi exactly (see shared/spec/pi0.md section 4): expert 0 keeps the
 PaliGemma names (`q_einsum`, `mlp`, ...), expert i > 0 gets the suffix `_i`; the layer stack is an `nn.scan` with the
-layer index as the first param axis.
+layer index as the first param axis. The building blocks (norm, einsum, embedder, FFN, RoPE) are in `gemma_layers`.
 
 Capture by construction: each layer returns the taps that were asked for (a residual stream entering the layer, the
 attention output, ...), already reduced over tokens, and the scan stacks them per layer. Interventions
 (`layer_edits.LayerEdits`) edit those streams and the attention mask in the same layer body, before the taps read
-them. With no taps and no edits the program is the plain model.
+them. With no taps and no edits the program is the plain model. What a tap is, and reading captures back: `taps`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from openpi.models import layer_edits as _edits
 from openpi.models import lora as _lora
 from openpi.models.adarms import AdaRMSNorm, gate_of, gated_residual
-from openpi.models import layer_edits as _edits
+from openpi.models.gemma_layers import Einsum, Embedder, FeedForward, RMSNorm, apply_rope
+from openpi.models.taps import Tap, reduce_tokens
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 # Upstream fills masked logits with this finite value (not -inf): rows with no valid key get a uniform softmax.
@@ -83,145 +84,14 @@ def variants() -> tuple[str, ...]:
     return tuple(_VARIANTS)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Capture requests
-# ----------------------------------------------------------------------------------------------------------------
-
-Stream = Literal["residual", "post_attn_residual", "attn_out", "head_out", "modulation"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Tap:
-    """One per-layer capture: a stream of one expert, reduced over its tokens.
-
-    streams:
-      residual           — the expert's residual stream entering the layer (layer 0: the embedded input).
-      post_attn_residual — the residual stream after the attention block's residual add (before the FFN).
-      attn_out           — the attention block's output (after the output projection, before the residual add).
-      head_out           — the per-head attention output before the output projection, [.., tokens, heads, head_dim].
-      modulation         — adaptive experts only (pi0.5's action expert): the adaRMS modulation of the layer's two
-                           norms, [B, 2 (pre-attention, pre-FFN), 3 (scale, shift, gate), W]; per example, not per
-                           token, so `tokens` must be "full".
-    tokens:
-      "full"      — every token of this expert in this call.
-      (start, stop) — a static token window.
-      "pool"      — `pool_weights[expert] @ stream`: a weighted sum per token group ([B, G, T] weights, usually
-                    masked means), computed and returned in float32 (never cast to the capture dtype).
-    """
-
-    name: str
-    stream: Stream
-    expert: int
-    tokens: Literal["full", "pool"] | tuple[int, int] = "full"
-
-
 def _name(base: str, expert: int) -> str:
     # Expert 0 keeps PaliGemma's names so the VLM loads from a PaliGemma checkpoint unchanged.
     return base if expert == 0 else f"{base}_{expert}"
 
 
-def _reduce_tokens(x: jax.Array, tokens, weights: jax.Array | None) -> jax.Array:
-    if tokens == "full":
-        return x
-    if tokens == "pool":
-        if weights is None:
-            raise ValueError("A 'pool' tap needs pool_weights for its expert.")
-        return jnp.einsum("bgt,bt...->bg...", weights.astype(jnp.float32), x.astype(jnp.float32))
-    start, stop = tokens
-    return x[:, start:stop]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        dtype = x.dtype
-        scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        normed = x32 * jnp.reciprocal(jnp.sqrt(var + 1e-6))
-        return (normed * (1 + scale)).astype(dtype)  # scale is stored as an offset from 1
-
-
-class Einsum(nn.Module):
-    shape: tuple[int, ...]
-    in_axis: int = -2
-    out_axis: int = -1
-    batch_axis: tuple[int, ...] = ()
-    lora: _lora.LoRAConfig | None = None  # adds params `lora_a`, `lora_b` beside `w`
-
-    @nn.compact
-    def __call__(self, eqn: str, x):
-        init = nn.initializers.lecun_normal(in_axis=self.in_axis, out_axis=self.out_axis, batch_axis=self.batch_axis)
-        w = self.param("w", init, self.shape)
-        y = jnp.einsum(eqn, x, w.astype(x.dtype))  # weights follow the activation dtype
-        if self.lora is not None:
-            a, b = _lora.factors(self, "", self.shape, self.lora)
-            y = y + _lora.einsum_delta(eqn, x, a, b, self.lora)
-        return y
-
-
-class Embedder(nn.Module):
-    vocab_size: int
-    width: int
-
-    def setup(self):
-        self.input_embedding = self.param(
-            "input_embedding", nn.initializers.normal(stddev=1.0), (self.vocab_size, self.width)
-        )
-
-    def encode(self, tokens):
-        x = self.input_embedding[(tokens,)]
-        return x * jnp.sqrt(self.width).astype(x.dtype)
-
-
-class FeedForward(nn.Module):
-    """GeGLU with tanh-approximate gelu; params `gating_einsum` [2, D, F] and `linear` [F, D].
-
-    With `lora`, each of the three matmuls adds `(x @ A) @ B` unscaled (upstream ignores alpha here); params
-    `gating_einsum_lora_{a,b}` [2, D, r], [2, r, F] and `linear_lora_{a,b}` [F, r], [r, D].
-    """
-
-    mlp_dim: int
-    lora: _lora.LoRAConfig | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        width = x.shape[-1]
-        gating = self.param(
-            "gating_einsum",
-            nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
-            (2, width, self.mlp_dim),
-        ).astype(x.dtype)
-        gate = jnp.dot(x, gating[0])
-        up = jnp.dot(x, gating[1])
-        if self.lora is not None:
-            ga, gb = _lora.factors(self, "gating_einsum_", (2, width, self.mlp_dim), self.lora)
-            gate = gate + _lora.dot_delta(x, ga[0], gb[0])
-            up = up + _lora.dot_delta(x, ga[1], gb[1])
-        gate = nn.gelu(gate)  # approximate=True: the tanh form upstream uses
-        linear = self.param("linear", nn.initializers.lecun_normal(), (self.mlp_dim, width)).astype(x.dtype)
-        out = jnp.dot(gate * up, linear)
-        if self.lora is not None:
-            la, lb = _lora.factors(self, "linear_", (self.mlp_dim, width), self.lora)
-            out = out + _lora.dot_delta(gate * up, la, lb)
-        return out
-
-
-def apply_rope(x, positions, max_wavelength: int = 10_000):
-    """Rotary embedding, half-split convention; computed in float32 and cast back."""
-    half = x.shape[-1] // 2
-    freq_exponents = (2.0 / x.shape[-1]) * jnp.arange(half, dtype=jnp.float32)
-    timescale = max_wavelength**freq_exponents
-    angle = positions[..., None] / timescale[None, None, :]
-    angle = angle[..., None, :]  # broadcast over heads
-    sin, cos = jnp.sin(angle), jnp.cos(angle)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -338,7 +208,7 @@ class Block(nn.Module):
             for t in self.taps:
                 if t.stream == stream and per_expert[t.expert] is not None:
                     weights = None if pool_weights is None else pool_weights[t.expert]
-                    value = _reduce_tokens(per_expert[t.expert], t.tokens, weights)
+                    value = reduce_tokens(per_expert[t.expert], t.tokens, weights)
                     # Pooled reductions stay float32 whatever the capture dtype: they are small, and bf16 would put a
                     # ~1e-3 floor under relative changes (issue 10).
                     cast = self.capture_dtype and t.tokens != "pool"
@@ -462,59 +332,3 @@ class Module(nn.Module):
         mask = jnp.ones((batch, total, total), bool)
         cond = [jnp.zeros((batch, c.width)) if self._adaptive(i) else None for i, c in enumerate(self.configs)]
         return self(embedded, positions, mask, adarms_cond=cond)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading captures
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def hidden_state_taps(num_experts: int, stream: Stream = "residual") -> tuple[Tap, ...]:
-    """Taps for every expert's full residual stream, named `hidden_states_{i}` (what `Analysis` reads)."""
-    return tuple(Tap(f"hidden_states_{i}", stream, i) for i in range(num_experts))
-
-
-class Analysis:
-    """Static accessors over the `captures` of a `Module` call made with `hidden_state_taps(...)`.
-
-    Every array is stacked over layers: entry l is the residual stream entering layer l (l = 0: the embedded input).
-    """
-
-    @staticmethod
-    def get_expert_0_hidden_states(captures: dict) -> Float[Array, "l b t0 d0"]:
-        return Analysis._get(captures, 0)
-
-    @staticmethod
-    def get_expert_1_hidden_states(captures: dict) -> Float[Array, "l b t1 d1"]:
-        return Analysis._get(captures, 1)
-
-    @staticmethod
-    def get_hidden_states(captures: dict) -> jax.Array | tuple[jax.Array, ...]:
-        """All experts that ran, in token order: one [L, B, T, W] array if widths agree, else a per-expert tuple."""
-        states = [captures[k] for k in sorted(k for k in captures if k.startswith("hidden_states_"))]
-        if not states:
-            raise KeyError("No hidden states in these captures: call the Module with taps=hidden_state_taps(n).")
-        if len({s.shape[-1] for s in states}) == 1:
-            return jnp.concatenate(states, axis=2)
-        return tuple(states)
-
-    @staticmethod
-    def get_text_only_hidden_states(
-        captures: dict, *, text_start: int, text_len: int, input_mask: Bool[Array, "b t0"]
-    ) -> tuple[Float[Array, "l b n d0"], Bool[Array, "b n"]]:
-        """Expert 0 at the text positions [text_start, text_start + text_len), with the text validity mask.
-
-        The text range comes from the model config (pi0: cameras * tokens_per_camera .. + max_token_len); padding
-        positions (mask False) carry meaningless values.
-        """
-        states = Analysis._get(captures, 0)
-        if text_start + text_len > states.shape[2]:
-            raise ValueError(f"Text window [{text_start}, {text_start + text_len}) exceeds {states.shape[2]} tokens.")
-        return states[:, :, text_start : text_start + text_len], input_mask[:, text_start : text_start + text_len]
-
-    @staticmethod
-    def _get(captures: dict, expert: int):
-        key = f"hidden_states_{expert}"
-        if key not in captures:
-            raise KeyError(f"Expert {expert} did not run or was not captured (have {sorted(captures)}).")
-        return captures[key]

@@ -6,7 +6,7 @@ the compiled program; a new structure compiles once. Build one from the named op
 
     iv = knockout_attention("all", "text") + steer(1, "actions", layers=(3,), vector=v, alpha=2.0)
 
-Stream points (`stream=`), per layer l, as `gemma.Tap` names them:
+Stream points (`stream=`), per layer l, as `taps.Tap` names them:
   residual — the expert's residual stream entering layer l (l = 0: the embedded input);
   attn_out — layer l's attention output after the output projection, before the residual add;
   head_out — layer l's per-head attention output before the output projection ([.., tokens, heads, head_dim]).

@@ -19,6 +19,7 @@ from openpi.models import model as _model
 
 if TYPE_CHECKING:
     from openpi.models.pi0 import Pi0
+    from openpi.models.taps import Tap
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Pi0Config:
         return (*_model.IMAGE_KEYS, "text")
 
     # ---------------------------------------------------------------- modules
-    def llm(self, taps: tuple[gemma.Tap, ...] = (), capture_dtype: str | None = None) -> gemma.Module:
+    def llm(self, taps: tuple[Tap, ...] = (), capture_dtype: str | None = None) -> gemma.Module:
         return gemma.Module(
             configs=(self.paligemma_config, self.action_expert_config),
             embed_dtype=self.dtype,

@@ -6,8 +6,10 @@ Modules, in the order data flows through them:
 * :mod:`~openpi.latents.analysis.labels`: model layer / denoising-step ids of what was stored (from the manifest).
 * :mod:`~openpi.latents.analysis.streams`: the three streams (text_only, expert_0, expert_1), valid cameras.
 * :mod:`~openpi.latents.analysis.metrics`, :mod:`~openpi.latents.analysis.text_metrics`,
-  :mod:`~openpi.latents.analysis.stats`: pure numpy metrics and statistics (definitions in their docstrings).
-* :mod:`~openpi.latents.analysis.registry`: one compute function per per-step metric and ``REGISTRY``, their one list.
+  :mod:`~openpi.latents.analysis.stats`, :mod:`~openpi.latents.analysis.probe`: pure numpy metrics and statistics
+  (definitions in their docstrings).
+* :mod:`~openpi.latents.analysis.step_metrics`: one compute function per per-step metric;
+  :mod:`~openpi.latents.analysis.registry`: ``REGISTRY``, the one list of metrics.
 * :mod:`~openpi.latents.analysis.driver`: :func:`analyze_collection`, the per-layer driver;
   :mod:`~openpi.latents.analysis.result`: what it returns (:class:`CollectionAnalysis`) and its summaries.
 * :mod:`~openpi.latents.analysis.language_loss`: openpi-style per-layer language-loss slots;

@@ -30,6 +30,7 @@ from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis import pooled as P
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis import source as src
+from openpi.latents.analysis import step_metrics as SM
 from openpi.latents.analysis import streams as S
 from openpi.latents.analysis.embedding import TokenEmbedding, token_embedding_for_manifest
 from openpi.latents.analysis.result import WINDOWS, CollectionAnalysis, EpisodeRef
@@ -351,7 +352,7 @@ def _layer_mean(source, res: CollectionAnalysis, stream: S.Stream, j: int) -> np
         for steps in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
             block = R.LayerBlock(**common, steps=steps)
             _read_block(block, "segment_mask" in fields)
-            x = R.drift_states(stream, block.x).astype(np.float64)
+            x = SM.drift_states(stream, block.x).astype(np.float64)
             valid = np.ones(x.shape[:-1], bool) if block.mask is None else np.broadcast_to(block.mask, x.shape[:-1])
             part = x[valid].sum(0)
             total = part if total is None else total + part

@@ -25,7 +25,7 @@ Metrics (name: definition):
 * Prompt sensitivity (:func:`prompt_sensitivity`): same observation and noise, original vs counterfactual prompt;
   ``‖a − b‖_F / ‖a‖_F`` over the reduced axes (valid positions only). :func:`action_divergence`: mean over the chunk's
   H steps of the per-step L2 distance, and the max absolute difference.
-* Task decodability (:func:`task_probe`, in :mod:`openpi.latents.analysis.stats`): grouped cross-validated
+* Task decodability (:func:`task_probe`, in :mod:`openpi.latents.analysis.probe`): grouped cross-validated
   logistic-regression accuracy of the task id, with chance levels and a shuffled-label control.
 * Drift (:func:`rollout_drift`): ``1 − cos(x_t, x_0)`` between rollout step t and the first rollout step of the same
   episode, over the flattened valid features; in [0, 2], 0 = same direction.
@@ -45,14 +45,8 @@ import dataclasses
 import numpy as np
 
 from openpi.latents.analysis.arrays import informative_text_mask, masked_mean, norm_axes, scalar_or, text_positions
-from openpi.latents.analysis.stats import (
-    BootstrapCI,
-    ProbeResult,
-    SuccessSplit,
-    bootstrap_ci,
-    split_by_success,
-    task_probe,
-)
+from openpi.latents.analysis.probe import ProbeResult, task_probe
+from openpi.latents.analysis.stats import BootstrapCI, SuccessSplit, bootstrap_ci, split_by_success
 from openpi.latents.analysis.text_metrics import (
     LogitLens,
     TextReconstruction,

@@ -12,22 +12,21 @@ One background thread does all writing, fed by a bounded queue; a failure there 
 :class:`LatentStoreWriteError`) by the next writer call and by ``close()``. Each step's arrays are written first, then
 the episode's commit record ``commit.json`` (one atomic write, with the crc32c of every chunk file; see ``commit``), so
 a crash at any point leaves every committed step and every finished episode intact; the unfinished episode stays
-``complete=False`` and resuming deletes it. One writer per store: ``create_or_open`` takes ``<root>/writer.lock``
-(see ``lock``) and ``close`` releases it. The directory the caller gives is never removed or recreated (its mode,
-owner, setgid bit, mount or symlink stay). The layout is documented in ``format``; reading is ``reader`` / ``loading``;
-the pickle compat format is ``pickle_format``. The root is a local directory (zarr's LocalStore writes each file by
-temp file + rename) or a prefix on object storage (``s3://``, ``gs://``; zarr's FsspecStore writes each object in one
-PUT, atomic there; see ``location``): the crash story needs only that each file appears whole or not at all.
+``complete=False`` and resuming deletes it. One writer per store: ``create_or_open`` takes ``<root>/writer.lock`` (see
+``lock``) and ``close`` releases it; the checks before opening are in ``opening``. The directory the caller gives is
+never removed or recreated (its mode, owner, setgid bit, mount or symlink stay). The layout is documented in ``format``;
+reading is ``reader`` / ``loading``; the pickle compat format is ``pickle_format``. The root is a local directory
+(zarr's LocalStore writes each file by temp file + rename) or a prefix on object storage (``s3://``, ``gs://``; zarr's
+FsspecStore writes each object in one PUT, atomic there; see ``location``): the crash story needs only that each file
+appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import os
 import pathlib
 import queue
-import tempfile
 import threading
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -40,7 +39,6 @@ from openpi.latents.store import (
 )
 from openpi.latents.store import format as sf
 from openpi.latents.store import manifest as manifest_lib
-from openpi.latents.store.commit import read_commit
 from openpi.latents.store.episode_writer import (
     ChecksumFsspecStore,
     ChecksumStore,
@@ -48,8 +46,9 @@ from openpi.latents.store.episode_writer import (
     EpisodeWriter,
     checksum_store,
 )
-from openpi.latents.store.format import DamagedEpisodeError, is_store, read_group_attrs, scan_episode_dirs
+from openpi.latents.store.format import read_group_attrs, scan_episode_dirs
 from openpi.latents.store.lock import FileLock, make_lock
+from openpi.latents.store.opening import check_can_open, check_writable, episode_state, incomplete_episodes
 
 logger = logging.getLogger(__name__)
 _STOP = object()
@@ -57,48 +56,6 @@ _STOP = object()
 
 class LatentStoreWriteError(RuntimeError):
     """The background writer failed; the message says where. The episode being written stays incomplete."""
-
-
-def check_writable(root: str | pathlib.Path | location.ObjectPath) -> location.StorePath:
-    """Raises PermissionError/NotADirectoryError (naming the path and the fix) unless ``root`` can be written.
-
-    Checks the nearest existing ancestor when ``root`` does not exist yet, by creating and deleting a file. On object
-    storage (``s3://``, ``gs://``) writes and deletes a probe object: ``location.ObjectStoreError`` says what is
-    missing (the s3fs/gcsfs package and its extra, credentials, the bucket) before anything else runs.
-    """
-    root = location.as_path(root)
-    if isinstance(root, location.ObjectPath):
-        return location.check_object_store_writable(root)
-    root = root.expanduser().absolute()
-    probe_dir = root
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise NotADirectoryError(f"Output path {root}: {probe_dir} is not a directory; choose another --output-dir.")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".write_probe_", dir=probe_dir)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as e:
-        raise PermissionError(
-            f"Output dir {root} is not writable ({probe_dir}: {e.strerror or e}); fix its permissions or choose "
-            "another --output-dir."
-        ) from e
-    return root
-
-
-def _user_entries(root: location.StorePath) -> list[location.StorePath]:
-    """Entries of ``root`` other than the writer lock and its temp/guard files."""
-    lock = sf.LOCK_FILE
-    return [p for p in root.iterdir() if p.name != lock and not p.name.startswith(f".{lock}.")]
-
-
-def _episode_state(path: location.StorePath) -> bool | DamagedEpisodeError:
-    """True: complete; False: incomplete; or the damage found."""
-    try:
-        return read_commit(path)[0].complete
-    except DamagedEpisodeError as e:
-        return e
 
 
 class LatentStoreWriter:
@@ -134,7 +91,7 @@ class LatentStoreWriter:
             task_path = root / sf.task_group_name(task_id)
             self._tasks[task_id] = read_group_attrs(task_path)
             for k, path in episodes.items():
-                if _episode_state(path) is True:
+                if episode_state(path) is True:
                     self.completed.add((task_id, k))
         self._thread = threading.Thread(target=self._run, name="latent-store-writer", daemon=True)
         self._thread.start()
@@ -189,83 +146,8 @@ class LatentStoreWriter:
         group = zarr.open_group(store=checksum_store(root), mode="r+", zarr_format=3)
         return cls(root, group, requested, queue_size=queue_size, lock=lock)
 
-    @staticmethod
-    def check_can_open(
-        root: str | pathlib.Path | location.ObjectPath,
-        manifest: Mapping[str, Any],
-        *,
-        resume: bool,
-        resume_ignore: Collection[str] = manifest_lib.DEFAULT_RESUME_IGNORE,
-        break_stale_lock: bool = False,
-        locked: bool = False,
-    ) -> int:
-        """The checks of `create_or_open`, writing nothing (so a caller can fail before expensive setup).
-
-        Returns the number of episodes already in the store. Raises PermissionError / NotADirectoryError (not
-        writable), FileExistsError (non-empty non-store directory; a store with episodes without ``resume``;
-        StoreLockedError: another writer, or a stale lock without ``break_stale_lock``) and ValueError (on resume, a
-        manifest differing outside ``resume_ignore``). ``locked``: the caller holds the lock (skip that check).
-        """
-        root = check_writable(root)
-        lock = None if locked or not root.exists() else make_lock(root / sf.LOCK_FILE, what=f"latent store {root}")
-        if lock is not None:
-            lock.check(break_stale=True)  # a live writer first: the other checks may be about its half-made store
-        n_episodes = LatentStoreWriter._check_content(root, manifest, resume=resume, resume_ignore=resume_ignore)
-        if lock is not None:
-            lock.check(break_stale=break_stale_lock)  # then a stale lock (after the other problems, to fix at once)
-        return n_episodes
-
-    @staticmethod
-    def _check_content(
-        root: location.StorePath, manifest: Mapping[str, Any], *, resume: bool, resume_ignore: Collection[str]
-    ) -> int:
-        if not (root.exists() and _user_entries(root)):
-            return 0
-        if not is_store(root):
-            raise FileExistsError(
-                f"{root} is not empty and is not a latent store (no zarr.json with format {sf.FORMAT_NAME!r}); "
-                "choose a new --output-dir."
-            )
-        n_episodes = sum(len(eps) for eps in scan_episode_dirs(root).values())
-        if n_episodes and not resume:
-            plural = "s" if n_episodes != 1 else ""
-            raise FileExistsError(
-                f"{root} already holds {n_episodes} episode{plural}; pass --resume to continue or choose a new "
-                "--output-dir."
-            )
-        if n_episodes:
-            stored, _ = sf.read_store_manifest(root)  # validates root attrs and manifest.json
-            diffs = manifest_lib.manifest_differences(stored, dict(manifest), ignore=resume_ignore)
-            if diffs:
-                raise ValueError(
-                    f"Cannot resume {root}: it was written with a different manifest. Differing fields:\n  "
-                    + "\n  ".join(diffs)
-                    + "\nResume with the original settings, or choose a new --output-dir."
-                )
-        return n_episodes
-
-    @staticmethod
-    def _incomplete_episodes(root: location.StorePath) -> dict[tuple[int, int], str]:
-        """(task, episode) -> why, for every episode resume must delete; raises if a damaged one may be complete."""
-        out: dict[tuple[int, int], str] = {}
-        suspect = []
-        for task_id, episodes in scan_episode_dirs(root).items():
-            for k, path in sorted(episodes.items()):
-                state = _episode_state(path)
-                if isinstance(state, DamagedEpisodeError):
-                    if state.may_be_complete:
-                        suspect.append(str(state))
-                    out[(task_id, k)] = f"damaged: {state}"
-                elif not state:
-                    out[(task_id, k)] = "incomplete"
-        if suspect:
-            raise DamagedEpisodeError(
-                "Cannot resume: these episodes are damaged and may hold finished episodes; inspect them (python -m "
-                "openpi.latents.store verify <store>) and delete their folders to re-run them:\n  "
-                + "\n  ".join(suspect),
-                may_be_complete=True,
-            )
-        return out
+    # The checks of `create_or_open`, writing nothing (`opening.check_can_open`), for callers to run before setup.
+    check_can_open = staticmethod(check_can_open)
 
     @classmethod
     def _reopen(
@@ -280,7 +162,7 @@ class LatentStoreWriter:
                 stored.get("code_version"),
             )
         deleted = []
-        for (task_id, k), why in cls._incomplete_episodes(root).items():
+        for (task_id, k), why in incomplete_episodes(root).items():
             path = root / sf.task_group_name(task_id) / sf.episode_group_name(k)
             location.remove_tree(path)
             deleted.append([task_id, k])
