@@ -295,7 +295,7 @@ def test_metric_registry_entries_are_complete_and_the_report_covers_them():
     for m in registry.REGISTRY:
         assert m.name and m.definition and m.label and m.higher_means, m
         assert m.streams and set(m.streams) <= set(STREAMS), m
-        assert callable(m.compute) and m.scope in ("block", "episode"), m
+        assert callable(m.compute) and m.scope in ("block", "episode", "pooled"), m
     assert set(plots.LABELS) == set(names) and set(plots.CURVE_METRICS) <= set(names)
 
     # A two-step, two-episode collection in memory with every stream and a counterfactual rerun.
@@ -333,7 +333,10 @@ def test_metric_registry_entries_are_complete_and_the_report_covers_them():
     }
     res = analyze_collection(tasks, embedding=TokenEmbedding(emb, np.zeros(4, np.float32), "test"), probe=False)
     for m in registry.REGISTRY:
-        assert {res.has(s, m.name) for s in m.streams} == {True}, f"{m.name} not computed for {m.streams}"
+        if m.scope == "pooled":  # collection-level: one entry per stored layer in res.pooled (values may be NaN here)
+            assert {(s, m.name) in res.pooled for s in m.streams} == {True}, f"{m.name} not computed for {m.streams}"
+        else:
+            assert {res.has(s, m.name) for s in m.streams} == {True}, f"{m.name} not computed for {m.streams}"
     data = json_report.metrics_json(res)
     assert set(names) <= set(data["definitions"]) and set(names) <= set(data["metrics"])
     assert all(
