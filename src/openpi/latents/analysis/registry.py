@@ -191,6 +191,68 @@ def attention_to_text(b: LayerBlock) -> Values | None:
     return slice(None), np.asarray(per_step)
 
 
+def _decoding_features(b: LayerBlock, ep, steps: list[int], key: str, seg_key: str) -> np.ndarray:
+    """Probe features of ``key`` (base or cf states) at ``steps`` of episode ``ep``: expert_0, the per-camera means of
+    the valid cameras; expert_1, state token and mean action token at the first captured denoising step (where both
+    runs start from the same noise, so only the prompt differs)."""
+    st = b.stream
+    x = S.states(st, b.source.read(ep.task_id, ep.episode, key, layer=b.layer, steps=steps))
+    if st.name == "expert_1":
+        return S.probe_features(st, x[:, :1])
+    fields = b.source.fields(ep.task_id, ep.episode)
+    seg = b.source.read(ep.task_id, ep.episode, seg_key, steps=steps) if seg_key in fields else None
+    return S.probe_features(st, x, None, S.camera_valid(st, seg, x.shape[:2]))
+
+
+def _fit_prompt_decoding(b: LayerBlock) -> dict[int, Values]:
+    """Reads this layer's base / counterfactual features of every episode, fits the grouped decoder once."""
+    from openpi.latents.analysis.prompt_decoding import matched_prompt_decoding
+
+    feats, cf_feats, labels, cf_labels, groups, where = [], [], [], [], [], []
+    for i, ep in enumerate(b.res.episodes):
+        if ep.n_steps == 0 or ep.prompt is None or ep.counterfactual_prompt in (None, ep.prompt):
+            continue
+        steps = b.source.present_steps(ep.task_id, ep.episode, b.stream.cf_key)
+        for start in range(0, len(steps), 16):  # bounded reads
+            chunk = steps[start : start + 16]
+            f = _decoding_features(b, ep, chunk, b.stream.key, "segment_mask")
+            feats.append(f)
+            cf_feats.append(_decoding_features(b, ep, chunk, b.stream.cf_key, schema.counterfactual("segment_mask")))
+            rows_per_step = len(f) // len(chunk)
+            labels += [ep.prompt] * len(f)
+            cf_labels += [ep.counterfactual_prompt] * len(f)
+            groups += [i] * len(f)
+            where += [(i, s) for s in chunk for _ in range(rows_per_step)]
+    if not feats:
+        return {}
+    x, xc = np.concatenate(feats), np.concatenate(cf_feats)
+    if b.stream.name == "expert_0":  # cameras valid in no row (the masked third camera): constant zero features
+        keep = np.any(x != 0, axis=0) | np.any(xc != 0, axis=0)
+        x, xc = x[:, keep], xc[:, keep]
+    s = b.res.settings
+    dec = matched_prompt_decoding(x, xc, labels, cf_labels, groups, n_splits=s["probe_splits"], seed=s["seed"])
+    b.res.notes[f"{b.stream.name}.prompt_decoding.layer{b.stream.layers[b.layer]}"] = (
+        f"pair accuracy {dec.pair_accuracy:.3f} over {dec.n_pairs} held-out observations of {dec.n_groups} episodes "
+        f"({dec.n_splits} folds grouped by episode), {dec.n_classes} prompts: chance {dec.chance:.3f}, a scene-only "
+        f"state scores 0; per-state accuracy {dec.state_accuracy:.3f}" + (f" ({dec.reason})" if dec.reason else "")
+    )
+    per_step: dict[int, dict[int, list[float]]] = {}
+    for (i, step), v in zip(where, dec.pair_correct):
+        per_step.setdefault(i, {}).setdefault(step, []).append(v)  # batch rows of one step: their mean
+    return {i: (list(d), np.array([np.mean(v) for v in d.values()])) for i, d in per_step.items()}
+
+
+def prompt_decoding(b: LayerBlock) -> Values | None:
+    """Per rollout step with a counterfactual rerun: 1 if the held-out decoder names the prompt of both the base and
+    the counterfactual state, else 0 (fit once per layer over the collection, cached in ``res.shared``)."""
+    if not b.stream.has_cf or b.stream.key is None:
+        return None
+    key = ("prompt_decoding", b.stream.name, b.layer)
+    if key not in b.res.shared:
+        b.res.shared[key] = _fit_prompt_decoding(b)
+    return b.res.shared[key].get(b.ep_index)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The registry
 
@@ -263,6 +325,21 @@ REGISTRY: tuple[Metric, ...] = (
         heatmaps=True,
     ),
     Metric(
+        "prompt_decoding",
+        ("expert_0", "expert_1"),
+        "matched-observation prompt decoding: held-out pair accuracy of a linear classifier (standardised logistic "
+        "regression, folds grouped by episode) naming the prompt of the state under the prompt and of the state under "
+        "the counterfactual prompt of the same observation and noise; 1 when both are right. A scene-only state "
+        "scores 0, guessing 1/K² (K prompts; report notes). expert_0: per-camera means of valid cameras; expert_1: "
+        "state token and mean action token at the first captured denoising step",
+        prompt_decoding,
+        label="matched-observation prompt decoding (pair acc.)",
+        higher_means="the states tell the prompt apart with the observation held fixed (not a loss)",
+        scope="episode",
+        curves=True,
+        fraction=True,
+    ),
+    Metric(
         "drift",
         S.STREAMS,
         "1 − cos(x_t, x_0) to the first rollout step of the same episode (expert_0: valid cameras only; expert_1: at "
@@ -298,6 +375,8 @@ NOT_APPLICABLE = {
     "expert_0": "expert 0's image positions hold no prompt token to decode; text decoding applies to its text "
     "positions (text_only)",
     "expert_1": "expert 1 reads no text tokens (state + action tokens): there is no token identity to decode",
+    "text_only": "the text positions hold the prompt's own tokens, so decoding the prompt there is trivial; "
+    "prompt decoding applies to expert_0's image positions and to expert_1",
     "attention": "attention_to_text is captured for expert-1 queries only (they attend to expert 0's text keys)",
 }
 # Definitions of the summaries that are not per-step metrics (the task probe, the action-chunk divergence).

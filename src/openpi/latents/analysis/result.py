@@ -62,6 +62,8 @@ class CollectionAnalysis:
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
     # text_only counterfactual reruns: positions compared per rerun (same token under both prompts)
     cf_text_positions: list[int] = dataclasses.field(default_factory=list)
+    # work shared by one metric across the episodes of a layer (collection-level fits such as prompt decoding)
+    shared: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def has(self, stream: str, metric: str) -> bool:
         return (stream, metric) in self.step_values
