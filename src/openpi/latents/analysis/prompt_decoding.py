@@ -1,9 +1,10 @@
 """Matched-observation prompt decoding: which prompt was given, decoded from states whose observation is held fixed.
 
 A counterfactual rerun computes the same observation (and noise) under a second prompt. Each observation i so gives
-two states, ``base[i]`` under its prompt and ``cf[i]`` under the counterfactual prompt. A linear classifier is trained
-to name the prompt of a state (labels: the prompt strings) on the pairs of some episodes and tested on the pairs of
-the others (folds grouped by episode, so no observation, nor any other observation of its episode, is in both).
+two states, ``base[i]`` under its prompt and ``cf[i]`` under the counterfactual prompt. A linear classifier
+(:func:`ridge_classifier`) is trained to name the prompt of a state (labels: the prompt strings) on the pairs of some
+episodes and tested on the pairs of the others (folds grouped by episode, so no observation, nor any other
+observation of its episode, is in both).
 
 The score is the **pair accuracy**: the fraction of held-out observations whose two states are BOTH decoded to their
 own prompts. The scene cannot answer this: a state that depends on the observation only is the same under both
@@ -11,7 +12,7 @@ prompts, gets the same prediction twice, and so is right on at most one of the t
 Guessing among K prompts independently scores 1/K² (``chance``). The per-state accuracy is reported beside it (a
 scene-only state can reach 0.5 there when the scene tells the task apart).
 
-Pure numpy / scikit-learn.
+Pure numpy (a closed-form ridge classifier: deterministic, no iterative solver).
 """
 
 from __future__ import annotations
@@ -41,6 +42,29 @@ def _empty(n: int, reason: str, n_groups: int = 0, n_classes: int = 0) -> Prompt
     return PromptDecoding(np.full(n, np.nan), nan, nan, nan, n, n_groups, n_classes, 0, reason)
 
 
+def ridge_classifier(x_train: np.ndarray, y_train: np.ndarray, alpha: float = 1.0):
+    """A linear classifier in closed form: features standardised on the training rows, ridge regression
+    (``alpha``·I) onto the centred one-hot labels, prediction = the class of the largest output. Solved in the dual
+    when there are fewer rows than features. Returns ``predict(x) -> labels``."""
+    classes, y_idx = np.unique(y_train, return_inverse=True)
+    mu, sd = x_train.mean(0), x_train.std(0)
+    sd = np.where(sd > 0, sd, 1.0)  # constant features stay 0 after centring
+    z = (x_train - mu) / sd
+    onehot = np.eye(len(classes))[y_idx]
+    target = onehot - onehot.mean(0)
+    n, d = z.shape
+    if n < d:
+        w = z.T @ np.linalg.solve(z @ z.T + alpha * np.eye(n), target)
+    else:
+        w = np.linalg.solve(z.T @ z + alpha * np.eye(d), z.T @ target)
+    bias = onehot.mean(0)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return classes[np.argmax(((x - mu) / sd) @ w + bias, axis=1)]
+
+    return predict
+
+
 def matched_prompt_decoding(
     base: np.ndarray,
     cf: np.ndarray,
@@ -50,8 +74,7 @@ def matched_prompt_decoding(
     *,
     n_splits: int = 5,
     seed: int = 0,
-    C: float = 1.0,
-    max_iter: int = 1000,
+    alpha: float = 1.0,
 ) -> PromptDecoding:
     """Decodes the prompt from matched states (see the module docstring).
 
@@ -59,15 +82,10 @@ def matched_prompt_decoding(
         base, cf: [N, d] features of observation i under its prompt and under the counterfactual prompt.
         base_labels, cf_labels: [N] the two prompts of each observation (any hashable; equal labels are an error).
         groups: [N] group of each observation (the episode): folds never split a group.
-        n_splits: folds (reduced to the number of groups when there are fewer, at least 2).
-        seed: fold assignment. C, max_iter: ``LogisticRegression`` (L2, lbfgs) after a ``StandardScaler`` fitted on
-            the training fold.
+        n_splits: folds (reduced to the number of groups when there are fewer, at least 2); groups are dealt to folds
+            round-robin in an order drawn from `seed`.
+        alpha: ridge penalty of :func:`ridge_classifier` (trained on both states of every training observation).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     base, cf = np.asarray(base, np.float64), np.asarray(cf, np.float64)
     yb, yc, g = np.asarray(base_labels), np.asarray(cf_labels), np.asarray(groups)
     n = len(base)
@@ -82,18 +100,18 @@ def matched_prompt_decoding(
     if len(uniq) < 2:
         return _empty(n, f"only {len(uniq)} group(s): cannot hold out an episode", len(uniq), len(classes))
     k = min(n_splits, len(uniq))
-    # GroupKFold is deterministic given the groups; permute the group ids with the seed for a seeded assignment.
-    perm = np.random.default_rng(seed).permutation(len(uniq))
-    shuffled = perm[np.searchsorted(uniq, g)]
+    fold_of_group = np.empty(len(uniq), int)
+    fold_of_group[np.random.default_rng(seed).permutation(len(uniq))] = np.arange(len(uniq)) % k
+    fold = fold_of_group[np.searchsorted(uniq, g)]
     correct_b, correct_c = np.full(n, np.nan), np.full(n, np.nan)
-    for train, test in GroupKFold(n_splits=k).split(base, groups=shuffled):
+    for f in range(k):
+        train, test = fold != f, fold == f
         y_train = np.concatenate([yb[train], yc[train]])
         if len(np.unique(y_train)) < 2:
             continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
-        clf.fit(np.concatenate([base[train], cf[train]]), y_train)
-        correct_b[test] = clf.predict(base[test]) == yb[test]
-        correct_c[test] = clf.predict(cf[test]) == yc[test]
+        predict = ridge_classifier(np.concatenate([base[train], cf[train]]), y_train, alpha)
+        correct_b[test] = predict(base[test]) == yb[test]
+        correct_c[test] = predict(cf[test]) == yc[test]
     held = ~np.isnan(correct_b)
     if not held.any():
         return _empty(n, "no fold had two prompts to train on", len(uniq), len(classes))
