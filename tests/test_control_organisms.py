@@ -210,3 +210,16 @@ def test_pipeline_finds_the_prompt_in_the_positive_organism_only(analyses, polic
     assert pos["action_divergence"] > 1.0 and pos["text_knockout_change"] > 0.5
     for key in pos:
         assert pos[key] > 5 * neg[key], key
+
+
+def test_report_shows_prompt_decoding(analyses, tmp_path):
+    from openpi.latents.report import write_report
+
+    res = analyses["positive"]
+    data = write_report(res, tmp_path / "report")
+    entry = data["metrics"]["prompt_decoding"]
+    want = [c.estimate for c in res.per_layer("expert_1", "prompt_decoding")]
+    np.testing.assert_allclose(entry["expert_1"]["per_layer"], want)
+    assert entry["text_only"]["per_layer"] is None and "trivial" in entry["text_only"]["reason"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "**prompt_decoding**" in report and "a scene-only state scores 0" in report
