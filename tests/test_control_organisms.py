@@ -202,14 +202,25 @@ def _figures(res, policy) -> dict[str, float]:
 
 
 def test_pipeline_finds_the_prompt_in_the_positive_organism_only(analyses, policies):
+    """The known answers. What the policy does with the prompt (action divergence under the counterfactual prompt,
+    the action change under the text knockout) and what the action expert carries of it (prompt sensitivity, prompt
+    decoding at its last captured layer) are far larger for the positive organism. The VLM's image states carry the
+    prompt in BOTH organisms (the prefix attends bidirectionally and nothing in the negative's training removes the
+    prompt from them): decodable there is not used, and the pipeline must say so too."""
     figures = {kind: _figures(analyses[kind], policies[kind]) for kind in co.KINDS}
     print(json.dumps(figures, indent=1))
     pos, neg = figures["positive"], figures["negative"]
-    assert pos["expert_1_prompt_sensitivity"] > 0.1
+    assert pos["action_divergence"] > 1.0 and pos["action_divergence"] > 10 * neg["action_divergence"]
+    assert pos["text_knockout_change"] > 1.0 and pos["text_knockout_change"] > 2 * neg["text_knockout_change"]
+    for stream in ("expert_0", "expert_1"):
+        key = f"{stream}_prompt_sensitivity"
+        assert pos[key] > 0.1 and pos[key] > 3 * neg[key], key
     assert pos["expert_1_prompt_decoding"] >= 0.9
-    assert pos["action_divergence"] > 1.0 and pos["text_knockout_change"] > 0.5
-    for key in pos:
-        assert pos[key] > 5 * neg[key], key
+    assert (
+        neg["expert_1_prompt_decoding"] < 0.5
+        and pos["expert_1_prompt_decoding"] - neg["expert_1_prompt_decoding"] > 0.5
+    )
+    assert pos["expert_0_prompt_decoding"] >= 0.9 and neg["expert_0_prompt_decoding"] >= 0.9  # present, not used
 
 
 def test_report_shows_prompt_decoding(analyses, tmp_path):
