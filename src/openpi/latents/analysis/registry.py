@@ -14,6 +14,7 @@ metrics, the logit lens three) is computed once per block through :meth:`LayerBl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -204,26 +205,48 @@ def _decoding_features(b: LayerBlock, ep, steps: list[int], key: str, seg_key: s
     return S.probe_features(st, x, None, S.camera_valid(st, seg, x.shape[:2]))
 
 
+def _prompt_labels(b: LayerBlock, ep, steps: list[int], cf: bool) -> list:
+    """The prompt of each step: the episode's prompt attributes when both are recorded, else the per-step ``prompt``
+    / ``cf_prompt`` strings, else the valid token ids the model saw (``tokenized_prompt`` / ``text_mask``)."""
+    if ep.prompt is not None and ep.counterfactual_prompt is not None:
+        return [ep.counterfactual_prompt if cf else ep.prompt] * len(steps)
+    fields = b.source.fields(ep.task_id, ep.episode)
+    read = functools.partial(b.source.read, ep.task_id, ep.episode, steps=steps)
+    name = schema.counterfactual if cf else (lambda k: k)
+    if name("prompt") in fields:
+        return [str(p) for p in np.asarray(read(name("prompt"))).reshape(-1)]
+    if name("tokenized_prompt") in fields and name("text_mask") in fields:
+        ids = read(name("tokenized_prompt")).reshape(len(steps), -1)
+        mask = read(name("text_mask")).astype(bool).reshape(len(steps), -1)
+        return [" ".join(map(str, i[m])) for i, m in zip(ids, mask)]
+    return [None] * len(steps)
+
+
 def _fit_prompt_decoding(b: LayerBlock) -> dict[int, Values]:
     """Reads this layer's base / counterfactual features of every episode, fits the grouped decoder once."""
     from openpi.latents.analysis.prompt_decoding import matched_prompt_decoding
 
     feats, cf_feats, labels, cf_labels, groups, where = [], [], [], [], [], []
     for i, ep in enumerate(b.res.episodes):
-        if ep.n_steps == 0 or ep.prompt is None or ep.counterfactual_prompt in (None, ep.prompt):
+        if ep.n_steps == 0:
             continue
         steps = b.source.present_steps(ep.task_id, ep.episode, b.stream.cf_key)
         for start in range(0, len(steps), 16):  # bounded reads
             chunk = steps[start : start + 16]
             f = _decoding_features(b, ep, chunk, b.stream.key, "segment_mask")
-            feats.append(f)
-            cf_feats.append(_decoding_features(b, ep, chunk, b.stream.cf_key, schema.counterfactual("segment_mask")))
-            rows_per_step = len(f) // len(chunk)
-            labels += [ep.prompt] * len(f)
-            cf_labels += [ep.counterfactual_prompt] * len(f)
-            groups += [i] * len(f)
-            where += [(i, s) for s in chunk for _ in range(rows_per_step)]
-    if not feats:
+            fc = _decoding_features(b, ep, chunk, b.stream.cf_key, schema.counterfactual("segment_mask"))
+            rows = len(f) // len(chunk)  # batch rows per step
+            yb = np.repeat(_prompt_labels(b, ep, chunk, cf=False), rows)
+            yc = np.repeat(_prompt_labels(b, ep, chunk, cf=True), rows)
+            keep = np.array([x is not None and y is not None and x != y for x, y in zip(yb, yc)], bool)
+            feats.append(f[keep])
+            cf_feats.append(fc[keep])
+            labels += list(yb[keep])
+            cf_labels += list(yc[keep])
+            groups += [i] * int(keep.sum())
+            where += [(i, s) for s, k in zip(np.repeat(chunk, rows), keep) if k]
+    if not where:
+        b.res.missing[f"{b.stream.name}.prompt_decoding"] = "no rerun with a prompt different from the original"
         return {}
     x, xc = np.concatenate(feats), np.concatenate(cf_feats)
     if b.stream.name == "expert_0":  # cameras valid in no row (the masked third camera): constant zero features
