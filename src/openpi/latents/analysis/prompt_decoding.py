@@ -12,21 +12,27 @@ prompts, gets the same prediction twice, and so is right on at most one of the t
 Guessing among K prompts independently scores 1/K² (``chance``). The per-state accuracy is reported beside it (a
 scene-only state can reach 0.5 there when the scene tells the task apart).
 
-Pure numpy (a closed-form ridge classifier: deterministic, no iterative solver).
+The decoder is pure numpy (a closed-form ridge classifier: deterministic, no iterative solver);
+:func:`decode_layer` reads one layer of a collection for the metric registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import numpy as np
+
+from openpi.latents import schema
+from openpi.latents.analysis import streams as S
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptDecoding:
     """Held-out matched-observation prompt decoding (see the module docstring); NaN with `reason` when undefined."""
 
-    pair_correct: np.ndarray  # [N] 1.0 / 0.0 per observation (NaN: not held out in any fold)
+    pair_correct: np.ndarray | None  # [N] 1.0 / 0.0 per observation (NaN: not held out in any fold)
     pair_accuracy: float  # mean of pair_correct
     state_accuracy: float  # fraction of held-out states (2 per observation) decoded to their own prompt
     chance: float  # 1 / K² for K prompts (independent uniform guesses)
@@ -126,3 +132,78 @@ def matched_prompt_decoding(
         n_classes=len(classes),
         n_splits=k,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading a collection (the registry's prompt_decoding)
+
+
+def _decoding_features(b: Any, ep, steps: list[int], key: str, seg_key: str) -> np.ndarray:
+    """Probe features of ``key`` (base or cf states) at ``steps`` of episode ``ep``: expert_0, the per-camera means of
+    the valid cameras; expert_1, state token and mean action token at the first captured denoising step (where both
+    runs start from the same noise, so only the prompt differs)."""
+    st = b.stream
+    x = S.states(st, b.source.read(ep.task_id, ep.episode, key, layer=b.layer, steps=steps))
+    if st.name == "expert_1":
+        return S.probe_features(st, x[:, :1])
+    fields = b.source.fields(ep.task_id, ep.episode)
+    seg = b.source.read(ep.task_id, ep.episode, seg_key, steps=steps) if seg_key in fields else None
+    return S.probe_features(st, x, None, S.camera_valid(st, seg, x.shape[:2]))
+
+
+def _prompt_labels(b: Any, ep, steps: list[int], cf: bool) -> list:
+    """The prompt of each step: the episode's prompt attributes when both are recorded, else the per-step ``prompt``
+    / ``cf_prompt`` strings, else the valid token ids the model saw (``tokenized_prompt`` / ``text_mask``)."""
+    if ep.prompt is not None and ep.counterfactual_prompt is not None:
+        return [ep.counterfactual_prompt if cf else ep.prompt] * len(steps)
+    fields = b.source.fields(ep.task_id, ep.episode)
+    read = functools.partial(b.source.read, ep.task_id, ep.episode, steps=steps)
+    name = schema.counterfactual if cf else (lambda k: k)
+    if name("prompt") in fields:
+        return [str(p) for p in np.asarray(read(name("prompt"))).reshape(-1)]
+    if name("tokenized_prompt") in fields and name("text_mask") in fields:
+        ids = read(name("tokenized_prompt")).reshape(len(steps), -1)
+        mask = read(name("text_mask")).astype(bool).reshape(len(steps), -1)
+        return [" ".join(map(str, i[m])) for i, m in zip(ids, mask)]
+    return [None] * len(steps)
+
+
+def decode_layer(b: Any) -> dict[int, tuple[list[int], np.ndarray]]:
+    """The registry's ``prompt_decoding`` for one layer of one stream: reads the base / counterfactual features of
+    every episode (``b`` gives the source, stream and layer), fits the grouped decoder once, and returns each
+    episode's (rollout steps, pair-correct values); the fit's :class:`PromptDecoding` (without the per-pair values)
+    goes to ``res.shared[("prompt_decoding_summary", stream, layer index)]``."""
+    feats, cf_feats, labels, cf_labels, groups, where = [], [], [], [], [], []
+    for i, ep in enumerate(b.res.episodes):
+        if ep.n_steps == 0:
+            continue
+        steps = b.source.present_steps(ep.task_id, ep.episode, b.stream.cf_key)
+        for start in range(0, len(steps), 16):  # bounded reads
+            chunk = steps[start : start + 16]
+            f = _decoding_features(b, ep, chunk, b.stream.key, "segment_mask")
+            fc = _decoding_features(b, ep, chunk, b.stream.cf_key, schema.counterfactual("segment_mask"))
+            rows = len(f) // len(chunk)  # batch rows per step
+            yb = np.repeat(_prompt_labels(b, ep, chunk, cf=False), rows)
+            yc = np.repeat(_prompt_labels(b, ep, chunk, cf=True), rows)
+            keep = np.array([x is not None and y is not None and x != y for x, y in zip(yb, yc)], bool)
+            feats.append(f[keep])
+            cf_feats.append(fc[keep])
+            labels += list(yb[keep])
+            cf_labels += list(yc[keep])
+            groups += [i] * int(keep.sum())
+            where += [(i, s) for s, k in zip(np.repeat(chunk, rows), keep) if k]
+    if not where:
+        b.res.missing[f"{b.stream.name}.prompt_decoding"] = "no rerun with a prompt different from the original"
+        return {}
+    x, xc = np.concatenate(feats), np.concatenate(cf_feats)
+    if b.stream.name == "expert_0":  # cameras valid in no row (the masked third camera): constant zero features
+        keep = np.any(x != 0, axis=0) | np.any(xc != 0, axis=0)
+        x, xc = x[:, keep], xc[:, keep]
+    s = b.res.settings
+    dec = matched_prompt_decoding(x, xc, labels, cf_labels, groups, n_splits=s["probe_splits"], seed=s["seed"])
+    # the fit's summary (chance, counts, per-state accuracy) for callers; per-step values go to the registry
+    b.res.shared[("prompt_decoding_summary", b.stream.name, b.layer)] = dataclasses.replace(dec, pair_correct=None)
+    per_step: dict[int, dict[int, list[float]]] = {}
+    for (i, step), v in zip(where, dec.pair_correct):
+        per_step.setdefault(i, {}).setdefault(step, []).append(v)  # batch rows of one step: their mean
+    return {i: (list(d), np.array([np.mean(v) for v in d.values()])) for i, d in per_step.items()}

@@ -14,7 +14,6 @@ metrics, the logit lens three) is computed once per block through :meth:`LayerBl
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from openpi.latents import schema
 from openpi.latents.analysis import metrics as M
+from openpi.latents.analysis import prompt_decoding as PD
 from openpi.latents.analysis import streams as S
 
 if TYPE_CHECKING:
@@ -192,79 +192,6 @@ def attention_to_text(b: LayerBlock) -> Values | None:
     return slice(None), np.asarray(per_step)
 
 
-def _decoding_features(b: LayerBlock, ep, steps: list[int], key: str, seg_key: str) -> np.ndarray:
-    """Probe features of ``key`` (base or cf states) at ``steps`` of episode ``ep``: expert_0, the per-camera means of
-    the valid cameras; expert_1, state token and mean action token at the first captured denoising step (where both
-    runs start from the same noise, so only the prompt differs)."""
-    st = b.stream
-    x = S.states(st, b.source.read(ep.task_id, ep.episode, key, layer=b.layer, steps=steps))
-    if st.name == "expert_1":
-        return S.probe_features(st, x[:, :1])
-    fields = b.source.fields(ep.task_id, ep.episode)
-    seg = b.source.read(ep.task_id, ep.episode, seg_key, steps=steps) if seg_key in fields else None
-    return S.probe_features(st, x, None, S.camera_valid(st, seg, x.shape[:2]))
-
-
-def _prompt_labels(b: LayerBlock, ep, steps: list[int], cf: bool) -> list:
-    """The prompt of each step: the episode's prompt attributes when both are recorded, else the per-step ``prompt``
-    / ``cf_prompt`` strings, else the valid token ids the model saw (``tokenized_prompt`` / ``text_mask``)."""
-    if ep.prompt is not None and ep.counterfactual_prompt is not None:
-        return [ep.counterfactual_prompt if cf else ep.prompt] * len(steps)
-    fields = b.source.fields(ep.task_id, ep.episode)
-    read = functools.partial(b.source.read, ep.task_id, ep.episode, steps=steps)
-    name = schema.counterfactual if cf else (lambda k: k)
-    if name("prompt") in fields:
-        return [str(p) for p in np.asarray(read(name("prompt"))).reshape(-1)]
-    if name("tokenized_prompt") in fields and name("text_mask") in fields:
-        ids = read(name("tokenized_prompt")).reshape(len(steps), -1)
-        mask = read(name("text_mask")).astype(bool).reshape(len(steps), -1)
-        return [" ".join(map(str, i[m])) for i, m in zip(ids, mask)]
-    return [None] * len(steps)
-
-
-def _fit_prompt_decoding(b: LayerBlock) -> dict[int, Values]:
-    """Reads this layer's base / counterfactual features of every episode, fits the grouped decoder once."""
-    from openpi.latents.analysis.prompt_decoding import matched_prompt_decoding
-
-    feats, cf_feats, labels, cf_labels, groups, where = [], [], [], [], [], []
-    for i, ep in enumerate(b.res.episodes):
-        if ep.n_steps == 0:
-            continue
-        steps = b.source.present_steps(ep.task_id, ep.episode, b.stream.cf_key)
-        for start in range(0, len(steps), 16):  # bounded reads
-            chunk = steps[start : start + 16]
-            f = _decoding_features(b, ep, chunk, b.stream.key, "segment_mask")
-            fc = _decoding_features(b, ep, chunk, b.stream.cf_key, schema.counterfactual("segment_mask"))
-            rows = len(f) // len(chunk)  # batch rows per step
-            yb = np.repeat(_prompt_labels(b, ep, chunk, cf=False), rows)
-            yc = np.repeat(_prompt_labels(b, ep, chunk, cf=True), rows)
-            keep = np.array([x is not None and y is not None and x != y for x, y in zip(yb, yc)], bool)
-            feats.append(f[keep])
-            cf_feats.append(fc[keep])
-            labels += list(yb[keep])
-            cf_labels += list(yc[keep])
-            groups += [i] * int(keep.sum())
-            where += [(i, s) for s, k in zip(np.repeat(chunk, rows), keep) if k]
-    if not where:
-        b.res.missing[f"{b.stream.name}.prompt_decoding"] = "no rerun with a prompt different from the original"
-        return {}
-    x, xc = np.concatenate(feats), np.concatenate(cf_feats)
-    if b.stream.name == "expert_0":  # cameras valid in no row (the masked third camera): constant zero features
-        keep = np.any(x != 0, axis=0) | np.any(xc != 0, axis=0)
-        x, xc = x[:, keep], xc[:, keep]
-    s = b.res.settings
-    dec = matched_prompt_decoding(x, xc, labels, cf_labels, groups, n_splits=s["probe_splits"], seed=s["seed"])
-    b.res.notes[f"{b.stream.name}.prompt_decoding.layer{b.stream.layers[b.layer]}"] = (
-        f"pair accuracy {dec.pair_accuracy:.3f} over {dec.n_pairs} held-out observations of {dec.n_groups} episodes "
-        f"({dec.n_splits} folds grouped by episode), {dec.n_classes} prompts: chance {dec.chance:.3f}, a scene-only "
-        f"state scores 0; per-state accuracy {dec.state_accuracy:.3f}" + (f" ({dec.reason})" if dec.reason else "")
-    )
-    per_step: dict[int, dict[int, list[float]]] = {}
-    for (i, step), v in zip(where, dec.pair_correct):
-        per_step.setdefault(i, {}).setdefault(step, []).append(v)  # batch rows of one step: their mean
-    return {i: (list(d), np.array([np.mean(v) for v in d.values()])) for i, d in per_step.items()}
-
-
 def prompt_decoding(b: LayerBlock) -> Values | None:
     """Per rollout step with a counterfactual rerun: 1 if the held-out decoder names the prompt of both the base and
     the counterfactual state, else 0 (fit once per layer over the collection, cached in ``res.shared``)."""
@@ -272,7 +199,7 @@ def prompt_decoding(b: LayerBlock) -> Values | None:
         return None
     key = ("prompt_decoding", b.stream.name, b.layer)
     if key not in b.res.shared:
-        b.res.shared[key] = _fit_prompt_decoding(b)
+        b.res.shared[key] = PD.decode_layer(b)
     return b.res.shared[key].get(b.ep_index)
 
 
@@ -353,7 +280,7 @@ REGISTRY: tuple[Metric, ...] = (
         "matched-observation prompt decoding: held-out pair accuracy of a linear classifier (ridge on standardised "
         "features onto one-hot prompts, folds grouped by episode) naming the prompt of the state under the prompt and "
         "of the state under the counterfactual prompt of the same observation and noise; 1 when both are right. A "
-        "scene-only state scores 0, guessing 1/K² (K prompts; report notes). expert_0: per-camera means of valid "
+        "scene-only state scores 0, guessing 1/K² for K prompts. expert_0: per-camera means of valid "
         "cameras; expert_1: state token and mean action token at the first captured denoising step",
         prompt_decoding,
         label="matched-observation prompt decoding (pair acc.)",
