@@ -316,6 +316,7 @@ def test_metric_registry_entries_are_complete_and_the_report_covers_them():
             "actions": rng.standard_normal((2, 3)).astype(np.float32),
         }
         cf = {f"cf_{k}": v for k, v in rec.items() if k != "denoise_times" and k != "attention_to_text"}
+        cf["cf_tokenized_prompt"] = ids + np.array([[8, 0, 0, 0]], np.int32)  # a different prompt (first token)
         return {**rec, **cf}
 
     tasks = {

@@ -19,6 +19,10 @@ Presets:
 * ``pi05_libero_tiny``: a tiny pi0.5 (as ``pi0_libero_tiny``, horizon 10, text window 200) with shipped assets
   (tokenizer + identity-like norm stats with quantiles). Upstream initialises the adaptive norms to zero, so with
   random params the action expert's residual branches are gated off (its actions ignore the observation).
+* ``pi0_organism_tiny``: the control organisms' config (``openpi.training.control_organisms``): pi0_libero_tiny's
+  Gemma and SigLIP sizes with 56-pixel patches (16 tokens per camera) and horizon 10, so that it trains in minutes
+  on CPU. Checkpoints: ``tests/data/organisms/{positive,negative}`` (asset id ``organism``, identity norm stats);
+  without one, random weights (the untrained control of the same config).
 
 `openpi.policies.policy_config.create_trained_policy` builds a policy from a preset.
 """
@@ -137,6 +141,16 @@ def _presets() -> dict[str, PolicyPreset]:
             default_norm_stats_dir=tiny05_dir,
             model_type="pi05",
             description="tiny random-weight pi0.5 for tests and development (no download), float32",
+        ),
+        "pi0_organism_tiny": PolicyPreset(
+            name="pi0_organism_tiny",
+            model_config=_tiny_config(siglip_variant="mu/56", action_horizon=10),
+            asset_id="organism",
+            default_checkpoint=None,
+            tokenizer_path=os.path.join(tiny_dir, "tokenizer.model"),
+            default_norm_stats_dir=tiny_dir,
+            description="the control organisms' tiny pi0 (16 tokens per camera, horizon 10), float32; without a "
+            "checkpoint random weights (the untrained control), trained ones in tests/data/organisms/",
         ),
     }
 

@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from openpi.latents import schema
+from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis import pooled_metrics as PM
+from openpi.latents.analysis import prompt_decoding as PD
 from openpi.latents.analysis import step_metrics as SM
 from openpi.latents.analysis import streams as S
 
@@ -85,6 +88,17 @@ class Metric:
     heatmaps: bool = False  # drawn as layer × rollout-step heatmaps and split by success
     fraction: bool = False  # a fraction in [0, 1]: figures keep the full scale
     needs_layer_mean: bool = False  # the driver first computes the layer's collection mean (LayerBlock.layer_mean)
+
+
+def prompt_decoding(b: LayerBlock) -> Values | None:
+    """Per rollout step with a counterfactual rerun: 1 if the held-out decoder names the prompt of both the base and
+    the counterfactual state, else 0 (fit once per layer over the collection, cached in ``res.shared``)."""
+    if not b.stream.has_cf or b.stream.key is None:
+        return None
+    key = ("prompt_decoding", b.stream.name, b.layer)
+    if key not in b.res.shared:
+        b.res.shared[key] = PD.decode_layer(b)
+    return b.res.shared[key].get(b.ep_index)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -157,6 +171,21 @@ REGISTRY: tuple[Metric, ...] = (
         higher_means="the prompt changes the stream more (not a loss)",
         curves=True,
         heatmaps=True,
+    ),
+    Metric(
+        "prompt_decoding",
+        ("expert_0", "expert_1"),
+        "matched-observation prompt decoding: held-out pair accuracy of a linear classifier (ridge on standardised "
+        "features onto one-hot prompts, folds grouped by episode) naming the prompt of the state under the prompt and "
+        "of the state under the counterfactual prompt of the same observation and noise; 1 when both are right. A "
+        "scene-only state scores 0, guessing 1/K² for K prompts. expert_0: per-camera means of valid "
+        "cameras; expert_1: state token and mean action token at the first captured denoising step",
+        prompt_decoding,
+        label="matched-observation prompt decoding (pair acc.)",
+        higher_means="the states tell the prompt apart with the observation held fixed (not a loss)",
+        scope="episode",
+        curves=True,
+        fraction=True,
     ),
     Metric(
         "drift",
@@ -285,6 +314,8 @@ NOT_APPLICABLE = {
     "expert_0": "expert 0's image positions hold no prompt token to decode; text decoding applies to its text "
     "positions (text_only)",
     "expert_1": "expert 1 reads no text tokens (state + action tokens): there is no token identity to decode",
+    "text_only": "the text positions hold the prompt's own tokens, so decoding the prompt there is trivial; "
+    "prompt decoding applies to expert_0's image positions and to expert_1",
     "attention": "attention_to_text is captured for expert-1 queries only (they attend to expert 0's text keys)",
 }
 # Definitions of the summaries that are not per-step metrics (the task probe, the action-chunk divergence).

@@ -78,6 +78,8 @@ class CollectionAnalysis:
     # the same analysis of a control collection (random-initialised model / second checkpoint), and what it is
     control: CollectionAnalysis | None = None
     control_label: str | None = None
+    # work shared by one metric across the episodes of a layer (collection-level fits such as prompt decoding)
+    shared: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def has(self, stream: str, metric: str) -> bool:
         return (stream, metric) in self.step_values

@@ -1,0 +1,150 @@
+"""A latent collection without a simulator: a policy run on generated observations, written to the latent store.
+
+Each "task" is one prompt; each episode is ``n_steps`` independent inferences on fresh observations drawn by an
+``observe(rng, prompt)`` callable (e.g. :func:`openpi.training.control_organisms.raw_observations`). Records, the
+manifest and the episode attrs follow the LIBERO collection (:mod:`openpi.latents.collection`): the same record keys
+(``_step_record``), the same counterfactual reruns (same observation and noise, another prompt, under ``cf_*`` keys)
+and the same episode attrs, so the analysis reads it unchanged. There is no environment: ``t`` is the inference
+index, ``executed_actions`` is the whole chunk and ``success`` is what ``judge`` says (False without one).
+
+Used by the known-answer test of the control organisms (tests/test_control_organisms.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tqdm
+
+from openpi.latents import schema
+from openpi.latents import store as _store
+from openpi.latents.collection import _step_record
+from openpi.models.capture import CaptureSpec
+from openpi.policies.policy import Policy
+
+Observe = Callable[[np.random.Generator, str], dict[str, Any]]
+# judge(prompt, raw observations, results) -> success of the episode
+Judge = Callable[[str, list[dict[str, Any]], list[dict[str, Any]]], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticCollection:
+    """What to collect: one task per prompt, `n_episodes` × `n_steps` inferences each."""
+
+    prompts: tuple[str, ...]
+    n_episodes: int = 2
+    n_steps: int = 4
+    capture: CaptureSpec = CaptureSpec()
+    # "other-task": the next prompt in `prompts` (cyclically); "blank": the empty prompt; "none": no reruns.
+    counterfactual: str = "other-task"
+    num_steps: int | None = None  # denoising steps (None: the policy's default)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.counterfactual not in ("none", "blank", "other-task"):
+            raise ValueError(f"counterfactual must be 'none', 'blank' or 'other-task', got {self.counterfactual!r}.")
+        if self.counterfactual == "other-task" and len(self.prompts) < 2:
+            raise ValueError("counterfactual='other-task' needs two prompts or more.")
+        if self.n_episodes < 1 or self.n_steps < 1:
+            raise ValueError(f"n_episodes and n_steps must be >= 1, got {self.n_episodes} and {self.n_steps}.")
+
+    def counterfactual_prompt(self, task_id: int) -> str | None:
+        if self.counterfactual == "none":
+            return None
+        if self.counterfactual == "blank":
+            return ""
+        return self.prompts[(task_id + 1) % len(self.prompts)]
+
+
+def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run manifest, with the keys the analysis reads (capture_spec, checkpoint, model_config, layout)."""
+    config = policy.model.config
+    meta = policy.metadata
+    return {
+        "kind": "pi0 synthetic-observation latent collection",
+        "arguments": {
+            "prompts": list(spec.prompts),
+            "n_episodes": spec.n_episodes,
+            "n_steps": spec.n_steps,
+            "counterfactual": spec.counterfactual,
+            "num_steps": spec.num_steps,
+            "seed": spec.seed,
+        },
+        "capture_spec": spec.capture.to_dict(),
+        "checkpoint": meta.get("checkpoint"),
+        "preset": meta.get("preset"),
+        "model_config": config.describe(),
+        "suite": "synthetic",
+        "max_steps": spec.n_steps,
+        "text_start": config.text_start,
+        "segment_names": list(config.segment_names),
+        "suffix_segment_names": list(config.suffix_segment_names),
+        **(extra or {}),
+    }
+
+
+def _infer(policy: Policy, spec: SyntheticCollection, obs: dict[str, Any], noise: np.ndarray) -> dict[str, Any]:
+    return policy.infer_with_latents(obs, noise=noise, capture=spec.capture)
+
+
+def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_id: int, k: int, writer) -> bool | list:
+    """Runs one episode into `writer`; returns (raw observations, results) for the judge."""
+    config = policy.model.config
+    rng = np.random.default_rng([spec.seed, task_id, k])
+    prompt, cf_prompt = spec.prompts[task_id], spec.counterfactual_prompt(task_id)
+    raws, results = [], []
+    for t in range(spec.n_steps):
+        obs = {**observe(rng, prompt), "prompt": prompt}
+        noise = rng.standard_normal((config.action_horizon, config.action_dim), dtype=np.float32)
+        result = _infer(policy, spec, obs, noise)
+        record = _step_record(t, obs, result, config.action_horizon, store_images=False)
+        if cf_prompt is not None:
+            cf = _infer(policy, spec, {**obs, "prompt": cf_prompt}, result["noise"])
+            record[schema.counterfactual("prompt")] = cf_prompt
+            record[schema.counterfactual("actions")] = np.asarray(cf["actions"], np.float32)
+            record[schema.counterfactual("model_actions")] = np.asarray(cf["model_actions"], np.float32)
+            record.update({schema.counterfactual(key): v for key, v in cf["latents"].items()})
+        writer.append_step(record)
+        raws.append(obs)
+        results.append(result)
+    return raws, results
+
+
+def collect_synthetic(
+    policy: Policy,
+    output_dir: str | pathlib.Path,
+    spec: SyntheticCollection,
+    observe: Observe,
+    *,
+    judge: Judge | None = None,
+    manifest_extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Runs `policy` on ``observe``'s observations for every prompt and episode, writing a latent store."""
+    output_dir = pathlib.Path(output_dir)
+    run_manifest = manifest(spec, policy, manifest_extra)
+    bar = tqdm.tqdm(total=len(spec.prompts) * spec.n_episodes, desc="episodes", unit="ep", disable=not progress)
+    with _store.LatentStoreWriter.create_or_open(output_dir, run_manifest, resume=False) as writer:
+        for task_id, prompt in enumerate(spec.prompts):
+            task = {"task_id": task_id, "task_name": f"prompt_{task_id}", "suite": "synthetic", "language": prompt}
+            for k in range(spec.n_episodes):
+                attrs = {
+                    "init_state_index": k,
+                    "seed": spec.seed,
+                    "prompt": prompt,
+                    "max_steps": spec.n_steps,
+                    "counterfactual_prompt": spec.counterfactual_prompt(task_id),
+                }
+                ep = writer.begin_episode(task, k, attrs)
+                raws, results = _episode(policy, spec, observe, task_id, k, ep)
+                success = bool(judge(prompt, raws, results)) if judge is not None else False
+                ep.finish(
+                    {"success": success, "total_steps": spec.n_steps, "error": None, "num_inferences": spec.n_steps}
+                )
+                bar.update(1)
+    bar.close()
+    return output_dir
