@@ -3,7 +3,7 @@
 Each "task" is one prompt; each episode is ``n_steps`` independent inferences on fresh observations drawn by an
 ``observe(rng, prompt)`` callable (e.g. :func:`openpi.training.control_organisms.raw_observations`). Records, the
 manifest and the episode attrs follow the LIBERO collection (:mod:`openpi.latents.collection`): the same record keys
-(``_step_record``), the same counterfactual reruns (same observation and noise, another prompt, under ``cf_*`` keys)
+(``collect.episode.base_record``), the same counterfactual reruns (same observation and noise, another prompt, under ``cf_*`` keys)
 and the same episode attrs, so the analysis reads it unchanged. There is no environment: ``t`` is the inference
 index, ``executed_actions`` is the whole chunk and ``success`` is what ``judge`` says (False without one).
 
@@ -22,7 +22,7 @@ import tqdm
 
 from openpi.latents import schema
 from openpi.latents import store as _store
-from openpi.latents.collection import _step_record
+from openpi.latents.collect.episode import base_record
 from openpi.models.capture import CaptureSpec
 from openpi.policies.policy import Policy
 
@@ -101,7 +101,7 @@ def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_i
         obs = {**observe(rng, prompt), "prompt": prompt}
         noise = rng.standard_normal((config.action_horizon, config.action_dim), dtype=np.float32)
         result = _infer(policy, spec, obs, noise)
-        record = _step_record(t, obs, result, config.action_horizon, store_images=False)
+        record = base_record(t, obs, result, replan_steps=config.action_horizon, state_key="observation/state")
         if cf_prompt is not None:
             cf = _infer(policy, spec, {**obs, "prompt": cf_prompt}, result["noise"])
             record[schema.counterfactual("prompt")] = cf_prompt

@@ -88,14 +88,9 @@ class PolicyPreset:
 
 
 def _tiny_config(**kwargs) -> Pi0Config:
-    return Pi0Config(
-        dtype="float32",
-        paligemma_variant="dummy",
-        action_expert_variant="dummy",
-        siglip_variant="mu/14",
-        vocab_size=1024,
-        **kwargs,
-    )
+    """The tiny presets' model: Gemma "dummy" experts, SigLIP mu/14, vocab 1024, float32 (overridable)."""
+    sizes = dict(dtype="float32", paligemma_variant="dummy", action_expert_variant="dummy", siglip_variant="mu/14")
+    return Pi0Config(**{**sizes, "vocab_size": 1024, **kwargs})
 
 
 def _presets() -> dict[str, PolicyPreset]:

@@ -86,20 +86,27 @@ def _counterfactual_fields(inference: Inference) -> dict[str, Any]:
     }
 
 
-def step_record(t: int, inference: Inference, plan: Plan) -> dict[str, Any]:
-    """The store record of `inference`, made at env step `t` (keys: `openpi.latents.schema`)."""
-    element, result, args, sim = inference.element, inference.result, plan.args, plan.simulator
+def base_record(
+    t: int, element: dict[str, Any], result: dict[str, Any], *, replan_steps: int, state_key: str
+) -> dict[str, Any]:
+    """The record keys every recorded inference has (`openpi.latents.schema`), from its policy input and result."""
     actions = np.asarray(result["actions"], np.float32)
-    record = {
+    return {
         "t": t,
         "prompt": element[env_base.PROMPT_KEY],
         "actions": actions,  # the full chunk [H, action_dim] after the output transforms
-        "executed_actions": actions[: args.replan_steps],  # queued for execution (the episode may end earlier)
+        "executed_actions": actions[:replan_steps],  # queued for execution (the episode may end earlier)
         "model_actions": np.asarray(result["model_actions"], np.float32),  # normalized model output [H, AD]
         "noise": np.asarray(result["noise"], np.float32),
-        "state": np.asarray(element[sim.state_key], np.float32),
+        "state": np.asarray(element[state_key], np.float32),
         **result["latents"],
     }
+
+
+def step_record(t: int, inference: Inference, plan: Plan) -> dict[str, Any]:
+    """The store record of `inference`, made at env step `t` (keys: `openpi.latents.schema`)."""
+    element, args, sim = inference.element, plan.args, plan.simulator
+    record = base_record(t, element, inference.result, replan_steps=args.replan_steps, state_key=sim.state_key)
     if args.store_images:
         record.update({key: element[input_key] for key, input_key in sim.camera_keys.items()})
     record.update(_counterfactual_fields(inference))
