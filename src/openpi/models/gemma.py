@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from openpi.models import layer_edits as _edits
 from openpi.models import lora as _lora
 from openpi.models.adarms import AdaRMSNorm, gate_of, gated_residual
-from openpi.models import layer_edits as _edits
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 # Upstream fills masked logits with this finite value (not -inf): rows with no valid key get a uniform softmax.

@@ -101,23 +101,59 @@ class EpisodeRecorder:
         self._inference: Inference | None = None  # made by policy_fn, recorded by on_inference
         self.num_inferences = 0
 
-    def policy_fn(self, element: dict[str, Any]) -> np.ndarray:
-        if self._check_stop is not None:
-            self._check_stop()
-        capture = self._plan.args.capture
-        result = self._policy.infer_with_latents(element, noise=next(self._noise), capture=capture)
+    def next_noise(self) -> np.ndarray:
+        """The noise of this episode's next inference (drawn per task, episode and inference index)."""
+        return next(self._noise)
+
+    def accept(self, element: dict[str, Any], result: dict[str, Any]) -> np.ndarray:
+        """Keeps the inference `result` of `element` (made with `next_noise()`), adds the counterfactual rerun when
+        this inference has one, and returns the action chunk. The parallel collection batches the call itself."""
         inference = Inference(element, result)
         if self._cf_prompt is not None and self.num_inferences % self._plan.args.counterfactual_every == 0:
-            inference = rerun_with_prompt(self._policy, inference, self._cf_prompt, capture)
+            inference = rerun_with_prompt(self._policy, inference, self._cf_prompt, self._plan.args.capture)
         self.num_inferences += 1
         self._inference = inference
         return result["actions"]
 
-    def on_inference(self, t: int, element: dict[str, Any], chunk: np.ndarray) -> None:
+    def policy_fn(self, element: dict[str, Any]) -> np.ndarray:
+        if self._check_stop is not None:
+            self._check_stop()
+        result = self._policy.infer_with_latents(element, noise=self.next_noise(), capture=self._plan.args.capture)
+        return self.accept(element, result)
+
+    def record(self, t: int) -> None:
+        """Writes the record of the inference kept last, made at env step `t`."""
         inference, self._inference = self._inference, None
-        if inference is None or inference.element is not element:
-            raise RuntimeError("on_inference was called without a matching policy_fn call.")
+        if inference is None:
+            raise RuntimeError("record was called without an inference to record.")
         self._writer.append_step(step_record(t, inference, self._plan))
+
+    def on_inference(self, t: int, element: dict[str, Any], chunk: np.ndarray) -> None:
+        if self._inference is None or self._inference.element is not element:
+            raise RuntimeError("on_inference was called without a matching policy_fn call.")
+        self.record(t)
+
+
+def episode_attrs(plan: Plan, task: env_base.TaskInfo, k: int) -> dict[str, Any]:
+    """The stored attrs of episode `k` of `task` (the same whichever process or machine runs it)."""
+    return {
+        "init_state_index": k,
+        "seed": plan.args.seed,
+        "prompt": task.language,
+        "max_steps": plan.max_steps,
+        "counterfactual_prompt": counterfactual_prompt(plan, task),
+    }
+
+
+def finish_metadata(result: env_base.EpisodeResult) -> dict[str, Any]:
+    """The stored outcome of an episode."""
+    return {
+        "success": bool(result.success),
+        "total_steps": int(result.total_steps),
+        "error": result.error,
+        "wall_time_s": round(result.wall_time_s, 3),
+        "num_inferences": int(result.num_inferences),
+    }
 
 
 def run_task_episode(

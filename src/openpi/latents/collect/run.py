@@ -23,14 +23,14 @@ from openpi.latents.collect.args import (
     CollectionArgs,
     Plan,
     SetupError,
-    counterfactual_prompt,
     make_plan,
 )
 from openpi.latents.collect.disk import free_space_warning
-from openpi.latents.collect.episode import run_task_episode
+from openpi.latents.collect.episode import episode_attrs, finish_metadata, run_task_episode
 from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.malloc import limit_malloc_arenas
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, check_output, open_output, task_dict
+from openpi.latents.collect.parallel import run_parallel
 from openpi.latents.collect.sizes import estimate_size
 from openpi.latents.store import manifest as manifest_lib
 from openpi.policies import policy_config
@@ -143,9 +143,16 @@ def _run(plan: Plan, policy: Policy, output: Output, stop: StopOnSignal) -> list
     progress = _Progress(n_todo, kept)
     stop.deferring = True  # a signal now stops the run at the next inference, not in the middle of one
     try:
-        for task in plan.tasks:
-            if todo[task.task_id]:
-                _run_task(plan, policy, output, task, todo[task.task_id], progress, stop)
+        if plan.args.backend == "ray":
+            from openpi.latents.collect import ray_backend  # Ray is an optional extra
+
+            ray_backend.run_on_ray(plan, output, todo, progress.done)
+        elif plan.args.num_envs > 1:
+            run_parallel(plan, policy, output, todo, stop, progress.done)
+        else:
+            for task in plan.tasks:
+                if todo[task.task_id]:
+                    _run_task(plan, policy, output, task, todo[task.task_id], progress, stop)
     finally:
         stop.deferring = False
         progress.close()
@@ -175,24 +182,9 @@ def _run_episode(
     plan: Plan, policy: Policy, output: Output, env: env_base.Env, k: int, stop: StopOnSignal
 ) -> EpisodeOutcome:
     task, args = env.task, plan.args
-    attrs = {
-        "init_state_index": k,
-        "seed": args.seed,
-        "prompt": task.language,
-        "max_steps": plan.max_steps,
-        "counterfactual_prompt": counterfactual_prompt(plan, task),
-    }
-    writer = output.begin(task_dict(task), k, attrs)
+    writer = output.begin(task_dict(task), k, episode_attrs(plan, task, k))
     result = run_task_episode(plan, policy, env, writer, k, check_stop=stop.check)
-    writer.finish(
-        {
-            "success": bool(result.success),
-            "total_steps": int(result.total_steps),
-            "error": result.error,
-            "wall_time_s": round(result.wall_time_s, 3),
-            "num_inferences": int(result.num_inferences),
-        }
-    )
+    writer.finish(finish_metadata(result))
     if args.save_videos and result.frames:
         name = f"task{task.task_id:03d}_ep{k:03d}_{'success' if result.success else 'failure'}.mp4"
         env_base.save_video(result.frames, args.output_dir / "videos" / name)
