@@ -32,6 +32,7 @@ SETUP_ERRORS = (
     NotADirectoryError,
     ImportError,
     NoSpaceError,
+    ConnectionError,  # --backend ray: an unreachable cluster
 )
 # Arguments a resumed run may change: they add or show work but do not change what an episode records.
 RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {

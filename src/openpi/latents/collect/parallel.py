@@ -111,21 +111,33 @@ class Coordinator:
         self._slots: list[_Slot] = []
 
     def run(self, units: list[WorkUnit]) -> ParallelStats:
+        """Runs `units` (starting env workers up to ``--num-envs``; they stay up for the next call until `close`)."""
         queue = collections.deque(units)
         config = worker_config(self.plan)
-        try:
-            for _ in range(min(self.plan.args.num_envs, len(units))):
-                process = env_worker.start(config)
-                self._slots.append(_Slot(process.conn, process, process.pid))
-            for slot in self._slots:
-                self._expect(slot, "ready")
-                self._assign(slot, queue)
-            self._loop(queue)
-        finally:
-            self._shutdown()
+        fresh = []
+        while len(self._slots) < min(self.plan.args.num_envs, len(units)):
+            process = env_worker.start(config)
+            fresh.append(_Slot(process.conn, process, process.pid))
+            self._slots.append(fresh[-1])
+        for slot in fresh:
+            self._expect(slot, "ready")
+        for slot in self._slots:
+            self._assign(slot, queue)
+        self._loop(queue)
         if self._interrupted is not None:
             raise self._interrupted
         return self.stats
+
+    def close(self) -> None:
+        """Stops the env workers."""
+        self._shutdown()
+        self._slots = []
+
+    def __enter__(self) -> Coordinator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- the loop -----------------------------------------------------------------------------------------------
     def _loop(self, queue: collections.deque) -> None:
@@ -253,7 +265,8 @@ def run_parallel(
         min(plan.args.num_envs, len(units)),
         "batched" if plan.args.batch_inference else "one observation per call",
     )
-    stats = Coordinator(plan, policy, output, stop, on_outcome).run(units)
+    with Coordinator(plan, policy, output, stop, on_outcome) as coordinator:
+        stats = coordinator.run(units)
     logger.info(
         "Env workers: %.1f s replaying resets; batch sizes %s; peak RSS per worker per episode (MiB) %s.",
         stats.replay_s,

@@ -64,16 +64,26 @@ def _setup(args: CollectionArgs, policy: Policy | None) -> tuple[Plan, Policy, O
     plan.simulator.configure()
     manifest = manifest_lib.complete_manifest(build_manifest(plan))
     check_output(plan, manifest)
+    if args.backend == "ray":
+        from openpi.latents.collect import ray_backend  # Ray is an optional extra
+
+        ray_backend.check_ray(args)
     if policy is None:
-        logger.info("Loading policy %s (%s)", plan.preset.name, args.checkpoint or "preset default")
-        policy = policy_config.create_trained_policy(
-            plan.preset,
-            args.checkpoint,
-            asset_id=args.asset_id,
-            sample_kwargs={"num_steps": args.num_denoise_steps},
-            rng_seed=args.seed,
-        )
+        policy = load_policy(plan)
     return plan, policy, open_output(plan.args, manifest)
+
+
+def load_policy(plan: Plan) -> Policy:
+    """The policy of the run's preset / checkpoint, sampling ``--num-denoise-steps`` steps."""
+    args = plan.args
+    logger.info("Loading policy %s (%s)", plan.preset.name, args.checkpoint or "preset default")
+    return policy_config.create_trained_policy(
+        plan.preset,
+        args.checkpoint,
+        asset_id=args.asset_id,
+        sample_kwargs={"num_steps": args.num_denoise_steps},
+        rng_seed=args.seed,
+    )
 
 
 def collect(
