@@ -272,5 +272,6 @@ def run_parallel(
         stats.replay_s,
         dict(sorted(stats.batch_sizes.items())),
         {pid: [round(r) for r in rss] for pid, rss in stats.peak_rss_mib.items()},
+        extra={"parallel_stats": stats},  # for benchmarks/parallel_collection.py
     )
     return stats
