@@ -9,7 +9,9 @@ Reported per configuration:
 * episodes per hour = episodes / wall time x 3600; env steps per second = sum of the episodes' env steps / wall time;
 * the speed-up over the sequential run; whether the store equals the sequential store bit for bit (exact modes);
 * the env workers' peak RSS after each episode (flat = no growth), the time spent replaying resets;
-* the machine's 1-minute load average before and after (other jobs share this machine).
+* the machine's 1-minute load average before and after (other jobs share this machine);
+* a memory run: 2 env workers, each running `--rss-episodes` episodes of one task in one env; the growth of each
+  worker's peak RSS after its first episode (target: flat, <= 5%).
 
 Component costs for the throughput estimate of a bigger machine: one LIBERO env's step time (50 steps of zero
 actions after a reset, in this process) and the tiny policy's latency at batch 1 and N.
@@ -54,6 +56,10 @@ class Args:
     ray: bool = True  # also run --backend ray on a local Ray instance
     ray_num_cpus: int = 2
     keep: bool = False  # keep the stores (printed paths)
+    throughput: bool = True  # the sequential / parallel / Ray comparison
+    # Then the env workers' memory: --num-envs 2 on tasks 0 and 1, this many 20-step episodes each (one env per
+    # worker, no reset replay); peak RSS after each episode. 0: skip.
+    rss_episodes: int = 5
 
 
 class _StatsCatcher(logging.Handler):
@@ -145,6 +151,20 @@ def _component_costs(policy, num_envs: int) -> dict[str, float]:
     return out
 
 
+def _machine() -> str:
+    return f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+
+
+def _rss_run(a: Args, base: pathlib.Path, policy, catcher: _StatsCatcher) -> dict[str, Any]:
+    args = dataclasses.replace(
+        _args(base / "rss", a, num_envs=2), task_ids=(0, 1), episodes_per_task=a.rss_episodes, max_steps=20
+    )
+    row = _run(f"memory: 2 workers x {a.rss_episodes} episodes", args, policy, catcher)
+    peaks = row["worker_peak_rss_mib"]
+    row["rss_growth_after_first_pct"] = [round((max(p[1:]) / p[0] - 1) * 100, 1) for p in peaks if len(p) > 1]
+    return row
+
+
 def main(a: Args) -> None:
     cli.configure_logging()
     catcher = _StatsCatcher()
@@ -154,6 +174,14 @@ def main(a: Args) -> None:
     from openpi.latents.collect.run import load_policy
 
     policy = load_policy(plan)
+    if not a.throughput:
+        result = {"machine": _machine(), "config": dataclasses.asdict(a), "memory": _rss_run(a, base, policy, catcher)}
+        out = RESULTS.with_name("parallel_collection_memory.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"Wrote {out}")
+        shutil.rmtree(base, ignore_errors=True)
+        return
     costs = _component_costs(policy, a.num_envs)  # also compiles batch sizes 1 and N for the runs
     print("component costs:", costs, flush=True)
     rows = [_run("sequential", _args(base / "seq", a), policy, catcher)]
@@ -172,13 +200,15 @@ def main(a: Args) -> None:
             rows[-1]["store_equals_sequential"] = _same_store(base / "ray", base / "seq", a.episodes)
         finally:
             ray.shutdown()
+    memory = _rss_run(a, base, policy, catcher) if a.rss_episodes else None
     for row in rows:
         row["speedup_vs_sequential"] = round(row["episodes_per_hour"] / rows[0]["episodes_per_hour"], 2)
     result = {
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+        "machine": _machine(),
         "config": dataclasses.asdict(a),
         "component_costs": costs,
         "runs": rows,
+        "memory": memory,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -204,3 +204,15 @@ def test_ray_worker_killed_mid_episode_reruns_it_once(local_ray, sequential, tmp
     # Each episode reported once and stored once, complete, with the sequential run's content.
     assert sorted(o.episode_index for o in outcomes) == list(range(EPISODES))
     assert_same_store(root, sequential)
+
+
+def test_ray_resume_runs_only_the_missing_episodes(local_ray, sequential, tmp_path):
+    root = tmp_path / "ray_resume"
+    first = collection.collect(tiny_args(root, backend="ray", batch_inference=False, episodes_per_task=1))
+    assert [o.episode_index for o in first] == [0]
+    # A stale claim from a dead run is cleared by the driver; episode 1 is scheduled alone and replays one reset.
+    (root / shared.CLAIMS_DIR).mkdir(exist_ok=True)
+    (root / shared.CLAIMS_DIR / "task_0_episode_1.claim").write_text("{}")
+    resumed = collection.collect(tiny_args(root, backend="ray", batch_inference=False, resume=True))
+    assert sorted((o.episode_index, o.skipped) for o in resumed) == [(0, True), (1, False)]
+    assert_same_store(root, sequential)
