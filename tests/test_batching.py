@@ -82,6 +82,7 @@ def test_bucket_size():
         batching.bucket_size(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_batched_equals_one_per_call(dtype, tiny_a_inputs):
     policy = _policy(dtype)

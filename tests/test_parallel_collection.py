@@ -95,12 +95,16 @@ def test_split_work_blocks_are_contiguous_and_cover_the_todo():
     ]  # enough tasks: one unit each, no reset replay
 
 
+@pytest.mark.libero
+@pytest.mark.slow
 def test_num_envs_without_batching_stores_what_the_sequential_run_stores(sequential, tmp_path):
     outcomes = collection.collect(tiny_args(tmp_path / "n2", num_envs=2, batch_inference=False))
     assert sorted(o.episode_index for o in outcomes) == list(range(EPISODES))
     assert_same_store(tmp_path / "n2", sequential)
 
 
+@pytest.mark.libero
+@pytest.mark.slow
 def test_batched_inference_first_inference_within_tolerance(sequential, tmp_path):
     collection.collect(tiny_args(tmp_path / "batched", num_envs=2))
     for k in range(EPISODES):
@@ -163,6 +167,8 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.libero
+@pytest.mark.slow
 def test_ray_backend_stores_what_the_sequential_run_stores(local_ray, sequential, tmp_path):
     outcomes = collection.collect(tiny_args(tmp_path / "ray", backend="ray", batch_inference=False))
     assert sorted(o.episode_index for o in outcomes) == list(range(EPISODES))
@@ -189,6 +195,8 @@ def _kill_claim_holder_mid_episode(root: pathlib.Path, killed: list, stop: threa
         time.sleep(0.05)
 
 
+@pytest.mark.libero
+@pytest.mark.slow
 def test_ray_worker_killed_mid_episode_reruns_it_once(local_ray, sequential, tmp_path):
     root = tmp_path / "ray_kill"
     killed: list = []
@@ -206,6 +214,8 @@ def test_ray_worker_killed_mid_episode_reruns_it_once(local_ray, sequential, tmp
     assert_same_store(root, sequential)
 
 
+@pytest.mark.libero
+@pytest.mark.slow
 def test_ray_resume_runs_only_the_missing_episodes(local_ray, sequential, tmp_path):
     root = tmp_path / "ray_resume"
     first = collection.collect(tiny_args(root, backend="ray", batch_inference=False, episodes_per_task=1))
