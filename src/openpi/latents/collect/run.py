@@ -94,6 +94,8 @@ def collect(
     Every check that can fail on bad input (arguments, capture spec, output directory, checkpoint and norm stats)
     runs before any env is created, in that order, and raises `SetupError`; the output is only written once all of
     them passed. `policy`: use this policy instead of loading the preset's (it must sample `num_denoise_steps` steps).
+    With ``--backend ray`` each policy worker loads the preset's policy itself (`policy` here only serves the size
+    estimate); a stop signal then ends the driver, and the store is resumable as after a crash.
     `stop`: an active `StopOnSignal`; a signal during the rollouts then stops the run after the inference in flight
     (`Interrupted` is raised once the output is closed). Caps glibc's malloc arenas for the rest of the process (see
     `limit_malloc_arenas`).
