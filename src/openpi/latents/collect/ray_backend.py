@@ -142,8 +142,8 @@ def _stored_outcome(root, task_id: int, k: int) -> EpisodeOutcome:
 
 
 class _Driver:
-    def __init__(self, ray, plan: Plan, root, on_outcome):
-        self.ray, self.plan, self.root, self.on_outcome = ray, plan, root, on_outcome
+    def __init__(self, ray, plan: Plan, root, on_outcome, stop: StopOnSignal):
+        self.ray, self.plan, self.root, self.on_outcome, self.stop = ray, plan, root, on_outcome, stop
         self.n_actors, self.resources = _num_actors(ray)
         self.actor_cls = ray.remote(max_restarts=0, max_task_retries=0, **self.resources)(PolicyWorker)
         self.failures = 0
@@ -162,7 +162,11 @@ class _Driver:
                     batch = [pending.popleft() for _ in range(min(per_call, len(pending)))]
                     call = _Call(idle.pop(), [u for u, _ in batch], set().union(*(t for _, t in batch)))
                     inflight[call.actor.run_units.remote(call.units, call.take_over)] = call
-                [ref], _ = self.ray.wait(list(inflight), num_returns=1)
+                self.stop.check()  # a signal: the workers are killed (finally); the store stays resumable
+                ready, _ = self.ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
+                ref = ready[0]
                 call = inflight.pop(ref)
                 try:
                     outcomes = self.ray.get(ref)
@@ -207,7 +211,7 @@ class _Driver:
         return again
 
 
-def run_on_ray(plan: Plan, output: Output, todo: dict[int, list[int]], on_outcome) -> None:
+def run_on_ray(plan: Plan, output: Output, todo: dict[int, list[int]], on_outcome, stop: StopOnSignal) -> None:
     """Runs the `todo` episodes on the Ray cluster (see the module docstring); `output` is the driver's store."""
     import ray
 
@@ -217,7 +221,7 @@ def run_on_ray(plan: Plan, output: Output, todo: dict[int, list[int]], on_outcom
     ensure_task_groups(writer, [task_dict(t) for t in plan.tasks])
     started = _connect(ray, address)
     try:
-        driver = _Driver(ray, plan, writer.root, on_outcome)
+        driver = _Driver(ray, plan, writer.root, on_outcome, stop)
         units = split_work(plan.tasks, todo, driver.n_actors * plan.args.num_envs)
         logger.info(
             "Ray: %d work units on %d policy workers (%s each) with %d env workers each.",

@@ -95,7 +95,7 @@ def collect(
     runs before any env is created, in that order, and raises `SetupError`; the output is only written once all of
     them passed. `policy`: use this policy instead of loading the preset's (it must sample `num_denoise_steps` steps).
     With ``--backend ray`` each policy worker loads the preset's policy itself (`policy` here only serves the size
-    estimate); a stop signal then ends the driver, and the store is resumable as after a crash.
+    estimate); a stop signal kills the workers within a second, leaving the store resumable as after a crash.
     `stop`: an active `StopOnSignal`; a signal during the rollouts then stops the run after the inference in flight
     (`Interrupted` is raised once the output is closed). Caps glibc's malloc arenas for the rest of the process (see
     `limit_malloc_arenas`).
@@ -158,7 +158,7 @@ def _run(plan: Plan, policy: Policy, output: Output, stop: StopOnSignal) -> list
         if plan.args.backend == "ray":
             from openpi.latents.collect import ray_backend  # Ray is an optional extra
 
-            ray_backend.run_on_ray(plan, output, todo, progress.done)
+            ray_backend.run_on_ray(plan, output, todo, progress.done, stop)
         elif plan.args.num_envs > 1:
             run_parallel(plan, policy, output, todo, stop, progress.done)
         else:
