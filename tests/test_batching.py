@@ -82,6 +82,7 @@ def test_bucket_size():
         batching.bucket_size(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_batched_equals_one_per_call(dtype, tiny_a_inputs):
     policy = _policy(dtype)
@@ -145,7 +146,12 @@ def test_batching_policy_errors_reach_the_caller(tiny_a_inputs):
     policy = _policy("float32")
     with pytest.raises(ValueError, match="max_batch=3 must be one of the bucket sizes"):
         batching.BatchingPolicy(policy, max_batch=3)
-    with batching.BatchingPolicy(policy, max_batch=2, max_wait_s=0.0) as front:
-        bad = front.submit(_observations(tiny_a_inputs, 1)[0], noise=np.zeros((3, 3), np.float32))
+    obs = _observations(tiny_a_inputs, 1)[0]
+    with batching.BatchingPolicy(policy, max_batch=2, max_wait_s=1.0) as front:
+        bad = front.submit(obs, noise=np.zeros((3, 3), np.float32))
+        good = front.submit(obs, noise=_noises(1)[0])  # gathered with the bad one, answered all the same
         with pytest.raises(ValueError, match="noise must have shape"):
             bad.result(timeout=120)
+        np.testing.assert_allclose(
+            good.result(timeout=120)["actions"], policy.infer(obs, noise=_noises(1)[0])["actions"], atol=2e-5
+        )

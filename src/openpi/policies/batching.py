@@ -275,12 +275,18 @@ class BatchingPolicy:
                 live = [p for p in items if p.future.set_running_or_notify_cancel()]
                 if not live:
                     continue
-                try:
-                    results = self.inference.run([p.request for p in live], capture)
-                except BaseException as e:  # handed to every waiting caller
-                    logger.exception("batched inference failed")
-                    for p in live:
-                        p.future.set_exception(e)
-                    continue
-                for p, r in zip(live, results, strict=True):
-                    p.future.set_result(r)
+                self._run_group(live, capture)
+
+    def _run_group(self, live: list[_Pending], capture: CaptureSpec | None) -> None:
+        """One batch; if it fails, each request alone, so that one bad request fails only its own caller."""
+        try:
+            results = self.inference.run([p.request for p in live], capture)
+        except Exception as e:
+            if len(live) > 1:
+                for p in live:
+                    self._run_group([p], capture)
+                return
+            live[0].future.set_exception(e)
+            return
+        for p, r in zip(live, results, strict=True):
+            p.future.set_result(r)

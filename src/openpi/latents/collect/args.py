@@ -34,6 +34,7 @@ SETUP_ERRORS = (
     ImportError,
     NoSpaceError,
     location.ObjectStoreError,
+    ConnectionError,  # --backend ray: an unreachable cluster
 )
 # Arguments a resumed run may change: they add or show work but do not change what an episode records.
 RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
@@ -42,6 +43,12 @@ RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
     "arguments.save_videos",
     "arguments.queue_size",
     "arguments.break_stale_lock",
+    # How many episodes run at once, and where, does not change what one records; batching changes float rounding
+    # only (tests/test_batching.py), so a resume may switch it.
+    "arguments.num_envs",
+    "arguments.batch_inference",
+    "arguments.backend",
+    "arguments.ray_address",
 }
 # Library parameters whose fix a setup error names, and the flag a command-line user gives it with.
 CLI_FLAGS = {"asset_id": "--asset-id", "checkpoint_dir": "--checkpoint", "allow_pickle": "--allow-pickle"}
@@ -105,6 +112,20 @@ class CollectionArgs:
     queue_size: int = 8
     # The closed-loop condition (prompt mode, intervention, layer sweep, text latent); default: the baseline.
     condition: conditions_lib.ConditionArgs = conditions_lib.ConditionArgs()
+    # Env worker processes running episodes at once (1: the sequential loop in this process). Their waiting
+    # observations go through the policy together (see --batch-inference). A task's episodes are split into
+    # contiguous blocks; a block starting at episode k first replays the k env resets before it, so each episode
+    # sees the scene of the sequential run.
+    num_envs: int = 1
+    # With --num-envs > 1: run the observations of the envs that wait at the same time as ONE padded batch through
+    # the model (faster; float rounding differs slightly from one observation per call). --no-batch-inference: one
+    # observation per model call, and the stored arrays are identical to the sequential run's whatever --num-envs is.
+    batch_inference: bool = True
+    # "local": this machine. "ray": work units (a task's block of episodes) on a Ray cluster, a policy actor per
+    # GPU (per machine on CPU) with --num-envs env workers each; needs `uv sync --extra ray`.
+    backend: Literal["local", "ray"] = "local"
+    # Ray cluster address for --backend ray (default: $RAY_ADDRESS, else a local Ray instance on this machine).
+    ray_address: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +169,27 @@ def _check_numbers(args: CollectionArgs, tasks: tuple[env_base.TaskInfo, ...]) -
             f"--num-denoise-steps must be >= 1 (flow-matching Euler steps per inference; openpi uses 10), "
             f"got {args.num_denoise_steps}."
         )
+    _check_parallel(args, len(tasks) * args.episodes_per_task)
     if args.queue_size < 1:
         raise ValueError(f"--queue-size must be >= 1 (steps waiting for the disk; default 8), got {args.queue_size}.")
+
+
+def _check_parallel(args: CollectionArgs, num_episodes: int) -> None:
+    if args.num_envs < 1:
+        raise ValueError(f"--num-envs must be >= 1 (env worker processes), got {args.num_envs}.")
+    if args.num_envs > num_episodes:
+        raise ValueError(
+            f"--num-envs {args.num_envs} exceeds the work: this run has {num_episodes} episodes "
+            f"(tasks x --episodes-per-task), so at most {num_episodes} envs can be busy. Lower --num-envs to "
+            f"{num_episodes} or less."
+        )
+    if (args.num_envs > 1 or args.backend == "ray") and args.output_format != "zarr":
+        raise ValueError(
+            "--num-envs > 1 and --backend ray write episodes concurrently, which only the zarr store supports: "
+            "use --output-format zarr (and export pickles afterwards with `openpi.latents.store.export_pickle`)."
+        )
+    if args.ray_address is not None and args.backend != "ray":
+        raise ValueError("--ray-address is only used with --backend ray; add --backend ray or drop --ray-address.")
 
 
 def make_plan(args: CollectionArgs) -> Plan:
@@ -177,6 +217,11 @@ def make_plan(args: CollectionArgs) -> Plan:
     )
     for task in tasks:
         condition.prompt_of(task)  # a bad prompt setting raises here, before anything expensive
+    if (args.num_envs > 1 or args.backend == "ray") and args.condition != conditions_lib.ConditionArgs():
+        raise ValueError(
+            "Closed-loop conditions (--condition.*) run in the sequential loop only for now: drop --num-envs / "
+            "--backend ray for a condition run (its episodes pair with a baseline run made either way)."
+        )
     return Plan(args, sim, preset, tasks, tuple(range(args.episodes_per_task)), max_steps, condition)
 
 

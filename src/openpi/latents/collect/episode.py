@@ -19,6 +19,7 @@ from openpi.latents import schema
 from openpi.latents.collect.args import Plan, counterfactual_prompt
 from openpi.latents.collect.outputs import EpisodeSink
 from openpi.models.capture import CaptureSpec
+from openpi.models.intervention import Intervention
 from openpi.policies.policy import Policy
 
 
@@ -137,24 +138,67 @@ class EpisodeRecorder:
         self._inference: Inference | None = None  # made by policy_fn, recorded by on_inference
         self.num_inferences = 0
 
-    def policy_fn(self, element: dict[str, Any]) -> np.ndarray:
-        if self._check_stop is not None:
-            self._check_stop()
-        capture = self._plan.args.capture
-        edit = self._plan.condition.intervention_at(self.num_inferences)  # the condition's edit (None: none)
-        result = _infer(self._policy, element, next(self._noise), capture, edit)
+    def next_noise(self) -> np.ndarray:
+        """The noise of this episode's next inference (drawn per task, episode and inference index)."""
+        return next(self._noise)
+
+    def intervention(self) -> Intervention | None:
+        """The condition's edit for this episode's next inference (None: none)."""
+        return self._plan.condition.intervention_at(self.num_inferences)
+
+    def accept(self, element: dict[str, Any], result: dict[str, Any]) -> np.ndarray:
+        """Keeps the inference `result` of `element` (made with `next_noise()` and `intervention()`), adds the
+        counterfactual rerun when this inference has one, and returns the action chunk. The parallel collection
+        batches the call itself."""
         inference = Inference(element, result)
         if self._cf_prompt is not None and self.num_inferences % self._plan.args.counterfactual_every == 0:
-            inference = rerun_with_prompt(self._policy, inference, self._cf_prompt, capture, edit)
+            capture = self._plan.args.capture
+            inference = rerun_with_prompt(self._policy, inference, self._cf_prompt, capture, self.intervention())
         self.num_inferences += 1
         self._inference = inference
         return result["actions"]
 
-    def on_inference(self, t: int, element: dict[str, Any], chunk: np.ndarray) -> None:
+    def policy_fn(self, element: dict[str, Any]) -> np.ndarray:
+        if self._check_stop is not None:
+            self._check_stop()
+        result = _infer(self._policy, element, self.next_noise(), self._plan.args.capture, self.intervention())
+        return self.accept(element, result)
+
+    def record(self, t: int) -> None:
+        """Writes the record of the inference kept last, made at env step `t`."""
         inference, self._inference = self._inference, None
-        if inference is None or inference.element is not element:
-            raise RuntimeError("on_inference was called without a matching policy_fn call.")
+        if inference is None:
+            raise RuntimeError("record was called without an inference to record.")
         self._writer.append_step(step_record(t, inference, self._plan))
+
+    def on_inference(self, t: int, element: dict[str, Any], chunk: np.ndarray) -> None:
+        if self._inference is None or self._inference.element is not element:
+            raise RuntimeError("on_inference was called without a matching policy_fn call.")
+        self.record(t)
+
+
+def episode_attrs(plan: Plan, task: env_base.TaskInfo, k: int) -> dict[str, Any]:
+    """The stored attrs of episode `k` of `task` (the same whichever process or machine runs it)."""
+    return {
+        "init_state_index": k,
+        "seed": plan.args.seed,
+        "prompt": plan.condition.prompt_of(task),
+        "max_steps": plan.max_steps,
+        "counterfactual_prompt": counterfactual_prompt(plan, task),
+        "task_language": task.language,
+        "condition": plan.condition.describe(task),
+    }
+
+
+def finish_metadata(result: env_base.EpisodeResult) -> dict[str, Any]:
+    """The stored outcome of an episode."""
+    return {
+        "success": bool(result.success),
+        "total_steps": int(result.total_steps),
+        "error": result.error,
+        "wall_time_s": round(result.wall_time_s, 3),
+        "num_inferences": int(result.num_inferences),
+    }
 
 
 def run_task_episode(

@@ -24,14 +24,14 @@ from openpi.latents.collect.args import (
     CollectionArgs,
     Plan,
     SetupError,
-    counterfactual_prompt,
     make_plan,
 )
 from openpi.latents.collect.disk import free_space_warning
-from openpi.latents.collect.episode import run_task_episode
+from openpi.latents.collect.episode import episode_attrs, finish_metadata, run_task_episode
 from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.malloc import limit_malloc_arenas
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, check_output, open_output, task_dict
+from openpi.latents.collect.parallel import run_parallel
 from openpi.latents.collect.sizes import estimate_size
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
@@ -67,11 +67,17 @@ def _setup(args: CollectionArgs, policy: Policy | None) -> tuple[Plan, Policy, O
     plan.simulator.configure()
     manifest = manifest_lib.complete_manifest(build_manifest(plan))
     check_output(plan, manifest)
-    return plan, policy or load_policy(plan), open_output(plan.args, manifest)
+    if args.backend == "ray":
+        from openpi.latents.collect import ray_backend  # Ray is an optional extra
+
+        ray_backend.check_ray(args)
+    if policy is None:
+        policy = load_policy(plan)
+    return plan, policy, open_output(plan.args, manifest)
 
 
 def load_policy(plan: Plan) -> Policy:
-    """The plan's preset policy (checkpoint, norm stats), sampling `num_denoise_steps` steps."""
+    """The policy of the run's preset / checkpoint, sampling ``--num-denoise-steps`` steps."""
     args = plan.args
     logger.info("Loading policy %s (%s)", plan.preset.name, args.checkpoint or "preset default")
     return policy_config.create_trained_policy(
@@ -91,6 +97,8 @@ def collect(
     Every check that can fail on bad input (arguments, capture spec, output directory, checkpoint and norm stats)
     runs before any env is created, in that order, and raises `SetupError`; the output is only written once all of
     them passed. `policy`: use this policy instead of loading the preset's (it must sample `num_denoise_steps` steps).
+    With ``--backend ray`` each policy worker loads the preset's policy itself (`policy` here only serves the size
+    estimate); a stop signal kills the workers within a second, leaving the store resumable as after a crash.
     `stop`: an active `StopOnSignal`; a signal during the rollouts then stops the run after the inference in flight
     (`Interrupted` is raised once the output is closed). Caps glibc's malloc arenas for the rest of the process (see
     `limit_malloc_arenas`).
@@ -151,9 +159,16 @@ def _run(plan: Plan, policy: Policy, output: Output, stop: StopOnSignal) -> list
     progress = _Progress(n_todo, kept)
     stop.deferring = True  # a signal now stops the run at the next inference, not in the middle of one
     try:
-        for task in plan.tasks:
-            if todo[task.task_id]:
-                _run_task(plan, policy, output, task, todo[task.task_id], progress, stop)
+        if plan.args.backend == "ray":
+            from openpi.latents.collect import ray_backend  # Ray is an optional extra
+
+            ray_backend.run_on_ray(plan, output, todo, progress.done, stop)
+        elif plan.args.num_envs > 1:
+            run_parallel(plan, policy, output, todo, stop, progress.done)
+        else:
+            for task in plan.tasks:
+                if todo[task.task_id]:
+                    _run_task(plan, policy, output, task, todo[task.task_id], progress, stop)
     finally:
         stop.deferring = False
         progress.close()
@@ -183,26 +198,9 @@ def _run_episode(
     plan: Plan, policy: Policy, output: Output, env: env_base.Env, k: int, stop: StopOnSignal
 ) -> EpisodeOutcome:
     task, args = env.task, plan.args
-    attrs = {
-        "init_state_index": k,
-        "seed": args.seed,
-        "prompt": plan.condition.prompt_of(task),
-        "max_steps": plan.max_steps,
-        "counterfactual_prompt": counterfactual_prompt(plan, task),
-        "task_language": task.language,
-        "condition": plan.condition.describe(task),
-    }
-    writer = output.begin(task_dict(task), k, attrs)
+    writer = output.begin(task_dict(task), k, episode_attrs(plan, task, k))
     result = run_task_episode(plan, policy, env, writer, k, check_stop=stop.check)
-    writer.finish(
-        {
-            "success": bool(result.success),
-            "total_steps": int(result.total_steps),
-            "error": result.error,
-            "wall_time_s": round(result.wall_time_s, 3),
-            "num_inferences": int(result.num_inferences),
-        }
-    )
+    writer.finish(finish_metadata(result))
     if args.save_videos and result.frames:
         name = f"task{task.task_id:03d}_ep{k:03d}_{'success' if result.success else 'failure'}.mp4"
         env_base.save_video(result.frames, pathlib.Path(args.output_dir) / "videos" / name)  # local only

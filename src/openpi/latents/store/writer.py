@@ -218,6 +218,14 @@ class LatentStoreWriter:
         self._put(("begin", sink, task_attrs))
         return EpisodeWriter(self, sink)
 
+    def ensure_task(self, task: Mapping[str, Any]) -> None:
+        """Creates the group of ``task`` now (queued) if the store lacks it; see ``shared`` for why."""
+        self._check()
+        task_attrs = manifest_lib.to_json_compatible(dict(task), where="task")
+        task_attrs["task_id"] = int(task_attrs["task_id"])
+        self._tasks.setdefault(task_attrs["task_id"], task_attrs)
+        self._put(("task", None, task_attrs))
+
     def flush(self) -> None:
         """Blocks until everything queued so far is on disk; raises a writer failure."""
         self._check()
@@ -288,6 +296,10 @@ class LatentStoreWriter:
 
     def _handle(self, item: tuple) -> None:
         kind, sink = item[0], item[1]
+        if kind == "task":
+            self._error_where = f"creating task {item[2]['task_id']}"
+            self._task_group(item[2])
+            return
         where = f"task {sink.task_id} episode {sink.episode_index}"
         if kind == "begin":
             self._error_where = f"creating {where}"
