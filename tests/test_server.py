@@ -268,7 +268,7 @@ def test_sigkill_keeps_finished_records(tmp_path):
 
 def test_intervention_file(tmp_path):
     from openpi.models import intervention as iv
-    from openpi.serving.intervention_file import load_intervention
+    from openpi.models.intervention_file import load_intervention
 
     np.save(tmp_path / "v.npy", np.arange(4, dtype=np.float32))
     path = tmp_path / "iv.json"
@@ -280,8 +280,10 @@ def test_intervention_file(tmp_path):
     expected = iv.knockout_attention("all", "text") + iv.steer(1, (1, 3), (0,), np.arange(4.0), alpha=2.0)
     assert iv.describe(loaded) == iv.describe(expected)
     np.testing.assert_array_equal(loaded.ops[1].vector, np.arange(4.0))
-    path.write_text('{"ops": [{"op": "knockout", "queries": "all"}]}')
-    with pytest.raises(ValueError, match="unknown op 'knockout'"):
+    path.write_text('{"ops": [{"op": "knockout", "queries": "all", "keys": "text"}]}')  # the collection's alias
+    assert iv.describe(load_intervention(path)) == iv.describe(iv.knockout_attention("all", "text"))
+    path.write_text('{"ops": [{"op": "flip", "queries": "all"}]}')
+    with pytest.raises(ValueError, match="unknown op 'flip'"):
         load_intervention(path)
     path.write_text(
         '{"ops": [{"op": "steer", "expert": 1, "tokens": "actions", "layers": [0], "vector": [1], "beta": 1}]}'

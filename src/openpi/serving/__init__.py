@@ -2,7 +2,7 @@
 
 Modules: `protocol` (wire format, request fields, observation checks), `recording` (episodes, noise, step records),
 `engine` (how the model runs: one at a time or batched), `server` (`PolicyServer`), `args` (`ServeArgs`, manifest),
-`setup` (`create_server`), `intervention_file` (``--intervention`` JSON), `client` (`RecordingClient`, a harness's
+`setup` (`create_server`), `client` (`RecordingClient`, a harness's
 wrapper of openpi_client adding the record fields).
 """
 

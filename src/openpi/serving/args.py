@@ -12,9 +12,9 @@ from openpi.envs import base as env_base
 from openpi.latents.store import manifest as manifest_lib
 from openpi.models import intervention as iv
 from openpi.models.capture import CaptureSpec
+from openpi.models.intervention_file import load_intervention
 from openpi.policies import batching, presets
 from openpi.serving import protocol
-from openpi.serving.intervention_file import load_intervention
 
 API_KEY_ENV = "OPENPI_SERVER_API_KEY"
 # Arguments a resumed store may change: they change how the server is reached, not what it records.
@@ -47,7 +47,7 @@ class ServeArgs:
     seed: int | None = None
     # What to record at each inference.
     capture: CaptureSpec = CaptureSpec()
-    # An intervention applied at every inference: a JSON file (format: openpi.serving.intervention_file).
+    # An intervention applied at every inference: a JSON file (format: openpi.models.intervention_file).
     intervention: pathlib.Path | None = None
     # The prompt the model gets: "as-sent" (the request's), "blank" (empty) or "text" (--prompt-text). With a
     # replaced prompt the request's is stored as sent_prompt.

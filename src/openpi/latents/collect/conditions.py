@@ -8,7 +8,7 @@ condition's episode k gets exactly the noise of inference i of the baseline's ep
   (the instruction of task ``(id + other_task_offset) mod n`` of the suite: task A's scene, task B's words) and
   ``text`` (`--condition.prompt-text`).
 * Interventions (`--condition.intervention`): a named recipe (`RECIPES`) at `--condition.layers` (default: every
-  layer), or the path of a JSON file (`load_intervention_json`).
+  layer), or the path of a JSON file (`openpi.models.intervention_file`).
 * Layer sweeps (`--condition.sweep-layers`): one condition per layer, ``<recipe>@L<l>``, each into its own store.
 * Text latents (`--condition.text-latent latents.npz --condition.text-latent-task K`): task K's text latent
   (`openpi.latents.text_latent`) written into the text window, optionally blended with a second task's.
@@ -22,7 +22,6 @@ episode's metadata.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,6 +30,7 @@ import numpy as np
 
 from openpi.envs import base as env_base
 from openpi.models import intervention as iv
+from openpi.models import intervention_file
 
 if TYPE_CHECKING:
     from openpi.models.pi0_config import Pi0Config
@@ -198,51 +198,6 @@ def recipe(name: str, layers: tuple[int, ...] | None, *, vector: Any = None, alp
     raise ValueError(f"Unknown intervention recipe {name!r}: use one of {', '.join(RECIPES)} or a JSON file path.")
 
 
-_ARRAY_FIELDS = ("values", "mean", "vector")
-_OPS = {"knockout": iv.knockout_attention, "patch": iv.patch, "ablate": iv.ablate, "steer": iv.steer}
-
-
-def load_intervention_json(path: str | pathlib.Path) -> iv.Intervention:
-    """An Intervention from JSON: ``{"ops": [{"op": "knockout", "queries": "all", "keys": "text", "layers": [3]},
-    {"op": "steer", "expert": 0, "tokens": "text", "layers": [5], "vector": "v.npy", "alpha": 2.0}, ...]}``.
-
-    Each op's other keys are the keyword arguments of `openpi.models.intervention.<op>` (knockout_attention for
-    "knockout"); token spans are names or [start, stop]; `values` / `mean` / `vector` are inline lists or the path
-    of a .npy file (relative to the JSON file).
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--condition.intervention {path}: no such file; pass a recipe ({', '.join(RECIPES)}) or a JSON file."
-        )
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--condition.intervention {path} is not valid JSON: {e}.") from e
-    ops = spec.get("ops") if isinstance(spec, dict) else None
-    if not isinstance(ops, list) or not ops:
-        raise ValueError(f'--condition.intervention {path}: expected {{"ops": [{{"op": ...}}, ...]}}.')
-    parts = []
-    for i, op in enumerate(ops):
-        kwargs = dict(op)
-        kind = kwargs.pop("op", None)
-        if kind not in _OPS:
-            raise ValueError(f"{path}: ops[{i}] has op={kind!r}; use one of {sorted(_OPS)}.")
-        for key in _ARRAY_FIELDS:
-            if isinstance(kwargs.get(key), str):
-                kwargs[key] = np.load(path.parent / kwargs[key], allow_pickle=False)
-            elif kwargs.get(key) is not None:
-                kwargs[key] = np.asarray(kwargs[key], np.float32)
-        for key in ("tokens", "queries", "keys"):
-            if isinstance(kwargs.get(key), list):
-                kwargs[key] = tuple(kwargs[key])
-        try:
-            parts.append(_OPS[kind](**kwargs))
-        except TypeError as e:
-            raise ValueError(f"{path}: ops[{i}] ({kind}): {e}.") from e
-    return iv.combine(*parts)
-
-
 def _fixed_intervention(c: ConditionArgs) -> iv.Intervention | None:
     if c.intervention == "none":
         return None
@@ -252,7 +207,12 @@ def _fixed_intervention(c: ConditionArgs) -> iv.Intervention | None:
             vector = np.load(c.steer_vector, allow_pickle=False).astype(np.float32)
         return recipe(c.intervention, c.layers, vector=vector, alpha=c.alpha)
     if c.intervention.endswith(".json") or pathlib.Path(c.intervention).exists():
-        return load_intervention_json(c.intervention)
+        if not pathlib.Path(c.intervention).is_file():
+            raise FileNotFoundError(
+                f"--condition.intervention {c.intervention}: no such file; pass a recipe ({', '.join(RECIPES)}) or a "
+                "JSON file."
+            )
+        return intervention_file.load_intervention(c.intervention, flag="--condition.intervention")
     raise ValueError(
         f"--condition.intervention {c.intervention!r} is neither a recipe ({', '.join(RECIPES)}) nor a JSON file."
     )

@@ -1,9 +1,11 @@
-"""An `Intervention` from a JSON file (the server's ``--intervention``).
+"""An `Intervention` from a JSON file (the collection's ``--condition.intervention`` and the server's
+``--intervention``).
 
 Format: ``{"ops": [{"op": <name>, ...keyword arguments of that constructor...}, ...]}`` with the names and
-arguments of `openpi.models.intervention` (`knockout_attention`, `patch`, `ablate`, `steer`); the ops are combined
-in order. Token spans are a segment name or ``[start, stop]``. Array arguments (``values``, ``mean``, ``vector``)
-are nested lists or ``{"npy": "<path>"}`` (relative to the JSON file). Example::
+arguments of `openpi.models.intervention` (`knockout_attention` (alias ``knockout``), `patch`, `ablate`, `steer`);
+the ops are combined in order. Token spans are a segment name or ``[start, stop]``. Array arguments (``values``,
+``mean``, ``vector``) are nested lists, ``{"npy": "<path>"}`` or a ``"<path>.npy"`` string (relative to the JSON
+file). Example::
 
     {"ops": [{"op": "knockout_attention", "queries": "all", "keys": "text"},
              {"op": "steer", "expert": 1, "tokens": "actions", "layers": [3], "vector": {"npy": "v.npy"},
@@ -21,11 +23,19 @@ import numpy as np
 
 from openpi.models import intervention as iv
 
-OPS = {"knockout_attention": iv.knockout_attention, "patch": iv.patch, "ablate": iv.ablate, "steer": iv.steer}
+OPS = {
+    "knockout_attention": iv.knockout_attention,
+    "knockout": iv.knockout_attention,
+    "patch": iv.patch,
+    "ablate": iv.ablate,
+    "steer": iv.steer,
+}
 ARRAY_ARGS = ("values", "mean", "vector")
 
 
 def _array(value: Any, base: pathlib.Path, where: str) -> np.ndarray:
+    if isinstance(value, str):
+        value = {"npy": value}
     if isinstance(value, dict):
         if set(value) != {"npy"}:
             raise ValueError(f"{where}: an array is a nested list or {{'npy': '<path>'}}, got keys {sorted(value)}.")
@@ -60,16 +70,16 @@ def _op(spec: Any, base: pathlib.Path, where: str) -> iv.Intervention:
         raise ValueError(f"{where} ({name}): {e}") from e
 
 
-def load_intervention(path: str | pathlib.Path) -> iv.Intervention:
-    """Reads an intervention JSON file; ValueError / FileNotFoundError name the file and the problem."""
+def load_intervention(path: str | pathlib.Path, *, flag: str = "--intervention") -> iv.Intervention:
+    """Reads an intervention JSON file; ValueError / FileNotFoundError name the flag, the file and the problem."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--intervention {path}: no such file.")
+        raise FileNotFoundError(f"{flag} {path}: no such file.")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"--intervention {path} is not valid JSON: {e}") from e
+        raise ValueError(f"{flag} {path} is not valid JSON: {e}") from e
     ops = data.get("ops") if isinstance(data, dict) else None
     if not isinstance(ops, list) or not ops:
-        raise ValueError(f"--intervention {path} must be an object with a non-empty list 'ops'.")
+        raise ValueError(f"{flag} {path} must be an object with a non-empty list 'ops'.")
     return iv.combine(*(_op(spec, path.parent, f"{path.name} ops[{i}]") for i, spec in enumerate(ops)))
