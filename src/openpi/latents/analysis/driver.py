@@ -58,7 +58,8 @@ def _episodes(source) -> list[EpisodeRef]:
                     tuple(steps),
                     meta.get("prompt"),
                     meta.get("counterfactual_prompt"),
-                    meta.get("error"),
+                    # no reported outcome (a policy-server episode whose harness sent none): left out of the split
+                    meta.get("error") or ("no success reported" if meta.get("success", False) is None else None),
                 )
             )
     return out
