@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from openpi.latents import schema
-from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis import pooled_metrics as PM
 from openpi.latents.analysis import prompt_decoding as PD
 from openpi.latents.analysis import step_metrics as SM
