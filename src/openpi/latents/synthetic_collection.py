@@ -4,8 +4,8 @@ Each "task" is one prompt; each episode is ``n_steps`` independent inferences on
 ``observe(rng, prompt)`` callable (e.g. :func:`openpi.training.control_organisms.raw_observations`). Records, the
 manifest and the episode attrs follow the LIBERO collection (:mod:`openpi.latents.collect`): the same record keys
 (``collect.episode.base_record``), the same counterfactual reruns (same observation and noise, another prompt, under
-``cf_*`` keys) and the same episode attrs, so the analysis reads it unchanged. There is no environment: ``t`` is the inference
-index, ``executed_actions`` is the whole chunk and ``success`` is what ``judge`` says (False without one).
+``cf_*`` keys) and the same episode attrs, so the analysis reads it unchanged. There is no environment: ``t`` is the
+inference index, ``executed_actions`` is the whole chunk and ``success`` is what ``judge`` says (False without one).
 
 Used by the known-answer test of the control organisms (tests/test_control_organisms.py).
 """
