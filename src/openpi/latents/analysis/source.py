@@ -58,6 +58,8 @@ class DictSource:
             for key, v in step.items():
                 if key not in out and isinstance(v, np.ndarray):
                     out[key] = (v.shape, schema.dims_for(key, v.ndim))
+                elif key not in out and isinstance(v, str):  # per-step strings (prompt, cf_prompt), as a store has
+                    out[key] = ((), ())
         return out
 
     def present_steps(self, t: int, k: int, key: str) -> list[int]:
