@@ -233,4 +233,4 @@ def test_report_shows_prompt_decoding(analyses, tmp_path):
     np.testing.assert_allclose(entry["expert_1"]["per_layer"], want)
     assert entry["text_only"]["per_layer"] is None and "trivial" in entry["text_only"]["reason"]
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "**prompt_decoding**" in report and "a scene-only state scores 0" in report
+    assert "**prompt_decoding**" in report and "scene-only state scores 0" in report
