@@ -191,7 +191,9 @@ def main(a: Args) -> None:
     rows[-1]["store_equals_sequential"] = _same_store(base / "exact", base / "seq", a.episodes)
     rows.append(_run(f"num_envs={n} batched", _args(base / "batched", a, num_envs=n), policy, catcher))
     if a.ray:
-        import ray
+        from openpi.latents.collect.ray_backend import import_ray
+
+        ray = import_ray()
 
         ray.init(num_cpus=a.ray_num_cpus, include_dashboard=False, logging_level="WARNING")
         try:

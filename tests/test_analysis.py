@@ -678,6 +678,7 @@ def test_end_to_end_collection_and_report(tmp_path):
         "logit_top1": ["text_only"],
         "prompt_sensitivity": list(STREAMS),
         "drift": list(STREAMS),
+        "centred_drift": list(STREAMS),
         "attention_to_text": ["expert_1"],
     }
     for m, have in expected.items():
@@ -691,7 +692,7 @@ def test_end_to_end_collection_and_report(tmp_path):
     m = data["metrics"]
     assert m["text_accuracy"]["text_only"]["per_layer"][0] == 1.0  # layer 0 is the embedding
     assert all(0 <= x <= 1 for x in m["attention_to_text"]["expert_1"]["per_layer"])
-    assert all(0 <= x <= 2 for s in STREAMS for x in m["drift"][s]["per_layer"])
+    assert all(0 <= x <= 2 for d in ("drift", "centred_drift") for s in STREAMS for x in m[d][s]["per_layer"])
     assert m["prompt_sensitivity"]["text_only"]["per_layer"][0] == 0.0  # BOS, before any attention
     assert m["prompt_sensitivity"]["expert_0"]["per_layer"][0] == 0.0  # image tokens before any attention
     ll = data["language_loss"]

@@ -160,7 +160,9 @@ def test_unreachable_ray_address_is_a_setup_error(tmp_path, monkeypatch):
 def local_ray():
     if not HAS_RAY:
         pytest.skip("the ray extra is not installed")
-    import ray
+    from openpi.latents.collect.ray_backend import import_ray
+
+    ray = import_ray()
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray

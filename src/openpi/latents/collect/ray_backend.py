@@ -39,6 +39,20 @@ logger = logging.getLogger(__name__)
 MAX_WORKER_FAILURES = 3  # worker deaths tolerated per run before it gives up
 
 
+def import_ray():
+    """Imports Ray with its ``uv run`` worker hook off; use it instead of ``import ray`` wherever Ray is started.
+
+    Under ``uv run`` Ray (>= 2.43) re-creates the driver's environment for every worker from a copy of the working
+    directory, with the project's default dependencies only: the ``ray`` extra is missing there and every worker fails
+    to start (``No module named 'ray'``). Workers here run the interpreter the node's Ray was started with, which
+    `uv sync --extra ray` set up (README, "Parallel envs, batched inference, Ray"). An explicit
+    ``RAY_ENABLE_UV_RUN_RUNTIME_ENV`` in the environment is kept."""
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # read once, when Ray's constants are imported
+    import ray
+
+    return ray
+
+
 def check_ray(args: CollectionArgs) -> str | None:
     """Setup check for ``--backend ray`` (before the policy loads): Ray installed and the cluster reachable.
 
@@ -213,7 +227,7 @@ class _Driver:
 
 def run_on_ray(plan: Plan, output: Output, todo: dict[int, list[int]], on_outcome, stop: StopOnSignal) -> None:
     """Runs the `todo` episodes on the Ray cluster (see the module docstring); `output` is the driver's store."""
-    import ray
+    ray = import_ray()
 
     address = check_ray(plan.args)
     writer = output.writer  # a ZarrOutput (make_plan refuses --backend ray with pickles)
