@@ -1,4 +1,5 @@
-"""Helpers for tests/test_store.py: deterministic small records with the real keys, and the SIGKILL victim.
+"""Helpers for the store tests: deterministic small records with the real keys, the SIGKILL victim, and
+`sigkill_once_committed` (kills a live collection once an episode has committed a step).
 
 Run as a script (``python tests/store_kill_helper.py ROOT READY_FILE``) it writes episodes 0 and 1 of task 3 fully,
 then appends steps of episode 2 forever; after 4 committed steps of episode 2 it creates READY_FILE, so the parent
@@ -8,8 +9,13 @@ N whole episodes over tasks 3 and 4 (a small sleep between steps, so a reader ca
 
 from __future__ import annotations
 
+import os
 import pathlib
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -29,6 +35,31 @@ MANIFEST = {
     "checkpoint": "gs://openpi-assets/checkpoints/pi0_libero",
 }
 STEPS_PER_EPISODE = 6
+
+
+def sigkill_once_committed(
+    proc: subprocess.Popen, committed_steps: Callable[[], int | None], what: str, timeout: float = 300
+) -> int:
+    """SIGKILLs `proc` as soon as `committed_steps()` (the watched episode's commit record; None while there is
+    none) reaches 1; returns the committed steps read then. Fails if `proc` ends first or nothing commits in time."""
+    killed_at = None
+    try:
+        deadline = time.monotonic() + timeout
+        while killed_at is None:
+            assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stdout.read().decode()[-3000:]}"
+            assert time.monotonic() < deadline, f"{what} never committed a step"
+            steps = committed_steps()
+            if steps is not None and steps >= 1:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = steps
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    return killed_at
 
 
 def make_record(episode: int, step: int, *, task_id: int = 3) -> dict:

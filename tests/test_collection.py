@@ -26,10 +26,12 @@ import signal
 import subprocess
 import sys
 import time
+from typing import ClassVar
 
 import ml_dtypes
 import numpy as np
 import pytest
+from store_kill_helper import sigkill_once_committed
 
 from openpi.envs import libero as L
 from openpi.latents import collect as collection
@@ -368,7 +370,7 @@ def tiny_policy():
 class _TrackedEnv(L.LiberoEnv):
     """The real LiberoEnv, remembering the instances created (so the test policy can reach the sim)."""
 
-    created: list[L.LiberoEnv] = []
+    created: ClassVar[list[L.LiberoEnv]] = []
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -647,23 +649,7 @@ def test_sigkill_mid_episode_then_resume_runs_each_episode_once(tmp_path):
         stderr=subprocess.STDOUT,
         cwd=REPO,
     )
-    killed_at = None
-    try:
-        deadline = time.monotonic() + 300
-        while killed_at is None:
-            assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stdout.read().decode()[-3000:]}"
-            assert time.monotonic() < deadline, "episode 1 never started committing steps"
-            attrs = _episode_attrs(ep1)
-            if attrs and attrs.get("committed_steps", 0) >= 1:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = attrs["committed_steps"]
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    killed_at = sigkill_once_committed(proc, lambda: (_episode_attrs(ep1) or {}).get("committed_steps"), "episode 1")
 
     # Episode 0 is intact and complete; the partial episode 1 is not presented as complete.
     data = store.load_inference_task_data(root, TASK_ID)
@@ -768,5 +754,5 @@ def test_sigint_and_sigterm_stop_cleanly_and_print_the_resume_command(tmp_path):
         # The hint is the command that continues this run (the next round runs it).
         hint = text.split("Resume with:\n", 1)[1].strip().splitlines()[0]
         command = shlex.split(hint)
-        assert command == [sys.executable, str(SCRIPT), *cli_args(root, "--max-steps", "30", "--num-denoise-steps", "2"),
-                           "--resume"]  # fmt: skip
+        want = cli_args(root, "--max-steps", "30", "--num-denoise-steps", "2")
+        assert command == [sys.executable, str(SCRIPT), *want, "--resume"]

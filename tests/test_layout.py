@@ -154,7 +154,6 @@ def test_store_writer_imports_no_reader():
     for writer in ("openpi.latents.store.writer", "openpi.latents.store.episode_writer"):
         assert not graph[writer] & readers, f"{writer} imports {sorted(graph[writer] & readers)}"
 
-
     tree = ast.parse((OPENPI / "latents" / "schema.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

@@ -297,10 +297,10 @@ def test_attention_mass_onto_keys_by_hand():
 
 
 def test_attention_to_language_summary():
-    s, l, b, h, ts = 2, 3, 1, 2, 4
-    a = np.zeros((s, l, b, h, ts), np.float32)
+    s, n_layers, b, h, ts = 2, 3, 1, 2, 4
+    a = np.zeros((s, n_layers, b, h, ts), np.float32)
     a[..., 0] = 0.5  # state token
-    a[..., 1:] = np.arange(1, l + 1)[None, :, None, None, None] * 0.1  # action tokens: 0.1·(layer + 1)
+    a[..., 1:] = np.arange(1, n_layers + 1)[None, :, None, None, None] * 0.1  # action tokens: 0.1·(layer + 1)
     a[1] += 0.2  # second denoising step
     r = metrics.attention_to_language(a)
     act = np.array([0.1, 0.2, 0.3])

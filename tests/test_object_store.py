@@ -301,25 +301,13 @@ def _kill_mid_episode_1(url: str, s3) -> int:
     proc = subprocess.Popen(
         _collect_cmd(url), cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    killed_at = None
-    try:
-        deadline = time.monotonic() + 300
-        while killed_at is None:
-            assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stdout.read().decode()[-3000:]}"
-            assert time.monotonic() < deadline, "episode 1 never committed a step"
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                record = json.loads(s3.cat_file(commit))
-                if record["committed_steps"] >= 1:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed_at = record["committed_steps"]
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
-    return killed_at
+
+    def committed_steps() -> int | None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return json.loads(s3.cat_file(commit))["committed_steps"]
+        return None
+
+    return helper.sigkill_once_committed(proc, committed_steps, "episode 1")
 
 
 @pytest.mark.libero

@@ -151,7 +151,7 @@ def test_get_preset_lists_presets():
     assert policy_config.get_preset("pi0_libero").asset_id == "physical-intelligence/libero"
     assert policy_config.get_preset("pi0_libero").default_checkpoint == "gs://openpi-assets/checkpoints/pi0_libero"
     assert policy_config.get_preset("pi0_libero").model_config.dtype == "bfloat16"
-    with pytest.raises(ValueError, match="pi0_libero.*pi0_libero_tiny"):
+    with pytest.raises(ValueError, match=r"pi0_libero.*pi0_libero_tiny"):
         policy_config.get_preset("pi0_droid")
 
 
@@ -179,7 +179,7 @@ def test_missing_asset_error_lists_existing(tiny_a_dir, tmp_path):
 
 
 def test_create_policy_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Checkpoint .* not found"):
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint .* not found"):
         policy_config.create_trained_policy("pi0_libero_tiny", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no params/ subdirectory"):
         policy_config.create_trained_policy("pi0_libero_tiny", tmp_path)

@@ -39,13 +39,13 @@ def test_norm_stats_save_load_roundtrip(tmp_path, fixture_stats):
 
 
 def test_norm_stats_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="norm_stats.json"):
+    with pytest.raises(FileNotFoundError, match=r"norm_stats\.json"):
         normalize.load(tmp_path)
     (tmp_path / "norm_stats.json").write_text('{"stats": {}}')
     with pytest.raises(ValueError, match='"norm_stats"'):
         normalize.load(tmp_path)
     (tmp_path / "norm_stats.json").write_text('{"norm_stats": {"state": {"mean": [0.0]}}}')
-    with pytest.raises(ValueError, match="'state'.*std"):
+    with pytest.raises(ValueError, match=r"'state'.*std"):
         normalize.load(tmp_path)
     with pytest.raises(ValueError, match="same shape"):
         normalize.NormStats(mean=[0.0, 1.0], std=[1.0])

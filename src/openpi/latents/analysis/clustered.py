@@ -34,9 +34,7 @@ def _quantiles(boots: np.ndarray, ci: float) -> tuple[float, float]:
     return float(np.quantile(boots, 0.5 - ci / 2)), float(np.quantile(boots, 0.5 + ci / 2))
 
 
-def cluster_bootstrap_ci(
-    values, clusters, *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
-) -> BootstrapCI:
+def cluster_bootstrap_ci(values, clusters, *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> BootstrapCI:
     """Mean of ``values`` [n] (one per episode; NaN dropped) with a percentile interval from resampling clusters.
 
     Each draw takes as many clusters as there are, with replacement, and computes the mean over all episodes of

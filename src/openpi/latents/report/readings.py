@@ -74,9 +74,7 @@ def _probe(res: CollectionAnalysis) -> str:
 
 def _drift(res: CollectionAnalysis) -> str:
     metric = "centred_drift" if any(res.has(s, "centred_drift") for s in STREAMS) else "drift"
-    parts = [
-        f"{s} {_fmt(float(np.nanmean(res.per_episode(s, metric)[:, -1])))}" for s in STREAMS if res.has(s, metric)
-    ]
+    parts = [f"{s} {_fmt(float(np.nanmean(res.per_episode(s, metric)[:, -1])))}" for s in STREAMS if res.has(s, metric)]
     if not parts:
         return "Drift not computed: no hidden-state stream captured."
     last = ((res.source.get("denoise_steps") or {}).get("ids") or [None])[-1]
