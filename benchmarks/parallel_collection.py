@@ -1,6 +1,8 @@
 """Throughput of the parallel collection: sequential vs ``--num-envs N`` (batched and exact) vs ``--backend ray``.
 
-Tiny preset (random weights), libero_goal task 0, `--episodes` episodes of `--max-steps` env steps, the default
+Tiny preset (random weights), libero_goal `--task-ids` (default 0 and 1: as many tasks as envs, so each env runs
+one task's episodes and no reset is replayed, as in a suite-wide collection; `--task-ids 0` splits one task into
+blocks and reports the replay), `--episodes` episodes per task of `--max-steps` env steps, the default
 CaptureSpec streamed to a real store. Every configuration runs the same episodes end to end through
 `collection.collect` (env creation / worker start-up and the reset replay included; the in-process policy is built and
 compiled for batch sizes 1..N before any timing, a Ray policy actor loads and compiles its own inside the timing).
@@ -10,6 +12,10 @@ Reported per configuration:
 * the speed-up over the sequential run; whether the store equals the sequential store bit for bit (exact modes);
 * the env workers' peak RSS after each episode (flat = no growth), the time spent replaying resets;
 * the machine's 1-minute load average before and after (other jobs share this machine);
+* CPU seconds of this process (policy, recording, store writer; and the env in the sequential run) and of its env
+  worker processes, and the floor they put under the wall time on this machine's cores, ``cpu_total / cores``: when
+  the wall time sits at that floor the cores are saturated and only less CPU work per episode can go faster (Ray's
+  processes are not this process's children: its CPU is not counted);
 * a memory run: 2 env workers, each running `--rss-episodes` episodes of one task in one env; the growth of each
   worker's peak RSS after its first episode (target: flat, <= 5%).
 
@@ -25,11 +31,13 @@ Writes benchmarks/results/parallel_collection.json and prints a table.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import pathlib
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -50,7 +58,8 @@ RESULTS = pathlib.Path(__file__).parent / "results" / "parallel_collection.json"
 
 @dataclasses.dataclass(frozen=True)
 class Args:
-    episodes: int = 4  # per configuration (task 0 of libero_goal, initial states 0..episodes-1)
+    episodes: int = 4  # per task and configuration (initial states 0..episodes-1)
+    task_ids: tuple[int, ...] = (0, 1)  # libero_goal tasks
     max_steps: int = 50  # env steps per episode
     num_envs: int = 2
     ray: bool = True  # also run --backend ray on a local Ray instance
@@ -76,7 +85,7 @@ def _args(root: pathlib.Path, a: Args, **overrides) -> collection.CollectionArgs
     return collection.CollectionArgs(
         preset="pi0_libero_tiny",
         task_suite="libero_goal",
-        task_ids=(0,),
+        task_ids=a.task_ids,
         episodes_per_task=a.episodes,
         max_steps=a.max_steps,
         output_dir=root,
@@ -84,9 +93,9 @@ def _args(root: pathlib.Path, a: Args, **overrides) -> collection.CollectionArgs
     )
 
 
-def _same_store(a: pathlib.Path, b: pathlib.Path, episodes: int) -> bool:
-    for k in range(episodes):
-        ea, eb = store.open_store(a).episode(0, k), store.open_store(b).episode(0, k)
+def _same_store(a: pathlib.Path, b: pathlib.Path, task_ids: tuple[int, ...], episodes: int) -> bool:
+    for task_id, k in itertools.product(task_ids, range(episodes)):
+        ea, eb = store.open_store(a).episode(task_id, k), store.open_store(b).episode(task_id, k)
         ma, mb = dict(ea.metadata), dict(eb.metadata)
         ma.pop("wall_time_s"), mb.pop("wall_time_s")
         if ma != mb or sorted(ea.keys()) != sorted(eb.keys()):
@@ -103,9 +112,11 @@ def _same_store(a: pathlib.Path, b: pathlib.Path, episodes: int) -> bool:
 def _run(name: str, args: collection.CollectionArgs, policy, catcher: _StatsCatcher) -> dict[str, Any]:
     catcher.stats = None
     load_before = os.getloadavg()[0]
+    cpu_self, cpu_children = _cpu_s(resource.RUSAGE_SELF), _cpu_s(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     outcomes = collection.collect(args, policy=policy)
     wall = time.perf_counter() - start
+    cpu_self, cpu_children = _cpu_s(resource.RUSAGE_SELF) - cpu_self, _cpu_s(resource.RUSAGE_CHILDREN) - cpu_children
     steps = sum(o.total_steps for o in outcomes)
     row = {
         "name": name,
@@ -115,6 +126,9 @@ def _run(name: str, args: collection.CollectionArgs, policy, catcher: _StatsCatc
         "episodes_per_hour": round(len(outcomes) / wall * 3600, 1),
         "env_steps_per_s": round(steps / wall, 2),
         "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "cpu_s": {"this_process": round(cpu_self, 1), "env_workers": round(cpu_children, 1)},
+        # The wall time can not go below the CPU work spread over every core.
+        "cpu_floor_s": round((cpu_self + cpu_children) / os.cpu_count(), 1),
     }
     if catcher.stats is not None:
         row["replay_s"] = round(catcher.stats.replay_s, 1)
@@ -122,6 +136,12 @@ def _run(name: str, args: collection.CollectionArgs, policy, catcher: _StatsCatc
         row["worker_peak_rss_mib"] = [[round(r) for r in v] for v in catcher.stats.peak_rss_mib.values()]
     print(f"{name}: {row}", flush=True)
     return row
+
+
+def _cpu_s(who: int) -> float:
+    """User + system CPU seconds of this process (all threads) or of its reaped child processes."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _component_costs(policy, num_envs: int) -> dict[str, float]:
@@ -188,7 +208,7 @@ def main(a: Args) -> None:
     n = a.num_envs
     exact = _args(base / "exact", a, num_envs=n, batch_inference=False)
     rows.append(_run(f"num_envs={n} --no-batch-inference", exact, policy, catcher))
-    rows[-1]["store_equals_sequential"] = _same_store(base / "exact", base / "seq", a.episodes)
+    rows[-1]["store_equals_sequential"] = _same_store(base / "exact", base / "seq", a.task_ids, a.episodes)
     rows.append(_run(f"num_envs={n} batched", _args(base / "batched", a, num_envs=n), policy, catcher))
     if a.ray:
         from openpi.latents.collect.ray_backend import import_ray
@@ -199,7 +219,7 @@ def main(a: Args) -> None:
         try:
             ray_args = _args(base / "ray", a, num_envs=n, batch_inference=False, backend="ray")
             rows.append(_run(f"ray local ({a.ray_num_cpus} CPUs), num_envs={n} exact", ray_args, policy, catcher))
-            rows[-1]["store_equals_sequential"] = _same_store(base / "ray", base / "seq", a.episodes)
+            rows[-1]["store_equals_sequential"] = _same_store(base / "ray", base / "seq", a.task_ids, a.episodes)
         finally:
             ray.shutdown()
     memory = _rss_run(a, base, policy, catcher) if a.rss_episodes else None
@@ -214,13 +234,15 @@ def main(a: Args) -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'configuration':45s} {'wall s':>7} {'ep/h':>7} {'steps/s':>8} {'x seq':>6} {'load':>11}  same")
+    header = f"{'configuration':45s} {'wall s':>7} {'ep/h':>7} {'steps/s':>8} {'x seq':>6} {'load':>11}"
+    print(f"\n{header} {'CPU here+workers':>17} {'floor s':>8}  same")
     for r in rows:
         load = f"{r['load_avg_1min'][0]}->{r['load_avg_1min'][1]}"
         same = r.get("store_equals_sequential", "-")
+        cpu = f"{r['cpu_s']['this_process']}+{r['cpu_s']['env_workers']}"
         print(
             f"{r['name']:45s} {r['wall_s']:>7} {r['episodes_per_hour']:>7} {r['env_steps_per_s']:>8} "
-            f"{r['speedup_vs_sequential']:>6} {load:>11}  {same}"
+            f"{r['speedup_vs_sequential']:>6} {load:>11} {cpu:>17} {r['cpu_floor_s']:>8}  {same}"
         )
     print(f"\nWrote {RESULTS}")
     if not a.keep:

@@ -5,9 +5,15 @@ random weights, the default CaptureSpec and 10 denoising steps, times (median ov
 compilation) of one LIBERO-shaped observation (two 224×224×3 uint8 images, 8-dim state, a prompt):
 
   * in-process        — `Policy.infer_with_latents(obs, noise=, capture=)` (what the collection calls)
+  * in-process engine — the server's inference engine called directly (`serving.engine.make_engine` with the server's
+                        defaults: the batching front end, a batch of one here), no socket, no msgpack, no record:
+                        "server" / "in-process engine" is what the transport adds
   * server            — `openpi_client` `WebsocketClientPolicy.infer` against `serving.PolicyServer` on loopback,
                         not recording (`--no-record`)
-  * server + record   — the same with the latent store written (images, latents) as `serve_policy.py` does
+  * server + record   — the same with the latent store written (images, latents) as `serve_policy.py` does; the
+                        writer thread is drained after each call, timed apart (``writer_drain_median_s``), so its disk
+                        work never lands in the next variant's timing; ``ratio_with_drain`` counts it as if it ran on
+                        the request path (an upper bound: the server replies before writing)
 
 Client and server share this process (the server on a thread), so the client's msgpack work competes with the
 server for the GIL and the cores: a pessimistic setup. Defaults of the server as shipped (`--max-batch 8`,
@@ -37,6 +43,7 @@ from openpi_client import websocket_client_policy
 from openpi import serving
 from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config, presets
+from openpi.serving.engine import make_engine
 
 BASE_PRESET = "pi0_libero_tiny"  # LIBERO transforms, packaged norm stats and tokenizer; the model config is replaced
 
@@ -74,27 +81,48 @@ def _bench_config(name: str, args: Args, tmp: pathlib.Path) -> dict:
     noise = np.random.default_rng(1).standard_normal((policy.action_horizon, policy.action_dim), dtype=np.float32)
     plain, plain_client = _server(policy, tmp / f"{name}_plain", False, args.num_steps)
     recording, rec_client = _server(policy, tmp / f"{name}_record", True, args.num_steps)
+    defaults = serving.ServeArgs(preset=BASE_PRESET)
+    engine = make_engine(policy, capture, None, max_batch=defaults.max_batch, max_wait_s=defaults.batch_wait_ms / 1e3)
     calls = {
         "in-process": lambda: policy.infer_with_latents(obs, noise=noise, capture=capture),
+        "in-process engine": lambda: engine.infer(obs, noise),
         "server": lambda: plain_client.infer(obs),
         "server + record": lambda: rec_client.infer(obs),
     }
     for fn in calls.values():  # compile (once: the servers share the policy)
         fn()
     times: dict[str, list[float]] = {k: [] for k in calls}
+    drain: list[float] = []
     for _ in range(args.repeats):  # interleaved, so that load changes hit every variant alike
         for label, fn in calls.items():
             start = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - start)
+            if label == "server + record":
+                # The record is written on the server's writer thread after the reply; drain it here (timed
+                # apart) so its disk work does not land in the next variant's timing.
+                start = time.perf_counter()
+                recording.recorder.writer.flush()
+                drain.append(time.perf_counter() - start)
     for server in (plain, recording):
         server.stop()
         server.join(120)
+    engine.close()
     base = statistics.median(times["in-process"])
     rows = {
         label: {"median_s": statistics.median(t), "ratio": statistics.median(t) / base, "all_s": t}
         for label, t in times.items()
     }
+    engine_median = statistics.median(times["in-process engine"])
+    for label in ("server", "server + record"):
+        rows[label]["ratio_vs_engine"] = rows[label]["median_s"] / engine_median
+    # Upper bound of the record's cost: as if the writer ran on the request path (it does not).
+    with_drain = [t + d for t, d in zip(times["server + record"], drain, strict=True)]
+    rows["server + record"].update(
+        writer_drain_median_s=statistics.median(drain),
+        ratio_with_drain=statistics.median(with_drain) / base,
+        all_drain_s=drain,
+    )
     return {"config": name, "describe": CONFIGS[name].describe(), "results": rows}
 
 
@@ -115,7 +143,13 @@ def main(args: Args) -> None:
             result = _bench_config(name, args, pathlib.Path(tmp))
             report["configs"].append(result)
             for label, row in result["results"].items():
-                print(f"  {label:16s} median {row['median_s'] * 1e3:9.1f} ms   ratio {row['ratio']:.3f}", flush=True)
+                vs_engine = f"   vs engine {row['ratio_vs_engine']:.3f}" if "ratio_vs_engine" in row else ""
+                if "ratio_with_drain" in row:
+                    vs_engine += f"   with the writer drained {row['ratio_with_drain']:.3f}"
+                print(
+                    f"  {label:17s} median {row['median_s'] * 1e3:9.1f} ms   ratio {row['ratio']:.3f}{vs_engine}",
+                    flush=True,
+                )
     machine["load_average_end"] = os.getloadavg()
     print(f"load average: start {machine['load_average_start']}, end {machine['load_average_end']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
