@@ -22,8 +22,8 @@ Reported per configuration:
 Component costs for the throughput estimate of a bigger machine: one LIBERO env's step time (50 steps of zero
 actions after a reset, in this process) and the tiny policy's latency at batch 1 and N.
 
-    uv run python benchmarks/parallel_collection.py                      # ~15 min on 2 loaded CPU cores
-    uv run python benchmarks/parallel_collection.py --episodes 6 --no-ray
+    uv run python benchmarks/parallel_collection.py                      # ~12 min on 2 quiet CPU cores
+    uv run python benchmarks/parallel_collection.py --task-ids 0 --episodes 6 --no-ray   # one task: reset replay
 
 Writes benchmarks/results/parallel_collection.json and prints a table.
 """
