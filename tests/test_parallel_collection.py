@@ -120,6 +120,22 @@ def test_batched_inference_first_inference_within_tolerance(sequential, tmp_path
             assert np.abs(va - ve).max() <= LATENT_RELATIVE_TOLERANCE * np.abs(ve).max(), key
 
 
+@pytest.mark.libero
+@pytest.mark.slow
+def test_condition_runs_in_parallel_as_in_the_sequential_loop(tmp_path):
+    """A condition (another task's prompt + an expert-1 text knockout) with --num-envs 2 and batching on: the workers
+    get the condition's prompt, and inferences with an intervention are not batched, so the store equals the
+    sequential condition run's bit for bit."""
+    condition = collection.ConditionArgs(prompt="other-task", intervention="knockout-text-expert1", layers=(1,))
+    collection.collect(tiny_args(tmp_path / "seq", condition=condition))
+    collection.collect(tiny_args(tmp_path / "n2", condition=condition, num_envs=2))
+    assert_same_store(tmp_path / "n2", tmp_path / "seq")
+    other = collection.make_plan(tiny_args(tmp_path / "x", task_ids=(TASK_ID + 1,))).tasks[0].language
+    ep = _episode(tmp_path / "n2", 0)
+    assert ep.metadata["condition"]["name"] == "other-task+1+knockout-text-expert1@L1"
+    assert {str(p) for p in ep.read("prompt")} == {other}  # every inference saw the other task's instruction
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragments"),
     [

@@ -85,8 +85,11 @@ class _RemotePolicy:
         self._conn.send(("record", t))
 
 
-def _run_unit(conn: Connection, config: WorkerConfig, sim: base.Simulator, env, task, episodes) -> Any:
-    """Runs `episodes` of `task`, reusing `env` when it is this task's and has not passed the first episode."""
+def _run_unit(
+    conn: Connection, config: WorkerConfig, sim: base.Simulator, env, task, episodes, prompt: str | None
+) -> Any:
+    """Runs `episodes` of `task` with `prompt` (None: the task's instruction), reusing `env` when it is this task's
+    and has not passed the first episode."""
     if env is not None and (env.task != task or env.num_resets > episodes[0]):
         env.close()
         env = None
@@ -103,6 +106,7 @@ def _run_unit(conn: Connection, config: WorkerConfig, sim: base.Simulator, env, 
                 env,
                 k,
                 policy,
+                prompt=prompt,
                 max_steps=config.max_steps,
                 replan_steps=config.replan_steps,
                 on_inference=policy.on_inference,
@@ -134,7 +138,7 @@ def main(conn: Connection, config: WorkerConfig) -> None:
                 break
             if msg[0] != "unit":
                 raise RuntimeError(f"env worker: unexpected message {msg[0]!r}")
-            env = _run_unit(conn, config, sim, env, msg[1], msg[2])
+            env = _run_unit(conn, config, sim, env, *msg[1:])
             conn.send(("unit_done",))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the coordinator is gone

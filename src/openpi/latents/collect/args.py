@@ -217,11 +217,6 @@ def make_plan(args: CollectionArgs) -> Plan:
     )
     for task in tasks:
         condition.prompt_of(task)  # a bad prompt setting raises here, before anything expensive
-    if (args.num_envs > 1 or args.backend == "ray") and args.condition != conditions_lib.ConditionArgs():
-        raise ValueError(
-            "Closed-loop conditions (--condition.*) run in the sequential loop only for now: drop --num-envs / "
-            "--backend ray for a condition run (its episodes pair with a baseline run made either way)."
-        )
     return Plan(args, sim, preset, tasks, tuple(range(args.episodes_per_task)), max_steps, condition)
 
 

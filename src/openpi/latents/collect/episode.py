@@ -40,7 +40,7 @@ class Inference:
     counterfactual_prompt: str | None = None
 
 
-def _infer(policy: Policy, element: dict[str, Any], noise: Any, capture: CaptureSpec, intervention: Any):
+def infer_one(policy: Policy, element: dict[str, Any], noise: Any, capture: CaptureSpec, intervention: Any):
     """`Policy.infer_with_latents`, passing the intervention only when there is one."""
     extra = {} if intervention is None else {"intervention": intervention}
     return policy.infer_with_latents(element, noise=noise, capture=capture, **extra)
@@ -51,7 +51,7 @@ def rerun_with_prompt(
 ) -> Inference:
     """`inference` with its counterfactual: the same observation, noise (and intervention) under another `prompt`."""
     element = {**inference.element, env_base.PROMPT_KEY: prompt}
-    cf = _infer(policy, element, inference.result["noise"], capture, intervention)
+    cf = infer_one(policy, element, inference.result["noise"], capture, intervention)
     return dataclasses.replace(inference, counterfactual=cf, counterfactual_prompt=prompt)
 
 
@@ -161,7 +161,7 @@ class EpisodeRecorder:
     def policy_fn(self, element: dict[str, Any]) -> np.ndarray:
         if self._check_stop is not None:
             self._check_stop()
-        result = _infer(self._policy, element, self.next_noise(), self._plan.args.capture, self.intervention())
+        result = infer_one(self._policy, element, self.next_noise(), self._plan.args.capture, self.intervention())
         return self.accept(element, result)
 
     def record(self, t: int) -> None:

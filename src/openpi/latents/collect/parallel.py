@@ -10,7 +10,9 @@ counterfactual rerun, one record per inference) and the store writer.
 
 The loop waits for any worker message; every observation waiting at that moment goes into one padded
 `BatchedInference` call (``--batch-inference``, the default) or one model call each (``--no-batch-inference``:
-the stored arrays are then bit-identical to the sequential run's, whatever N).
+the stored arrays are then bit-identical to the sequential run's, whatever N). A condition (`conditions`) runs as in
+the sequential loop: the worker gets the condition's prompt with each work unit, and each episode's recorder gives
+the intervention of each inference; inferences with an intervention are never batched (one model call each).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from openpi.envs import base as env_base
 from openpi.envs import worker as env_worker
 from openpi.latents.collect.args import Plan
-from openpi.latents.collect.episode import EpisodeRecorder, episode_attrs, finish_metadata
+from openpi.latents.collect.episode import EpisodeRecorder, episode_attrs, finish_metadata, infer_one
 from openpi.latents.collect.interrupt import Interrupted, StopOnSignal
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, task_dict
 from openpi.policies import batching
@@ -194,14 +196,15 @@ class Coordinator:
             return
         capture = self.plan.args.capture
         noises = [slot.recorder.next_noise() for slot in waiting]
-        if self.batch is not None:
+        edits = [slot.recorder.intervention() for slot in waiting]
+        if self.batch is not None and all(e is None for e in edits):
             requests = [batching.Request(s.element, z) for s, z in zip(waiting, noises, strict=True)]
             results = self.batch.run(requests, capture)
             self.stats.batch_sizes[len(waiting)] += 1
-        else:
+        else:  # interventions are not batched (their values carry a batch axis of one)
             results = []
-            for slot, noise in zip(waiting, noises, strict=True):
-                results.append(self.policy.infer_with_latents(slot.element, noise=noise, capture=capture))
+            for slot, noise, edit in zip(waiting, noises, edits, strict=True):
+                results.append(infer_one(self.policy, slot.element, noise, capture, edit))
                 self.stats.batch_sizes[1] += 1
         for slot, result in zip(waiting, results, strict=True):
             slot.conn.send(("actions", result["actions"]))  # the env steps on while the rerun / record happen here
@@ -213,7 +216,7 @@ class Coordinator:
         if queue:
             unit = queue.popleft()
             slot.task, slot.busy = unit.task, True
-            slot.conn.send(("unit", unit.task, unit.episodes))
+            slot.conn.send(("unit", unit.task, unit.episodes, self.plan.condition.prompt_of(unit.task)))
 
     def _recv(self, slot: _Slot) -> tuple:
         try:
