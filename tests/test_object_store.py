@@ -240,6 +240,18 @@ def test_missing_credentials_are_a_clear_error(s3, monkeypatch):
         location._filesystem.cache_clear()
 
 
+def test_ray_backend_into_an_object_store_is_refused_before_any_work(s3):
+    from openpi.latents import collect
+
+    args = collect.CollectionArgs(
+        preset="pi0_libero_tiny", task_ids=(0,), episodes_per_task=1, max_steps=5, backend="ray",
+        output_dir=f"s3://{BUCKET}/ray_run",
+    )  # fmt: skip
+    with pytest.raises(collect.SetupError, match=r"--backend ray .* claim files .* shared directory"):
+        collect.collect(args)
+    assert not s3.exists(f"{BUCKET}/ray_run")
+
+
 def test_url_errors_name_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="names no bucket"):
         location.as_path("s3://")

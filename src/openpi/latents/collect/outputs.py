@@ -170,3 +170,10 @@ def _check_object_store_output(args: CollectionArgs) -> None:
             f"{' and '.join(local_only)} write local files and need a local --output-dir, not {args.output_dir}; "
             "drop the flag or write to a directory (copy it to the bucket afterwards)."
         )
+    if args.backend == "ray":
+        # The Ray workers' per-episode claims are lock files (store/shared.py): they need a filesystem.
+        raise ValueError(
+            f"--backend ray writes through per-episode claim files on a filesystem the nodes share, not an object "
+            f"store ({args.output_dir}): give a shared directory (e.g. NFS) as --output-dir and copy the store to "
+            "the bucket afterwards, or collect into the bucket with --num-envs on one machine."
+        )
