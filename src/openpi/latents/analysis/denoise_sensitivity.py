@@ -79,6 +79,7 @@ class DenoiseSensitivity:
     n_reruns: int
     unit: str | None
     reason: str | None = None
+    first_is_input: bool = False  # the first stored layer is model layer 0, the embedded input (0 when teacher-forced)
 
 
 def _tokens(stream, manifest: Mapping[str, Any]) -> tuple[slice, str]:
@@ -150,9 +151,10 @@ def _variant(source, res: CollectionAnalysis, variant: str) -> DenoiseSensitivit
            for s in range(len(ids))]  # fmt: skip
     grid = {f: np.array([[getattr(c, f) for c in row] for row in cis], np.float64) for f in ("estimate", "low", "high")}
     has = ~np.all(np.isnan(per_ep.reshape(len(per_ep), -1)), axis=1)
+    first_is_input = stream.layer_kind == "model" and stream.layers[0] == 0
     return DenoiseSensitivity(
         variant, cf_key, what, tuple(stream.layers), ids, grid["estimate"], grid["low"], grid["high"], per_ep,
-        int(has.sum()), len(set(tasks[has].tolist())), n_reruns, cis[0][0].unit,
+        int(has.sum()), len(set(tasks[has].tolist())), n_reruns, cis[0][0].unit, None, first_is_input,
     )  # fmt: skip
 
 

@@ -107,6 +107,12 @@ def denoise_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]
     return _figure(panels, out / "denoise_sensitivity.png", title, max_cols=2)
 
 
+def _first_layer(d: DenoiseSensitivity) -> str:
+    if d.first_is_input:
+        return f"layer {d.layers[0]} (the embedded state, x_t and time: no prompt)"
+    return f"layer {d.layers[0]} (the first stored layer; layer 0, the embedded input, was not captured)"
+
+
 def _reading(res: CollectionAnalysis) -> str:
     ds = res.denoise_sensitivity
     free, tf = ds.get("free"), ds.get("teacher_forced")
@@ -114,23 +120,24 @@ def _reading(res: CollectionAnalysis) -> str:
         return f"Not available: {free.reason if free is not None else 'not computed'}."
     steps, layers = free.denoise_steps, free.layers
     parts = [
-        f"Free-running, layer {layers[0]} (the embedded state, x_t and time: no prompt) reads "
-        f"{fmt(free.estimate[0, 0])} at denoising step {steps[0]} and {fmt(free.estimate[-1, 0])} at step {steps[-1]}: "
-        "after step 0 this is trajectory divergence, not the prompt acting on the step."
-    ]
-    last = f"layer {layers[-1]}, step {steps[-1]}"
+        f"Free-running, {_first_layer(free)} reads {fmt(free.estimate[0, 0])} at denoising step {steps[0]} and "
+        f"{fmt(free.estimate[-1, 0])} at step {steps[-1]}"
+        + (": after step 0 this is trajectory divergence, not the prompt acting on the step." if free.first_is_input
+           else ".")
+    ]  # fmt: skip
     if tf is None or tf.reason is not None:
         parts.append(f"Teacher-forced control not available ({tf.reason if tf is not None else 'not computed'}).")
-    else:
-        parts.append(
-            f"Teacher-forced (the baseline's x_t fed), layer {layers[0]} is at most "
-            f"{fmt(float(np.nanmax(np.abs(tf.estimate[:, 0]))))} over steps (0 by construction)."
-        )
-        parts.append(
-            f"At {last}: free {fmt(free.estimate[-1, -1])} [{fmt(free.low[-1, -1])}, {fmt(free.high[-1, -1])}] vs "
-            f"teacher-forced {fmt(tf.estimate[-1, -1])} [{fmt(tf.low[-1, -1])}, {fmt(tf.high[-1, -1])}] (the "
-            "prompt's own effect)."
-        )
+        return " ".join(parts)
+    parts.append(
+        f"Teacher-forced (the baseline's x_t fed), layer {layers[0]} is at most "
+        f"{fmt(float(np.nanmax(np.abs(tf.estimate[:, 0]))))} over steps"
+        + (" (0 by construction)." if tf.first_is_input else ".")
+    )
+    parts.append(
+        f"At layer {layers[-1]}, step {steps[-1]}: free {fmt(free.estimate[-1, -1])} [{fmt(free.low[-1, -1])}, "
+        f"{fmt(free.high[-1, -1])}] vs teacher-forced {fmt(tf.estimate[-1, -1])} [{fmt(tf.low[-1, -1])}, "
+        f"{fmt(tf.high[-1, -1])}] (the prompt's own effect)."
+    )
     return " ".join(parts)
 
 

@@ -61,7 +61,8 @@ def _denoise_statistics(res: CollectionAnalysis) -> dict[str, Any]:
     free_last = fmt(free.estimate[-1, -1]) if free is not None and free.reason is None else "n/a"
     out["control"] = (
         f"the teacher-forced rerun (cf_tf_*, the baseline's x_t fed at every step; {tf.n_tasks} tasks, "
-        f"{tf.n_episodes} episodes): layer {tf.layers[0]} at most {fmt(layer0)} over steps (0 by construction); "
+        f"{tf.n_episodes} episodes): layer {tf.layers[0]} at most {fmt(layer0)} over steps"
+        f"{' (0 by construction)' if tf.first_is_input else ''}; "
         f"layer {tf.layers[-1]} at step {tf.denoise_steps[-1]}: {fmt(tf.estimate[-1, -1])} (free-running {free_last})"
     )
     return out
