@@ -102,8 +102,8 @@ def denoise_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]
         why = ds["free"].reason if "free" in ds else "not computed"
         panels = [("expert-1 prompt sensitivity per denoising step", _note(f"not available: {why}"))]
     d = ds.get(have[0]) if have else None
-    sizes = f"{d.n_tasks} tasks, {d.n_episodes} episodes; {d.tokens}" if d is not None else "no reruns"
-    title = f"Expert-1 prompt sensitivity per denoising step ({sizes}; 95% task-bootstrap bands)"
+    sizes = f"{d.n_tasks} tasks, {d.n_episodes} episodes" if d is not None else "no reruns"
+    title = f"Expert-1 prompt sensitivity per denoising step: {sizes}, 95% task-bootstrap bands"
     return _figure(panels, out / "denoise_sensitivity.png", title, max_cols=2)
 
 
@@ -120,6 +120,7 @@ def _reading(res: CollectionAnalysis) -> str:
         return f"Not available: {free.reason if free is not None else 'not computed'}."
     steps, layers = free.denoise_steps, free.layers
     parts = [
+        f"Compared: {free.tokens}.",
         f"Free-running, {_first_layer(free)} reads {fmt(free.estimate[0, 0])} at denoising step {steps[0]} and "
         f"{fmt(free.estimate[-1, 0])} at step {steps[-1]}"
         + (": after step 0 this is trajectory divergence, not the prompt acting on the step." if free.first_is_input
