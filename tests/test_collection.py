@@ -216,6 +216,12 @@ SETUP_ERROR_CASES = {
     ),
     "zero denoise steps": ({"num_denoise_steps": 0}, None, ["--num-denoise-steps must be >= 1", "got 0"], False),
     "zero queue size": ({"queue_size": 0}, None, ["--queue-size must be >= 1", "got 0"], False),
+    "teacher forcing without a counterfactual": (
+        {"counterfactual_teacher_forced": True},
+        None,
+        ["--counterfactual-teacher-forced reruns each counterfactual inference", "add --counterfactual blank"],
+        False,
+    ),
     "full disk": ({}, "full_disk", ["No space left for --output-dir", "0 B free", "Free some space"], False),
 }
 

@@ -4,7 +4,8 @@ Each "task" is one prompt; each episode is ``n_steps`` independent inferences on
 ``observe(rng, prompt)`` callable (e.g. :func:`openpi.training.control_organisms.raw_observations`). Records, the
 manifest and the episode attrs follow the LIBERO collection (:mod:`openpi.latents.collect`): the same record keys
 (``collect.episode.base_record``), the same counterfactual reruns (same observation and noise, another prompt, under
-``cf_*`` keys) and the same episode attrs, so the analysis reads it unchanged. There is no environment: ``t`` is the
+``cf_*`` keys; with ``teacher_forced`` also their twin fed the baseline's x_t, under ``cf_tf_*``) and the same episode
+attrs, so the analysis reads it unchanged. There is no environment: ``t`` is the
 inference index, ``executed_actions`` is the whole chunk and ``success`` is what ``judge`` says (False without one).
 
 Used by the known-answer test of the control organisms (tests/test_control_organisms.py).
@@ -20,13 +21,25 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from openpi.latents import schema
 from openpi.latents import store as _store
-from openpi.latents.collect.episode import base_record
+from openpi.latents.collect.args import check_teacher_forced
+from openpi.latents.collect.episode import (
+    Inference,
+    base_record,
+    counterfactual_fields,
+    rerun_with_prompt,
+    teacher_forced_rerun,
+)
 from openpi.models.capture import CaptureSpec
 from openpi.policies.policy import Policy
 
 Observe = Callable[[np.random.Generator, str], dict[str, Any]]
+_TEACHER_FORCED_FIELDS = {
+    "flag": "SyntheticCollection(teacher_forced=True)",
+    "counterfactual": "counterfactual='blank' or 'other-task'",
+    "trajectory": "CaptureSpec(trajectory=True)",
+    "expert_1": "CaptureSpec(expert_1='pooled' or 'full')",
+}
 # judge(prompt, raw observations, results) -> success of the episode
 Judge = Callable[[str, list[dict[str, Any]], list[dict[str, Any]]], bool]
 
@@ -43,6 +56,9 @@ class SyntheticCollection:
     counterfactual: str = "other-task"
     num_steps: int | None = None  # denoising steps (None: the policy's default)
     seed: int = 0
+    # Also rerun each counterfactual fed the baseline's x_t at every denoising step (cf_tf_*; needs a counterfactual,
+    # capture.trajectory and an expert-1 stream), as --counterfactual-teacher-forced does.
+    teacher_forced: bool = False
 
     def __post_init__(self) -> None:
         if self.counterfactual not in ("none", "blank", "other-task"):
@@ -51,6 +67,7 @@ class SyntheticCollection:
             raise ValueError("counterfactual='other-task' needs two prompts or more.")
         if self.n_episodes < 1 or self.n_steps < 1:
             raise ValueError(f"n_episodes and n_steps must be >= 1, got {self.n_episodes} and {self.n_steps}.")
+        check_teacher_forced(self.teacher_forced, self.counterfactual, self.capture, _TEACHER_FORCED_FIELDS)
 
     def counterfactual_prompt(self, task_id: int) -> str | None:
         if self.counterfactual == "none":
@@ -73,6 +90,7 @@ def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | 
             "counterfactual": spec.counterfactual,
             "num_steps": spec.num_steps,
             "seed": spec.seed,
+            "counterfactual_teacher_forced": spec.teacher_forced,
         },
         "capture_spec": spec.capture.to_dict(),
         "checkpoint": meta.get("checkpoint"),
@@ -102,12 +120,12 @@ def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_i
         noise = rng.standard_normal((config.action_horizon, config.action_dim), dtype=np.float32)
         result = _infer(policy, spec, obs, noise)
         record = base_record(t, obs, result, replan_steps=config.action_horizon, state_key="observation/state")
-        if cf_prompt is not None:
-            cf = _infer(policy, spec, {**obs, "prompt": cf_prompt}, result["noise"])
-            record[schema.counterfactual("prompt")] = cf_prompt
-            record[schema.counterfactual("actions")] = np.asarray(cf["actions"], np.float32)
-            record[schema.counterfactual("model_actions")] = np.asarray(cf["model_actions"], np.float32)
-            record.update({schema.counterfactual(key): v for key, v in cf["latents"].items()})
+        if cf_prompt is not None:  # the LIBERO collection's reruns (collect.episode), without an intervention
+            inference = rerun_with_prompt(policy, Inference(obs, result), cf_prompt, spec.capture)
+            if spec.teacher_forced:
+                tf = teacher_forced_rerun(policy, inference, cf_prompt, spec.capture)
+                inference = dataclasses.replace(inference, teacher_forced=tf)
+            record.update(counterfactual_fields(inference))
         writer.append_step(record)
         raws.append(obs)
         results.append(result)

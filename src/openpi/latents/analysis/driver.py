@@ -5,7 +5,7 @@ It walks streams → layers → episodes → blocks of rollout steps and reads, 
 (``max_block_bytes``), never a whole episode. Each block goes to every metric of
 :data:`openpi.latents.analysis.registry.REGISTRY` that applies to the stream; this module only reads, feeds the
 metrics and keeps their small per-step results (:class:`openpi.latents.analysis.result.CollectionAnalysis`), plus the
-task probe's features and the action-chunk divergence.
+task probe's features, the action-chunk divergence and expert 1 per denoising step (``denoise_sensitivity``).
 
 expert_0 counts valid cameras only (``segment_mask``; see :mod:`openpi.latents.analysis.streams`): a masked camera's
 image positions are left out of prompt sensitivity and drift, and its block out of the probe features. expert_1 drift
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from openpi.latents import schema
+from openpi.latents.analysis import denoise_sensitivity as DS
 from openpi.latents.analysis import labels
 from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis import pooled as P
@@ -212,6 +213,7 @@ def analyze_collection(
     say = progress or (lambda msg: logger.info(msg))
     _analyze_streams(source, res, emb, probe, say, t0)
     _action_divergence(source, res)
+    DS.analyze_denoise_sensitivity(source, res)  # expert 1 per denoising step, free-running and teacher-forced
     if pooled:
         P.analyze_pooled(source, res, emb, [m for m in R.REGISTRY if m.scope == "pooled"], say)
     if control is not None:

@@ -80,6 +80,9 @@ class CollectionAnalysis:
     control_label: str | None = None
     # work shared by one metric across the episodes of a layer (collection-level fits such as prompt decoding)
     shared: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    # expert-1 prompt sensitivity per denoising step × layer, {"free", "teacher_forced"} ->
+    # openpi.latents.analysis.denoise_sensitivity.DenoiseSensitivity
+    denoise_sensitivity: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def has(self, stream: str, metric: str) -> bool:
         return (stream, metric) in self.step_values

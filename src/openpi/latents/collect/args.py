@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 from openpi import envs
@@ -106,6 +107,10 @@ class CollectionArgs:
     counterfactual: Literal["none", "blank", "other-task"] = "none"
     # Counterfactual rerun at every k-th inference of an episode.
     counterfactual_every: int = 1
+    # With --counterfactual: also rerun each counterfactual inference teacher-forced, fed the baseline's x_t at every
+    # denoising step, so the two runs differ by the prompt alone (expert-1 prompt sensitivity without trajectory
+    # divergence). Stored under cf_tf_* keys; needs the trajectory (x_t) and an expert-1 stream in --capture.
+    counterfactual_teacher_forced: bool = False
     # Keep the preprocessed 224x224 images in each step record.
     store_images: bool = True
     # Writer queue length (steps); inference waits on disk only when it is full.
@@ -204,6 +209,7 @@ def make_plan(args: CollectionArgs) -> Plan:
     max_steps = sim.default_max_steps(suite) if args.max_steps is None else args.max_steps
     if max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {max_steps}.")
+    check_teacher_forced(args.counterfactual_teacher_forced, args.counterfactual, args.capture)
     if args.counterfactual == "other-task" and len(all_tasks) < 2:
         raise ValueError(f"--counterfactual other-task needs a suite with two tasks or more; {suite} has one.")
     config = preset.model_config
@@ -218,6 +224,37 @@ def make_plan(args: CollectionArgs) -> Plan:
     for task in tasks:
         condition.prompt_of(task)  # a bad prompt setting raises here, before anything expensive
     return Plan(args, sim, preset, tasks, tuple(range(args.episodes_per_task)), max_steps, condition)
+
+
+# The flags `check_teacher_forced` names in its message (the synthetic collection passes its field names).
+TEACHER_FORCED_FLAGS = {
+    "flag": "--counterfactual-teacher-forced",
+    "counterfactual": "add --counterfactual blank (or other-task)",
+    "trajectory": "drop --capture.no-trajectory (the default captures it)",
+    "expert_1": "add --capture.expert-1 pooled (or full)",
+}
+
+
+def check_teacher_forced(
+    enabled: bool, counterfactual: str, capture: CaptureSpec, flags: Mapping[str, str] = TEACHER_FORCED_FLAGS
+) -> None:
+    """Raises ValueError naming each fix when a teacher-forced rerun is asked for but cannot run: it reruns the
+    counterfactual inference (a counterfactual mode), feeds it the baseline's trajectory (``capture.trajectory``) and
+    exists to measure expert 1 (``capture.expert_1`` not "off")."""
+    if not enabled:
+        return
+    fixes = []
+    if counterfactual == "none":
+        fixes.append(f"a counterfactual prompt to rerun with ({flags['counterfactual']})")
+    if not capture.trajectory:
+        fixes.append(f"the baseline's trajectory x_t to feed ({flags['trajectory']})")
+    if capture.expert_1 == "off":
+        fixes.append(f"an expert-1 stream to compare ({flags['expert_1']})")
+    if fixes:
+        raise ValueError(
+            f"{flags['flag']} reruns each counterfactual inference fed the baseline's x_t at every denoising step; it "
+            "needs " + "; ".join(fixes) + "."
+        )
 
 
 def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo) -> str | None:

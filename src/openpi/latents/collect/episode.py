@@ -4,6 +4,8 @@ An episode is the same whether it runs in one go, after a resume, or in a run wi
 drawn from `seed`, `task_id` and the episode index, and a counterfactual rerun reuses the inference's observation and
 noise without touching the env. The run's condition (`conditions`) sets the prompt and the intervention of each
 inference; the noise does not depend on it, so a condition's inference i is paired with the baseline's inference i.
+With ``--counterfactual-teacher-forced`` each counterfactual rerun has a twin fed the baseline's x_t at every denoising
+step (`teacher_forced_rerun`, ``cf_tf_*`` keys): it differs from the baseline by the prompt alone.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Inference:
     result: dict[str, Any]  # what `Policy.infer_with_latents` returned
     counterfactual: dict[str, Any] | None = None
     counterfactual_prompt: str | None = None
+    teacher_forced: dict[str, Any] | None = None  # the counterfactual rerun fed the baseline's x_t
 
 
 def infer_one(policy: Policy, element: dict[str, Any], noise: Any, capture: CaptureSpec, intervention: Any):
@@ -55,15 +58,21 @@ def rerun_with_prompt(
     return dataclasses.replace(inference, counterfactual=cf, counterfactual_prompt=prompt)
 
 
-def teacher_forced_rerun(policy: Policy, inference: Inference, prompt: str, capture: CaptureSpec) -> dict[str, Any]:
+def teacher_forced_rerun(
+    policy: Policy, inference: Inference, prompt: str, capture: CaptureSpec, intervention: Any = None
+) -> dict[str, Any]:
     """The counterfactual rerun fed the baseline's x_t at every denoising step (needs ``capture.trajectory``): the
     two runs then differ by the prompt alone, so expert-1 prompt sensitivity is not contaminated by trajectory
-    divergence (its layer 0 is exactly 0). Stored under ``cf_tf_<key>`` (`schema.teacher_forced`)."""
+    divergence (its layer 0 is exactly 0). Same observation, noise and intervention as the baseline. Stored under
+    ``cf_tf_<key>`` (`schema.teacher_forced`)."""
     x_t = inference.result["latents"].get("x_t")
     if x_t is None:
         raise ValueError("a teacher-forced rerun needs the baseline's trajectory: capture with trajectory=True")
     element = {**inference.element, env_base.PROMPT_KEY: prompt}
-    return policy.infer_with_latents(element, noise=inference.result["noise"], capture=capture, x_t_sequence=x_t[:-1])
+    extra = {} if intervention is None else {"intervention": intervention}
+    return policy.infer_with_latents(
+        element, noise=inference.result["noise"], capture=capture, x_t_sequence=x_t[:-1], **extra
+    )
 
 
 def teacher_forced_fields(cf_tf: dict[str, Any]) -> dict[str, Any]:
@@ -75,16 +84,21 @@ def teacher_forced_fields(cf_tf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _counterfactual_fields(inference: Inference) -> dict[str, Any]:
+def counterfactual_fields(inference: Inference) -> dict[str, Any]:
+    """The store fields of `inference`'s counterfactual rerun (``cf_*``) and its teacher-forced twin (``cf_tf_*``),
+    or {} without a rerun."""
     cf = inference.counterfactual
     if cf is None:
         return {}
-    return {
+    out = {
         schema.counterfactual("prompt"): inference.counterfactual_prompt,
         schema.counterfactual("actions"): np.asarray(cf["actions"], np.float32),
         schema.counterfactual("model_actions"): np.asarray(cf["model_actions"], np.float32),
         **{schema.counterfactual(key): v for key, v in cf["latents"].items()},
     }
+    if inference.teacher_forced is not None:
+        out.update(teacher_forced_fields(inference.teacher_forced))
+    return out
 
 
 def base_record(
@@ -110,14 +124,15 @@ def step_record(t: int, inference: Inference, plan: Plan) -> dict[str, Any]:
     record = base_record(t, element, inference.result, replan_steps=args.replan_steps, state_key=sim.state_key)
     if args.store_images:
         record.update({key: element[input_key] for key, input_key in sim.camera_keys.items()})
-    record.update(_counterfactual_fields(inference))
+    record.update(counterfactual_fields(inference))
     return record
 
 
 class EpisodeRecorder:
     """The policy side of one recorded episode, as `env_base.run_episode` calls it.
 
-    `policy_fn` infers with latents (adding the counterfactual rerun at every `counterfactual_every`-th inference)
+    `policy_fn` infers with latents (adding the counterfactual rerun, and its teacher-forced twin with
+    ``--counterfactual-teacher-forced``, at every `counterfactual_every`-th inference)
     and keeps the inference; `on_inference`, which the loop calls right after with the env step t, writes its record.
     """
 
@@ -151,9 +166,13 @@ class EpisodeRecorder:
         counterfactual rerun when this inference has one, and returns the action chunk. The parallel collection
         batches the call itself."""
         inference = Inference(element, result)
-        if self._cf_prompt is not None and self.num_inferences % self._plan.args.counterfactual_every == 0:
-            capture = self._plan.args.capture
-            inference = rerun_with_prompt(self._policy, inference, self._cf_prompt, capture, self.intervention())
+        args = self._plan.args
+        if self._cf_prompt is not None and self.num_inferences % args.counterfactual_every == 0:
+            edit = self.intervention()
+            inference = rerun_with_prompt(self._policy, inference, self._cf_prompt, args.capture, edit)
+            if args.counterfactual_teacher_forced:
+                tf = teacher_forced_rerun(self._policy, inference, self._cf_prompt, args.capture, edit)
+                inference = dataclasses.replace(inference, teacher_forced=tf)
         self.num_inferences += 1
         self._inference = inference
         return result["actions"]

@@ -81,8 +81,9 @@ def estimate_size(plan: Plan, policy: Policy) -> SizeEstimate:
     shapes.pop("actions", None)
     latents = schema.estimate_bytes(shapes)
     per_inference = latents + _rollout_bytes(plan, policy)
-    if args.counterfactual != "none":
-        per_inference += latents // args.counterfactual_every
+    if args.counterfactual != "none":  # a rerun's latents, and its teacher-forced twin's (cf_tf_*)
+        reruns = 2 if args.counterfactual_teacher_forced else 1
+        per_inference += reruns * latents // args.counterfactual_every
     return SizeEstimate(shapes, per_inference, plan.inferences_per_episode, len(plan.tasks) * len(plan.episodes))
 
 

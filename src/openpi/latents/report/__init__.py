@@ -3,6 +3,8 @@
 * :mod:`~openpi.latents.report.json_report`: metrics.json (every registered metric per stream and layer, or the
   reason it is missing).
 * :mod:`~openpi.latents.report.tables`: the CSV tables; :mod:`~openpi.latents.report.plots`: the PNG figures.
+* :mod:`~openpi.latents.report.denoise_report`: expert-1 prompt sensitivity per denoising step (free-running vs
+  teacher-forced): its metrics.json entry, figure and report.md section.
 * :mod:`~openpi.latents.report.markdown`: report.md; :mod:`~openpi.latents.report.readings`: its one-line readings;
   :mod:`~openpi.latents.report.notes`: the method notes both state.
 
@@ -16,6 +18,7 @@ import pathlib
 from typing import Any
 
 from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.report.denoise_report import DENOISE_FIGURES
 from openpi.latents.report.json_report import clean, metrics_json
 from openpi.latents.report.markdown import report_md
 from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
@@ -25,6 +28,7 @@ from openpi.latents.report.readings import readings
 from openpi.latents.report.tables import TABLES, write_tables
 
 FIGURES.update(POOLED_FIGURES)  # the information and geometry figures of the pooled metrics
+FIGURES.update(DENOISE_FIGURES)  # expert-1 prompt sensitivity per denoising step, free-running vs teacher-forced
 
 __all__ = [
     "DRIFT_NOTE",

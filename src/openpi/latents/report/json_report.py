@@ -13,7 +13,8 @@
   shuffled control), ``success_relation[metric][stream]`` (per layer: success / failure / difference with
   intervals) and ``success_split`` (its window: the first ``n_inferences`` rollout steps of every episode by default,
   and the errored episodes it leaves out), ``attention_by_denoise_step`` ([S, L], rows labelled by denoising-step
-  id), ``action_divergence``.
+  id), ``action_divergence``, ``prompt_sensitivity_by_denoise_step`` (expert 1, [S][L] per variant: free-running
+  ``cf_`` and teacher-forced ``cf_tf_``, with task-bootstrap intervals, or the reason a variant is missing).
 * ``language_loss``: the per-layer ``expert_0`` / ``expert_1`` / ``text_only`` language loss of the original notebook
   API, ``overall_loss`` and which measure fills each slot (:mod:`openpi.latents.analysis.language_loss`).
 * ``definitions``: one line per metric; ``figures``: file, grid, panel titles and pixel size of every PNG.
@@ -28,9 +29,12 @@ import numpy as np
 
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis.clustered import cluster_bootstrap_ci, pooled_split_by_task
+from openpi.latents.analysis.denoise_sensitivity import DEFINITION as DENOISE_DEFINITION
+from openpi.latents.analysis.denoise_sensitivity import METRIC as DENOISE_METRIC
 from openpi.latents.analysis.language_loss import language_loss_summary
 from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
 from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.report.denoise_report import denoise_json
 from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
 from openpi.latents.report.pooled_report import pooled_json
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics
@@ -216,6 +220,7 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
     metrics["statistics"] = figure_statistics(res)
     metrics["attention_by_denoise_step"] = _attention(res)
     metrics["action_divergence"] = _action_divergence(res)
+    metrics[DENOISE_METRIC] = denoise_json(res)  # expert 1 per denoising step: free-running vs teacher-forced
     return {
         "source": {
             **{k: v for k, v in res.source.items() if k != "manifest"},
@@ -233,7 +238,9 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
         "missing": res.missing,
         "notes": {**res.notes, "state_token": STATE_TOKEN_NOTE},
         "statistics": figure_statistics(res),
-        "definitions": {m.name: m.definition for m in R.REGISTRY} | R.OTHER_DEFINITIONS,
+        "definitions": {m.name: m.definition for m in R.REGISTRY}
+        | R.OTHER_DEFINITIONS
+        | {DENOISE_METRIC: DENOISE_DEFINITION},
         "metrics": metrics,
         "language_loss": language_loss_summary(res),
     }

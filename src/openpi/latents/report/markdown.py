@@ -8,6 +8,7 @@ from typing import Any
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis.result import CollectionAnalysis
 from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.report.denoise_report import denoise_section
 from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
 from openpi.latents.report.notes import fmt as _fmt
 from openpi.latents.report.pooled_report import pooled_sections
@@ -109,6 +110,8 @@ def report_md(res: CollectionAnalysis, figures: dict[str, Any], summary: dict[st
     for name, title, key in SECTIONS:
         lines += [f"## {title}", "", r[key], "", f"![{name}]({figures[name]['file']})", ""]
         lines += [statistics_line(stats[name]), ""]
+        if name == "prompt_sensitivity":  # its control: expert 1 per denoising step, teacher-forced beside
+            lines += denoise_section(res, figures)
     lines += pooled_sections(res, figures)
     lines += _definitions_and_notes(res) + _caveats(res)
     lines += [

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from openpi.latents.analysis.denoise_sensitivity import METRIC
 from openpi.latents.analysis.result import CollectionAnalysis
 from openpi.latents.report.notes import fmt
 
@@ -39,6 +40,32 @@ def _probe_control(res: CollectionAnalysis) -> str:
             f"{fmt(p.p_value, 4)}, floor {fmt(p.p_floor, 4)}, {p.n_permutations} permutations)"
         )
     return "; ".join(parts) or "n/a"
+
+
+def _denoise_statistics(res: CollectionAnalysis) -> dict[str, Any]:
+    """Unit, sizes, correction and control of the expert-1 per-denoising-step figure (its free-running values)."""
+    ds = res.denoise_sensitivity
+    free, tf = ds.get("free"), ds.get("teacher_forced")
+    n_tasks = 0 if free is None else free.n_tasks
+    unit = "task (cluster bootstrap)" if n_tasks >= 2 else "episode (one task: the interval speaks for it only)"
+    out = {
+        "unit_of_resampling": unit if free is not None and free.reason is None else "n/a (not computed)",
+        "n_tasks": n_tasks,
+        "n_episodes": 0 if free is None else free.n_episodes,
+        "correction": "none: per-cell 95% intervals over denoising steps × layers (not simultaneous)",
+    }
+    if tf is None or tf.reason is not None:
+        out["control"] = f"teacher-forced rerun not available ({'not computed' if tf is None else tf.reason})"
+        return out
+    layer0 = float(np.nanmax(np.abs(tf.estimate[:, 0]))) if np.isfinite(tf.estimate[:, 0]).any() else float("nan")
+    free_last = fmt(free.estimate[-1, -1]) if free is not None and free.reason is None else "n/a"
+    out["control"] = (
+        f"the teacher-forced rerun (cf_tf_*, the baseline's x_t fed at every step; {tf.n_tasks} tasks, "
+        f"{tf.n_episodes} episodes): layer {tf.layers[0]} at most {fmt(layer0)} over steps"
+        f"{' (0 by construction)' if tf.first_is_input else ''}; "
+        f"layer {tf.layers[-1]} at step {tf.denoise_steps[-1]}: {fmt(tf.estimate[-1, -1])} (free-running {free_last})"
+    )
+    return out
 
 
 def figure_statistics(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
@@ -76,9 +103,11 @@ def figure_statistics(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
         "prompt_sensitivity": {
             **base,
             "correction": per_layer,
-            "control": "teacher-forced rerun (cf_tf_*: the baseline's x_t at each denoising step) where collected; "
-            "expert-1 layer 0 is 0 there by construction",
+            "control": "expert_1 here pools the free-running rerun over denoising steps (after step 0 the two runs "
+            "have different x_t); its control, the teacher-forced rerun (cf_tf_*), is in the per-denoising-step "
+            f"section ({METRIC})",
         },
+        METRIC: _denoise_statistics(res),
         "attention_to_text": {
             **base,
             "unit_of_resampling": "none (means over rollout steps)",
