@@ -75,7 +75,8 @@ def teacher_forced_fields(cf_tf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _counterfactual_fields(inference: Inference) -> dict[str, Any]:
+def counterfactual_fields(inference: Inference) -> dict[str, Any]:
+    """The store fields (`cf_*`) of `inference`'s counterfactual rerun (none without one)."""
     cf = inference.counterfactual
     if cf is None:
         return {}
@@ -110,7 +111,7 @@ def step_record(t: int, inference: Inference, plan: Plan) -> dict[str, Any]:
     record = base_record(t, element, inference.result, replan_steps=args.replan_steps, state_key=sim.state_key)
     if args.store_images:
         record.update({key: element[input_key] for key, input_key in sim.camera_keys.items()})
-    record.update(_counterfactual_fields(inference))
+    record.update(counterfactual_fields(inference))
     return record
 
 
