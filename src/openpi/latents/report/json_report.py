@@ -16,6 +16,8 @@
   id), ``action_divergence``.
 * ``language_loss``: the per-layer ``expert_0`` / ``expert_1`` / ``text_only`` language loss of the original notebook
   API, ``overall_loss`` and which measure fills each slot (:mod:`openpi.latents.analysis.language_loss`).
+* ``control``: the control collection (``--control``): label, how it matches this collection, its checkpoint and
+  ``control_of``; its values sit under ``control`` in each metric's entry (``report.control``) and in ``statistics``.
 * ``definitions``: one line per metric; ``figures``: file, grid, panel titles and pixel size of every PNG.
 """
 
@@ -31,6 +33,7 @@ from openpi.latents.analysis.clustered import cluster_bootstrap_ci, pooled_split
 from openpi.latents.analysis.language_loss import language_loss_summary
 from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
 from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.report import control
 from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
 from openpi.latents.report.pooled_report import pooled_json
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics
@@ -213,9 +216,11 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
     metrics["task_probe"] = _task_probe(res)
     metrics["success_relation"] = _success_relation(res)
     metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}
-    metrics["statistics"] = figure_statistics(res)
+    stats = figure_statistics(res)
+    metrics["statistics"] = stats
     metrics["attention_by_denoise_step"] = _attention(res)
     metrics["action_divergence"] = _action_divergence(res)
+    control.add_to_metrics(res, metrics)  # the control collection's values, under "control" (report.control)
     return {
         "source": {
             **{k: v for k, v in res.source.items() if k != "manifest"},
@@ -232,7 +237,8 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
         "streams": _streams(res),
         "missing": res.missing,
         "notes": {**res.notes, "state_token": STATE_TOKEN_NOTE},
-        "statistics": figure_statistics(res),
+        "statistics": stats,
+        "control": control.summary(res),
         "definitions": {m.name: m.definition for m in R.REGISTRY} | R.OTHER_DEFINITIONS,
         "metrics": metrics,
         "language_loss": language_loss_summary(res),

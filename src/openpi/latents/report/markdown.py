@@ -109,7 +109,7 @@ def report_md(res: CollectionAnalysis, figures: dict[str, Any], summary: dict[st
     for name, title, key in SECTIONS:
         lines += [f"## {title}", "", r[key], "", f"![{name}]({figures[name]['file']})", ""]
         lines += [statistics_line(stats[name]), ""]
-    lines += pooled_sections(res, figures)
+    lines += pooled_sections(res, figures, stats)
     lines += _definitions_and_notes(res) + _caveats(res)
     lines += [
         "## Files",
