@@ -167,7 +167,7 @@ def _episodes(source: _store.LatentStore, task_ids: tuple[int, ...], sim: env_ba
             lacking = [key for key in ("prompt", "state", "noise") if key not in ep.fields]
             if lacking:
                 raise ValueError(f"--source task {t} episode {k} lacks {lacking}, which a replay feeds to the model.")
-            if ep.fields["noise"].shape != shape:
+            if tuple(ep.fields["noise"].shape) != tuple(shape):
                 raise ValueError(
                     f"--source task {t} episode {k}: stored noise {list(ep.fields['noise'].shape)} does not fit the "
                     f"model's [action_horizon, action_dim] = {list(shape)}."
