@@ -1,32 +1,27 @@
 """The matched control collection: a stored collection's observations re-run through another policy (issue 10).
 
-A control answers "is this a property of the trained model, or of the inputs and the architecture?". Running a
-random-initialised model closed-loop would not answer it: it fails at once and sees other scenes, so its states would
-differ by input as well as by weights. The replay keeps the inputs: for every complete episode of the source store,
-every committed rollout step is re-run through the control policy with the step's stored images, state, prompt and
-noise (and, where the source has them, the counterfactual rerun with the stored ``cf_prompt`` and the teacher-forced
-rerun), capturing with the source's capture spec and denoising steps. The control store has the source's tasks,
-episodes, rollout steps (same ``t``) and record keys; what the scene and the rollout loop produced (``t``,
-``prompt``, ``state``, the images, ``executed_actions``: the *source's* actions that moved the robot between these
-observations, since the control never acted, and a server's ``received_time`` / ``sent_prompt``) is copied, and
-everything the model produces (``actions``, ``model_actions``, the latents, every ``cf_*`` key) is the control's.
-Episode attrs and outcomes (``success``, ``total_steps``) are the source's: they describe the scene.
+A control answers "is this a property of the trained model, or of the inputs and the architecture?". A random model
+run closed-loop would not answer it: it fails at once and sees other scenes, so its states differ by input as well as
+by weights. The replay keeps the inputs: every committed rollout step of every complete source episode is re-run
+through the control policy with the step's stored images, state, prompt and noise (and, where the source has them,
+the counterfactual rerun with the stored ``cf_prompt`` and the teacher-forced rerun), with the source's capture spec
+and denoising steps. The control store has the source's tasks, episodes, rollout steps (same ``t``) and record keys.
+What the scene and the rollout loop produced is copied (``t``, ``prompt``, ``state``, the images, a server's
+``received_time`` / ``sent_prompt``, and ``executed_actions``: the *source's* actions, which moved the robot between
+these observations; the control never acts), as are the episode attrs and outcomes; everything the model produces
+(``actions``, ``model_actions``, the latents, every ``cf_*`` key) is the control's.
 
-The control model (:class:`ReplayArgs`): by default a random-initialised model of the source's config, params drawn
-from ``--init-seed`` (``jax.random.key(seed)``, as a preset without a checkpoint does), with the source's norm stats
-(the input transforms must feed both models the same numbers); or ``--checkpoint`` (a second checkpoint of the same
-config, with its own norm stats). The manifest records it as ``checkpoint`` (``random(seed=N)`` or the path, which the
-analysis reads to find the control's own token embedding) and what the store is a control of under ``control_of``
-(source path, content hash, checkpoint, preset).
+The control model (:class:`ReplayArgs`): by default a random-initialised model of the source's config, params from
+``init_seed`` (``jax.random.key(seed)``, as a preset without a checkpoint), with the source's norm stats (both models
+get the same normalised inputs); or ``checkpoint``, a second checkpoint of the same config with its own norm stats.
+The manifest records it as ``checkpoint`` (``random(seed=N)`` or the path: the analysis reads the control's token
+embedding from it) and what the store is a control of under ``control_of`` (source path, content hash, checkpoint).
 
-Known answer: replaying with the source's own model gives back the source's stored actions and latents bit for bit
-(same uint8 images, float32 state, token ids and noise through the same jitted program on the same backend; XLA on
-CPU is deterministic) when the source ran one observation per model call; a source collected with batched inference
-(``--num-envs`` > 1) differs by float rounding (tests/test_batching.py), recorded as ``source_batched``.
-
-Every check (source readable and intact, images stored, no intervention, config, model, output) runs before the
-model loads. Writing uses the store's commit protocol (a commit per rollout step, an episode complete only after its
-last write); ``--resume`` keeps the finished episodes and re-runs an unfinished one.
+Known answer: replayed with the source's own model, the source's stored actions and latents come back bit for bit
+(same uint8 images, float32 state, token ids and noise through the same jitted program on the same backend), unless
+the source was collected with batched inference (float rounding; ``replay.source_batched`` in the manifest).
+Every check runs before the model loads; writing uses the store's commit protocol (a commit per rollout step), and
+``resume`` keeps the finished episodes and re-runs an unfinished one.
 """
 
 from __future__ import annotations
@@ -178,14 +173,17 @@ def _episodes(source: _store.LatentStore, task_ids: tuple[int, ...], sim: env_ba
     return out
 
 
-def _local_checkpoint_check(checkpoint: str, asset_id: str) -> None:
-    """A local checkpoint's params/ and norm stats exist (a URL is checked when the policy loads)."""
+def _local_checkpoint_check(checkpoint: str, asset_id: str) -> str:
+    """The checkpoint as the manifest records it (a local one absolute: the analysis reads its embedding from any
+    working directory), after checking that a local one has params/ and the norm stats (a URL is checked when the
+    policy loads)."""
     if location.is_remote(location.as_path(checkpoint)):
-        return
-    path = pathlib.Path(checkpoint).expanduser()
+        return checkpoint
+    path = pathlib.Path(checkpoint).expanduser().resolve()
     if not (path / "params").is_dir():
         raise FileNotFoundError(f"--checkpoint {checkpoint} is not an openpi checkpoint (no params/ directory).")
     policy_config.load_checkpoint_norm_stats(path, asset_id)
+    return str(path)
 
 
 def _source_norm_stats_dir(manifest: dict[str, Any], preset: presets.PolicyPreset) -> str:
@@ -223,6 +221,8 @@ def make_plan(args: ReplayArgs) -> ReplayPlan:
     if args.queue_size < 1:
         raise ValueError(f"--queue-size must be >= 1, got {args.queue_size}.")
     source = _source_store(args)
+    if _same_model(str(args.output_dir), str(source.root)):  # the same path
+        raise ValueError(f"--output-dir {args.output_dir} is the --source store; write the control elsewhere.")
     src = dict(source.manifest)
     missing = [k for k in ("preset", "model_config", "capture_spec", "checkpoint") if not src.get(k)]
     if missing:
@@ -241,8 +241,8 @@ def make_plan(args: ReplayArgs) -> ReplayPlan:
     episodes = _episodes(source, args.task_ids, sim, (config.action_horizon, config.action_dim))
     asset_id = args.asset_id or (src.get("arguments") or {}).get("asset_id") or preset.asset_id
     if args.checkpoint is not None:
-        _local_checkpoint_check(args.checkpoint, asset_id)
-        control, model = args.checkpoint, {"model": "checkpoint", "init_seed": None, "norm_stats": asset_id}
+        control = _local_checkpoint_check(args.checkpoint, asset_id)
+        model = {"model": "checkpoint", "init_seed": None, "norm_stats": f"{control}/assets/{asset_id}"}
     else:
         norm_dir = _source_norm_stats_dir(src, preset)
         preset = dataclasses.replace(
@@ -282,9 +282,8 @@ def make_plan(args: ReplayArgs) -> ReplayPlan:
             "attrs and outcome; the model outputs, latents and cf_* reruns are the control's",
         },
     }
-    return ReplayPlan(
-        args, source, manifest, preset, args.checkpoint, asset_id, capture, num_steps, sim, tuple(episodes)
-    )
+    checkpoint = None if args.checkpoint is None else control
+    return ReplayPlan(args, source, manifest, preset, checkpoint, asset_id, capture, num_steps, sim, tuple(episodes))
 
 
 def check_output(plan: ReplayPlan) -> None:
