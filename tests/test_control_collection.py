@@ -1,10 +1,11 @@
 """The matched control collection (`openpi.latents.replay`, scripts/replay_collection.py) and the control in the
 report (`openpi.latents.report.control`).
 
-Without the simulator: the replay's refusals (before any model loads) and the report's control values on synthetic
-stores, where an identical control must give back the model's own values. With LIBERO (module fixture `runs`): a
-tiny collection (fixture checkpoint, libero_goal task 0, 2 episodes x 10 env steps = 2 inferences each, each with a
-counterfactual rerun) replayed three ways: with its own checkpoint (must reproduce it bit for bit), with a
+Without the simulator: the replay's refusals (before any model loads), the report's control values on synthetic
+stores (an identical control must give back the model's own values), and a synthetic store of the positive control
+organism replayed with the negative organism (a second checkpoint) and with itself. With LIBERO (module fixture
+`runs`): a tiny collection (fixture checkpoint, libero_goal task 0, 2 episodes x 10 env steps = 2 inferences each,
+each with a counterfactual rerun) replayed three ways: with its own checkpoint (must reproduce it bit for bit), with a
 random-initialised model (the default control), and the same random replay interrupted and resumed.
 """
 
@@ -167,6 +168,58 @@ def test_report_carries_the_control_values(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Without a simulator: a synthetic store of the positive control organism, replayed with the negative organism (a
+# second checkpoint of the same config) and with itself
+
+
+ORGANISMS = REPO / "tests" / "data" / "organisms"
+
+
+def _observe(rng: np.random.Generator, prompt: str) -> dict:
+    from openpi.training import control_organisms as co
+
+    obs = co.raw_observations(rng, 1)[0]
+    del obs["prompt"]
+    return obs
+
+
+@pytest.mark.slow
+def test_synthetic_organism_store_replayed_with_a_second_checkpoint(tmp_path):
+    from openpi.latents import analysis as A
+    from openpi.latents import report
+    from openpi.latents import synthetic_collection as sc
+    from openpi.policies import policy_config
+    from openpi.training import control_organisms as co
+
+    positive = policy_config.create_trained_policy("pi0_organism_tiny", ORGANISMS / "positive")
+    capture = CaptureSpec(text=False, attention_to_text=False)  # pooled experts + trajectory (x_t gives the steps)
+    spec = sc.SyntheticCollection(co.PROMPTS, n_episodes=2, n_steps=2, capture=capture, seed=3, store_images=True)
+    src = sc.collect_synthetic(positive, tmp_path / "positive", spec, _observe, progress=False)
+    assert store.open_store(src).manifest["arguments"]["num_steps"] is None  # replay reads 10 steps off x_t
+    neg = R.replay(R.ReplayArgs(str(src), str(tmp_path / "negative"), checkpoint=str(ORGANISMS / "negative")))
+    same = R.replay(R.ReplayArgs(str(src), str(tmp_path / "same"), checkpoint=str(ORGANISMS / "positive"),
+                                 allow_same_model=True), policy=positive)  # fmt: skip
+    assert neg.steps == same.steps == 4 * 2 * 2
+    man = store.open_store(tmp_path / "negative").manifest
+    assert man["replay"]["num_denoise_steps"] == 10 and man["checkpoint"] == str((ORGANISMS / "negative").resolve())
+    a, b, c = _episodes(src), _episodes(tmp_path / "same"), _episodes(tmp_path / "negative")
+    _assert_same_structure(a, c, keys=("t", "prompt", "cf_prompt", "noise", "state", "image", "wrist_image"))
+    for ident, ep in a.items():
+        for key in ep.keys():
+            np.testing.assert_array_equal(b[ident].read(key), ep.read(key), err_msg=key)
+        assert not np.allclose(c[ident].read("model_actions"), ep.read("model_actions"), atol=1e-2)
+    # The matched negative organism as the control: the positive organism's expert-1 prompt sensitivity is far above
+    # it at its peak layer (the organisms' known answer: > 3x, tests/test_control_organisms.py).
+    res = A.analyze_collection(src, embedding=None, probe=False, pooled=False, n_boot=50, n_permutations=50,
+                               control=tmp_path / "negative", control_label="negative organism")  # fmt: skip
+    data = report.write_report(res, tmp_path / "rep")
+    values = data["statistics"]["prompt_sensitivity"]["control_collection"]["values"]
+    peak = next(v for v in values if (v["stream"], v["metric"]) == ("expert_1", "prompt_sensitivity"))
+    assert peak["model"] > 3 * peak["control"], peak
+    assert data["control"]["matching"].startswith("matched replay")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Real LIBERO: a tiny collection and its replays
 
 
@@ -222,7 +275,8 @@ def _episodes(path):
     return {(t, k): s.episode(t, k) for t in s.task_ids() for k in s.episode_indices(t)}
 
 
-def _assert_same_structure(src, ctrl):
+def _assert_same_structure(src, ctrl, keys=("t", "prompt", "cf_prompt", "noise", "state", "image", "wrist_image",
+                                             "executed_actions")):  # fmt: skip
     assert ctrl.keys() == src.keys()
     for ident, a in src.items():
         b = ctrl[ident]
@@ -232,7 +286,7 @@ def _assert_same_structure(src, ctrl):
             assert b.present_steps(key) == a.present_steps(key), key
             fa, fb = a.fields[key], b.fields[key]
             assert (tuple(fb.shape), fb.dtype) == (tuple(fa.shape), fa.dtype), key
-        for key in ("t", "prompt", "cf_prompt", "noise", "state", "image", "wrist_image", "executed_actions"):
+        for key in keys:
             np.testing.assert_array_equal(b.read(key), a.read(key), err_msg=key)  # the inputs are the source's
         assert b.metadata["success"] == a.metadata["success"]
         assert b.metadata["total_steps"] == a.metadata["total_steps"]

@@ -118,13 +118,19 @@ def _source_store(args: ReplayArgs) -> _store.LatentStore:
     return source
 
 
-def _num_steps(manifest: dict[str, Any]) -> int:
+def _num_steps(manifest: dict[str, Any], source: _store.LatentStore) -> int:
+    """Denoising steps per inference: the manifest's, else the stored trajectory's (``x_t`` has S + 1 entries)."""
     arguments = manifest.get("arguments") or {}
     n = arguments.get("num_denoise_steps") or arguments.get("num_steps")
+    if n is None:
+        eps = (source.episode(t, k) for t in source.task_ids() for k in source.episode_indices(t))
+        stored = {int(ep.fields["x_t"].shape[0]) - 1 for ep in eps if "x_t" in ep.fields}
+        n = stored.pop() if len(stored) == 1 else None
     if not isinstance(n, int) or n < 1:
         raise ValueError(
             f"--source {manifest.get('kind', 'store')}: its manifest does not say how many denoising steps each "
-            "inference ran (arguments.num_denoise_steps); a replay needs the source's number to match it."
+            "inference ran (arguments.num_denoise_steps), nor does a stored trajectory (x_t); a replay needs the "
+            "source's number to match it."
         )
     return n
 
@@ -235,7 +241,7 @@ def make_plan(args: ReplayArgs) -> ReplayPlan:
             f"--source was collected with model {src['model_config']}, but preset {preset.name} is now "
             f"{config.describe()}; a control needs the source's config."
         )
-    capture, num_steps = CaptureSpec.from_dict(src["capture_spec"]), _num_steps(src)
+    capture, num_steps = CaptureSpec.from_dict(src["capture_spec"]), _num_steps(src, source)
     capture.validate(depth=config.depth, num_steps=num_steps)
     sim = envs.get(preset.env)
     episodes = _episodes(source, args.task_ids, sim, (config.action_horizon, config.action_dim))

@@ -43,6 +43,9 @@ class SyntheticCollection:
     counterfactual: str = "other-task"
     num_steps: int | None = None  # denoising steps (None: the policy's default)
     seed: int = 0
+    # Keep the observation's images (``observation/image`` / ``observation/wrist_image``) as ``image`` /
+    # ``wrist_image``, as the LIBERO collection does: what `openpi.latents.replay` re-runs through a control model.
+    store_images: bool = False
 
     def __post_init__(self) -> None:
         if self.counterfactual not in ("none", "blank", "other-task"):
@@ -73,6 +76,7 @@ def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | 
             "counterfactual": spec.counterfactual,
             "num_steps": spec.num_steps,
             "seed": spec.seed,
+            "store_images": spec.store_images,
         },
         "capture_spec": spec.capture.to_dict(),
         "checkpoint": meta.get("checkpoint"),
@@ -102,6 +106,8 @@ def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_i
         noise = rng.standard_normal((config.action_horizon, config.action_dim), dtype=np.float32)
         result = _infer(policy, spec, obs, noise)
         record = base_record(t, obs, result, replan_steps=config.action_horizon, state_key="observation/state")
+        if spec.store_images:
+            record.update({key: obs[f"observation/{key}"] for key in ("image", "wrist_image")})
         if cf_prompt is not None:
             cf = _infer(policy, spec, {**obs, "prompt": cf_prompt}, result["noise"])
             record[schema.counterfactual("prompt")] = cf_prompt
