@@ -85,7 +85,8 @@ def control_probe(res: CollectionAnalysis, stream: str) -> np.ndarray | None:
 def control_attention(res: CollectionAnalysis) -> np.ndarray | None:
     """The control's expert-1 attention mass on text per layer (all queries, mean over denoising steps)."""
     ctrl = res.control
-    means = attention_means(ctrl) if ctrl is not None and "expert_1" in res.streams else {}
+    both = ctrl is not None and "expert_1" in res.streams and "expert_1" in ctrl.streams
+    means = attention_means(ctrl) if both else {}
     if not means:
         return None
     with quiet_nan_warnings():
