@@ -116,6 +116,7 @@ def test_replay_plan_records_what_it_is_a_control_of(tmp_path):
 # The control in the report, on synthetic stores
 
 
+@pytest.mark.slow
 def test_report_carries_the_control_values(tmp_path):
     from test_analysis import Synth, build_store, with_cf
 
@@ -134,9 +135,10 @@ def test_report_carries_the_control_values(tmp_path):
     # equal the model's own value (same data, same settings, same seed).
     same = build_store(tmp_path / "same", rec, tasks=(0, 1), episodes=3, steps=3,
                        manifest={"control_of": {"content_hash": content_hash, "store": str(model)}})  # fmt: skip
+    fast = dict(n_boot=50, n_permutations=50, pooled=False, probe_splits=2, probe_shuffles=1)
     res = A.analyze_collection(
-        model, embedding=syn.token_embedding(), n_boot=50, n_permutations=50, pooled=False,
-        control=same, control_label="identity", control_embedding=syn.token_embedding(),
+        model, embedding=syn.token_embedding(), control=same, control_label="identity",
+        control_embedding=syn.token_embedding(), **fast,
     )  # fmt: skip
     data = report.write_report(res, tmp_path / "rep")
     on_disk = json.loads((tmp_path / "rep" / "metrics.json").read_text())
@@ -159,8 +161,8 @@ def test_report_carries_the_control_values(tmp_path):
 
     # Another control (other records, not a replay): its values differ, and the report says it is not matched.
     other = build_store(tmp_path / "other", lambda t, k, i: rec(t, k, i + 10), tasks=(0, 1), episodes=3, steps=3)
-    res2 = A.analyze_collection(model, embedding=syn.token_embedding(), n_boot=50, n_permutations=50, pooled=False,
-                                control=other, control_embedding=syn.token_embedding())  # fmt: skip
+    res2 = A.analyze_collection(model, embedding=syn.token_embedding(), probe=False, control=other,
+                                control_embedding=syn.token_embedding(), **fast)  # fmt: skip
     data2 = report.write_report(res2, tmp_path / "rep2")
     entry = data2["metrics"]["prompt_sensitivity"]["expert_1"]
     assert not np.allclose(entry["control"]["per_layer"], entry["per_layer"])
