@@ -29,6 +29,10 @@ from openpi.latents.collect.interrupt import Interrupted, StopOnSignal
 from openpi.models.capture import CaptureSpec
 from openpi.policies import presets
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:robosuite"),
+    pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning"),
+]
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CHECKPOINT = REPO / "tests" / "data" / "pi0_tiny_a" / "checkpoint"  # params/ and assets/test/
 TINY = presets.get_preset("pi0_libero_tiny").model_config
@@ -266,9 +270,10 @@ def runs(tmp_path_factory) -> Runs:
     with contextlib.redirect_stdout(io.StringIO()):
         summaries["random"] = _script().main(R.ReplayArgs(source=args.output_dir, output_dir=str(root / "random")))
     resumed = R.ReplayArgs(source=args.output_dir, output_dir=str(root / "resumed"))
+    policy = R.load_policy(R.make_plan(resumed))  # one random init (~20 s of compiling on 2 busy cores) for both runs
     with pytest.raises(Interrupted):
-        R.replay(resumed, stop=_StopAfter(2))
-    summaries["resumed"] = R.replay(dataclasses.replace(resumed, resume=True))
+        R.replay(resumed, stop=_StopAfter(2), policy=policy)
+    summaries["resumed"] = R.replay(dataclasses.replace(resumed, resume=True), policy=policy)
     return Runs(root / "source", root / "same", root / "random", root / "resumed", summaries)
 
 
