@@ -59,7 +59,8 @@ def _with_control(res: CollectionAnalysis, stats: dict[str, dict[str, Any]]) -> 
     for name, ctrl in figure_controls(res).items():
         entry = stats[name]
         within = entry["control"]
-        text = ctrl["control"] + (f"; within this collection: {within}" if name in _KEEP_WITHIN else "")
+        keep = name in _KEEP_WITHIN and within not in (None, "n/a")
+        text = ctrl["control"] + (f"; within this collection: {within}" if keep else "")
         stats[name] = {**entry, **ctrl, "control": text, "within_collection_control": within}
     return stats
 
