@@ -68,8 +68,9 @@ def _with_control(res: CollectionAnalysis, stats: dict[str, dict[str, Any]]) -> 
 def _pooled_entry(res: CollectionAnalysis) -> dict[str, Any]:
     """The pooled figures' sample (information, geometry): one value per layer from held-out folds, no resampling."""
     info = res.pooled_info or {}
+    unit = f"none: one value per layer, held out by {info['split']}" if "split" in info else "pooled metrics not run"
     return {
-        "unit_of_resampling": f"none: one value per layer, held out by {info.get('split', 'n/a')}",
+        "unit_of_resampling": unit,
         "n_tasks": info.get("n_tasks", res.source["n_tasks"]),
         "n_episodes": info.get("n_episodes", len(res.episodes)),
         "correction": "none (per layer)",
