@@ -82,8 +82,9 @@ class Args:
     pooled_split: Literal["task", "episode"] = "task"
     # Evenly spaced rollout steps per episode in the pooled sample.
     pooled_steps_per_episode: int = 2
-    # A control collection analysed the same way and shown beside this one (dashed): e.g. the same observations
-    # re-run with a random-initialised model of the same config, or a second checkpoint (docs/INTERFACES.md).
+    # A control collection analysed the same way and shown beside this one (dashed in every per-layer figure, its
+    # values in metrics.json and each figure's statistics line): the matched one is this collection's observations
+    # re-run with a random-initialised model of the same config, or a second checkpoint (scripts/replay_collection.py).
     control: pathlib.Path | None = None
     # The control's name in the report (default: its manifest's checkpoint).
     control_label: str | None = None

@@ -59,6 +59,9 @@ class SyntheticCollection:
     # Also rerun each counterfactual fed the baseline's x_t at every denoising step (cf_tf_*; needs a counterfactual,
     # capture.trajectory and an expert-1 stream), as --counterfactual-teacher-forced does.
     teacher_forced: bool = False
+    # Keep the observation's images (``observation/image`` / ``observation/wrist_image``) as ``image`` /
+    # ``wrist_image``, as the LIBERO collection does: what `openpi.latents.replay` re-runs through a control model.
+    store_images: bool = False
 
     def __post_init__(self) -> None:
         if self.counterfactual not in ("none", "blank", "other-task"):
@@ -91,6 +94,7 @@ def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | 
             "num_steps": spec.num_steps,
             "seed": spec.seed,
             "counterfactual_teacher_forced": spec.teacher_forced,
+            "store_images": spec.store_images,
         },
         "capture_spec": spec.capture.to_dict(),
         "checkpoint": meta.get("checkpoint"),
@@ -120,6 +124,8 @@ def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_i
         noise = rng.standard_normal((config.action_horizon, config.action_dim), dtype=np.float32)
         result = _infer(policy, spec, obs, noise)
         record = base_record(t, obs, result, replan_steps=config.action_horizon, state_key="observation/state")
+        if spec.store_images:
+            record.update({key: obs[f"observation/{key}"] for key in ("image", "wrist_image")})
         if cf_prompt is not None:  # the LIBERO collection's reruns (collect.episode), without an intervention
             inference = rerun_with_prompt(policy, Inference(obs, result), cf_prompt, spec.capture)
             if spec.teacher_forced:

@@ -170,7 +170,7 @@ def analyze_collection(
         pooled: compute the pooled metrics (registry scope "pooled": token probe, tuned lens, CKA, effective rank) on
             ``pooled_steps_per_episode`` evenly spaced rollout steps of every episode, held out by ``pooled_split``
             ("task", default, or "episode").
-        control: a control collection (same kinds of ``data``; e.g. :mod:`openpi.latents.control_rerun`'s re-run of
+        control: a control collection (same kinds of ``data``; e.g. :mod:`openpi.latents.replay`'s re-run of
             this collection's observations with a random-initialised model), analysed with the same settings and
             shown beside this one (``res.control``); ``control_label`` names it (default: its manifest checkpoint);
             ``control_embedding``: the control model's own token embedding ("auto": from the control's manifest, a

@@ -17,6 +17,8 @@
   ``cf_`` and teacher-forced ``cf_tf_``, with task-bootstrap intervals, or the reason a variant is missing).
 * ``language_loss``: the per-layer ``expert_0`` / ``expert_1`` / ``text_only`` language loss of the original notebook
   API, ``overall_loss`` and which measure fills each slot (:mod:`openpi.latents.analysis.language_loss`).
+* ``control``: the control collection (``--control``): label, how it matches this collection, its checkpoint and
+  ``control_of``; its values sit under ``control`` in each metric's entry (``report.control``) and in ``statistics``.
 * ``definitions``: one line per metric; ``figures``: file, grid, panel titles and pixel size of every PNG.
 """
 
@@ -35,6 +37,7 @@ from openpi.latents.analysis.language_loss import language_loss_summary
 from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
 from openpi.latents.analysis.streams import STREAMS
 from openpi.latents.report.denoise_report import denoise_json
+from openpi.latents.report import control
 from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
 from openpi.latents.report.pooled_report import pooled_json
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics
@@ -217,10 +220,12 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
     metrics["task_probe"] = _task_probe(res)
     metrics["success_relation"] = _success_relation(res)
     metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}
-    metrics["statistics"] = figure_statistics(res)
+    stats = figure_statistics(res)
+    metrics["statistics"] = stats
     metrics["attention_by_denoise_step"] = _attention(res)
     metrics["action_divergence"] = _action_divergence(res)
     metrics[DENOISE_METRIC] = denoise_json(res)  # expert 1 per denoising step: free-running vs teacher-forced
+    control.add_to_metrics(res, metrics)  # the control collection's values, under "control" (report.control)
     return {
         "source": {
             **{k: v for k, v in res.source.items() if k != "manifest"},
@@ -237,7 +242,8 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
         "streams": _streams(res),
         "missing": res.missing,
         "notes": {**res.notes, "state_token": STATE_TOKEN_NOTE},
-        "statistics": figure_statistics(res),
+        "statistics": stats,
+        "control": control.summary(res),
         "definitions": {m.name: m.definition for m in R.REGISTRY}
         | R.OTHER_DEFINITIONS
         | {DENOISE_METRIC: DENOISE_DEFINITION},

@@ -112,7 +112,7 @@ def report_md(res: CollectionAnalysis, figures: dict[str, Any], summary: dict[st
         lines += [statistics_line(stats[name]), ""]
         if name == "prompt_sensitivity":  # its control: expert 1 per denoising step, teacher-forced beside
             lines += denoise_section(res, figures)
-    lines += pooled_sections(res, figures)
+    lines += pooled_sections(res, figures, stats)
     lines += _definitions_and_notes(res) + _caveats(res)
     lines += [
         "## Files",

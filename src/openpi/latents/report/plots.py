@@ -3,7 +3,8 @@
 Every figure is a grid of equally sized panels (``PANEL_IN`` inches at ``DPI``, no tight bbox), so a figure with
 ``rows × cols`` panels is exactly ``cols·PANEL_IN[0]·DPI × rows·PANEL_IN[1]·DPI`` pixels; each plot function returns
 its panel titles and grid, which the report records in metrics.json (the end-to-end test checks both). A figure whose
-data is missing still gets one panel that states the reason.
+data is missing still gets one panel that states the reason. With a control collection (``--control``) every
+per-layer curve has the control's values dashed beside it (:mod:`~openpi.latents.report.control`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis.result import CollectionAnalysis, attention_means, quiet_nan_warnings
+from openpi.latents.report import control as C
 
 PANEL_IN = (4.4, 3.3)
 DPI = 100
@@ -118,6 +120,7 @@ def layer_curves(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
         def draw(ax, metric=metric, have=have):
             for s in have:
                 _band(ax, res.layers(s), res.per_layer(s, metric), STREAM_COLORS[s], s)
+                C.draw_metric(ax, res, s, metric, STREAM_COLORS[s], f"{s} ")  # dashed, with --control
             ax.set_xlabel(_layer_label(res, have))
             _ylabel(ax, metric)
             ax.legend(fontsize=7)
@@ -142,6 +145,7 @@ def _probe_draw(res, stream, probes):
         ax.plot(x, sh, "s--", color="gray", label="shuffled-label control", ms=3)
         ax.fill_between(x, slo, shi, color="gray", alpha=0.2, lw=0)
         ax.plot(x, [p.chance_majority for p in probes], ":", color="k", label="chance (majority)")
+        C.draw_line(ax, res, stream, C.control_probe(res, stream), STREAM_COLORS[stream], "probe ")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(_layer_label(res, stream))
         ax.set_ylabel("task-id accuracy", fontsize=8)
@@ -209,6 +213,7 @@ def success_failure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any
                     _band(ax, x, [sp.success for sp in splits], "tab:green", f"success (n={n_s})")
                 if n_f:
                     _band(ax, x, [sp.failure for sp in splits], "tab:red", f"failure (n={n_f})")
+                C.draw_success_split(ax, res, s, metric)
                 if not (n_s and n_f):
                     ax.text(
                         0.5,
@@ -249,6 +254,7 @@ def prompt_sensitivity(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, 
 
         def draw(ax, s=s):
             _band(ax, res.layers(s), res.per_layer(s, "prompt_sensitivity"), STREAM_COLORS[s], "all episodes")
+            C.draw_metric(ax, res, s, "prompt_sensitivity", name="all episodes ")
             pe = res.per_episode(s, "prompt_sensitivity")
             for t in tasks:
                 rows = [i for i, e in enumerate(res.episodes) if e.task_id == t]
@@ -266,6 +272,7 @@ def prompt_sensitivity(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, 
             colors = ["tab:green" if e.success else "tab:red" for e in res.episodes]
             ax.bar(range(len(v)), v, color=colors)
             ax.set_xticks(range(len(v)), [f"{e.task_id}/{e.episode}" for e in res.episodes], fontsize=6, rotation=90)
+            C.draw_action_divergence(ax, res)
             ax.set_xlabel("task/episode (green: success)")
             ax.set_ylabel("mean L2 per chunk step", fontsize=8)
 
@@ -313,6 +320,7 @@ def attention_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, An
             ("actions", "action-token queries", "tab:orange"),
         ):
             ax.plot(layers, np.nanmean(means[name], axis=0), "o-", ms=3, color=color, label=label)
+        C.draw_line(ax, res, "expert_1", C.control_attention(res), "k", "all queries ")
         ax.set_xlabel(_layer_label(res, "expert_1"))
         ax.set_ylabel("mass on valid text keys", fontsize=8)
         ax.legend(fontsize=7)
@@ -331,6 +339,7 @@ def overview(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
             def draw(ax, metric=metric, have=have):
                 for s in have:
                     _band(ax, res.layers(s), res.per_layer(s, metric), STREAM_COLORS[s], s)
+                    C.draw_metric(ax, res, s, metric, STREAM_COLORS[s], f"{s} ")
                 ax.set_xlabel(_layer_label(res, have))
                 _ylabel(ax, metric)
                 ax.legend(fontsize=7)
@@ -343,6 +352,7 @@ def overview(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
 
         def att(ax):
             _band(ax, res.layers("expert_1"), res.per_layer("expert_1", "attention_to_text"), "tab:red", "expert_1")
+            C.draw_metric(ax, res, "expert_1", "attention_to_text", "tab:red", "expert_1 ")
             ax.set_xlabel(_layer_label(res, "expert_1"))
             ax.set_ylabel(LABELS["attention_to_text"], fontsize=8)
 

@@ -14,9 +14,11 @@ import numpy as np
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis.result import CollectionAnalysis, pooled_values
 from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.report.control import CONTROL_STYLE
 from openpi.latents.report.plots import STREAM_COLORS, _figure, _layer_label, _note
+from openpi.latents.report.statistics import figure_statistics, statistics_line
 
-CONTROL_STYLE = dict(color="0.45", ls="--", lw=1.2)
+__all__ = ["CONTROL_STYLE", "POOLED_FIGURES", "caption", "pooled_json", "pooled_sections", "pooled_summary"]
 
 
 def _scalar_extras(vals: list) -> dict[str, list]:
@@ -161,7 +163,8 @@ def geometry_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any
             for s in have:
                 _curve(res, s, "effective_rank", label=s, color=STREAM_COLORS[s])(ax)
                 if res.control is not None and (s, "effective_rank") in res.control.pooled:
-                    ax.plot(res.layers(s), pooled_values(res.control, s, "effective_rank"), **CONTROL_STYLE)
+                    y = pooled_values(res.control, s, "effective_rank")
+                    ax.plot(res.layers(s), y, label=f"{s}: {res.control_label}", **CONTROL_STYLE)
             ax.set_xlabel(_layer_label(res, have))
             ax.set_ylabel("effective rank", fontsize=8)
             ax.legend(fontsize=6)
@@ -187,8 +190,10 @@ def _fmt_layers(res: CollectionAnalysis, stream: str, metric: str, extra: str | 
     return ", ".join(f"{x:.2f}" for x in v) if len(v) else "none"
 
 
-def pooled_sections(res: CollectionAnalysis, figures: dict[str, Any]) -> list[str]:
-    """report.md sections of the pooled figures, with the numbers behind them."""
+def pooled_sections(res: CollectionAnalysis, figures: dict[str, Any], stats: dict | None = None) -> list[str]:
+    """report.md sections of the pooled figures, with the numbers behind them and each figure's statistics line
+    (``stats``: :func:`figure_statistics`, computed here when not given)."""
+    stats = figure_statistics(res) if stats is None else stats
     lines = ["## Information: token identity (held out)", "", f"Sample: {caption(res)}.", ""]
     if ("text_only", "token_probe") in res.pooled:
         lines += [
@@ -203,10 +208,10 @@ def pooled_sections(res: CollectionAnalysis, figures: dict[str, Any]) -> list[st
         ]
     if res.control is not None:
         lines += [f"* Control collection: {res.control_label} (dashed in the figures; numbers in metrics.json)."]
-    lines += ["", f"![information]({figures['information']['file']})", ""]
+    lines += ["", f"![information]({figures['information']['file']})", "", statistics_line(stats["information"]), ""]
     lines += ["## Geometry", "", f"Sample: {caption(res)}. CKA is the debiased estimator (unbiased HSIC).", ""]
     for s in res.streams:
         if (s, "effective_rank") in res.pooled:
             lines.append(f"* {s} effective rank per layer: {_fmt_layers(res, s, 'effective_rank')}.")
-    lines += ["", f"![geometry]({figures['geometry']['file']})", ""]
+    lines += ["", f"![geometry]({figures['geometry']['file']})", "", statistics_line(stats["geometry"]), ""]
     return lines

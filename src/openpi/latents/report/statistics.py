@@ -1,6 +1,9 @@
 """What every figure's numbers rest on: the unit of resampling, the number of tasks / episodes, the correction for
 multiple comparisons and the control's value. report.md prints it under each figure; metrics.json carries the same
-under ``statistics``."""
+under ``statistics``. With a control collection (``--control``; :mod:`openpi.latents.report.control`) each figure's
+``control`` is the control collection's value at the statistic the figure's reading uses, beside this model's
+(``control_collection`` holds the numbers); the within-collection control it replaces stays under
+``within_collection_control`` (and in the line, for the probe's shuffled-label and permutation control)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import numpy as np
 
 from openpi.latents.analysis.denoise_sensitivity import METRIC
 from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.report.control import figure_controls
 from openpi.latents.report.notes import fmt
 
 STATE_TOKEN_NOTE = (
@@ -69,7 +73,39 @@ def _denoise_statistics(res: CollectionAnalysis) -> dict[str, Any]:
 
 
 def figure_statistics(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
-    """{figure: {unit_of_resampling, n_tasks, n_episodes, correction, control}} for every figure of the report."""
+    """{figure: {unit_of_resampling, n_tasks, n_episodes, correction, control}} for every figure of the report;
+    with a control collection, ``control`` gives its values (:func:`_with_control`)."""
+    return _with_control(res, _within_collection(res))
+
+
+# Figures whose within-collection control carries numbers of its own, kept in the line beside the collection's.
+_KEEP_WITHIN = ("probe", "layer_curves", "information")
+
+
+def _with_control(res: CollectionAnalysis, stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    for name, ctrl in figure_controls(res).items():
+        entry = stats[name]
+        within = entry["control"]
+        keep = name in _KEEP_WITHIN and within not in (None, "n/a")
+        text = ctrl["control"] + (f"; within this collection: {within}" if keep else "")
+        stats[name] = {**entry, **ctrl, "control": text, "within_collection_control": within}
+    return stats
+
+
+def _pooled_entry(res: CollectionAnalysis) -> dict[str, Any]:
+    """The pooled figures' sample (information, geometry): one value per layer from held-out folds, no resampling."""
+    info = res.pooled_info or {}
+    unit = f"none: one value per layer, held out by {info['split']}" if "split" in info else "pooled metrics not run"
+    return {
+        "unit_of_resampling": unit,
+        "n_tasks": info.get("n_tasks", res.source["n_tasks"]),
+        "n_episodes": info.get("n_episodes", len(res.episodes)),
+        "correction": "none (per layer)",
+        "control": None,
+    }
+
+
+def _within_collection(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
     unit, n_tasks, n_eps = _unit(res)
     info = res.split_info()
     base = {"unit_of_resampling": unit, "n_tasks": n_tasks, "n_episodes": n_eps}
@@ -116,6 +152,12 @@ def figure_statistics(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
             "metrics.json 'attention_by_denoise_step'); BOS and the trailing newline excluded, BOS mass reported "
             "separately where captured",
         },
+        "information": {
+            **_pooled_entry(res),
+            "control": "the token probe's control task (prompt slots relabelled with other slots' tokens): "
+            "selectivity = accuracy − control accuracy",
+        },
+        "geometry": {**_pooled_entry(res), "control": "none within the collection (--control adds a control one)"},
     }
 
 

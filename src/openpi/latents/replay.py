@@ -1,0 +1,410 @@
+"""The matched control collection: a stored collection's observations re-run through another policy (issue 10).
+
+A control answers "is this a property of the trained model, or of the inputs and the architecture?". A random model
+run closed-loop would not answer it: it fails at once and sees other scenes, so its states differ by input as well as
+by weights. The replay keeps the inputs: every committed rollout step of every complete source episode is re-run
+through the control policy with the step's stored images, state, prompt and noise (and, where the source has them,
+the counterfactual rerun with the stored ``cf_prompt`` and the teacher-forced rerun), with the source's capture spec
+and denoising steps. The control store has the source's tasks, episodes, rollout steps (same ``t``) and record keys.
+What the scene and the rollout loop produced is copied (``t``, ``prompt``, ``state``, the images, a server's
+``received_time`` / ``sent_prompt``, and ``executed_actions``: the *source's* actions, which moved the robot between
+these observations; the control never acts), as are the episode attrs and outcomes; everything the model produces
+(``actions``, ``model_actions``, the latents, every ``cf_*`` key) is the control's.
+
+The control model (:class:`ReplayArgs`): by default a random-initialised model of the source's config, params from
+``init_seed`` (``jax.random.key(seed)``, as a preset without a checkpoint), with the source's norm stats (both models
+get the same normalised inputs); or ``checkpoint``, a second checkpoint of the same config with its own norm stats.
+The manifest records it as ``checkpoint`` (``random(seed=N)`` or the path: the analysis reads the control's token
+embedding from it) and what the store is a control of under ``control_of`` (source path, content hash, checkpoint).
+
+Known answer: replayed with the source's own model, the source's stored actions and latents come back bit for bit
+(same uint8 images, float32 state, token ids and noise through the same jitted program on the same backend), unless
+the source was collected with batched inference (float rounding; ``replay.source_batched`` in the manifest).
+Every check runs before the model loads; writing uses the store's commit protocol (a commit per rollout step), and
+``resume`` keeps the finished episodes and re-runs an unfinished one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any
+
+from openpi import envs
+from openpi.envs import base as env_base
+from openpi.latents import schema
+from openpi.latents import store as _store
+from openpi.latents.collect.disk import check_not_full
+from openpi.latents.collect.episode import (
+    Inference,
+    base_record,
+    counterfactual_fields,
+    rerun_with_prompt,
+    teacher_forced_fields,
+    teacher_forced_rerun,
+)
+from openpi.latents.collect.interrupt import StopOnSignal
+from openpi.latents.store import location
+from openpi.latents.store import manifest as manifest_lib
+from openpi.latents.store.format import RESERVED_EPISODE_ATTRS
+from openpi.models.capture import CaptureSpec
+from openpi.policies import policy_config, presets
+from openpi.policies.policy import Policy
+from openpi.shared import normalize
+
+logger = logging.getLogger(__name__)
+
+KIND = "pi0 latent replay (matched control)"
+# Record streams copied from the source: what the scene and the rollout loop produced, not the model.
+COPIED_STREAMS = ("rollout", "env")
+RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
+    "arguments.task_ids",
+    "arguments.queue_size",
+    "arguments.break_stale_lock",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayArgs:
+    """Re-run a latent store's recorded observations through a control model and write the matched control store."""
+
+    # The collection to replay: a latent store (directory, s3:// or gs://) recorded with images (the collection's
+    # and the server's default; --no-store-images leaves them out and cannot be replayed).
+    source: str
+    # Where the control store goes (directory, s3://bucket/prefix or gs://bucket/prefix).
+    output_dir: str = "data/control"
+    # A second checkpoint of the source's preset and config (local or gs://). Default: a random-initialised model.
+    checkpoint: str | None = None
+    # Norm-stats asset id inside --checkpoint (default: the source's).
+    asset_id: str | None = None
+    # Seed of the random initialisation (without --checkpoint). 1, not the tiny presets' param seed 0, so that the
+    # default control of a tiny-preset source is another model.
+    init_seed: int = 1
+    # Only these task ids of the source (default: all).
+    task_ids: tuple[int, ...] = ()
+    # Allow the source's own model (the reproduction check: the stored actions and latents come back).
+    allow_same_model: bool = False
+    # Continue a replay in --output-dir: finished episodes are kept, an unfinished one is re-run.
+    resume: bool = False
+    # Take over the writer lock of a replay that was killed (see the collection's --break-stale-lock).
+    break_stale_lock: bool = False
+    # Writer queue length (steps).
+    queue_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayPlan:
+    """What a replay will do, every check passed (nothing loaded, nothing written)."""
+
+    args: ReplayArgs
+    source: _store.LatentStore
+    manifest: dict[str, Any]  # the control store's manifest (before complete_manifest)
+    preset: presets.PolicyPreset  # the control model's preset (random init: params from init_seed)
+    checkpoint: str | None  # None: random init
+    asset_id: str | None
+    capture: CaptureSpec
+    num_steps: int
+    simulator: env_base.Simulator
+    episodes: tuple[tuple[int, int], ...]  # (task_id, episode) of the source, in order
+
+
+def _source_store(args: ReplayArgs) -> _store.LatentStore:
+    try:
+        source = _store.open_store(args.source)
+    except (FileNotFoundError, _store.StoreFormatError) as e:
+        raise FileNotFoundError(f"--source {args.source} is not a readable latent store: {e}") from e
+    source.require_intact()
+    return source
+
+
+def _num_steps(manifest: dict[str, Any], source: _store.LatentStore) -> int:
+    """Denoising steps per inference: the manifest's, else the stored trajectory's (``x_t`` has S + 1 entries)."""
+    arguments = manifest.get("arguments") or {}
+    n = arguments.get("num_denoise_steps") or arguments.get("num_steps")
+    if n is None:
+        eps = (source.episode(t, k) for t in source.task_ids() for k in source.episode_indices(t))
+        stored = {int(ep.fields["x_t"].shape[0]) - 1 for ep in eps if "x_t" in ep.fields}
+        n = stored.pop() if len(stored) == 1 else None
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(
+            f"--source {manifest.get('kind', 'store')}: its manifest does not say how many denoising steps each "
+            "inference ran (arguments.num_denoise_steps), nor does a stored trajectory (x_t); a replay needs the "
+            "source's number to match it."
+        )
+    return n
+
+
+def _check_condition(manifest: dict[str, Any]) -> None:
+    condition = manifest.get("condition") or {}
+    edits = {k: v for k, v in (("intervention", condition.get("intervention")), ("text latent",
+             condition.get("text_latent")), ("server intervention", manifest.get("intervention"))) if v}  # fmt: skip
+    if edits:
+        raise ValueError(
+            f"--source ran with {', '.join(edits)} ({edits}); a replay re-runs the observations without model "
+            "edits, so it would not be matched. Replay the paired baseline store (--condition.baseline) instead."
+        )
+
+
+def _episodes(source: _store.LatentStore, task_ids: tuple[int, ...], sim: env_base.Simulator, shape) -> list:
+    """(task, episode) pairs to replay; refuses, naming the flag, when a record lacks what the replay feeds."""
+    known = source.task_ids()
+    missing_tasks = [t for t in task_ids if t not in known]
+    if missing_tasks:
+        raise ValueError(f"--task-ids {missing_tasks} are not in --source {source.root} (tasks: {known}).")
+    out = []
+    for t in task_ids or known:
+        for k in source.episode_indices(t):
+            ep = source.episode(t, k)
+            if ep.committed == 0:
+                continue
+            cameras = [key for key in sim.camera_keys if key not in ep.fields]
+            if cameras:
+                raise ValueError(
+                    f"--source {source.root} task {t} episode {k} has no stored images ({', '.join(cameras)}): it "
+                    "was recorded with --no-store-images. A replay feeds the stored images to the control model; "
+                    "collect the source again with images stored (--store-images, the default)."
+                )
+            lacking = [key for key in ("prompt", "state", "noise") if key not in ep.fields]
+            if lacking:
+                raise ValueError(f"--source task {t} episode {k} lacks {lacking}, which a replay feeds to the model.")
+            if tuple(ep.fields["noise"].shape) != tuple(shape):
+                raise ValueError(
+                    f"--source task {t} episode {k}: stored noise {list(ep.fields['noise'].shape)} does not fit the "
+                    f"model's [action_horizon, action_dim] = {list(shape)}."
+                )
+            out.append((t, k))
+    if not out:
+        raise ValueError(f"--source {source.root} has no complete episode with a rollout step to replay.")
+    return out
+
+
+def _local_checkpoint_check(checkpoint: str, asset_id: str) -> str:
+    """The checkpoint as the manifest records it (a local one absolute: the analysis reads its embedding from any
+    working directory), after checking that a local one has params/ and the norm stats (a URL is checked when the
+    policy loads)."""
+    if location.is_remote(location.as_path(checkpoint)):
+        return checkpoint
+    path = pathlib.Path(checkpoint).expanduser().resolve()
+    if not (path / "params").is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} is not an openpi checkpoint (no params/ directory).")
+    policy_config.load_checkpoint_norm_stats(path, asset_id)
+    return str(path)
+
+
+def _source_norm_stats_dir(manifest: dict[str, Any], preset: presets.PolicyPreset) -> str:
+    """The directory of the norm stats the source ran with (a random-init control uses them too)."""
+    checkpoint = str(manifest.get("checkpoint") or "")
+    if checkpoint.startswith("random(") or not checkpoint:
+        if preset.default_norm_stats_dir is None:
+            raise ValueError(f"preset {preset.name} has no packaged norm stats for a random-init control.")
+        return preset.default_norm_stats_dir
+    asset_id = (manifest.get("arguments") or {}).get("asset_id") or preset.asset_id
+    if location.is_remote(location.as_path(checkpoint)):
+        from openpi.shared import download
+
+        return str(download.maybe_download(f"{checkpoint.rstrip('/')}/assets/{asset_id}"))
+    directory = pathlib.Path(checkpoint).expanduser() / "assets" / asset_id
+    if not (directory / normalize.FILENAME).is_file():
+        raise FileNotFoundError(
+            f"The source's norm stats {directory / normalize.FILENAME} (checkpoint {checkpoint}, asset id "
+            f"{asset_id}) are gone; a random-init control needs them to feed the same normalised inputs."
+        )
+    return str(directory)
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    local = [not location.is_remote(location.as_path(x)) for x in (a, b)]
+    return all(local) and pathlib.Path(a).expanduser().resolve() == pathlib.Path(b).expanduser().resolve()
+
+
+def make_plan(args: ReplayArgs) -> ReplayPlan:
+    """Every check that needs neither the model nor a write; raises ValueError / FileNotFoundError naming the fix."""
+    if args.queue_size < 1:
+        raise ValueError(f"--queue-size must be >= 1, got {args.queue_size}.")
+    source = _source_store(args)
+    if _same_model(str(args.output_dir), str(source.root)):  # the same path
+        raise ValueError(f"--output-dir {args.output_dir} is the --source store; write the control elsewhere.")
+    src = dict(source.manifest)
+    missing = [k for k in ("preset", "model_config", "capture_spec", "checkpoint") if not src.get(k)]
+    if missing:
+        raise ValueError(f"--source {source.root}: its manifest lacks {missing}; it was not written by a collection.")
+    _check_condition(src)
+    preset = presets.get_preset(src["preset"])
+    config = preset.model_config
+    if config.describe() != src["model_config"]:
+        raise ValueError(
+            f"--source was collected with model {src['model_config']}, but preset {preset.name} is now "
+            f"{config.describe()}; a control needs the source's config."
+        )
+    capture, num_steps = CaptureSpec.from_dict(src["capture_spec"]), _num_steps(src, source)
+    capture.validate(depth=config.depth, num_steps=num_steps)
+    sim = envs.get(preset.env)
+    episodes = _episodes(source, args.task_ids, sim, (config.action_horizon, config.action_dim))
+    asset_id = args.asset_id or (src.get("arguments") or {}).get("asset_id") or preset.asset_id
+    if args.checkpoint is not None:
+        control = _local_checkpoint_check(args.checkpoint, asset_id)
+        model = {"model": "checkpoint", "init_seed": None, "norm_stats": f"{control}/assets/{asset_id}"}
+    else:
+        norm_dir = _source_norm_stats_dir(src, preset)
+        preset = dataclasses.replace(
+            preset, default_checkpoint=None, param_seed=args.init_seed, default_norm_stats_dir=norm_dir
+        )
+        control = f"random(seed={args.init_seed})"
+        model = {"model": "random-init", "init_seed": args.init_seed, "norm_stats": f"the source's ({norm_dir})"}
+    same = _same_model(control, src["checkpoint"])
+    if same and not args.allow_same_model:
+        raise ValueError(
+            f"The control model {control} is the source's own model: its replay only reproduces the source. Pass "
+            "another --init-seed or --checkpoint, or --allow-same-model for that reproduction check."
+        )
+    src_args = src.get("arguments") or {}
+    batched = (src_args.get("num_envs") or 1) > 1 and src_args.get("batch_inference", True)
+    batched = batched or (src_args.get("max_batch") or 1) > 1
+    bookkeeping = {"kind", "arguments", "checkpoint", "created", "content_hash", "code_version", "control_of", "replay"}
+    manifest = {
+        **{k: v for k, v in src.items() if k not in bookkeeping},
+        "kind": KIND,
+        "arguments": dataclasses.asdict(args),
+        "checkpoint": control,
+        "control_of": {
+            "store": str(source.root),
+            "content_hash": src.get("content_hash"),
+            "checkpoint": src["checkpoint"],
+            "preset": src["preset"],
+            "kind": src.get("kind"),
+            "arguments": src_args,
+        },
+        "replay": {
+            **model,
+            "num_denoise_steps": num_steps,
+            "same_model_as_source": same,
+            "source_batched": bool(batched),
+            "copied_from_source": "t, prompt, state, images, executed_actions (the source's actions), episode "
+            "attrs and outcome; the model outputs, latents and cf_* reruns are the control's",
+        },
+    }
+    checkpoint = None if args.checkpoint is None else control
+    return ReplayPlan(args, source, manifest, preset, checkpoint, asset_id, capture, num_steps, sim, tuple(episodes))
+
+
+def check_output(plan: ReplayPlan) -> None:
+    """The output checks of opening the store, writing nothing."""
+    args = plan.args
+    root = _store.check_writable(args.output_dir)
+    if not location.is_remote(root):
+        check_not_full(root)
+    _store.LatentStoreWriter.check_can_open(
+        root,
+        manifest_lib.complete_manifest(plan.manifest),
+        resume=args.resume,
+        resume_ignore=RESUME_IGNORE,
+        break_stale_lock=args.break_stale_lock,
+    )
+
+
+def load_policy(plan: ReplayPlan) -> Policy:
+    """The control policy, sampling the source's number of denoising steps."""
+    logger.info("Loading the control model %s", plan.manifest["checkpoint"])
+    return policy_config.create_trained_policy(
+        plan.preset,
+        plan.checkpoint,
+        asset_id=plan.asset_id if plan.checkpoint is not None else None,
+        sample_kwargs={"num_steps": plan.num_steps},
+    )
+
+
+def _copied(key: str) -> bool:
+    """Whether the replay copies ``key`` from the source record (schema-less keys are copied as they are)."""
+    if schema.is_counterfactual(key):
+        return False
+    entry = schema.record_key(key)
+    return entry is None or entry.stream in COPIED_STREAMS
+
+
+def replay_step(plan: ReplayPlan, policy: Policy, ep: _store.EpisodeReader, s: int) -> dict[str, Any]:
+    """The control record of rollout step ``s`` of source episode ``ep`` (the source's keys, see the docstring)."""
+    keys = ep.keys_at(s)
+    copied = {key: ep.read_step_value(key, s) for key in keys if _copied(key)}
+    sim = plan.simulator
+    element = {input_key: copied[key] for key, input_key in sim.camera_keys.items()}
+    element |= {sim.state_key: copied["state"], env_base.PROMPT_KEY: str(copied["prompt"])}
+    result = policy.infer_with_latents(element, noise=ep.read("noise", steps=s), capture=plan.capture)
+    horizon = policy.model.config.action_horizon
+    record = base_record(int(copied["t"]), element, result, replan_steps=horizon, state_key=sim.state_key)
+    record |= copied
+    inference = Inference(element, result)
+    cf_prompt = schema.counterfactual("prompt")
+    if cf_prompt in keys:
+        prompt = str(ep.read_step_value(cf_prompt, s))
+        inference = rerun_with_prompt(policy, inference, prompt, plan.capture)
+        record |= counterfactual_fields(inference)
+        if schema.teacher_forced("actions") in keys:
+            record |= teacher_forced_fields(teacher_forced_rerun(policy, inference, prompt, plan.capture))
+    lost = [key for key in keys if key not in record]
+    if lost:
+        raise RuntimeError(f"{ep.where} rollout step {s}: the replay made no {lost}, which the source recorded.")
+    return {key: record[key] for key in keys}  # the source's keys only (a server record has no executed_actions)
+
+
+def _episode_attrs(ep: _store.EpisodeReader) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(begin attrs, finish metadata) of the source episode; the replay's own wall time replaces the source's."""
+    finish = {k: v for k, v in ep.record.attrs.items() if k not in ("prompt", "wall_time_s")}
+    skip = set(ep.record.attrs) | RESERVED_EPISODE_ATTRS | {"episode_index"}
+    static = {k: v for k, v in ep.attrs.items() if k not in skip}
+    if "prompt" in ep.record.attrs and "prompt" not in ep.attrs:
+        static["prompt"] = ep.record.attrs["prompt"]
+    return static, finish
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplaySummary:
+    output_dir: str
+    replayed: tuple[tuple[int, int], ...]
+    kept: tuple[tuple[int, int], ...]  # complete in the output before this run (resume)
+    steps: int
+
+
+def replay(args: ReplayArgs, *, policy: Policy | None = None, stop: StopOnSignal | None = None) -> ReplaySummary:
+    """Writes the control store of ``args.source``. Every check runs before the model loads (``policy``: use this
+    one instead, e.g. in tests; it must sample the source's number of denoising steps). ``stop``: an active
+    `StopOnSignal`; a signal stops after the step in flight, the unfinished episode left for ``--resume``."""
+    plan = make_plan(args)
+    check_output(plan)
+    policy = load_policy(plan) if policy is None else policy
+    stop = stop or StopOnSignal()
+    replayed, kept, steps = [], [], 0
+    with _store.LatentStoreWriter.create_or_open(
+        args.output_dir,
+        plan.manifest,
+        resume=args.resume,
+        queue_size=args.queue_size,
+        resume_ignore=RESUME_IGNORE,
+        break_stale_lock=args.break_stale_lock,
+    ) as writer:
+        stop.deferring = True
+        try:
+            for t, k in plan.episodes:
+                if (t, k) in writer.completed:
+                    kept.append((t, k))
+                    continue
+                ep = plan.source.episode(t, k)
+                static, finish = _episode_attrs(ep)
+                out = writer.begin_episode(plan.source.task_info(t), k, static)
+                for s in range(ep.committed):
+                    stop.check()
+                    out.append_step(replay_step(plan, policy, ep, s))
+                    steps += 1
+                out.finish(finish)
+                replayed.append((t, k))
+                logger.info("task %d episode %d: %d rollout steps replayed", t, k, ep.committed)
+        finally:
+            stop.deferring = False
+    return ReplaySummary(str(args.output_dir), tuple(replayed), tuple(kept), steps)
+
+
+__all__ = ["KIND", "ReplayArgs", "ReplayPlan", "ReplaySummary", "check_output", "load_policy", "make_plan", "replay"]
