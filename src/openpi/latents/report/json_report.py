@@ -36,8 +36,8 @@ from openpi.latents.analysis.denoise_sensitivity import METRIC as DENOISE_METRIC
 from openpi.latents.analysis.language_loss import language_loss_summary
 from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
 from openpi.latents.analysis.streams import STREAMS
-from openpi.latents.report.denoise_report import denoise_json
 from openpi.latents.report import control
+from openpi.latents.report.denoise_report import denoise_json
 from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
 from openpi.latents.report.pooled_report import pooled_json
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics
