@@ -12,8 +12,10 @@
   or ``{"per_layer": null, "reason": ...}``. Also ``task_probe[stream]`` (one entry per layer, with chance and the
   shuffled control), ``success_relation[metric][stream]`` (per layer: success / failure / difference with
   intervals) and ``success_split`` (its window: the first ``n_inferences`` rollout steps of every episode by default,
-  and the errored episodes it leaves out), ``attention_by_denoise_step`` ([S, L], rows labelled by denoising-step
-  id), ``action_divergence``.
+  and the errored episodes it leaves out), ``attention_by_denoise_step`` (per series — text content mass, that mass
+  normalised by the text share of the visible keys, BOS mass — the action queries [S, L] with rows labelled by
+  denoising-step id, pi0's state query once [L], and every head [L, heads]; with the definitions),
+  ``action_divergence``.
 * ``language_loss``: the per-layer ``expert_0`` / ``expert_1`` / ``text_only`` language loss of the original notebook
   API, ``overall_loss`` and which measure fills each slot (:mod:`openpi.latents.analysis.language_loss`).
 * ``definitions``: one line per metric; ``figures``: file, grid, panel titles and pixel size of every PNG.
@@ -29,8 +31,9 @@ import numpy as np
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis.clustered import cluster_bootstrap_ci, pooled_split_by_task
 from openpi.latents.analysis.language_loss import language_loss_summary
-from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
+from openpi.latents.analysis.result import CollectionAnalysis, summary_value
 from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.report.attention_report import attention_json
 from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
 from openpi.latents.report.pooled_report import pooled_json
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics
@@ -155,19 +158,6 @@ def _success_relation(res: CollectionAnalysis) -> dict[str, Any]:
     return success
 
 
-def _attention(res: CollectionAnalysis) -> dict[str, Any]:
-    att = attention_means(res)
-    if not att:
-        return {"reason": res.reason("expert_1", "attention_to_text")}
-    return {
-        "denoise_steps": res.attention.get("denoise_steps"),
-        "denoise_step_ids": (res.source.get("denoise_steps") or {}).get("kind", "capture_position"),
-        "denoise_times": res.attention.get("denoise_times"),
-        "layers": res.layers("expert_1"),
-        **att,
-    }
-
-
 def _action_divergence(res: CollectionAnalysis) -> dict[str, Any]:
     if "action_divergence" in res.missing:
         return {"reason": res.missing["action_divergence"]}
@@ -195,6 +185,8 @@ def _streams(res: CollectionAnalysis) -> dict[str, Any]:
             "counterfactual": st.has_cf,
             "attention_to_text": st.attention,
         }
+        if s == "expert_1":
+            out[s]["state_query"] = {"present": st.state_query, "from": st.state_query_source}
         if s == "expert_0":
             out[s] |= {
                 "n_cams": st.n_cams,
@@ -214,7 +206,7 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
     metrics["success_relation"] = _success_relation(res)
     metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}
     metrics["statistics"] = figure_statistics(res)
-    metrics["attention_by_denoise_step"] = _attention(res)
+    metrics["attention_by_denoise_step"] = attention_json(res)
     metrics["action_divergence"] = _action_divergence(res)
     return {
         "source": {
