@@ -120,7 +120,6 @@ def prompt_sensitivity(b: LayerBlock) -> Values | None:
     return steps, M.prompt_sensitivity(b.x[sel], cf, mask=_cf_mask(b, sel, steps, cf), keep_axes=0)
 
 
-# What each attention metric reads (besides the mass on the text, read for the first two).
 _ATTENTION_COUNTS = "attention_key_counts"
 _OLD_STORE = (
     "(the store was written before the capture separated BOS and the trailing newline from the text and counted the "
@@ -134,6 +133,8 @@ def _attention(b: LayerBlock) -> dict[str, np.ndarray] | None:
     the visible keys, and the mass on BOS; a name is absent (its reason in ``res.missing``) where the store lacks a
     key. Accumulates the summaries behind ``CollectionAnalysis.attention`` once per episode and layer."""
     if not b.stream.attention or "attention_to_text" not in b.fields:
+        for metric in ATTENTION_METRICS.values():
+            b.res.missing[f"expert_1.{metric}"] = "attention not captured (CaptureSpec.attention_to_text=False)"
         return None
     return b.cached("attention", lambda: _read_attention(b))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.result import CollectionAnalysis, attention_means
+from openpi.latents.analysis.result import CollectionAnalysis, attention_means, quiet_nan_warnings
 from openpi.latents.report.plots import _figure, _layer_label, _note
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE
 
@@ -71,16 +71,18 @@ def attention_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, An
         ax.set_ylabel("denoising step" if by_id else "denoising step (capture position)")
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
 
+    def per_layer(part: str, name: str) -> np.ndarray:
+        with quiet_nan_warnings():  # the state query is one value per layer; the action queries a step × layer grid
+            return means[f"{part}:{name}"] if part == "state" else np.nanmean(means[f"{part}:{name}"], axis=0)
+
     def curves(ax):
         rows = [("actions", "action queries (mean over steps)", "tab:orange")]
         if state:
             rows.insert(0, ("state", "state query (once: same every step)", "tab:purple"))
         for part, label, color in rows:
-            text = means[f"{part}:text"] if part == "state" else np.nanmean(means[f"{part}:text"], axis=0)
-            ax.plot(layers, text, "o-", ms=3, color=color, label=f"{label}: text")
+            ax.plot(layers, per_layer(part, "text"), "o-", ms=3, color=color, label=f"{label}: text")
             if f"{part}:bos" in means:
-                bos = means[f"{part}:bos"] if part == "state" else np.nanmean(means[f"{part}:bos"], axis=0)
-                ax.plot(layers, bos, "s--", ms=3, color=color, alpha=0.6, label=f"{label}: BOS")
+                ax.plot(layers, per_layer(part, "bos"), "s--", ms=3, color=color, alpha=0.6, label=f"{label}: BOS")
         ax.set_xlabel(_layer_label(res, "expert_1"))
         ax.set_ylabel("attention mass", fontsize=8)
         ax.legend(fontsize=6)
@@ -134,8 +136,9 @@ def attention_json(res: CollectionAnalysis) -> dict[str, Any]:
             "state_query": means[f"state:{name}"] if state else None,
             "state_query_max_deviation_across_steps": res.attention.get(f"state_step_spread:{name}"),
             "per_head": means[f"heads:{name}"],
-            "per_head_mean": np.nanmean(means[f"heads:{name}"], axis=1),
         }
+        with quiet_nan_warnings():
+            out[name]["per_head_mean"] = np.nanmean(means[f"heads:{name}"], axis=1)
     return out
 
 
