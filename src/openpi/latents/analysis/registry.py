@@ -232,7 +232,7 @@ REGISTRY: tuple[Metric, ...] = (
         "attention_to_text of each query and head divided by the share of the keys that query may attend to (its "
         "attention mask, knockouts included) that are text content keys: 1 = what uniform attention over the visible "
         "keys gives, > 1 = more; mean over denoising steps, heads and queries (per head in metrics.json "
-        "attention_by_denoise_step.heads)",
+        "attention_by_denoise_step.normalised.per_head)",
         SM.attention_to_text_normalised,
         label="attention to text / text share of keys",
         higher_means="expert 1 attends to the text more than its share of the keys (uniform attention = 1)",

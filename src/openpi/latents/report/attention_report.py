@@ -92,7 +92,12 @@ def attention_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, An
         heads = means["heads:normalised"]  # [L, heads]
 
         def per_head(ax):
-            im = ax.imshow(heads.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
+            from matplotlib.colors import TwoSlopeNorm
+
+            with quiet_nan_warnings():  # diverging around 1, uniform attention
+                lo, hi = np.nanmin(heads), np.nanmax(heads)
+            norm = TwoSlopeNorm(1.0, min(lo, 0.99), max(hi, 1.01)) if np.isfinite(lo) and np.isfinite(hi) else None
+            im = ax.imshow(heads.T, aspect="auto", origin="lower", cmap="coolwarm", norm=norm, interpolation="nearest")
             ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
             ax.set_xlabel(_layer_label(res, "expert_1"))
             ax.set_ylabel("head")
@@ -102,7 +107,10 @@ def attention_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, An
     else:
         why = res.reason("expert_1", "attention_to_text_normalised") or ""
         panels.append(("normalised text mass not computed", _note(why)))
-    title = "Expert-1 attention to language (mean over rollout steps; BOS and trailing newline excluded)"
+    kept = "BOS and trailing newline excluded"
+    if res.settings.get("include_constant_tokens"):
+        kept = "every valid text key"
+    title = f"Expert-1 attention to language (mean over rollout steps; {kept})"
     return _figure(panels, out / "attention_to_text.png", title)
 
 
