@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from openpi.latents import analysis as A
-from openpi.latents import report
+from openpi.latents import report, schema
 from openpi.latents.analysis import embedding as CL
 from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis.labels import resolve_denoise_steps
@@ -66,8 +66,22 @@ class Synth:
             "tokenized_prompt": ids,
             "expert_0_segment_means": rng.standard_normal((L, 1, 4, W)).astype(BF16),
             "expert_1_segment_means": rng.standard_normal((S, L, 1, 2, W)).astype(BF16),
-            "attention_to_text": rng.uniform(0, 1, (S, L, 1, self.heads, self.Ts)).astype(np.float32),
+            **self.attention(rng),
             "denoise_times": np.linspace(1.0, 1.0 / S, S).astype(np.float32),
+        }
+
+    def attention(self, rng) -> dict:
+        """The attention captures: masses on the text content keys and BOS (and every valid text key), and the
+        visible-key counts (query 0 sees 10 keys, the others 12; 5 text keys, 3 of them content, and BOS)."""
+        shape = (self.S, self.L, 1, self.heads, self.Ts)
+        content = rng.uniform(0, 0.4, shape).astype(np.float32)
+        bos = rng.uniform(0, 0.4, shape).astype(np.float32)
+        counts = np.array([[10, 5, 3, 1]] + [[12, 5, 3, 1]] * (self.Ts - 1), np.float32)
+        return {
+            "attention_to_text": content + bos + 0.1,
+            "attention_to_text_content": content,
+            "attention_to_bos": bos,
+            "attention_key_counts": np.broadcast_to(counts, (self.L, 1, self.heads, self.Ts, 4)).copy(),
         }
 
     def token_embedding(self) -> CL.TokenEmbedding:
@@ -341,33 +355,39 @@ def test_drift_identical_steps_is_zero_and_known_angles(tmp_path):
 
 def test_attention_to_text_equals_hand_computation(tmp_path):
     syn = Synth(L=2, S=2, heads=1, Ts=2)
-    # probs [S, L, B, heads, Ts queries, 4 keys]; keys 0-1 are valid text keys.
+    # probs [S, L, B, heads, Ts queries, 5 keys]; key 0 is BOS, keys 1-2 the text content, key 3 the trailing "\n".
     probs = np.array(
         [
-            [[0.5, 0.25, 0.25, 0.0], [0.1, 0.1, 0.4, 0.4]],  # masses 0.75, 0.2
-            [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]],
+            [[0.2, 0.5, 0.25, 0.05, 0.0], [0.1, 0.1, 0.1, 0.3, 0.4]],  # content 0.75, 0.2
+            [[0.2, 0.5, 0.25, 0.05, 0.0], [0.0, 0.0, 0.0, 0.5, 0.5]],  # the state query (0) the same at every step
         ]
-    )  # masses 1.0, 0.0
-    probs = np.broadcast_to(probs[:, None, None, None], (2, 2, 1, 1, 2, 4))
-    att = M.attention_mass_onto_keys(probs, np.array([True, True, False, False]))
-    hand = np.array([[0.75, 0.2], [1.0, 0.0]])  # [S, query]
-    np.testing.assert_allclose(att[:, 0, 0, 0], hand)
-    assert att.min() >= 0 and att.max() <= 1
+    )  # content 0.75, 0.0
+    probs = np.broadcast_to(probs[:, None, None, None], (2, 2, 1, 1, 2, 5))
+    content = M.attention_mass_onto_keys(probs, np.array([False, True, True, False, False]))
+    bos = M.attention_mass_onto_keys(probs, np.array([True, False, False, False, False]))
+    hand = np.array([[0.75, 0.2], [0.75, 0.0]])  # [S, query]
+    np.testing.assert_allclose(content[:, 0, 0, 0], hand)
+    counts = np.array([[5, 4, 2, 1], [5, 4, 2, 1]], np.float32)  # every key visible: content share 2/5
 
     def rec(t, k, i):
         r = syn.record(t, k, i)
-        r["attention_to_text"] = att.astype(np.float32)
+        r["attention_to_text_content"] = content.astype(np.float32)
+        r["attention_to_bos"] = bos.astype(np.float32)
+        r["attention_key_counts"] = np.broadcast_to(counts, (2, 1, 1, 2, 4)).copy()
         return r
 
     res = A.analyze_collection(
         build_store(tmp_path / "s", rec, tasks=(0,), episodes=1, steps=3), embedding=None, probe=False
     )
-    # Per layer: mean over S, heads and queries = (0.75 + 0.2 + 1.0 + 0.0) / 4.
-    np.testing.assert_allclose(res.step_values[("expert_1", "attention_to_text")][0], 0.4875, atol=1e-7)
+    # Per layer: mean over S, heads and queries = (0.75 + 0.2 + 0.75 + 0.0) / 4; normalised: / (2/5); BOS 0.2, 0.1.
+    np.testing.assert_allclose(res.step_values[("expert_1", "attention_to_text")][0], 0.425, atol=1e-7)
+    np.testing.assert_allclose(res.step_values[("expert_1", "attention_to_text_normalised")][0], 1.0625, rtol=1e-6)
+    np.testing.assert_allclose(res.step_values[("expert_1", "attention_to_bos")][0], 0.125, atol=1e-7)
     means = A.attention_means(res)
-    np.testing.assert_allclose(means["all"], [[0.475] * 2, [0.5] * 2], atol=1e-7)
-    np.testing.assert_allclose(means["state"], [[0.75] * 2, [1.0] * 2], atol=1e-7)
-    np.testing.assert_allclose(means["actions"], [[0.2] * 2, [0.0] * 2], atol=1e-7)
+    np.testing.assert_allclose(means["state:text"], [0.75] * 2, atol=1e-7)  # once, not per denoising step
+    np.testing.assert_allclose(means["actions:text"], [[0.2] * 2, [0.0] * 2], atol=1e-7)
+    np.testing.assert_allclose(means["heads:bos"], [[0.125]] * 2, atol=1e-7)
+    assert res.attention["state_step_spread:text"] == 0.0
 
 
 def test_text_reconstruction_through_store_manifest_checkpoint_and_full_capture(tmp_path, tiny_a_dir):
@@ -410,7 +430,7 @@ def test_missing_streams_and_counterfactuals_are_reported(tmp_path):
 
     def rec(t, k, i):
         r = syn.record(t, k, i)
-        for key in ("expert_1_segment_means", "attention_to_text", "text_only_hidden_states"):
+        for key in ("expert_1_segment_means", "text_only_hidden_states", *schema.ATTENTION_KEYS):
             r.pop(key)
         return r
 
@@ -710,7 +730,7 @@ def test_end_to_end_collection_and_report(tmp_path):
     assert figures["prompt_sensitivity"]["panels"] == [f"prompt sensitivity: {s}" for s in STREAMS] + [
         "action divergence under the counterfactual prompt"
     ]
-    assert len(figures["attention_to_text"]["panels"]) == 2 and len(figures["overview"]["panels"]) == 6
+    assert len(figures["attention_to_text"]["panels"]) == 3 and len(figures["overview"]["panels"]) == 6
 
 
 # --------------------------------------------------------------------------------------------------------------------

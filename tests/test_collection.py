@@ -121,6 +121,9 @@ def expected_fields(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         "tokenized_prompt": ((1, n_tok), np.dtype(np.int32)),
         "expert_1_segment_means": ((S, L_, 1, 2, w1), np.dtype(np.float32)),  # pooled: float32
         "attention_to_text": ((S, L_, 1, heads, 1 + H), np.dtype(np.float32)),
+        "attention_to_text_content": ((S, L_, 1, heads, 1 + H), np.dtype(np.float32)),
+        "attention_to_bos": ((S, L_, 1, heads, 1 + H), np.dtype(np.float32)),
+        "attention_key_counts": ((L_, 1, heads, 1 + H, 4), np.dtype(np.float32)),
         "denoise_times": ((S,), np.dtype(np.float32)),
         "x_t": ((S + 1, 1, H, AD), np.dtype(np.float32)),
         "v_t": ((S, 1, H, AD), np.dtype(np.float32)),
@@ -129,7 +132,8 @@ def expected_fields(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 LATENT_KEYS = (
     "expert_0_segment_means", "text_only_hidden_states", "text_mask", "segment_mask", "tokenized_prompt",
-    "expert_1_segment_means", "attention_to_text", "denoise_times", "x_t", "v_t",
+    "expert_1_segment_means", "attention_to_text", "attention_to_text_content", "attention_to_bos",
+    "attention_key_counts", "denoise_times", "x_t", "v_t",
 )  # fmt: skip
 CF_KEYS = {"cf_prompt", "cf_actions", "cf_model_actions", *(f"cf_{k}" for k in LATENT_KEYS)}
 

@@ -314,10 +314,13 @@ def test_metric_registry_entries_are_complete_and_the_report_covers_them():
             "segment_mask": np.array([[True, False, True]]),
             "expert_1_segment_means": rng.standard_normal((2, 2, 1, 2, 4)).astype(np.float32),
             "attention_to_text": rng.uniform(0, 1, (2, 2, 1, 2, 3)).astype(np.float32),
+            "attention_to_text_content": rng.uniform(0, 0.5, (2, 2, 1, 2, 3)).astype(np.float32),
+            "attention_to_bos": rng.uniform(0, 0.5, (2, 2, 1, 2, 3)).astype(np.float32),
+            "attention_key_counts": np.broadcast_to(np.float32([9, 3, 1, 1]), (2, 1, 2, 3, 4)).copy(),
             "denoise_times": np.array([1.0, 0.5], np.float32),
             "actions": rng.standard_normal((2, 3)).astype(np.float32),
         }
-        cf = {f"cf_{k}": v for k, v in rec.items() if k != "denoise_times" and k != "attention_to_text"}
+        cf = {f"cf_{k}": v for k, v in rec.items() if k != "denoise_times" and not k.startswith("attention_")}
         cf["cf_tokenized_prompt"] = ids + np.array([[8, 0, 0, 0]], np.int32)  # a different prompt (first token)
         return {**rec, **cf}
 

@@ -297,21 +297,43 @@ def test_attention_mass_onto_keys_by_hand():
 
 
 def test_attention_to_language_summary():
-    s, n_layers, b, h, ts = 2, 3, 1, 2, 4
-    a = np.zeros((s, n_layers, b, h, ts), np.float32)
-    a[..., 0] = 0.5  # state token
-    a[..., 1:] = np.arange(1, n_layers + 1)[None, :, None, None, None] * 0.1  # action tokens: 0.1·(layer + 1)
-    a[1] += 0.2  # second denoising step
-    r = metrics.attention_to_language(a)
+    s, n_l, b, h, ts = 2, 3, 1, 2, 4
+    a = np.zeros((s, n_l, b, h, ts), np.float32)
+    a[..., 0] = 0.5  # the state token: the same at every denoising step
     act = np.array([0.1, 0.2, 0.3])
-    np.testing.assert_allclose(r.state_token, [[0.5] * 3, [0.7] * 3])
-    np.testing.assert_allclose(r.action_tokens, [act, act + 0.2])
-    np.testing.assert_allclose(r.per_step_layer, [(0.5 + 3 * act) / 4, (0.7 + 3 * (act + 0.2)) / 4])
-    np.testing.assert_allclose(r.per_layer, r.per_step_layer.mean(0))
-    np.testing.assert_allclose(r.per_step, r.per_step_layer.mean(1))
-    assert r.overall == pytest.approx(r.per_step_layer.mean())
-    r1 = metrics.attention_to_language(a, query_slice=slice(1, None))
-    np.testing.assert_allclose(r1.per_step_layer, r.action_tokens)
+    a[..., 1:] = act[None, :, None, None, None]  # action tokens: 0.1·(layer + 1)
+    a[1, ..., 1:] += 0.2  # second denoising step
+    a[..., 1, :] *= 3  # head 1 three times head 0
+    r = metrics.attention_to_language(a)
+    heads = np.array([1.0, 3.0])
+    np.testing.assert_allclose(r.state, [0.5 * heads.mean()] * 3)
+    assert r.state_step_spread == 0.0
+    np.testing.assert_allclose(r.actions, [act * heads.mean(), (act + 0.2) * heads.mean()], rtol=1e-6)
+    per_head = (0.5 + 3 * (act + 0.1))[:, None] / 4 * heads[None]  # [L, heads]: mean over steps and queries
+    np.testing.assert_allclose(r.per_head, per_head, rtol=1e-6)
+    np.testing.assert_allclose(r.per_layer, per_head.mean(1), rtol=1e-6)
+    assert r.overall == pytest.approx(per_head.mean())
+    # pi0.5: no state token, every query an action query.
+    r5 = metrics.attention_to_language(a, state_query=False)
+    assert np.all(np.isnan(r5.state)) and np.isnan(r5.state_step_spread)
+    np.testing.assert_allclose(r5.actions[0], (0.5 + 3 * act) / 4 * heads.mean(), rtol=1e-6)
+    # A state query that moves between steps shows in the spread.
+    a[1, ..., 0] += 0.25
+    assert metrics.attention_to_language(a).state_step_spread == pytest.approx(0.25)
+
+
+def test_normalised_attention_by_hand():
+    from openpi.latents.analysis import attention
+
+    # [visible, text, text_content, bos] keys of three queries: a normal one, one with no content key, one with none.
+    counts = np.array([[10, 5, 3, 1], [8, 2, 0, 1], [0, 0, 0, 0]], np.float32)
+    np.testing.assert_allclose(attention.key_share(counts, "text_content"), [0.3, 0.0, np.nan])
+    np.testing.assert_allclose(attention.key_share(counts, "bos"), [0.1, 0.125, np.nan])
+    mass = np.array([[0.3, 0.0, 0.5], [0.6, 0.1, 0.5]])  # [steps, queries]
+    norm = attention.normalised_mass(mass, counts, "text_content")
+    np.testing.assert_allclose(norm, [[1.0, np.nan, np.nan], [2.0, np.nan, np.nan]])  # uniform = 1
+    with pytest.raises(ValueError, match="4 groups"):
+        attention.key_share(counts[:, :3], "text")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -73,7 +73,9 @@ def test_infer_with_latents_shapes(setup):
     assert full["expert_1_hidden_states"].shape == (S, L, b, Ts, W1)
     assert full["text_only_hidden_states"].shape == (L, b, n, W0)
     assert full["text_mask"].shape == (b, n)
-    assert full["attention_to_text"].shape == (S, L, b, N, Ts)
+    for key in ("attention_to_text", "attention_to_text_content", "attention_to_bos"):
+        assert full[key].shape == (S, L, b, N, Ts), key
+    assert full["attention_key_counts"].shape == (L, b, N, Ts, 4)
     assert full["x_t"].shape == (S + 1, b, H, A) and full["v_t"].shape == (S, b, H, A)
     assert full["denoise_times"].shape == (S,)
     np.testing.assert_array_equal(full["text_mask"], obs.tokenized_prompt_mask)
@@ -125,6 +127,9 @@ def test_layer_and_step_selection_and_dtype(setup):
     np.testing.assert_array_equal(sel["expert_1_hidden_states"], expected.astype(jax.numpy.bfloat16))
     np.testing.assert_array_equal(sel["denoise_times"], full["denoise_times"][[NUM_STEPS - 1]])
     assert sel["attention_to_text"].shape[:2] == (1, 2)
+    for key in ("attention_to_text_content", "attention_to_bos"):
+        np.testing.assert_array_equal(sel[key], full[key][[NUM_STEPS - 1]][:, [cfg.depth - 1, 0]])
+    np.testing.assert_array_equal(sel["attention_key_counts"], full["attention_key_counts"][[cfg.depth - 1, 0]])
 
 
 def test_capture_layer_that_does_not_exist(setup):

@@ -52,6 +52,11 @@ def _keys(*keys: RecordKey) -> dict[str, RecordKey]:
 
 
 _HIDDEN = ("layer", "batch", "token", "width")
+_ATTENTION = ("denoise_step", "layer", "batch", "head", "query")
+# The attention captures: mass on every valid text key, on the text content keys (without BOS and the trailing "\n")
+# and on BOS (openpi.models.sampling.ATTENTION_KEY_GROUPS), and the key_group axis of attention_key_counts.
+ATTENTION_KEYS = ("attention_to_text", "attention_to_text_content", "attention_to_bos")
+ATTENTION_COUNT_GROUPS = ("visible", "text", "text_content", "bos")
 _SEGMENTS = ("layer", "batch", "segment", "width")
 RECORD_KEYS: dict[str, RecordKey] = _keys(
     RecordKey("t", (), "int64", "rollout", False),  # env timestep (after the wait steps)
@@ -79,8 +84,14 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
     RecordKey("text_only_final_norm", ("batch", "token", "width"), CAPTURE_DTYPE, "text", True),
     RecordKey("expert_1_hidden_states", ("denoise_step", *_HIDDEN), CAPTURE_DTYPE, "expert_1", True),
     RecordKey("expert_1_segment_means", ("denoise_step", *_SEGMENTS), "float32", "expert_1", True),
+    # CaptureSpec.attention_to_text: each expert-1 query's attention mass on every valid text key, on the text content
+    # keys (BOS and the last valid text key, pi0's trailing "\n", left out) and on BOS; stores written before the
+    # content / BOS keys existed hold attention_to_text only.
+    *(RecordKey(k, _ATTENTION, "float32", "attention_to_text", True) for k in ATTENTION_KEYS),
+    # the number of keys each query may attend to (mask after any knockout), then of them in each key group
+    # (ATTENTION_COUNT_GROUPS); the same at every denoising step, so stored once
     RecordKey(
-        "attention_to_text", ("denoise_step", "layer", "batch", "head", "query"), "float32", "attention_to_text", True
+        "attention_key_counts", ("layer", "batch", "head", "query", "key_group"), "float32", "attention_to_text", True
     ),
     # pi0.5 only (CaptureSpec.modulation): adaptive-norm (scale, shift, gate) of the pre-attention / pre-FFN norms.
     RecordKey(

@@ -10,8 +10,12 @@ Streams (see docs/INTERFACES.md for the exact keys and shapes):
 * `text`: expert 0 at the text positions only (the "text window", `max_token_len` tokens), with its validity mask.
 * `expert_1`: the action-expert residual stream entering each layer at each denoising step. "pooled" keeps the
   state token and the mean of the action tokens.
-* `attention_to_text`: attention mass (summed softmax probability) from each expert-1 query onto the valid text keys,
-  per layer, head and denoising step.
+* `attention_to_text`: attention mass (summed softmax probability) from each expert-1 query, per layer, head and
+  denoising step, onto three key groups (`sampling.ATTENTION_KEY_GROUPS`): every valid text key
+  (`attention_to_text`), the text content keys without BOS and the trailing "\\n" (`attention_to_text_content`), and
+  BOS alone (`attention_to_bos`); plus `attention_key_counts`, how many keys each query may attend to and how many of
+  them are in each group (per layer and head, once: the mask does not change between denoising steps), so that a
+  mass can be compared with uniform attention (its share of the visible keys).
 * `trajectory`: the flow-matching path x_t (before each step and the final x_0) and the velocities v_t.
 * `final_norm`: expert 0's output after its final RMSNorm (what the tied unembedding reads) at the text positions,
   the entry after the last layer (the residual entries are the streams *entering* each layer).
@@ -38,7 +42,8 @@ class CaptureSpec:
     expert_1: StreamMode = "pooled"
     # Expert 0 at the text positions (the text window), with `text_mask`.
     text: bool = True
-    # Attention mass from expert-1 queries onto valid text keys, per denoising step / layer / head.
+    # Attention mass from expert-1 queries onto the valid text keys, the text content keys and BOS, per denoising step
+    # / layer / head, and the visible-key counts that normalise them.
     attention_to_text: bool = True
     # The denoising trajectory x_t and the velocities v_t.
     trajectory: bool = True

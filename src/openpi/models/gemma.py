@@ -154,8 +154,17 @@ class Attention(nn.Module):
         mass = None
         if key_groups is not None:
             # Attention mass onto each key group: sum of the softmax probabilities over the group's keys.
-            mass = jnp.einsum("bkgts,bcs->bkgtc", probs32, key_groups.astype(jnp.float32))
+            groups = key_groups.astype(jnp.float32)
+            mass = jnp.einsum("bkgts,bcs->bkgtc", probs32, groups)
             mass = mass.reshape(batch, num_heads, q_len, key_groups.shape[1])
+            # The keys each query may attend to (this mask, knockouts included), all and per group: what uniform
+            # attention would put on a group is its share of them.
+            visible = mask.astype(jnp.float32)
+            counts = jnp.concatenate(
+                [visible.sum(-1, keepdims=True), jnp.einsum("bkgts,bcs->bkgtc", visible, groups)], axis=-1
+            )
+            shape = (batch, num_kv, num_heads // num_kv, q_len, counts.shape[-1])
+            mass = (mass, jnp.broadcast_to(counts, shape).reshape(batch, num_heads, q_len, shape[-1]))
 
         outs, heads, start = [], [], 0
         for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True)):
@@ -225,7 +234,7 @@ class Block(nn.Module):
         xs = [None if x is None else gated_residual(x, a, gate_of(m)) for x, a, m in zip(xs, attn_outs, mods_attn)]
         tap("post_attn_residual", xs)
         if mass is not None:
-            captures["attention_mass"] = mass
+            captures["attention_mass"], captures["attention_key_counts"] = mass
 
         out, mods_ffw = [], []
         for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True)):
@@ -246,7 +255,9 @@ class Module(nn.Module):
     `__call__(embedded, positions, mask, *, kv_cache, pool_weights, key_groups, edits)` returns
     `(outputs, kv_cache, captures)`: per-expert outputs after each expert's final norm (None for experts not given),
     the stacked (K, V) cache [L, B, S, K, H] (K after RoPE, unscaled), and `captures[tap.name]` stacked [L, ...] per
-    tap, plus `captures["attention_mass"]` [L, B, heads, T, G] when `key_groups` [B, G, S] is given.
+    tap, plus `captures["attention_mass"]` [L, B, heads, T, G] when `key_groups` [B, G, S] is given, and
+    `captures["attention_key_counts"]` [L, B, heads, T, 1 + G]: how many keys each query may attend to (the mask after
+    any knockout), then how many of them lie in each group.
     """
 
     configs: tuple[Config, ...]

@@ -81,9 +81,39 @@ STEP_KEYS = (
     "expert_1_hidden_states",
     "expert_1_segment_means",
     "attention_to_text",
+    "attention_to_text_content",
+    "attention_to_bos",
     "expert_1_modulation",
     "adarms_cond",
 )
+
+# The key groups of the expert-1 attention capture (`CaptureSpec.attention_to_text`), each stored as
+# `attention_to_<group>` [S', L', B, heads, Ts]: every valid text key; the text *content* keys (the valid text keys
+# without the first and the last: BOS and the "\n" pi0's tokenizer appends, which are the same for every prompt; on
+# pi0.5 the last is the final token of the constant "Action: "; a prompt truncated at max_token_len loses its "\n",
+# and then its last kept token is the one left out); BOS (the first valid text key). `attention_key_counts`
+# [L', B, heads, Ts, 4] counts the keys each query may attend to ("visible"), then those in each group.
+ATTENTION_KEY_GROUPS = ("text", "text_content", "bos")
+ATTENTION_COUNT_GROUPS = ("visible", *ATTENTION_KEY_GROUPS)
+
+
+def text_key_groups(cfg: Pi0Config, prefix_mask: Bool[Array, "b p"]) -> Bool[Array, "b 3 s"]:
+    """`ATTENTION_KEY_GROUPS` as masks over the joint keys [prefix | suffix] (the suffix belongs to none).
+
+    A row with two valid text tokens or fewer has no content key (a blank prompt is BOS and "\\n"); with one, BOS is
+    that token. The same rule as the analysis's `informative_text_mask`."""
+    ts = cfg.text_start
+    n, total = prefix_mask.shape[1] - ts, prefix_mask.shape[1] + cfg.suffix_len
+    if n <= 0:  # no text in the prefix (an observation without a tokenized prompt)
+        return jnp.zeros((prefix_mask.shape[0], len(ATTENTION_KEY_GROUPS), total), bool)
+    text = prefix_mask[:, ts:]
+    idx = jnp.arange(n)
+    first = jnp.argmax(text, axis=-1)
+    last = n - 1 - jnp.argmax(text[:, ::-1], axis=-1)
+    bos = text & (idx == first[:, None])
+    end = text & (idx == last[:, None]) & (last != first)[:, None]
+    groups = jnp.stack([text, text & ~bos & ~end, bos], axis=1)
+    return jnp.pad(groups, ((0, 0), (0, 0), (ts, total - ts - n)))
 
 
 def _suffix_taps(capture: CaptureSpec | None) -> tuple[Tap, ...]:
@@ -137,9 +167,7 @@ def sample_jit(
     taps1 = _suffix_taps(capture)
     key_groups = None
     if capture is not None and capture.attention_to_text:
-        suffix_none = jnp.zeros((batch, cfg.suffix_len), bool)
-        text_group = len(cfg.segment_names) - 1
-        key_groups = model._token_groups(prefix_mask, suffix_none)[:, text_group : text_group + 1]
+        key_groups = text_key_groups(cfg, prefix_mask)
     pool1 = None
     if any(t.tokens == "pool" for t in taps1):
         # `suffix_segment_names`: suffix token 0 (pi0: the state; pi0.5: the first action), the mean of the rest.
@@ -197,7 +225,11 @@ def sample_jit(
     if "adarms_cond" in ys:
         out["adarms_cond"] = ys["adarms_cond"][steps]
     if "attention_mass" in ys:
-        out["attention_to_text"] = ys["attention_mass"][steps][:, layers][..., 0]  # one key group: the text
+        mass = ys["attention_mass"][steps][:, layers]  # [S', L', B, heads, Ts, groups]
+        for g, group in enumerate(ATTENTION_KEY_GROUPS):
+            out[f"attention_to_{group}"] = mass[..., g]
+        # The mask is the same at every denoising step (knockouts of expert-1 queries apply at every step): once.
+        out["attention_key_counts"] = ys["attention_key_counts"][0][layers]
     ts = cfg.text_start
     out["text_mask"] = prefix_mask[:, ts : ts + cfg.max_token_len]
     if capture.final_norm:  # the entry after the last layer: expert 0's output after its final norm (text window)

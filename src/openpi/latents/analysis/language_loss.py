@@ -15,7 +15,7 @@ Definitions (per layer l):
   counterfactual reruns.
 * ``expert_1_language_loss``: expert 1 reads no text tokens. Stand-in: **prompt sensitivity** of expert 1 (over all
   captured denoising steps and tokens) when counterfactual reruns exist, else the **attention mass** its queries put
-  on the valid text keys; None with the reason when neither was captured.
+  on the text content keys (no BOS, no trailing newline); None with the reason when neither was captured.
 
 Each result carries ``measures[stream]`` = {"measure", "definition", "higher_means", "reason"} saying which quantity
 fills each slot and why.
@@ -188,10 +188,13 @@ def _step_stand_in(stream, s, step_data, reason) -> tuple[list | None, str | Non
         layer_axis = 1 if stream == "expert_1" else 0
         value = np.atleast_1d(M.prompt_sensitivity(a, b, mask=mask, keep_axes=layer_axis)).tolist()
         return value, "prompt_sensitivity", reason
-    if stream == "expert_1" and s.attention:
-        return M.attention_to_language(step_data["attention_to_text"]).per_layer.tolist(), "attention_to_text", reason
+    key = "attention_to_text_content"  # BOS and the trailing newline left out, as in the analysis
+    if stream == "expert_1" and key in step_data:
+        summary = M.attention_to_language(step_data[key], state_query=s.state_query)
+        return summary.per_layer.tolist(), "attention_to_text", reason
     why = "no counterfactual rerun at this step (cf_* keys)"
-    why += "" if stream == "expert_0" else " and no attention_to_text"
+    if stream == "expert_1":
+        why += f" and no {key}" + (" (a store written before it was captured)" if s.attention else "")
     return None, None, why
 
 

@@ -31,9 +31,10 @@ Metrics (name: definition):
   episode, over the flattened valid features; in [0, 2], 0 = same direction.
 * Centred drift (:func:`centred_drift`): per position ``1 − cos(x_t − μ, x_0 − μ)`` with μ the collection mean of the
   layer, averaged over the positions valid at both steps (the headline drift; :func:`rollout_drift` is uncentred).
-* Attention to language (:func:`attention_to_language`): attention probability mass from expert-1 queries onto the
-  valid text keys (:func:`attention_mass_onto_keys`), averaged over batch, heads and queries, per denoising step and
-  layer, and separately for the state-token query and the action-token queries.
+* Attention to language (:func:`attention_to_language`, in :mod:`openpi.latents.analysis.attention`): attention
+  probability mass from expert-1 queries onto a key group (:func:`attention_mass_onto_keys`; the text content keys by
+  default, BOS separately), raw and normalised by the group's share of the keys the query may attend to (uniform
+  attention = 1), per layer, per head, per denoising step (action queries) and for pi0's state query once.
 * Success relation (:func:`split_by_success`, :func:`bootstrap_ci`): per-episode values split by ``success`` with
   percentile-bootstrap intervals for each side and their difference.
 """
@@ -45,6 +46,7 @@ import dataclasses
 import numpy as np
 
 from openpi.latents.analysis.arrays import informative_text_mask, masked_mean, norm_axes, scalar_or, text_positions
+from openpi.latents.analysis.attention import AttentionToLanguage, attention_to_language
 from openpi.latents.analysis.probe import ProbeResult, task_probe
 from openpi.latents.analysis.stats import BootstrapCI, SuccessSplit, bootstrap_ci, split_by_success
 from openpi.latents.analysis.text_metrics import (
@@ -227,48 +229,3 @@ def attention_mass_onto_keys(probs, key_mask):
     if np.dtype(probs.dtype).itemsize < 4:
         probs = probs.astype(np.float32)
     return (probs * key_mask[..., None, :].astype(probs.dtype)).sum(axis=-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionToLanguage:
-    """Result of :func:`attention_to_language`; every entry is a mean of per-(query, head) masses in [0, 1].
-
-    Attributes:
-        per_step_layer: [S, L] mean over batch, heads and the selected queries.
-        per_layer: [L] ``per_step_layer`` averaged over denoising steps.
-        per_step: [S] ``per_step_layer`` averaged over layers.
-        overall: mean of ``per_step_layer``.
-        state_token: [S, L] the state-token query (query 0) only, mean over batch and heads.
-        action_tokens: [S, L] the action-token queries (1:) only; NaN if there are none.
-    """
-
-    per_step_layer: np.ndarray
-    per_layer: np.ndarray
-    per_step: np.ndarray
-    overall: float
-    state_token: np.ndarray
-    action_tokens: np.ndarray
-
-
-def attention_to_language(attention_to_text, *, query_slice: slice | None = None) -> AttentionToLanguage:
-    """Summarize captured ``attention_to_text`` [S, L, B, heads, Ts] (each expert-1 query's mass on valid text keys).
-
-    ``query_slice`` picks the queries behind ``per_step_layer`` / ``per_layer`` / ``per_step`` / ``overall`` (default:
-    all Ts = 1 + H). Query 0 is pi0's state token; queries 1: are the action tokens. The S axis holds the captured
-    denoising steps in capture order (step 0 is t = 1.0; see ``denoise_times``). To pool several inferences,
-    concatenate them along B.
-    """
-    a = np.asarray(attention_to_text).astype(np.float64)
-    if a.ndim != 5:
-        raise ValueError(f"expected [S, L, B, heads, Ts], got shape {a.shape}")
-    sel = a[..., query_slice if query_slice is not None else slice(None)]
-    psl = sel.mean(axis=(2, 3, 4))
-    actions = a[..., 1:]
-    return AttentionToLanguage(
-        per_step_layer=psl,
-        per_layer=psl.mean(0),
-        per_step=psl.mean(1),
-        overall=float(psl.mean()),
-        state_token=a[..., 0].mean(axis=(2, 3)),
-        action_tokens=actions.mean(axis=(2, 3, 4)) if actions.shape[-1] else np.full(a.shape[:2], np.nan),
-    )

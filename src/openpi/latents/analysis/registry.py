@@ -216,13 +216,39 @@ REGISTRY: tuple[Metric, ...] = (
     Metric(
         "attention_to_text",
         ("expert_1",),
-        "attention mass of expert-1 queries on the valid text keys, mean over denoising steps, heads and queries",
+        "attention mass (summed softmax probability) of expert-1 queries on the text content keys — the valid text "
+        "keys without BOS and the last valid one (pi0's trailing newline), which are the same for every prompt; every "
+        "valid text key with include_constant_tokens — mean over denoising steps, heads and queries",
         SM.attention_to_text,
-        label="attention mass on text",
+        label="attention mass on text (no BOS / newline)",
         higher_means="expert 1 attends more to the text (not a loss)",
         scope="episode",
         curves=True,
         heatmaps=True,
+    ),
+    Metric(
+        "attention_to_text_normalised",
+        ("expert_1",),
+        "attention_to_text of each query and head divided by the share of the keys that query may attend to (its "
+        "attention mask, knockouts included) that are text content keys: 1 = what uniform attention over the visible "
+        "keys gives, > 1 = more; mean over denoising steps, heads and queries (per head in metrics.json "
+        "attention_by_denoise_step.normalised.per_head)",
+        SM.attention_to_text_normalised,
+        label="attention to text / text share of keys",
+        higher_means="expert 1 attends to the text more than its share of the keys (uniform attention = 1)",
+        scope="episode",
+        curves=True,
+    ),
+    Metric(
+        "attention_to_bos",
+        ("expert_1",),
+        "attention mass of expert-1 queries on BOS (the first valid text key, the same for every prompt: a likely "
+        "attention sink), reported apart from the text; mean over denoising steps, heads and queries",
+        SM.attention_to_bos,
+        label="attention mass on BOS",
+        higher_means="expert 1 parks more attention on BOS (a sink, not prompt use)",
+        scope="episode",
+        curves=True,
     ),
     # ---- pooled metrics (issue 10: information, geometry): one value per layer over a sample of the collection,
     # computed by openpi.latents.analysis.pooled; unit of resampling / held-out unit: the task (settings.pooled_split)
@@ -314,7 +340,7 @@ NOT_APPLICABLE = {
     "expert_1": "expert 1 reads no text tokens (state + action tokens): there is no token identity to decode",
     "text_only": "the text positions hold the prompt's own tokens, so decoding the prompt there is trivial; "
     "prompt decoding applies to expert_0's image positions and to expert_1",
-    "attention": "attention_to_text is captured for expert-1 queries only (they attend to expert 0's text keys)",
+    "attention": "attention to text is captured for expert-1 queries only (they attend to expert 0's text keys)",
 }
 # Definitions of the summaries that are not per-step metrics (the task probe, the action-chunk divergence).
 OTHER_DEFINITIONS = {

@@ -4,8 +4,10 @@
   every metric of :data:`openpi.latents.analysis.registry.REGISTRY` that applies.
 * ``probes[stream]``: one :class:`ProbeResult` per layer (task id from the stream's pooled features, folds grouped
   by episode, chance and shuffled control).
-* ``attention``: [S, L] sums over all rollout steps (all queries / state query / action queries, and their count),
-  for the heatmap (:func:`attention_means`); ``attention["denoise_steps"]`` the denoising-step id of each row.
+* ``attention``: NaN-aware sums over all rollout steps of the attention summaries (action queries per denoising step,
+  the state query once, per head; of the text mass, the normalised text mass and the BOS mass) and their counts, read
+  through :func:`attention_means`; ``attention["denoise_steps"]`` the denoising-step id of each row,
+  ``attention["state_step_spread:<series>"]`` the largest state-query deviation across denoising steps (0 expected).
 * ``actions``: per episode [steps] action-chunk divergence (mean L2 over the chunk) under the counterfactual prompt.
 
 Summaries over episodes (:meth:`CollectionAnalysis.per_layer`, :meth:`heatmap_progress`, :meth:`success_split`,
@@ -95,7 +97,7 @@ class CollectionAnalysis:
         if self.has(stream, metric):
             return None
         if stream not in BY_NAME[metric].streams:
-            return NOT_APPLICABLE["attention" if metric == "attention_to_text" else stream]
+            return NOT_APPLICABLE["attention" if metric.startswith("attention_to_") else stream]
         if stream not in self.streams:
             return self.missing.get(stream, "stream not captured")
         return self.missing.get(f"{stream}.{metric}", "not computed")
@@ -275,12 +277,17 @@ def quiet_nan_warnings():
 
 
 def attention_means(res: CollectionAnalysis) -> dict[str, np.ndarray]:
-    """[S, L] mean attention mass (all queries / state query / action queries) over every rollout step."""
-    if "count" not in res.attention:
-        return {}
-    cnt = res.attention["count"]
-    with np.errstate(all="ignore"):
-        return {k: res.attention[k] / cnt for k in ("all", "state", "actions")}
+    """Means over every rollout step (NaN where nothing was defined) of the attention summaries, keyed
+    ``"{part}:{series}"``: part "actions" [S, L] (action queries per denoising step), "state" [L] (pi0's state query,
+    once: the same at every denoising step), "heads" [L, heads]; series "text" (mass on the text content keys),
+    "normalised" (that mass / the text share of the visible keys), "bos" (mass on BOS). {} when none was computed."""
+    out = {}
+    for k, total in res.attention.items():
+        if ":" in k and not k.startswith(("n:", "state_step_spread:")):
+            n = res.attention["n:" + k]
+            with np.errstate(all="ignore"):
+                out[k] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+    return out
 
 
 def summary_value(res: CollectionAnalysis, stream: str, metric: str) -> Mapping[str, Any]:

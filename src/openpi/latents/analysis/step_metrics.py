@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from openpi.latents import schema
+from openpi.latents.analysis import attention as ATT
 from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis import streams as S
 
@@ -119,29 +120,92 @@ def prompt_sensitivity(b: LayerBlock) -> Values | None:
     return steps, M.prompt_sensitivity(b.x[sel], cf, mask=_cf_mask(b, sel, steps, cf), keep_axes=0)
 
 
-def attention_to_text(b: LayerBlock) -> Values | None:
-    """Mean attention mass of expert-1 queries on the valid text keys per rollout step; also accumulates the
-    [S, L] sums (all queries / state query / action queries) behind ``CollectionAnalysis.attention``."""
+_ATTENTION_COUNTS = "attention_key_counts"
+_OLD_STORE = (
+    "(the store was written before the capture separated BOS and the trailing newline from the text and counted the "
+    "visible keys): rerun the collection; include_constant_tokens=True reads the mass on every valid text key"
+)
+
+
+def _attention(b: LayerBlock) -> dict[str, np.ndarray] | None:
+    """{"text", "normalised", "bos"}: per rollout step of the episode (one layer), the mean attention mass on the text
+    content keys (every valid text key with ``include_constant_tokens``), that mass normalised by the text share of
+    the visible keys, and the mass on BOS; a name is absent (its reason in ``res.missing``) where the store lacks a
+    key. Accumulates the summaries behind ``CollectionAnalysis.attention`` once per episode and layer."""
     if not b.stream.attention or "attention_to_text" not in b.fields:
+        for metric in ATTENTION_METRICS.values():
+            b.res.missing[f"expert_1.{metric}"] = "attention not captured (CaptureSpec.attention_to_text=False)"
         return None
-    res, j, n_layers = b.res, b.layer, b.stream.n_layers
-    a = b.read("attention_to_text", layer=j)  # every rollout step: [steps, S, B, heads, Ts]
-    per_step = []
-    for i in range(len(a)):
-        summary = M.attention_to_language(a[i][:, None])  # [S, 1, B, heads, Ts]
-        per_step.append(summary.overall)
-        for name, value in (
-            ("all", summary.per_step_layer),
-            ("state", summary.state_token),
-            ("actions", summary.action_tokens),
-        ):
-            res.attention.setdefault(name, np.zeros((a.shape[1], n_layers)))[:, j] += value[:, 0]
-        res.attention.setdefault("count", np.zeros((a.shape[1], n_layers)))[:, j] += 1
-    if "denoise_times" not in res.attention:
+    return b.cached("attention", lambda: _read_attention(b))
+
+
+def _read_attention(b: LayerBlock) -> dict[str, np.ndarray]:
+    res, j = b.res, b.layer
+    content = not res.settings.get("include_constant_tokens", False)
+    key, group = ("attention_to_text_content", "text_content") if content else ("attention_to_text", "text")
+    needs = {"text": (key,), "normalised": (key, _ATTENTION_COUNTS), "bos": ("attention_to_bos",)}
+    series: dict[str, np.ndarray] = {}
+    for name, keys in needs.items():
+        lacking = [k for k in keys if k not in b.fields]
+        if lacking:
+            res.missing[f"expert_1.{ATTENTION_METRICS[name]}"] = f"no {', '.join(lacking)} in the store {_OLD_STORE}"
+        elif name == "normalised":  # counts [steps, B, heads, Ts, 4]: the same at every denoising step
+            series[name] = ATT.normalised_mass(series["text"], b.read(_ATTENTION_COUNTS, layer=j)[:, None], group)
+        else:
+            series[name] = b.read(keys[0], layer=j)  # every rollout step: [steps, S, B, heads, Ts]
+    out = {}
+    for name, values in series.items():
+        per_step = []
+        for i in range(len(values)):
+            summary = ATT.attention_to_language(values[i][:, None], state_query=b.stream.state_query)
+            per_step.append(summary.overall)
+            _accumulate(res, name, j, b.stream.n_layers, summary)
+        out[name] = np.asarray(per_step)
+    if series and "denoise_times" not in res.attention:
+        n_s = next(iter(series.values())).shape[1]
         res.attention["denoise_times"] = np.asarray(b.read("denoise_times", steps=[0])[0])
         ids = (res.source.get("denoise_steps") or {}).get("ids")
-        res.attention["denoise_steps"] = np.asarray(ids if ids and len(ids) == a.shape[1] else range(a.shape[1]))
-    return slice(None), np.asarray(per_step)
+        res.attention["denoise_steps"] = np.asarray(ids if ids and len(ids) == n_s else range(n_s))
+    return out
+
+
+def _accumulate(res, name: str, j: int, n_layers: int, s: ATT.AttentionToLanguage) -> None:
+    """Adds one rollout step's summary of layer ``j`` to the NaN-aware sums ``res.attention[f"{part}:{name}"]`` (and
+    their counts under ``"n:" + ...``): part "actions" [S, L], "state" [L], "heads" [L, heads]; and keeps the largest
+    state-query deviation across denoising steps."""
+    for part, value in (("actions", s.actions[:, 0]), ("state", s.state[0]), ("heads", s.per_head[0])):
+        value = np.asarray(value, np.float64)
+        k = f"{part}:{name}"
+        if k not in res.attention:
+            shape = (len(value), n_layers) if part == "actions" else (n_layers, *value.shape)
+            res.attention[k], res.attention["n:" + k] = np.zeros(shape), np.zeros(shape)
+        ok = ~np.isnan(value)
+        idx = (slice(None), j) if part == "actions" else j
+        res.attention[k][idx] += np.where(ok, value, 0.0)
+        res.attention["n:" + k][idx] += ok
+    if not np.isnan(s.state_step_spread):
+        k = f"state_step_spread:{name}"
+        res.attention[k] = max(float(res.attention.get(k, 0.0)), s.state_step_spread)
+
+
+def _attention_field(name: str) -> Callable[[LayerBlock], Values | None]:
+    def compute(b: LayerBlock) -> Values | None:
+        out = _attention(b)
+        return None if out is None or name not in out else (slice(None), out[name])
+
+    compute.__name__ = ATTENTION_METRICS[name]
+    return compute
+
+
+# The attention metrics of the registry, by the series they read.
+ATTENTION_METRICS = {
+    "text": "attention_to_text",
+    "normalised": "attention_to_text_normalised",
+    "bos": "attention_to_bos",
+}
+attention_to_text = _attention_field("text")
+attention_to_text_normalised = _attention_field("normalised")
+attention_to_bos = _attention_field("bos")
 
 
 # The text-decoding metrics: fields of one text reconstruction / logit lens per block.

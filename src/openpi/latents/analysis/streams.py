@@ -46,6 +46,10 @@ class Stream:
     n_cams: int = 0
     attention: bool = False  # expert_1: attention_to_text captured
     attention_cf: bool = False
+    # expert_1: suffix token 0 is pi0's state token (False on pi0.5: every query an action token), and where that
+    # was read from
+    state_query: bool = True
+    state_query_source: str = ""
     layer_kind: str = "model"  # "model": layers are model layer ids; "capture_position": stored order 0..n-1
     layer_note: str | None = None  # how the layer labels were resolved, when not from the manifest's capture_spec
     segment_mask_stored: bool = False  # expert_0: the records hold segment_mask (else every camera counts as valid)
@@ -133,12 +137,27 @@ def _expert0_stream(fields, manifest, spec, streams, missing) -> None:
     )
 
 
+def suffix_roles(manifest: Mapping[str, Any]) -> tuple[bool, str]:
+    """(whether expert-1 token 0 is pi0's state token, where that was read): the manifest's
+    ``suffix_segment_names`` (pi0: ["state", "actions"], pi0.5: ["action_0", "actions_1:"]), else its
+    ``model_config`` (``pi05=True``), else pi0 is assumed."""
+    names = manifest.get("suffix_segment_names")
+    if names:
+        return names[0] == "state", f"manifest suffix_segment_names {list(names)}"
+    config = manifest.get("model_config")
+    if isinstance(config, str) and config:
+        return "pi05=True" not in config, "manifest model_config"
+    return True, "assumed pi0 (the manifest names no suffix layout): query 0 taken as the state token"
+
+
 def _expert1_stream(fields, manifest, spec, streams, missing) -> None:
     att = "attention_to_text" in fields
     att_cf = schema.counterfactual("attention_to_text") in fields
+    state, source = suffix_roles(manifest)
+    kw = dict(attention=att, attention_cf=att_cf, state_query=state, state_query_source=source)
     for key, mode in (("expert_1_hidden_states", "full"), ("expert_1_segment_means", "pooled")):
         if key in fields:
-            streams["expert_1"] = _make("expert_1", key, mode, fields, manifest, attention=att, attention_cf=att_cf)
+            streams["expert_1"] = _make("expert_1", key, mode, fields, manifest, **kw)
             return
     if not att:
         missing["expert_1"] = (
@@ -148,9 +167,7 @@ def _expert1_stream(fields, manifest, spec, streams, missing) -> None:
     shape, dims = fields["attention_to_text"]
     n = shape[dims.index("layer")]
     layers, kind, note = resolve_layers(manifest, n, None)
-    streams["expert_1"] = Stream(
-        "expert_1", None, "none", n, layers, False, attention=True, layer_kind=kind, layer_note=note
-    )
+    streams["expert_1"] = Stream("expert_1", None, "none", n, layers, False, layer_kind=kind, layer_note=note, **kw)
     missing["expert_1_hidden"] = f"expert 1 hidden states not captured (CaptureSpec.expert_1={spec.get('expert_1')!r})"
 
 

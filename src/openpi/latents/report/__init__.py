@@ -2,7 +2,8 @@
 
 * :mod:`~openpi.latents.report.json_report`: metrics.json (every registered metric per stream and layer, or the
   reason it is missing).
-* :mod:`~openpi.latents.report.tables`: the CSV tables; :mod:`~openpi.latents.report.plots`: the PNG figures.
+* :mod:`~openpi.latents.report.tables`: the CSV tables; :mod:`~openpi.latents.report.plots`: the PNG figures;
+  :mod:`~openpi.latents.report.attention_report`: attention to language (figure, metrics.json section, tables).
 * :mod:`~openpi.latents.report.denoise_report`: expert-1 prompt sensitivity per denoising step (free-running vs
   teacher-forced): its metrics.json entry, figure and report.md section.
 * :mod:`~openpi.latents.report.markdown`: report.md; :mod:`~openpi.latents.report.readings`: its one-line readings;
@@ -18,6 +19,7 @@ import pathlib
 from typing import Any
 
 from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.report.attention_report import attention_figure
 from openpi.latents.report.denoise_report import DENOISE_FIGURES
 from openpi.latents.report.json_report import clean, metrics_json
 from openpi.latents.report.markdown import report_md
@@ -27,6 +29,7 @@ from openpi.latents.report.pooled_report import POOLED_FIGURES
 from openpi.latents.report.readings import readings
 from openpi.latents.report.tables import TABLES, write_tables
 
+FIGURES["attention_to_text"] = attention_figure
 FIGURES.update(POOLED_FIGURES)  # the information and geometry figures of the pooled metrics
 FIGURES.update(DENOISE_FIGURES)  # expert-1 prompt sensitivity per denoising step, free-running vs teacher-forced
 

@@ -83,14 +83,15 @@ def control_probe(res: CollectionAnalysis, stream: str) -> np.ndarray | None:
 
 
 def control_attention(res: CollectionAnalysis) -> np.ndarray | None:
-    """The control's expert-1 attention mass on text per layer (all queries, mean over denoising steps)."""
+    """The control's expert-1 attention mass on the text content keys per layer (action queries, mean over denoising
+    steps: the series `attention_report` draws per layer)."""
     ctrl = res.control
     both = ctrl is not None and "expert_1" in res.streams and "expert_1" in ctrl.streams
     means = attention_means(ctrl) if both else {}
-    if not means:
+    if "actions:text" not in means:
         return None
     with quiet_nan_warnings():
-        per_layer = np.nanmean(means["all"], axis=0)
+        per_layer = np.nanmean(means["actions:text"], axis=0)
     return np.array([np.nan if a is None else a for a in _align(res, "expert_1", ctrl.layers("expert_1"), per_layer)])
 
 
@@ -178,7 +179,10 @@ def add_to_metrics(res: CollectionAnalysis, metrics: dict[str, Any]) -> None:
             metrics["task_probe"][s]["control"] = {"label": res.control_label, "accuracy": list(acc)}
     att = control_attention(res)
     if att is not None and isinstance(metrics.get("attention_by_denoise_step"), dict):
-        metrics["attention_by_denoise_step"]["control"] = {"label": res.control_label, "all_per_layer": list(att)}
+        metrics["attention_by_denoise_step"]["control"] = {
+            "label": res.control_label,
+            "action_queries_text_per_layer": list(att),
+        }
     ad = _action_divergence(res)
     if ad is not None and isinstance(metrics.get("action_divergence"), dict):
         metrics["action_divergence"]["control"] = {"label": res.control_label, "mean_l2_mean": ad}
@@ -265,7 +269,7 @@ def _figure_items(res: CollectionAnalysis) -> dict[str, list[dict[str, Any]]]:
     if ad is not None and "action_divergence" not in res.missing:
         model = _mean(res.action_divergence_per_episode())
         sens.append(_item("action_divergence", "actions", "mean over episodes", ad, model))
-    att = control_attention(res)
+    att = control_estimates(res, "expert_1", "attention_to_text")  # the registry metric, as for this model
     attention = []
     if att is not None and res.has("expert_1", "attention_to_text"):
         model = np.array([c.estimate for c in res.per_layer("expert_1", "attention_to_text")], float)

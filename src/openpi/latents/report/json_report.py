@@ -12,8 +12,10 @@
   or ``{"per_layer": null, "reason": ...}``. Also ``task_probe[stream]`` (one entry per layer, with chance and the
   shuffled control), ``success_relation[metric][stream]`` (per layer: success / failure / difference with
   intervals) and ``success_split`` (its window: the first ``n_inferences`` rollout steps of every episode by default,
-  and the errored episodes it leaves out), ``attention_by_denoise_step`` ([S, L], rows labelled by denoising-step
-  id), ``action_divergence``, ``prompt_sensitivity_by_denoise_step`` (expert 1, [S][L] per variant: free-running
+  and the errored episodes it leaves out), ``attention_by_denoise_step`` (per series — text content mass, that mass
+  normalised by the text share of the visible keys, BOS mass — the action queries [S, L] with rows labelled by
+  denoising-step id, pi0's state query once [L], and every head [L, heads]; with the definitions),
+  ``action_divergence``, ``prompt_sensitivity_by_denoise_step`` (expert 1, [S][L] per variant: free-running
   ``cf_`` and teacher-forced ``cf_tf_``, with task-bootstrap intervals, or the reason a variant is missing).
 * ``language_loss``: the per-layer ``expert_0`` / ``expert_1`` / ``text_only`` language loss of the original notebook
   API, ``overall_loss`` and which measure fills each slot (:mod:`openpi.latents.analysis.language_loss`).
@@ -34,9 +36,10 @@ from openpi.latents.analysis.clustered import cluster_bootstrap_ci, pooled_split
 from openpi.latents.analysis.denoise_sensitivity import DEFINITION as DENOISE_DEFINITION
 from openpi.latents.analysis.denoise_sensitivity import METRIC as DENOISE_METRIC
 from openpi.latents.analysis.language_loss import language_loss_summary
-from openpi.latents.analysis.result import CollectionAnalysis, attention_means, summary_value
+from openpi.latents.analysis.result import CollectionAnalysis, summary_value
 from openpi.latents.analysis.streams import STREAMS
 from openpi.latents.report import control
+from openpi.latents.report.attention_report import attention_json
 from openpi.latents.report.denoise_report import denoise_json
 from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
 from openpi.latents.report.pooled_report import pooled_json
@@ -162,19 +165,6 @@ def _success_relation(res: CollectionAnalysis) -> dict[str, Any]:
     return success
 
 
-def _attention(res: CollectionAnalysis) -> dict[str, Any]:
-    att = attention_means(res)
-    if not att:
-        return {"reason": res.reason("expert_1", "attention_to_text")}
-    return {
-        "denoise_steps": res.attention.get("denoise_steps"),
-        "denoise_step_ids": (res.source.get("denoise_steps") or {}).get("kind", "capture_position"),
-        "denoise_times": res.attention.get("denoise_times"),
-        "layers": res.layers("expert_1"),
-        **att,
-    }
-
-
 def _action_divergence(res: CollectionAnalysis) -> dict[str, Any]:
     if "action_divergence" in res.missing:
         return {"reason": res.missing["action_divergence"]}
@@ -202,6 +192,8 @@ def _streams(res: CollectionAnalysis) -> dict[str, Any]:
             "counterfactual": st.has_cf,
             "attention_to_text": st.attention,
         }
+        if s == "expert_1":
+            out[s]["state_query"] = {"present": st.state_query, "from": st.state_query_source}
         if s == "expert_0":
             out[s] |= {
                 "n_cams": st.n_cams,
@@ -222,7 +214,7 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
     metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}
     stats = figure_statistics(res)
     metrics["statistics"] = stats
-    metrics["attention_by_denoise_step"] = _attention(res)
+    metrics["attention_by_denoise_step"] = attention_json(res)
     metrics["action_divergence"] = _action_divergence(res)
     metrics[DENOISE_METRIC] = denoise_json(res)  # expert 1 per denoising step: free-running vs teacher-forced
     control.add_to_metrics(res, metrics)  # the control collection's values, under "control" (report.control)

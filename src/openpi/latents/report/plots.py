@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.result import CollectionAnalysis, attention_means, quiet_nan_warnings
+from openpi.latents.analysis.result import CollectionAnalysis, quiet_nan_warnings
 from openpi.latents.report import control as C
 
 PANEL_IN = (4.4, 3.3)
@@ -285,50 +285,6 @@ def prompt_sensitivity(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, 
     return _figure(panels, out / "prompt_sensitivity.png", title)
 
 
-def attention_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
-    """Expert-1 attention mass on text: denoising step × layer heatmap, and per layer by query type."""
-    means = attention_means(res)
-    if not means:
-        return _figure(
-            [("attention to text not captured", _note(res.reason("expert_1", "attention_to_text") or ""))],
-            out / "attention_to_text.png",
-            "Attention to language",
-        )
-    layers = res.layers("expert_1")
-    times = res.attention.get("denoise_times")
-    ids = res.attention.get("denoise_steps")
-    ids = list(range(means["all"].shape[0])) if ids is None else [int(i) for i in ids]
-    by_id = (res.source.get("denoise_steps") or {}).get("kind") == "model"
-
-    def heat(ax):
-        g = means["all"]
-        im = ax.imshow(g, aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
-        ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-        ax.set_yticks(
-            range(len(ids)),
-            [f"{i} (t={float(times[n]):.2f})" if times is not None else str(i) for n, i in enumerate(ids)],
-            fontsize=6,
-        )
-        ax.set_xlabel(_layer_label(res, "expert_1"))
-        ax.set_ylabel("denoising step" if by_id else "denoising step (capture position)")
-        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
-
-    def curves(ax):
-        for name, label, color in (
-            ("all", "all queries", "k"),
-            ("state", "state-token query", "tab:purple"),
-            ("actions", "action-token queries", "tab:orange"),
-        ):
-            ax.plot(layers, np.nanmean(means[name], axis=0), "o-", ms=3, color=color, label=label)
-        C.draw_line(ax, res, "expert_1", C.control_attention(res), "k", "all queries ")
-        ax.set_xlabel(_layer_label(res, "expert_1"))
-        ax.set_ylabel("mass on valid text keys", fontsize=8)
-        ax.legend(fontsize=7)
-
-    panels = [("attention mass: denoising step × layer", heat), ("attention mass per layer by query", curves)]
-    return _figure(panels, out / "attention_to_text.png", "Expert-1 attention to language (mean over rollout steps)")
-
-
 def overview(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     """One figure at a glance: text loss, sensitivity, probe, drift, attention, success split (where present)."""
     panels: list[tuple[str, Callable]] = []
@@ -385,5 +341,5 @@ FIGURES = {
     "success_failure": success_failure,
     "probe": probe_figure,
     "prompt_sensitivity": prompt_sensitivity,
-    "attention_to_text": attention_figure,
-}
+}  # + the attention figure (report.attention_report) and the pooled figures (report.pooled_report), added by
+# openpi.latents.report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.analysis.result import CollectionAnalysis, quiet_nan_warnings
 from openpi.latents.analysis.streams import STREAMS
 from openpi.latents.report.notes import cf_text_positions
 from openpi.latents.report.notes import fmt as _fmt
@@ -91,15 +91,29 @@ def _drift(res: CollectionAnalysis) -> str:
     )
 
 
+def _layer_mean(res: CollectionAnalysis, metric: str) -> float | None:
+    if not res.has("expert_1", metric):
+        return None
+    with quiet_nan_warnings():
+        return float(np.nanmean([c.estimate for c in res.per_layer("expert_1", metric)]))
+
+
 def _attention(res: CollectionAnalysis) -> str:
     if not res.has("expert_1", "attention_to_text"):
-        return f"Attention to text not captured: {res.reason('expert_1', 'attention_to_text')}."
+        return f"Attention to text not computed: {res.reason('expert_1', 'attention_to_text')}."
     v = [c.estimate for c in res.per_layer("expert_1", "attention_to_text")]
-    j = int(np.nanargmax(v))
-    return (
-        f"Expert-1 queries put {_fmt(float(np.nanmean(v)))} of their attention on the text on "
-        f"average, most at layer {res.layers('expert_1')[j]} ({_fmt(v[j])})."
+    j = int(np.nanargmax(v)) if np.any(~np.isnan(v)) else 0
+    which = "every valid text key" if res.settings.get("include_constant_tokens") else "the text (BOS and newline out)"
+    text = (
+        f"Expert-1 queries put {_fmt(float(np.nanmean(v)))} of their attention on {which} on average, most at layer "
+        f"{res.layers('expert_1')[j]} ({_fmt(v[j])})"
     )
+    norm, bos = _layer_mean(res, "attention_to_text_normalised"), _layer_mean(res, "attention_to_bos")
+    if norm is not None:
+        text += f"; {_fmt(norm)}× the text's share of the keys they see (uniform attention = 1)"
+    if bos is not None:
+        text += f"; BOS alone takes {_fmt(bos)}"
+    return text + "."
 
 
 def _success(res: CollectionAnalysis) -> str:

@@ -72,6 +72,23 @@ def _denoise_statistics(res: CollectionAnalysis) -> dict[str, Any]:
     return out
 
 
+def _attention_control(res: CollectionAnalysis) -> str:
+    def mean(metric: str) -> float:
+        if not res.has("expert_1", metric):
+            return float("nan")
+        v = np.array([c.estimate for c in res.per_layer("expert_1", metric)], float)
+        return float(np.nanmean(v)) if np.any(~np.isnan(v)) else float("nan")
+
+    included = res.settings.get("include_constant_tokens", False)
+    return (
+        "uniform attention over the keys a query sees: text mass / text share of those keys = 1 (this collection: "
+        f"{fmt(mean('attention_to_text_normalised'), 2)} averaged over layers; per head in metrics.json "
+        "attention_by_denoise_step.normalised.per_head); BOS and the trailing newline "
+        + ("included (include_constant_tokens)" if included else "excluded from the text")
+        + f", BOS mass reported apart ({fmt(mean('attention_to_bos'), 2)})"
+    )
+
+
 def figure_statistics(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
     """{figure: {unit_of_resampling, n_tasks, n_episodes, correction, control}} for every figure of the report;
     with a control collection, ``control`` gives its values (:func:`_with_control`)."""
@@ -79,7 +96,7 @@ def figure_statistics(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
 
 
 # Figures whose within-collection control carries numbers of its own, kept in the line beside the collection's.
-_KEEP_WITHIN = ("probe", "layer_curves", "information")
+_KEEP_WITHIN = ("probe", "layer_curves", "information", "prompt_sensitivity", "attention_to_text")
 
 
 def _with_control(res: CollectionAnalysis, stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -146,11 +163,10 @@ def _within_collection(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
         METRIC: _denoise_statistics(res),
         "attention_to_text": {
             **base,
-            "unit_of_resampling": "none (means over rollout steps)",
+            "unit_of_resampling": "none (means over rollout steps; per-layer task-bootstrap intervals in "
+            "metrics.attention_to_text)",
             "correction": "n/a",
-            "control": "uniform attention: mass / share of visible keys that are text = 1 (per head in "
-            "metrics.json 'attention_by_denoise_step'); BOS and the trailing newline excluded, BOS mass reported "
-            "separately where captured",
+            "control": _attention_control(res),
         },
         "information": {
             **_pooled_entry(res),

@@ -8,9 +8,11 @@
 * ``probe.csv``: task probe per stream and layer (accuracy, fold interval, chance, shuffled control, p-value).
 * ``success_split.csv``: success / failure means with intervals and their difference (``window_steps``: each
   episode averaged over its first that many rollout steps; empty = all its steps; errored episodes left out).
-* ``attention.csv``: expert-1 attention mass on text per denoising step and layer, by query type
-  (``denoise_step``: the denoising-step id from the manifest's capture_spec, step 0 = t 1.0; ``capture_position``:
-  its index among the captured steps).
+* ``attention.csv``: expert-1 attention per denoising step and layer — action queries, and pi0's state query (one
+  value per layer, repeated on every step's row: it is the same at every step by construction) — of the text content
+  mass, the normalised text mass and the BOS mass (``denoise_step``: the denoising-step id from the manifest's
+  capture_spec, step 0 = t 1.0; ``capture_position``: its index among the captured steps);
+  ``attention_heads.csv``: the same series per layer and head (every query).
 * ``action_divergence.csv``: per episode, the action-chunk divergence under the counterfactual prompt.
 """
 
@@ -23,7 +25,8 @@ import pathlib
 import numpy as np
 
 from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.result import CollectionAnalysis, attention_means
+from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.report.attention_report import attention_rows
 
 TABLES = (
     "episodes.csv",
@@ -33,6 +36,7 @@ TABLES = (
     "probe.csv",
     "success_split.csv",
     "attention.csv",
+    "attention_heads.csv",
     "action_divergence.csv",
 )
 
@@ -154,32 +158,10 @@ def _probe_table(res: CollectionAnalysis, out: pathlib.Path) -> None:
     _write_csv(out / "probe.csv", PROBE_HEADER, rows)
 
 
-def _attention_table(res: CollectionAnalysis, out: pathlib.Path) -> None:
-    att = attention_means(res)
-    times = res.attention.get("denoise_times")
-    ids = res.attention.get("denoise_steps")
-    rows = (
-        [
-            [
-                int(ids[i]) if ids is not None else i,
-                i,
-                float(times[i]) if times is not None else "",
-                layer,
-                att["all"][i, j],
-                att["state"][i, j],
-                att["actions"][i, j],
-            ]
-            for i in range(att["all"].shape[0])
-            for j, layer in enumerate(res.layers("expert_1"))
-        ]
-        if att
-        else []
-    )
-    _write_csv(
-        out / "attention.csv",
-        ["denoise_step", "capture_position", "t", "layer", "all_queries", "state_query", "action_queries"],
-        rows,
-    )
+def _attention_tables(res: CollectionAnalysis, out: pathlib.Path) -> None:
+    head, rows, head_h, rows_h = attention_rows(res)
+    _write_csv(out / "attention.csv", head, rows)
+    _write_csv(out / "attention_heads.csv", head_h, rows_h)
 
 
 def write_tables(res: CollectionAnalysis, out: pathlib.Path) -> list[str]:
@@ -192,7 +174,7 @@ def write_tables(res: CollectionAnalysis, out: pathlib.Path) -> list[str]:
     )
     _metric_tables(res, out)
     _probe_table(res, out)
-    _attention_table(res, out)
+    _attention_tables(res, out)
     per_ep = res.action_divergence_per_episode()
     mx = [np.nanmax(v) if np.any(~np.isnan(v)) else np.nan for v in res.actions["max_abs"]]
     _write_csv(
