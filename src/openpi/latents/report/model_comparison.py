@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.model_comparison import LayerComparison, ModelComparison, ModelSide, SideLayers
+from openpi.latents.analysis.model_comparison import LayerComparison, ModelComparison, SideLayers
+from openpi.latents.analysis.model_matching import ModelSide
 from openpi.latents.analysis.registry import BY_NAME
 from openpi.latents.analysis.stats import BootstrapCI
 from openpi.latents.report.notes import fmt
@@ -42,9 +43,10 @@ SUCCESS_DEFINITIONS = (
 
 def structure_notes(a: ModelSide, b: ModelSide) -> list[str]:
     """What differs in the two models' structure, and what it means for reading the metrics side by side."""
-    fams = {a.family, b.family}
-    if fams != {"pi0", "pi0.5"}:
-        return [f"Both models are {' / '.join(sorted(fams))}: the same architecture, compared as two checkpoints."]
+    if a.family == b.family:
+        return [f"Both models are {a.family}: the same architecture, compared as two checkpoints / presets."]
+    if {a.family, b.family} != {"pi0", "pi0.5"}:
+        return [f"Model families {a.family} and {b.family}: their structural differences are not known here."]
     p0, p5 = (a, b) if a.family == "pi0" else (b, a)
     notes = [
         f"**No state token in pi0.5.** pi0's expert 1 reads a state token and {p0.action_horizon} action tokens "
@@ -57,8 +59,8 @@ def structure_notes(a: ModelSide, b: ModelSide) -> list[str]:
         "over the action projection and the time embedding); pi0.5 conditions every action-expert layer through "
         "adaptive RMSNorms (time-dependent scale, shift and a gate on each residual branch), so its expert-1 states "
         "depend on the time at every layer.",
-        f"**Robot state.** pi0: {p0.state_input}. pi0.5 (`{p5.preset}`): {p5.state_input}. A success difference can "
-        "come from the state input as well as from language use.",
+        f"**Robot state.** pi0: {p0.state_input}. pi0.5 (`{p5.preset}`): {p5.state_input}. The models differ in "
+        "training and in their inputs, so a success difference says nothing by itself about language use.",
     ]
     if p0.text_window != p5.text_window:
         notes.append(
@@ -66,6 +68,13 @@ def structure_notes(a: ModelSide, b: ModelSide) -> list[str]:
             "metrics read the valid prompt positions only, so the extra padding changes nothing."
         )
     return notes
+
+
+def _random_note(cmp: ModelComparison) -> str:
+    rand = [side.label for side in (cmp.a, cmp.b) if str(side.checkpoint).startswith("random(")]
+    if not rand:
+        return ""
+    return f" {' and '.join(rand)}: random weights (no checkpoint): the numbers test the plumbing, not the model."
 
 
 def _ci_text(c: BootstrapCI | None, nd: int = 3) -> str:
@@ -255,15 +264,17 @@ def comparison_section(
     lines = [
         f"## Model comparison: {cmp.a.label} vs {cmp.b.label}",
         "",
-        f"A = `{m.a.root}` (this report's collection), B = `{m.b.root}`"
+        f"A = {m.a.label} (checkpoint `{m.a.checkpoint}`; this report's collection `{m.a.root}`), B = {m.b.label} "
+        f"(checkpoint `{m.b.checkpoint}`; collection `{m.b.root}`"
         + (
-            f" (its own full report: [{cmp.compare_report}/report.md]({cmp.compare_report}/report.md))"
+            f", its own full report: [{cmp.compare_report}/report.md]({cmp.compare_report}/report.md)"
             if cmp.compare_report
             else ""
         )
-        + f". Suite `{m.suite}`, condition `{m.condition.get('name')}`. Matched before any analysis: "
+        + f"). Suite `{m.suite}`, condition `{m.condition.get('name')}`. Matched before any analysis: "
         + ", ".join(m.checked)
-        + f" are equal; {len(s.tasks)} task(s), {len(s.pairs)} paired episode(s).",
+        + f" are equal; {len(s.tasks)} task(s), {len(s.pairs)} paired episode(s)."
+        + _random_note(cmp),
         "",
         *_models_table(cmp),
         "",
