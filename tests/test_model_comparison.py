@@ -228,3 +228,42 @@ def test_cli_refuses_an_unmatched_pair_before_any_analysis(tmp_path, monkeypatch
     fix = r"not matched .*seed: 7 vs 8 — collect both with the same --seed"
     with pytest.raises(CollectionMismatchError, match=fix):
         ela.main(ela.Args(collection=str(a), compare=str(b), output_dir=tmp_path / "report"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real LIBERO: the tiny pi0 and pi0.5 on the same task and initial state, found among the stores of --conditions
+
+
+@pytest.mark.libero
+@pytest.mark.slow
+def test_libero_pair_is_matched_and_compared(tmp_path):
+    from openpi.latents import collect as collection
+    from openpi.policies import policy_config
+
+    root = tmp_path / "runs"
+    for name, preset in (("pi0", PI0), ("pi05", PI05)):
+        policy = policy_config.create_trained_policy(preset.name, sample_kwargs={"num_steps": 2}, rng_seed=7)
+        args = collection.CollectionArgs(
+            preset=preset.name, task_suite="libero_goal", task_ids=(0,), episodes_per_task=1, max_steps=10,
+            num_denoise_steps=2, output_dir=root / name,
+        )  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            collection.collect_conditions(args, policy=policy)
+    a, b = (store.open_store(root / n).episode(0, 0) for n in ("pi0", "pi05"))
+    # Paired: the same initial state and seed, hence the same first observation (after LIBERO's wait steps).
+    assert a.metadata["seed"] == b.metadata["seed"] and a.metadata["init_state_index"] == 0
+    np.testing.assert_array_equal(a.read("image")[0], b.read("image")[0])
+    ela = _cli()
+    out = tmp_path / "report"
+    with contextlib.redirect_stdout(io.StringIO()):
+        ela.main(ela.Args(collection=str(root / "pi0"), conditions=root, output_dir=out, text_decoding=False,
+                          probe_shuffles=0, n_boot=50, pooled=False))  # fmt: skip
+    text = (out / "report.md").read_text()
+    assert "## Model comparison: pi0 vs pi0.5" in text and "## Behaviour under conditions" not in text
+    ra, rb = (f"{float(m['success']):.2f}" for m in (a.metadata, b.metadata))
+    b_, c_ = (
+        int(a.metadata["success"] and not b.metadata["success"]),
+        int(b.metadata["success"] and not a.metadata["success"]),
+    )
+    assert f"| all |  | 1 | {ra} | {rb} |" in text and f"| {b_} | {c_} |" in text
+    assert "pi05_libero_tiny`): none: no state token" in text
