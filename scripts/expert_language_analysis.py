@@ -132,11 +132,16 @@ def _matched_comparison(args: Args):
 
     compare, conditions = args.compare, args.conditions
     if conditions is not None and store.is_store(args.collection):
-        found, same_model = model_matching.find_comparison(conditions, args.collection)
+        found, same_model, theirs = model_matching.find_comparison(conditions, args.collection)
         if found is not None:
-            conditions = same_model if len(same_model) > 1 else None  # the other model's stores: the comparison
+            # The behaviour section pairs the primary model's conditions with its own baseline; the other model's
+            # baseline is the comparison, and its other condition stores are left out (analyse them on their own).
+            conditions = same_model if len(same_model) > 1 else None
             compare = compare or str(found)
+            left_out = [str(p) for p in theirs if str(p) != compare]
             print(f"--conditions holds a second model's stores: comparing with {compare}", flush=True)
+            if left_out:
+                print(f"  left out of the behaviour section (the other model's conditions): {left_out}", flush=True)
     if compare is None:
         return None, conditions
     dsi = (_discrete_state_input(args.collection), _discrete_state_input(compare))

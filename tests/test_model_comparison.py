@@ -122,10 +122,11 @@ def test_unmatched_stores_are_refused_naming_the_mismatch_and_the_fix(tmp_path, 
 def test_a_second_model_is_found_among_condition_stores(tmp_path):
     a = _store(tmp_path / "runs" / "pi0", PI0, FLAGS_A)
     b = _store(tmp_path / "runs" / "pi05", PI05, FLAGS_B)
-    found, same_model = MM.find_comparison(tmp_path / "runs", a)
-    assert found == b and same_model == [a]
-    found, same_model = MM.find_comparison(a, a)  # one store, one model: nothing to compare
-    assert found is None and same_model == [a]
+    found, same_model, theirs = MM.find_comparison(tmp_path / "runs", a)
+    assert found == b and same_model == [a] and theirs == [b]
+    assert MM.find_comparison(a, a) == (None, [a], [])  # one store, one model: nothing to compare
+    # a directory of another model's stores alone stays a behaviour analysis of that model
+    assert MM.find_comparison(tmp_path / "runs" / "pi05", a) == (None, [b], [])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

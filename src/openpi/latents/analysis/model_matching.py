@@ -253,11 +253,13 @@ def match_collections(
 
 def find_comparison(
     conditions: str | pathlib.Path, primary: str | pathlib.Path
-) -> tuple[pathlib.Path | None, list[pathlib.Path]]:
-    """(the other model's baseline store or None, the stores of the primary collection's model) among the stores of
-    ``conditions`` (a store or a directory of stores, as ``--conditions`` takes).
+) -> tuple[pathlib.Path | None, list[pathlib.Path], list[pathlib.Path]]:
+    """(the other model's baseline store or None, the stores of the primary collection's model, the other model's
+    stores) among the stores of ``conditions`` (a store or a directory of stores, as ``--conditions`` takes).
 
-    Raises ValueError when the stores hold more than two models, or the other model has no single baseline store.
+    A second model is looked for only when the primary collection's model is among the stores (a directory of another
+    single model's conditions stays a behaviour analysis of that model). Raises ValueError when the stores hold more
+    than two models, or the other model has no single baseline store.
     """
     from openpi.latents import store as store_lib
     from openpi.latents.analysis.behaviour import _is_baseline, find_stores
@@ -269,20 +271,21 @@ def find_comparison(
         return m.get("model_config"), m.get("preset"), m.get("checkpoint")
 
     mine = identity(store_lib.open_store(primary).manifest)
-    others = sorted({identity(m) for m in manifests.values()} - {mine}, key=str)
-    if not others:
-        return None, paths
-    if len(others) > 1:
+    ids = {identity(m) for m in manifests.values()}
+    if mine not in ids or len(ids) == 1:
+        return None, paths, []
+    if len(ids) > 2:
         raise ValueError(
-            f"The stores of {conditions} hold {len(others) + 1} models ({[mine, *others]}); the comparison pairs two. "
+            f"The stores of {conditions} hold {len(ids)} models ({sorted(ids, key=str)}); the comparison pairs two. "
             "Pass the other model's collection with --compare, and --conditions a directory of one model's stores."
         )
     theirs = [p for p in paths if identity(manifests[p]) != mine]
     base = [p for p in theirs if _is_baseline(_condition_of(store_lib.open_store(p)))]
     if len(base) != 1:
+        other = identity(manifests[theirs[0]])
         raise ValueError(
-            f"{conditions} holds stores of a second model ({others[0][1]}, {others[0][2]}) but {len(base)} baseline "
-            f"stores of it (task prompt, no intervention) among {[str(p) for p in theirs]}; pass the one to compare "
-            "with --compare PATH."
+            f"{conditions} holds stores of a second model ({other[1]}, {other[2]}) but {len(base)} baseline stores of "
+            f"it (task prompt, no intervention) among {[str(p) for p in theirs]}; pass the one to compare with "
+            "--compare PATH."
         )
-    return base[0], [p for p in paths if identity(manifests[p]) == mine]
+    return base[0], [p for p in paths if identity(manifests[p]) == mine], theirs
