@@ -99,6 +99,9 @@ class Args:
     compare: str | None = None
     # Checkpoint to read --compare's token embedding / final norm from, instead of its manifest's.
     compare_checkpoint: str | None = None
+    # Also write the compared collection's own full report into <output-dir>/compare_<model>/ (--no-compare-report
+    # skips it: the section still compares both).
+    compare_report: bool = True
 
 
 def _embedding(args: Args, checkpoint: str | None) -> object:
@@ -195,9 +198,10 @@ def main(args: Args) -> dict:
             matched.b.root, embedding=_embedding(args, args.compare_checkpoint), **_settings(args)
         )
         comparison = compare_models(matched, res, res_b, n_boot=args.n_boot, seed=args.seed)
-        sub = "compare_" + "".join(c if c.isalnum() else "_" for c in matched.b.label)
-        report.write_report(res_b, args.output_dir / sub)
-        comparison = dataclasses.replace(comparison, compare_report=sub)
+        if args.compare_report:
+            sub = "compare_" + "".join(c if c.isalnum() else "_" for c in matched.b.label)
+            report.write_report(res_b, args.output_dir / sub)
+            comparison = dataclasses.replace(comparison, compare_report=sub)
     data = report.write_report(res, args.output_dir, behaviour=behaviour, comparison=comparison)
     print(f"Report in {args.output_dir}/report.md ({time.monotonic() - t0:.1f}s)")
     for line in report.readings(res).values():

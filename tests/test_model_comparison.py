@@ -143,10 +143,21 @@ def _cli():
 
 
 @pytest.fixture(scope="module")
-def collections(tmp_path_factory) -> dict[str, pathlib.Path]:
+def policies() -> dict:
+    """The two tiny random-weight policies (2 denoising steps), shared by the synthetic and the LIBERO pair so that
+    each model compiles once."""
+    from openpi.policies import policy_config
+
+    return {
+        name: policy_config.create_trained_policy(preset.name, sample_kwargs={"num_steps": 2}, rng_seed=7)
+        for name, preset in (("pi0", PI0), ("pi05", PI05))
+    }
+
+
+@pytest.fixture(scope="module")
+def collections(policies, tmp_path_factory) -> dict[str, pathlib.Path]:
     from openpi.latents import synthetic_collection as sc
     from openpi.models.capture import CaptureSpec
-    from openpi.policies import policy_config
     from openpi.training import control_organisms as co
 
     def observe(rng, prompt):
@@ -157,11 +168,10 @@ def collections(tmp_path_factory) -> dict[str, pathlib.Path]:
     root = tmp_path_factory.mktemp("pair")
     spec = sc.SyntheticCollection(co.PROMPTS[:2], n_episodes=3, n_steps=2, capture=CaptureSpec(), num_steps=2, seed=7)
     out = {}
-    for name, preset, flags in (("pi0", PI0, FLAGS_A), ("pi05", PI05, FLAGS_B)):
-        policy = policy_config.create_trained_policy(preset.name, sample_kwargs={"num_steps": 2})
+    for name, flags in (("pi0", FLAGS_A), ("pi05", FLAGS_B)):
         known = iter(flags[t][k] for t in sorted(flags) for k in range(3))  # the judge runs task by task, in order
         out[name] = sc.collect_synthetic(
-            policy, root / name, spec, observe, judge=lambda *_, known=known: next(known), progress=False
+            policies[name], root / name, spec, observe, judge=lambda *_, known=known: next(known), progress=False
         )
     return out
 
@@ -176,7 +186,8 @@ def test_report_gains_the_model_comparison_section(collections, tmp_path):
     out = tmp_path / "report"
     with contextlib.redirect_stdout(io.StringIO()):
         ela.main(ela.Args(collection=str(collections["pi0"]), compare=str(collections["pi05"]), output_dir=out,
-                          probe_shuffles=0, n_boot=500, pooled=False))  # fmt: skip
+                          text_decoding=False, probe_shuffles=0, n_boot=500, pooled=False,
+                          compare_report=False))  # fmt: skip
     text = (out / "report.md").read_text()
     section = text[text.index("## Model comparison: pi0 vs pi0.5") :]
     # Paired success rows: task, language, episodes, A rate, B rate, Δ, b, c, McNemar p (values by hand, above).
@@ -194,7 +205,7 @@ def test_report_gains_the_model_comparison_section(collections, tmp_path):
     rows = {(r["metric"], r["stream"]): r for r in data["layers"]["per_metric"]}
     for key in [("prompt_sensitivity", s) for s in ("text_only", "expert_0", "expert_1")] + [
         ("attention_to_text", "expert_1"),
-        ("language_loss", "text_only"),
+        ("prompt_decoding", "expert_0"),
     ]:
         r = rows[key]
         assert r["a"]["per_layer"] is not None and r["b"]["per_layer"] is not None, key
@@ -205,10 +216,16 @@ def test_report_gains_the_model_comparison_section(collections, tmp_path):
     r = rows[("prompt_sensitivity", "expert_1")]
     a_mean, b_mean = np.array(r["a"]["per_layer"]), np.array(r["b"]["per_layer"])
     np.testing.assert_allclose(r["paired_difference_b_minus_a"]["per_layer"], b_mean - a_mean, atol=1e-9)
+    # Text decoding was switched off (it re-creates each random model's embedding): both sides say why.
+    assert (
+        rows[("language_loss", "text_only")]["a"]["per_layer"] is None
+        and rows[("language_loss", "text_only")]["a"]["reason"]
+    )
     figure = json.loads((out / "metrics.json").read_text())["figures"]["model_comparison"]
     assert figure["panels"][0] == "paired success per task" and (out / figure["file"]).stat().st_size > 0
-    for name in ("model_comparison_success.csv", "model_comparison_layers.csv", "compare_pi0_5/report.md"):
+    for name in ("model_comparison_success.csv", "model_comparison_layers.csv"):
         assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob("compare_*"))  # --no-compare-report
 
 
 def _prompt(t: int) -> str:
@@ -226,7 +243,7 @@ def test_cli_refuses_an_unmatched_pair_before_any_analysis(tmp_path, monkeypatch
         raise AssertionError("the analysis ran before the comparison was checked")
 
     monkeypatch.setattr(ela.analysis, "analyze_collection", no_analysis)
-    fix = r"not matched .*seed: 7 vs 8 — collect both with the same --seed"
+    fix = r"(?s)not matched .*seed: 7 vs 8 — collect both with the same --seed"
     with pytest.raises(CollectionMismatchError, match=fix):
         ela.main(ela.Args(collection=str(a), compare=str(b), output_dir=tmp_path / "report"))
 
@@ -237,19 +254,17 @@ def test_cli_refuses_an_unmatched_pair_before_any_analysis(tmp_path, monkeypatch
 
 @pytest.mark.libero
 @pytest.mark.slow
-def test_libero_pair_is_matched_and_compared(tmp_path):
+def test_libero_pair_is_matched_and_compared(policies, tmp_path):
     from openpi.latents import collect as collection
-    from openpi.policies import policy_config
 
     root = tmp_path / "runs"
     for name, preset in (("pi0", PI0), ("pi05", PI05)):
-        policy = policy_config.create_trained_policy(preset.name, sample_kwargs={"num_steps": 2}, rng_seed=7)
         args = collection.CollectionArgs(
             preset=preset.name, task_suite="libero_goal", task_ids=(0,), episodes_per_task=1, max_steps=10,
             num_denoise_steps=2, output_dir=root / name,
         )  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):
-            collection.collect_conditions(args, policy=policy)
+            collection.collect_conditions(args, policy=policies[name])
     a, b = (store.open_store(root / n).episode(0, 0) for n in ("pi0", "pi05"))
     # Paired: the same initial state and seed, hence the same first observation (after LIBERO's wait steps).
     assert a.metadata["seed"] == b.metadata["seed"] and a.metadata["init_state_index"] == 0
@@ -268,3 +283,4 @@ def test_libero_pair_is_matched_and_compared(tmp_path):
     )
     assert f"| all |  | 1 | {ra} | {rb} |" in text and f"| {b_} | {c_} |" in text
     assert "pi05_libero_tiny`): none: no state token" in text
+    assert (out / "compare_pi0_5" / "report.md").stat().st_size > 0  # the compared collection's own report
