@@ -71,8 +71,22 @@ def _manifest(preset) -> dict:
     }
 
 
+def _attention(depth: int) -> np.ndarray:
+    """attention_to_text [S=2, L, 1, heads=2, Ts=3] with every query putting mass l / depth on the text at layer l."""
+    return np.broadcast_to((np.arange(depth) / depth)[None, :, None, None, None], (2, depth, 1, 2, 3)).astype(
+        np.float32
+    )
+
+
 def _store(root: pathlib.Path, preset, flags, *, language=None, seed=7, init=None, error=None) -> pathlib.Path:
-    """A store of `preset` with tasks / episodes / outcomes `flags`; `init(t, k)` the init state index."""
+    """A store of `preset` with tasks / episodes / outcomes `flags`; `init(t, k)` the init state index; one record per
+    episode with a planted attention to text (:func:`_attention`)."""
+    record = {
+        "t": 0,
+        "actions": np.zeros((2, 7), np.float32),
+        "attention_to_text": _attention(preset.model_config.depth),
+        "denoise_times": np.array([1.0, 0.5], np.float32),
+    }
     with store.LatentStoreWriter.create_or_open(root, _manifest(preset), resume=False) as writer:
         for t, outcomes in flags.items():
             lang = (language or {}).get(t, f"put the bowl {t} on the plate")
@@ -80,7 +94,7 @@ def _store(root: pathlib.Path, preset, flags, *, language=None, seed=7, init=Non
             for k, success in enumerate(outcomes):
                 attrs = {"init_state_index": init(t, k) if init else k, "seed": seed, "prompt": lang, "max_steps": 10}
                 ep = writer.begin_episode(task, k, {**attrs, "task_language": lang})
-                ep.append_step({"t": 0, "actions": np.zeros((2, 7), np.float32)})
+                ep.append_step(record)
                 err = error if (error and (t, k) == error[0]) else None
                 ep.finish({"success": bool(success), "total_steps": 10, "error": err and error[1]})
     return root
@@ -117,6 +131,28 @@ def test_unmatched_stores_are_refused_naming_the_mismatch_and_the_fix(tmp_path, 
     b = _store(tmp_path / "b", preset, flags, **kwargs)
     with pytest.raises(CollectionMismatchError, match=message):
         match_collections(a, b)
+
+
+def test_models_of_different_depths_are_drawn_at_relative_depth(tmp_path):
+    from openpi.latents.analysis import analyze_collection
+    from openpi.latents.analysis.model_comparison import compare_models
+    from openpi.latents.report.model_comparison import comparison_section
+
+    full05 = presets.get_preset("pi05_libero")  # gemma_2b + gemma_300m: 18 layers, against the tiny pi0's 4
+    a, b = _store(tmp_path / "pi0", PI0, FLAGS_A), _store(tmp_path / "pi05", full05, FLAGS_B)
+    m = match_collections(a, b)
+    assert (m.a.depth, m.b.depth) == (4, 18)
+    res = [analyze_collection(p, embedding=None, probe=False, pooled=False, n_boot=100) for p in (a, b)]
+    cmp = compare_models(m, *res, n_boot=100, compared=(("attention_to_text", "expert_1"),))
+    assert cmp.x_axis == "relative depth"
+    (row,) = cmp.layers
+    assert row.a.x == (0, 0.25, 0.5, 0.75) and row.b.x == tuple(layer / 18 for layer in range(18))
+    # The planted attention mass is l / depth: on the relative-depth axis both curves are y = x.
+    for side in (row.a, row.b):
+        np.testing.assert_allclose([c.estimate for c in side.values], side.x, atol=1e-6)
+    assert row.paired == () and "depth 4 vs 18" in row.paired_reason
+    text = "\n".join(comparison_section(cmp, tmp_path / "report"))
+    assert "drawn at relative depth (layer / depth)" in text and "n/a (layers differ (depth 4 vs 18" in text
 
 
 def test_a_second_model_is_found_among_condition_stores(tmp_path):

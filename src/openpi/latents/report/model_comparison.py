@@ -30,7 +30,8 @@ COLORS = ("tab:blue", "tab:orange")
 
 SUCCESS_DEFINITIONS = (
     "**success rate**: fraction of the paired episodes (same task, initial state and seed in both collections; "
-    "episodes that ended with an error in either run left out) that succeeded (LIBERO's own `done`)",
+    "episodes that ended with an error in either run left out) that succeeded (the stored `success`: LIBERO's own "
+    "`done` in a LIBERO collection)",
     "**Δ success (B − A)**: mean over tasks of (B rate − A rate); 95% interval from a cluster bootstrap that "
     "resamples tasks (n/a below two tasks)",
     "**McNemar p**: exact two-sided binomial test over the paired episodes; b = A success and B failure, c = the "
