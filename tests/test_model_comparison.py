@@ -1,9 +1,11 @@
 """The model comparison (pi0 vs pi0.5 on the same episodes): pairing and its statistics on hand-made outcomes, the
-matching check on hand-made stores, and the report section end to end on two matched collections of the tiny presets.
+matching check and the relative-depth axis on hand-made stores, the report section on two matched collections of the
+tiny presets, and the CLI on a real-LIBERO pair.
 
-The end-to-end pair: `pi0_libero_tiny` and `pi05_libero_tiny` run through the synthetic collection (no simulator: 2
-prompts × 3 episodes × 2 inferences on random LIBERO-style observations, other-task counterfactual reruns), with the
-episode outcomes set by a judge to known flags, so every paired count in the report is known in advance.
+The known-answer pair: `pi0_libero_tiny` and `pi05_libero_tiny` run through the synthetic collection (no simulator:
+2 prompts × 3 episodes × 2 inferences on random LIBERO-style observations, other-task counterfactual reruns), with the
+episode outcomes set by a judge to known flags, so every paired count in the report is known in advance (a random
+model never succeeds on LIBERO, where every count would be 0).
 """
 
 from __future__ import annotations
