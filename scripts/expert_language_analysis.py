@@ -11,6 +11,12 @@ With `--conditions DIR` (a directory of condition stores, e.g. a layer sweep) re
 "Behaviour under conditions" (`openpi.latents.analysis.behaviour`): success per condition and task against the paired
 baseline, McNemar's exact test, a bootstrap over tasks, action divergence and the first divergent step.
 
+With `--compare PATH` (the other model's collection of the same tasks, initial states and seeds, e.g. a pi05_libero
+run beside a pi0_libero run; or detected: a second model's baseline store among the stores of --conditions) report.md
+gains the section "Model comparison" (`openpi.latents.analysis.model_comparison`): paired success per task and overall
+(McNemar, task bootstrap) and the language metrics per layer of both models side by side; the second collection's own
+full report goes to `<output-dir>/compare_<model>/`. Collections that are not matched are refused before any work.
+
 The original notebook API's entry points are kept here (they delegate to the package):
 
     analyze_inference_language_loss(task_data)  # per-layer expert_0 / expert_1 / text_only language loss + overall
@@ -88,21 +94,69 @@ class Args:
     control: pathlib.Path | None = None
     # The control's name in the report (default: its manifest's checkpoint).
     control_label: str | None = None
+    # A second model's collection of the same tasks, initial states and seeds (e.g. pi05_libero beside pi0_libero; a
+    # store path or s3:// / gs:// URL): adds the "Model comparison" section. Default: a second model's baseline store
+    # among the stores of --conditions, if there is one.
+    compare: str | None = None
+    # Checkpoint to read --compare's token embedding / final norm from, instead of its manifest's.
+    compare_checkpoint: str | None = None
+    # Also write the compared collection's own full report into <output-dir>/compare_<model>/ (--no-compare-report
+    # skips it: the section still compares both).
+    compare_report: bool = True
 
 
-def main(args: Args) -> dict:
-    cli.configure_logging()
-    embedding: object = "auto"
+def _embedding(args: Args, checkpoint: str | None) -> object:
     if not args.text_decoding:
-        embedding = None
-    elif args.checkpoint:
+        return None
+    if checkpoint:
         from openpi.latents.analysis.embedding import read_checkpoint_leaves
 
-        embedding = read_checkpoint_leaves(args.checkpoint)
-    t0 = time.monotonic()
-    res = analysis.analyze_collection(
-        args.collection,
-        embedding=embedding,
+        return read_checkpoint_leaves(checkpoint)
+    return "auto"
+
+
+def _discrete_state_input(path: str) -> bool | None:
+    """Whether the collection's pi0.5 prompt carried the robot state: its preset's setting (None if unknown)."""
+    from openpi.latents import store
+    from openpi.policies import presets
+
+    if not store.is_store(path):
+        return None  # match_collections says what is wrong with it
+    manifest = store.open_store(path).manifest
+    if manifest.get("preset") not in presets.list_presets():
+        return None
+    config = presets.get_preset(manifest["preset"]).model_config
+    return config.discrete_state_input if config.describe() == manifest.get("model_config") else None
+
+
+def _matched_comparison(args: Args):
+    """(the matched pair or None, the condition stores for the behaviour section), checked before any analysis."""
+    from openpi.latents import store
+    from openpi.latents.analysis import model_matching
+
+    compare, conditions = args.compare, args.conditions
+    if conditions is not None and store.is_store(args.collection):
+        found, same_model, theirs = model_matching.find_comparison(conditions, args.collection)
+        if found is not None:
+            # The behaviour section pairs the primary model's conditions with its own baseline; the other model's
+            # baseline is the comparison, and its other condition stores are left out (analyse them on their own).
+            conditions = same_model if len(same_model) > 1 else None
+            compare = compare or str(found)
+            left_out = [str(p) for p in theirs if str(p) != compare]
+            print(f"--conditions holds a second model's stores: comparing with {compare}", flush=True)
+            if left_out:
+                print(f"  left out of the behaviour section (the other model's conditions): {left_out}", flush=True)
+    if compare is None:
+        return None, conditions
+    dsi = (_discrete_state_input(args.collection), _discrete_state_input(compare))
+    task_ids = list(args.task_ids) or None
+    matched = model_matching.match_collections(args.collection, compare, task_ids=task_ids, discrete_state_input=dsi)
+    return matched, conditions
+
+
+def _settings(args: Args) -> dict:
+    """The analysis settings both models of a comparison share."""
+    return dict(
         task_ids=list(args.task_ids) or None,
         probe_splits=args.probe_splits,
         probe_shuffles=args.probe_shuffles,
@@ -116,16 +170,40 @@ def main(args: Args) -> dict:
         pooled=args.pooled,
         pooled_split=args.pooled_split,
         pooled_steps_per_episode=args.pooled_steps_per_episode,
-        control=args.control,
-        control_label=args.control_label,
         progress=lambda msg: print(msg, flush=True),
     )
+
+
+def main(args: Args) -> dict:
+    cli.configure_logging()
+    t0 = time.monotonic()
+    matched, conditions = _matched_comparison(args)  # refuses unmatched collections before any work
+    res = analysis.analyze_collection(
+        args.collection,
+        embedding=_embedding(args, args.checkpoint),
+        control=args.control,
+        control_label=args.control_label,
+        **_settings(args),
+    )
     behaviour = None
-    if args.conditions is not None:
+    if conditions is not None:
         from openpi.latents.analysis.behaviour import analyze_conditions
 
-        behaviour = analyze_conditions(args.conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed)
-    data = report.write_report(res, args.output_dir, behaviour=behaviour)
+        behaviour = analyze_conditions(conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed)
+    comparison = None
+    if matched is not None:
+        from openpi.latents.analysis.model_comparison import compare_models
+
+        print(f"Analysing the comparison collection {matched.b.root} ({matched.b.label})", flush=True)
+        res_b = analysis.analyze_collection(
+            matched.b.root, embedding=_embedding(args, args.compare_checkpoint), **_settings(args)
+        )
+        comparison = compare_models(matched, res, res_b, n_boot=args.n_boot, seed=args.seed)
+        if args.compare_report:
+            sub = "compare_" + "".join(c if c.isalnum() else "_" for c in matched.b.label)
+            report.write_report(res_b, args.output_dir / sub)
+            comparison = dataclasses.replace(comparison, compare_report=sub)
+    data = report.write_report(res, args.output_dir, behaviour=behaviour, comparison=comparison)
     print(f"Report in {args.output_dir}/report.md ({time.monotonic() - t0:.1f}s)")
     for line in report.readings(res).values():
         print("  " + line)

@@ -15,6 +15,9 @@ Modules, in the order data flows through them:
 * :mod:`~openpi.latents.analysis.language_loss`: openpi-style per-layer language-loss slots;
   :mod:`~openpi.latents.analysis.accessors`: notebook accessors; :mod:`~openpi.latents.analysis.embedding`: the
   token embedding for text decoding.
+* :mod:`~openpi.latents.analysis.behaviour`: conditions against their paired baseline;
+  :mod:`~openpi.latents.analysis.model_matching` / :mod:`~openpi.latents.analysis.model_comparison`: two models (pi0 vs
+  pi0.5) on the same episodes.
 
 Imports no model, policy or env code at import time (model code is imported inside the functions that need it).
 """

@@ -46,20 +46,33 @@ __all__ = [
 ]
 
 
-def write_report(res: CollectionAnalysis, out_dir: str | pathlib.Path, behaviour: Any = None) -> dict[str, Any]:
+def write_report(
+    res: CollectionAnalysis, out_dir: str | pathlib.Path, behaviour: Any = None, comparison: Any = None
+) -> dict[str, Any]:
     """Writes the report folder; returns the metrics.json content. `behaviour`: an
-    `analysis.behaviour.BehaviourAnalysis` whose section (`report.behaviour`) is appended to report.md."""
+    `analysis.behaviour.BehaviourAnalysis` whose section (`report.behaviour`) is appended to report.md;
+    `comparison`: an `analysis.model_comparison.ModelComparison` (section `report.model_comparison`, metrics.json
+    ``model_comparison``)."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {name: fn(res, out) for name, fn in FIGURES.items()}
     data = metrics_json(res)
     data["figures"] = figures
     data["tables"] = write_tables(res, out)
+    comparison_lines: list[str] = []
+    if comparison is not None:
+        from openpi.latents.report import model_comparison
+
+        data["figures"]["model_comparison"] = fig = model_comparison.comparison_figure(comparison, out)
+        comparison_lines = model_comparison.comparison_section(comparison, out, figure=fig)
+        data["model_comparison"] = model_comparison.comparison_json(comparison)
     (out / "metrics.json").write_text(json.dumps(clean(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     text = report_md(res, figures, data["language_loss"])
     if behaviour is not None:
         from openpi.latents.report.behaviour import behaviour_section
 
         text += "\n" + "\n".join(behaviour_section(behaviour, out))
+    if comparison_lines:
+        text += "\n" + "\n".join(comparison_lines)
     (out / "report.md").write_text(text)
     return data
