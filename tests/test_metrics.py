@@ -246,6 +246,14 @@ def test_task_probe_degenerate():
     assert res.n_splits == 3 and any("reduced" in n for n in res.notes)
     assert any("more than one label" in n for n in res.notes) and math.isnan(res.shuffled_mean)
     assert 0.0 <= res.accuracy <= 1.0
+    # 2 classes x 3 episodes x 1 step: 6 groups allow 5 folds, but each class has 3 samples, so at most 3 folds
+    # (sklearn refuses more); one sample per class leaves nothing to hold out.
+    x6, y6, g6 = _rng(1).normal(size=(6, 3)), np.repeat([0, 1], 3), np.arange(6)
+    res = metrics.task_probe(x6, y6, g6, n_splits=5, n_shuffles=0, n_permutations=0)
+    assert res.reason is None and res.n_splits == 3
+    assert any("largest class has 3 samples" in n for n in res.notes)
+    res = metrics.task_probe(x6[:2], np.array([0, 1]), np.arange(2), n_splits=5, n_shuffles=0, n_permutations=0)
+    assert math.isnan(res.accuracy) and "one sample per class" in res.reason
 
 
 # --------------------------------------------------------------------------------------------------------------------

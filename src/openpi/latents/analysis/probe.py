@@ -155,7 +155,8 @@ def task_probe(
         return _empty_probe(f"only {sizes['n_groups']} group(s): cannot hold out a group", 0, notes, sizes)
     k, splits = _folds(x, y, g, n_splits, len(uniq_groups), seed, notes)
     if not splits:
-        return _empty_probe("no usable fold", k, notes, sizes)
+        why = "no usable fold" if k >= 2 else "one sample per class: nothing to hold out"
+        return _empty_probe(why, k, notes, sizes)
     fold_acc = _cv_accuracy(x, y, splits, C, max_iter, notes)
     acc = float(fold_acc.mean())
     shuffled = _shuffled_control(x, y, np.searchsorted(uniq_groups, g), splits, n_shuffles, seed, (C, max_iter), notes)
@@ -261,6 +262,12 @@ def _folds(x, y, g, n_splits: int, n_groups: int, seed: int, notes: set[str]) ->
     if n_groups < n_splits:
         k = n_groups
         notes.add(f"n_splits reduced from {n_splits} to {k} (only {n_groups} groups)")
+    largest = int(np.unique(y, return_counts=True)[1].max())
+    if largest < k:  # sklearn refuses more folds than the largest class has samples
+        notes.add(f"n_splits reduced from {k} to {largest} (the largest class has {largest} samples)")
+        k = largest
+    if k < 2:
+        return k, []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has fewer members than n_splits"
         splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y, g))
