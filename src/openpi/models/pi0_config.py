@@ -169,7 +169,7 @@ class Pi0Config:
         """A randomly initialised model (works under `jax.eval_shape` without allocating weights)."""
         from openpi.models.pi0 import Pi0
 
-        return Pi0(params=jax.jit(self.init_params)(rng), config=self)
+        return Pi0(params=_init_params(self, rng), config=self)
 
     def param_shapes(self) -> dict[str, Any]:
         return _abstract_params(self)
@@ -307,3 +307,9 @@ def _check_lora_present(expected: dict[str, Any], params: dict[str, Any], what: 
             "a LoRA fine-tune of this config. Load a base checkpoint with the base variants (e.g. 'gemma_2b' rather "
             "than 'gemma_2b_lora')."
         )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(config: Pi0Config, rng: jax.Array) -> dict[str, Any]:
+    """`config.init_params`, compiled once per config (a fresh `jax.jit` per call recompiled every random init)."""
+    return config.init_params(rng)
