@@ -87,6 +87,8 @@ def _store(root: pathlib.Path, preset, flags, *, language=None, seed=7, init=Non
         "t": 0,
         "actions": np.zeros((2, 7), np.float32),
         "attention_to_text": _attention(preset.model_config.depth),
+        # The registry's attention_to_text reads the text content mass (BOS and the trailing newline left out).
+        "attention_to_text_content": _attention(preset.model_config.depth),
         "denoise_times": np.array([1.0, 0.5], np.float32),
     }
     with store.LatentStoreWriter.create_or_open(root, _manifest(preset), resume=False) as writer:
