@@ -71,6 +71,22 @@ def task_cluster_bootstrap(
     return float(d.mean()), float(lo), float(hi), None
 
 
+def paired_rates(pairs, task_id: int | None = None) -> tuple[float, float, int]:
+    """(first success rate, second success rate, paired episodes) of one task or all (pooled over episodes);
+    ``pairs``: (task_id, first succeeded, second succeeded) per paired episode."""
+    ps = [(a, b) for t, a, b in pairs if task_id is None or t == task_id]
+    if not ps:
+        return math.nan, math.nan, 0
+    return float(np.mean([a for a, _ in ps])), float(np.mean([b for _, b in ps])), len(ps)
+
+
+def paired_mcnemar(pairs, task_id: int) -> tuple[int, int, float]:
+    """(b = first only succeeded, c = second only succeeded, McNemar's exact p) over one task's paired episodes."""
+    ps = [(a, b) for t, a, b in pairs if t == task_id]
+    b, c = sum(a and not b for a, b in ps), sum(b and not a for a, b in ps)
+    return b, c, mcnemar_exact(b, c)
+
+
 @dataclasses.dataclass(frozen=True)
 class EpisodePair:
     task_id: int
@@ -108,18 +124,15 @@ class ConditionEffect:
     def tasks(self) -> list[int]:
         return sorted({p.task_id for p in self.pairs})
 
+    def _outcomes(self) -> list[tuple[int, bool, bool]]:
+        return [(p.task_id, p.base_success, p.cond_success) for p in self.pairs]
+
     def rates(self, task_id: int | None = None) -> tuple[float, float, int]:
         """(baseline rate, condition rate, n episodes) of one task or all."""
-        ps = [p for p in self.pairs if task_id is None or p.task_id == task_id]
-        if not ps:
-            return math.nan, math.nan, 0
-        return float(np.mean([p.base_success for p in ps])), float(np.mean([p.cond_success for p in ps])), len(ps)
+        return paired_rates(self._outcomes(), task_id)
 
     def task_mcnemar(self, task_id: int) -> tuple[int, int, float]:
-        ps = [p for p in self.pairs if p.task_id == task_id]
-        b = sum(p.base_success and not p.cond_success for p in ps)
-        c = sum(p.cond_success and not p.base_success for p in ps)
-        return b, c, mcnemar_exact(b, c)
+        return paired_mcnemar(self._outcomes(), task_id)
 
     def mean_divergence(self, task_id: int | None = None) -> float:
         """Mean over paired inferences (pooled over the episodes) of the action divergence."""

@@ -23,12 +23,11 @@ Definitions (also written into the report):
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from openpi.latents.analysis.behaviour import mcnemar_exact, task_cluster_bootstrap
+from openpi.latents.analysis.behaviour import mcnemar_exact, paired_mcnemar, paired_rates, task_cluster_bootstrap
 from openpi.latents.analysis.clustered import cluster_bootstrap_ci
 from openpi.latents.analysis.model_matching import MatchedCollections, ModelSide, PairedOutcome
 from openpi.latents.analysis.registry import BY_NAME
@@ -68,15 +67,10 @@ class PairedSuccess:
 
     def rates(self, task_id: int | None = None) -> tuple[float, float, int]:
         """(A rate, B rate, paired episodes) of one task or all (pooled over episodes)."""
-        ps = [p for p in self.pairs if task_id is None or p.task_id == task_id]
-        if not ps:
-            return math.nan, math.nan, 0
-        return float(np.mean([p.a for p in ps])), float(np.mean([p.b for p in ps])), len(ps)
+        return paired_rates([(p.task_id, p.a, p.b) for p in self.pairs], task_id)
 
     def task_mcnemar(self, task_id: int) -> tuple[int, int, float]:
-        ps = [p for p in self.pairs if p.task_id == task_id]
-        b, c = sum(p.a and not p.b for p in ps), sum(p.b and not p.a for p in ps)
-        return b, c, mcnemar_exact(b, c)
+        return paired_mcnemar([(p.task_id, p.a, p.b) for p in self.pairs], task_id)
 
 
 def paired_success(pairs: Sequence[PairedOutcome], *, n_boot: int = 2000, seed: int = 0) -> PairedSuccess:
