@@ -13,9 +13,11 @@ Definitions (per layer l):
   cameras only (``segment_mask``: a masked camera's states are meaningless but prompt-dependent). It is not a loss:
   higher = the prompt changes the image states more. None (with the reason) when the collection has no
   counterfactual reruns.
-* ``expert_1_language_loss``: expert 1 reads no text tokens. Stand-in: **prompt sensitivity** of expert 1 (over all
-  captured denoising steps and tokens) when counterfactual reruns exist, else the **attention mass** its queries put
-  on the text content keys (no BOS, no trailing newline); None with the reason when neither was captured.
+* ``expert_1_language_loss``: expert 1 reads no text tokens. Stand-in: **prompt sensitivity** of expert 1 (all tokens)
+  against the rerun that differs by the prompt alone — the teacher-forced rerun (``cf_tf_*``) over every captured
+  denoising step, else the free-running rerun at denoising step 0 only (later steps carry diverged x_t) — else the
+  **attention mass** its queries put on the text content keys (no BOS, no trailing newline); None with the reason
+  when neither was captured.
 
 Each result carries ``measures[stream]`` = {"measure", "definition", "higher_means", "reason"} saying which quantity
 fills each slot and why.
@@ -178,9 +180,23 @@ def _step_text(s, step_data, emb, why) -> tuple[list | None, str | None, str | N
     return np.atleast_1d(tr.language_loss).tolist(), "language_loss", None
 
 
+def _expert1_rerun(s, step_data) -> tuple[str, slice] | None:
+    """The expert-1 rerun that differs from the baseline by the prompt alone: the teacher-forced one (every captured
+    denoising step), else the free-running one at denoising step 0 (t = 1: both runs start from the same noise)."""
+    if schema.teacher_forced(s.key) in step_data:
+        return schema.teacher_forced(s.key), slice(None)
+    times = step_data.get("denoise_times")
+    if s.cf_key in step_data and times is not None and np.isclose(float(np.ravel(times)[0]), 1.0):
+        return s.cf_key, slice(0, 1)
+    return None
+
+
 def _step_stand_in(stream, s, step_data, reason) -> tuple[list | None, str | None, str | None]:
-    if s.key is not None and s.has_cf and s.cf_key in step_data:
-        a, b = src.states(s, step_data[s.key]), src.states(s, step_data[s.cf_key])
+    rerun = (s.cf_key, slice(None))
+    if stream == "expert_1" and s.key is not None:
+        rerun = _expert1_rerun(s, step_data) or (None, None)
+    if s.key is not None and s.has_cf and rerun[0] in step_data:
+        a, b = src.states(s, step_data[s.key])[rerun[1]], src.states(s, step_data[rerun[0]])[rerun[1]]
         mask = None
         if stream == "expert_0":  # image positions of the valid cameras only
             seg = step_data["segment_mask"] if s.segment_mask_stored else None

@@ -163,7 +163,9 @@ REGISTRY: tuple[Metric, ...] = (
         S.STREAMS,
         "‖a − b‖/‖a‖ between the stream under the prompt (a) and the counterfactual prompt (b), same observation and "
         "noise (expert_0: image positions of valid cameras only; text_only: over the positions that hold the same "
-        "token under both prompts, which with a blank counterfactual is BOS alone: a one-position measure)",
+        "token under both prompts, which with a blank counterfactual is BOS alone: a one-position measure; "
+        + SM.EXPERT1_SENSITIVITY_NOTE
+        + ")",
         SM.prompt_sensitivity,
         label="prompt sensitivity ‖a−b‖/‖a‖",
         higher_means="the prompt changes the stream more (not a loss)",

@@ -105,18 +105,56 @@ def _cf_mask(b: LayerBlock, sel: list[int], steps: list[int], cf_states: np.ndar
     return cm
 
 
+EXPERT1_SENSITIVITY_NOTE = (
+    "expert_1: the teacher-forced rerun (cf_tf_*, fed the baseline's x_t) over every captured denoising step where "
+    "collected, else the free-running rerun at denoising step 0 only (both runs start from the same noise there); "
+    "after step 0 the free-running runs carry different x_t, whose divergence alone reads as sensitivity even at "
+    "layer 0 (per-step view: prompt_sensitivity_by_denoise_step)"
+)
+
+
+def _expert1_rerun(b: LayerBlock) -> tuple[str, slice] | None:
+    """(stored key, denoising-step columns) of the expert-1 rerun that differs from the baseline by the prompt alone;
+    None (reason in ``res.missing``) when the collection has none."""
+    tf_key = schema.teacher_forced(b.stream.key)
+    if tf_key in b.fields:
+        return tf_key, slice(None)
+    denoise = b.res.source.get("denoise_steps") or {}
+    ids = denoise.get("ids") or []
+    if denoise.get("kind") == "model" and ids and int(ids[0]) == 0:
+        return b.stream.cf_key, slice(0, 1)
+    if denoise.get("kind") != "model" and "denoise_times" in b.fields and b.steps:
+        # Steps labelled by capture position: the first captured one is step 0 when its time is t = 1.
+        if np.isclose(float(np.ravel(b.read("denoise_times", steps=b.steps[:1]))[0]), 1.0):
+            return b.stream.cf_key, slice(0, 1)
+    b.res.missing["expert_1.prompt_sensitivity"] = (
+        "the collection has no teacher-forced rerun (collect with --counterfactual-teacher-forced) and denoising step "
+        f"0 is not among the captured steps ({denoise.get('kind')} ids {list(ids)}): later free-running steps would "
+        "measure trajectory divergence, not the prompt"
+    )
+    return None
+
+
 def prompt_sensitivity(b: LayerBlock) -> Values | None:
-    """‖a − b‖/‖a‖ at the block's steps that have a counterfactual rerun."""
+    """‖a − b‖/‖a‖ at the block's steps that have a counterfactual rerun (expert_1: see EXPERT1_SENSITIVITY_NOTE)."""
     if not b.stream.has_cf:
         return None
+    key, cols = b.stream.cf_key, slice(None)
+    if b.stream.name == "expert_1":
+        rerun = _expert1_rerun(b)
+        if rerun is None:
+            return None
+        key, cols = rerun
     if "cf_steps" not in b.carry:
         ep = b.episode
-        b.carry["cf_steps"] = set(b.source.present_steps(ep.task_id, ep.episode, b.stream.cf_key))
+        b.carry["cf_steps"] = set(b.source.present_steps(ep.task_id, ep.episode, key))
     sel = [i for i, s in enumerate(b.steps) if s in b.carry["cf_steps"]]
     if not sel:
         return None
     steps = [b.steps[i] for i in sel]
-    cf = S.states(b.stream, b.read(b.stream.cf_key, steps=steps, layer=b.layer))
+    cf = S.states(b.stream, b.read(key, steps=steps, layer=b.layer))
+    if b.stream.name == "expert_1":  # [steps, denoising steps, B, Ts, W]
+        return steps, M.prompt_sensitivity(b.x[sel][:, cols], cf[:, cols], keep_axes=0)
     return steps, M.prompt_sensitivity(b.x[sel], cf, mask=_cf_mask(b, sel, steps, cf), keep_axes=0)
 
 
