@@ -156,9 +156,9 @@ def _within_collection(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
         "prompt_sensitivity": {
             **base,
             "correction": per_layer,
-            "control": "expert_1 here pools the free-running rerun over denoising steps (after step 0 the two runs "
-            "have different x_t); its control, the teacher-forced rerun (cf_tf_*), is in the per-denoising-step "
-            f"section ({METRIC})",
+            "control": "expert_1 here compares runs that differ by the prompt alone: the teacher-forced rerun "
+            "(cf_tf_*) where collected, else denoising step 0 of the free-running rerun; the free-running steps "
+            f"beside the teacher-forced ones are in the per-denoising-step section ({METRIC})",
         },
         METRIC: _denoise_statistics(res),
         "attention_to_text": {
