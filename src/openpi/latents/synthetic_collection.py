@@ -109,10 +109,6 @@ def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | 
     }
 
 
-def _infer(policy: Policy, spec: SyntheticCollection, obs: dict[str, Any], noise: np.ndarray) -> dict[str, Any]:
-    return policy.infer_with_latents(obs, noise=noise, capture=spec.capture)
-
-
 def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_id: int, k: int, writer) -> bool | list:
     """Runs one episode into `writer`; returns (raw observations, results) for the judge."""
     config = policy.model.config
@@ -122,7 +118,7 @@ def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_i
     for t in range(spec.n_steps):
         obs = {**observe(rng, prompt), "prompt": prompt}
         noise = rng.standard_normal((config.action_horizon, config.action_dim), dtype=np.float32)
-        result = _infer(policy, spec, obs, noise)
+        result = policy.infer_with_latents(obs, noise=noise, capture=spec.capture)
         record = base_record(t, obs, result, replan_steps=config.action_horizon, state_key="observation/state")
         if spec.store_images:
             record.update({key: obs[f"observation/{key}"] for key in ("image", "wrist_image")})
