@@ -394,3 +394,30 @@ def test_openpi_serve_command_line_starts_the_server(tmp_path):
     bad = subprocess.run([*cmd[:2], "--env", "ALOHA", "--port", "0", "--output-dir", str(tmp_path / "b")],
                          capture_output=True, text=True, cwd=REPO, timeout=300, check=False)  # fmt: skip
     assert bad.returncode == 2 and "--env ALOHA" in bad.stderr
+
+
+def test_light_client_imports_without_jax_and_drives_the_server(policy, served):
+    """pi0_latents_client: imported in a fresh interpreter without JAX (or openpi) in sys.modules, and fast; it
+    records a named episode with the server's noise, as RecordingClient does."""
+    code = ("import sys, time; t = time.perf_counter(); import pi0_latents_client; "
+            "print(time.perf_counter() - t, sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'openpi', "
+            "'openpi_client', 'flax')))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    seconds, heavy = proc.stdout.split(" ", 1)
+    assert heavy.strip() == "[]" and float(seconds) < 1.0, proc.stdout
+
+    import pi0_latents_client
+
+    with pi0_latents_client.Client(port=served.port) as client:
+        assert client.metadata["latent_recording"]["connections_task_id"] == CONN
+        client.start_episode(2, task_id=4, suite="libero_goal")
+        element = observation(7)
+        got = client.infer(element, t=0)
+        assert got["record"] == {"task_id": 4, "episode_id": 2, "t": 0, "step": 0}
+        assert client.end_episode(success=False)["success"] is False
+        with pytest.raises(pi0_latents_client.ServerError, match="has 7 dims"):
+            client.infer({**element, "observation/state": np.zeros(7, np.float32)})
+    assert_infer_equal(policy, element, noises(policy, 4, 2, 1)[0], got["actions"])
+    served.stop()
+    episode = expert_data_utils.load_inference_task_data(served.out, task_id=4)["episodes"]["episode_2"]
+    assert episode["metadata"]["success"] is False and list(episode["rollout_steps"]) == ["step_0"]
