@@ -21,6 +21,10 @@ storage; credentials and endpoint come from the standard environment variables (
 
 Ctrl-C (or SIGTERM) stops after the inference in flight and prints the command that resumes the run.
 
+`--capture seed` records what the seed plan's notebooks read (full expert-0 and expert-1 streams, every layer and
+denoising step, and the text window: 82.5 MB per inference for the full-size model in bf16; open with
+`expert_data_utils.load_seed_task_data`); `--capture everything` / `off` are the other named specs.
+
 `--list-tasks [--task-suite NAME]` prints the suites (or a suite's task ids, names and instructions) and exits.
 openpi's LIBERO example spellings `--task-suite-name` / `--num-trials-per-task` are answered with this script's.
 """
@@ -33,6 +37,7 @@ import tyro
 
 from openpi.latents import collect
 from openpi.latents.collect import args as args_lib
+from openpi.models.capture import split_capture_preset
 from openpi.shared import cli
 
 
@@ -95,4 +100,10 @@ if __name__ == "__main__":
     code = early_exit(sys.argv[1:])
     if code is not None:
         raise SystemExit(code)
-    main(tyro.cli(collect.CollectionArgs, description=__doc__), sys.argv)
+    try:
+        capture, rest = split_capture_preset(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    default = None if capture is None else collect.CollectionArgs(capture=capture)
+    main(tyro.cli(collect.CollectionArgs, args=rest, default=default, description=__doc__), sys.argv)
