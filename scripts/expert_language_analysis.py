@@ -82,6 +82,8 @@ class Args:
     conditions: pathlib.Path | None = None
     # The baseline store of --conditions (default: the one among them with the task prompt and no intervention).
     baseline: pathlib.Path | None = None
+    # Pair --conditions stores with a baseline of another task suite (refused by default: different tasks).
+    allow_other_suites: bool = False
     # Pooled metrics (token-identity probe, tuned lens, CKA, effective rank) on a sample of every episode's steps.
     pooled: bool = True
     # Held-out unit of the token probe and the tuned lens: "task" (prompts never seen in training) or "episode".
@@ -189,7 +191,10 @@ def main(args: Args) -> dict:
     if conditions is not None:
         from openpi.latents.analysis.behaviour import analyze_conditions
 
-        behaviour = analyze_conditions(conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed)
+        behaviour = analyze_conditions(
+            conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed,
+            allow_other_suites=args.allow_other_suites,
+        )  # fmt: skip
     comparison = None
     if matched is not None:
         from openpi.latents.analysis.model_comparison import compare_models

@@ -24,6 +24,7 @@ from openpi.latents import collect as collection
 from openpi.latents import store, text_latent
 from openpi.latents.analysis import behaviour as B
 from openpi.latents.collect import conditions as C
+from openpi.latents.report import behaviour as behaviour_report
 from openpi.policies import policy_config, presets
 
 SUITE, TASK_ID, STEPS, DENOISE = "libero_goal", 0, 10, 2
@@ -326,3 +327,22 @@ def test_behaviour_analysis_and_report_section(runs, tmp_path):
     assert "McNemar" in text and "paired baseline" in text
     for name in ("behaviour_condition_task.png", "behaviour_per_layer.png", "behaviour.csv"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.libero
+def test_conditions_table_resolves_paths_shows_suites_and_refuses_other_suites(runs, monkeypatch, tmp_path):
+    """An absolute --baseline with relative --conditions is not paired with itself; every row names its suite and
+    the baseline; a store of another suite (libero_goal_task vs libero_goal) is refused unless asked."""
+    monkeypatch.chdir(runs.root.parent)
+    baseline = (runs.root / "baseline").resolve()
+    beh = B.analyze_conditions(runs.root.name, baseline=baseline)  # relative conditions, absolute baseline
+    assert all(pathlib.Path(e.root) != baseline for e in beh.effects)  # the baseline is not among the conditions
+    assert "baseline" not in [e.name for e in beh.effects]
+    assert {e.suite for e in beh.effects} == {SUITE}
+    lines = behaviour_report.behaviour_section(beh, tmp_path / "r")
+    rows = [line for line in lines if line.startswith("| `")]
+    assert rows and all(f"| {SUITE} | `baseline` (baseline) |" in row for row in rows)
+    with pytest.raises(ValueError, match="ran suite libero_goal_task but the baseline .* ran libero_goal"):
+        B.analyze_conditions([runs.pro], baseline=baseline)
+    other = B.analyze_conditions([runs.pro], baseline=baseline, allow_other_suites=True)
+    assert [e.suite for e in other.effects] == ["libero_goal_task"]

@@ -110,6 +110,7 @@ class ConditionEffect:
     b: int
     c: int
     p_mcnemar: float
+    suite: str = ""  # the condition store's task suite(s)
 
     @property
     def layer(self) -> int | None:
@@ -190,6 +191,10 @@ def find_stores(root: str | pathlib.Path) -> list[pathlib.Path]:
     return found
 
 
+def _suites(store) -> str:
+    return ",".join(sorted({str(store.task_info(t).get("suite")) for t in store.task_ids()}))
+
+
 def _episodes(store) -> dict[tuple[int, int], Any]:
     return {(t, k): store.episode(t, k) for t in store.task_ids() for k in store.episode_indices(t)}
 
@@ -216,12 +221,16 @@ def analyze_conditions(
     threshold: float = DIVERGENCE_THRESHOLD,
     n_boot: int = 2000,
     seed: int = 0,
+    allow_other_suites: bool = False,
 ) -> BehaviourAnalysis:
     """Every condition store of `roots` against the baseline store (`baseline`, else the one whose condition is the
-    task prompt with no intervention); see the module docstring for the definitions."""
+    task prompt with no intervention); see the module docstring for the definitions. Paths are compared resolved (an
+    absolute baseline is found among relative condition paths); a condition store of another task suite than the
+    baseline's is refused unless `allow_other_suites` (e.g. a LIBERO-PRO perturbation against its standard suite)."""
     from openpi.latents import store as store_lib
 
     paths = find_stores(roots) if isinstance(roots, str | pathlib.Path) else [pathlib.Path(r) for r in roots]
+    paths = [p.expanduser().resolve() for p in paths]
     stores = {p: store_lib.open_store(p) for p in paths}
     if baseline is None:
         candidates = [p for p, s in stores.items() if _is_baseline(_condition_of(s))]
@@ -231,12 +240,20 @@ def analyze_conditions(
                 f"{[str(p) for p in paths]}; pass the baseline store explicitly (or collect with --condition.baseline)."
             )
         baseline = candidates[0]
-    base_path = pathlib.Path(baseline)
+    base_path = pathlib.Path(baseline).expanduser().resolve()
     base_store = stores.pop(base_path, None) or store_lib.open_store(base_path)
     base_eps = _episodes(base_store)
+    base_suite = _suites(base_store)
     notes, effects = [], []
     for path, st in stores.items():
         cond = _condition_of(st)
+        suite = _suites(st)
+        if suite != base_suite and not allow_other_suites:
+            raise ValueError(
+                f"{path} (condition {cond['name']!r}) ran suite {suite} but the baseline {base_path} ran {base_suite}: "
+                "their episodes are different tasks. Pass the matching baseline, or --allow-other-suites "
+                "(allow_other_suites=True) to pair them by task id and initial state anyway."
+            )
         pairs = []
         for key, ep in _episodes(st).items():
             b_ep = base_eps.get(key)
@@ -254,7 +271,8 @@ def analyze_conditions(
         c = sum(p.cond_success and not p.base_success for p in pairs)
         effects.append(
             ConditionEffect(
-                str(cond["name"]), str(path), cond, tuple(pairs), diff, (lo, hi), why, b, c, mcnemar_exact(b, c)
+                str(cond["name"]), str(path), cond, tuple(pairs), diff, (lo, hi), why, b, c, mcnemar_exact(b, c),
+                suite,
             )
         )
     effects.sort(key=lambda e: (e.recipe or "", e.layer if e.layer is not None else -1, e.name))
