@@ -36,7 +36,7 @@ import tyro
 from openpi.latents import analysis, report
 from openpi.latents.analysis.language_loss import analyze_inference_language_loss, analyze_rollout_step
 from openpi.latents.store.location import ObjectStoreError
-from openpi.shared import cli
+from openpi.shared import cli, jax_cache
 
 __all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "main"]
 
@@ -103,6 +103,9 @@ class Args:
     # Also write the compared collection's own full report into <output-dir>/compare_<model>/ (--no-compare-report
     # skips it: the section still compares both).
     compare_report: bool = True
+    # Persistent JAX compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR; neither: compile every run). A
+    # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
+    jax_cache_dir: str | None = None
 
 
 def _embedding(args: Args, checkpoint: str | None) -> object:
@@ -176,6 +179,7 @@ def _settings(args: Args) -> dict:
 
 def main(args: Args) -> dict:
     cli.configure_logging()
+    jax_cache.configure(args.jax_cache_dir)  # the text decoding and the logit lens compile
     t0 = time.monotonic()
     matched, conditions = _matched_comparison(args)  # refuses unmatched collections before any work
     res = analysis.analyze_collection(

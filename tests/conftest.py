@@ -1,11 +1,49 @@
-"""Shared test fixtures: the upstream-produced golden fixture lives in tests/data (copied from shared/fixtures)."""
+"""Test-session plumbing and shared fixtures.
 
+JAX compilation cache: before anything compiles, the session points JAX's persistent compilation cache at
+``$JAX_COMPILATION_CACHE_DIR`` if set, else at pytest's cache directory (``.pytest_cache/d/jax_compilation_cache`` in
+the checkout; the temp directory under ``-p no:cacheprovider``; never the home directory), and exports it, so that the
+CLI subprocesses, env workers and Ray workers the tests start load what an earlier test compiled. Every entry is
+written (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` defaults to 0 here): on 2 CPU cores compiling the tiny models
+is most of the suite's time.
+
+Markers: ``libero`` (runs the LIBERO simulator) and ``slow`` (more than ~20 s on 2 cores); ``pytest -m "not slow"`` is
+the inner loop.
+
+Fixtures for everyone (session-scoped, read-only: do not mutate what they return):
+- ``load_script("inference_latent_collection")``: a scripts/*.py module, for in-process CLI checks.
+- ``tiny_a_dir`` / ``tiny_a_inputs`` / ``tiny_a_expected``: the upstream-produced golden pi0 fixture (tests/data,
+  copied from shared/fixtures); ``lora_tiny_a_*`` and ``pi05_*`` likewise for LoRA and pi0.5.
+"""
+
+import importlib.util
+import os
 import pathlib
+import sys
+import tempfile
+import types
 
 import numpy as np
 import pytest
 
+from openpi.shared import jax_cache
+
 DATA_DIR = pathlib.Path(__file__).parent / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    cache_dir = os.environ.get(jax_cache.ENV_VAR)
+    if not cache_dir:
+        cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+        fallback = pathlib.Path(tempfile.gettempdir()) / f"openpi_jax_cache_{os.getuid()}"
+        cache_dir = cache.mkdir("jax_compilation_cache") if cache is not None else fallback
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    jax_cache.configure(cache_dir)
+    if "jax" in sys.modules:  # imported before this hook (by a plugin): it read the environment too early
+        min_secs = float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+        sys.modules["jax"].config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+
+
 TINY_A = DATA_DIR / "pi0_tiny_a"
 # The LoRA fixture's inputs are pi0_tiny_a's (same seeds; checked equal when copied), so only expected.npz is kept.
 LORA_TINY_A = DATA_DIR / "pi0_lora_tiny_a"
@@ -58,3 +96,27 @@ def pi05_inputs() -> dict[str, np.ndarray]:
 def pi05_expected() -> dict[str, np.ndarray]:
     with np.load(PI05_TINY_A / "expected.npz", allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
+
+
+SCRIPTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("serve_policy")``: the module scripts/serve_policy.py, imported once per session.
+
+    For refusal checks that only need argument parsing: ``tyro.cli(module.Args, args=[...])`` then ``module.main``
+    in-process, instead of a subprocess that imports JAX again (seconds each on 2 cores).
+    """
+    loaded: dict[str, types.ModuleType] = {}
+
+    def load(name: str) -> types.ModuleType:
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS_DIR / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+
+    return load
