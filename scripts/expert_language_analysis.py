@@ -29,6 +29,7 @@ import dataclasses
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 import tyro
@@ -38,7 +39,7 @@ from openpi.latents.analysis.language_loss import analyze_inference_language_los
 from openpi.latents.store.location import ObjectStoreError
 from openpi.shared import cli, jax_cache
 
-__all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "main"]
+__all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "cli_main", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,9 +215,14 @@ def main(args: Args) -> dict:
     return data
 
 
-if __name__ == "__main__":
+def cli_main(argv: Sequence[str] | None = None) -> dict:
+    """The command line (`argv`, default ``sys.argv[1:]``): bad input is one ``error:`` line and exit code 2."""
     try:
-        main(tyro.cli(Args, description=__doc__))
+        return main(tyro.cli(Args, args=argv, description=__doc__))
     except (ValueError, FileNotFoundError, PermissionError, KeyError, ObjectStoreError) as e:
         print(f"error: {cli.cli_message(str(e), {'allow_pickle': '--allow-pickle'})}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli_main()

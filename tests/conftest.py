@@ -8,7 +8,7 @@ written (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` defaults to 0 here): on 
 is most of the suite's time.
 
 Markers: ``libero`` (runs the LIBERO simulator) and ``slow`` (more than ~20 s on 2 cores); ``pytest -m "not slow"`` is
-the inner loop.
+the inner loop. A test that makes a LIBERO env in-process without the ``libero`` marker fails (`_guard_libero_envs`).
 
 Fixtures for everyone (session-scoped, read-only: do not mutate what they return):
 - ``load_script("inference_latent_collection")``: a scripts/*.py module, for in-process CLI checks.
@@ -42,6 +42,35 @@ def pytest_configure(config: pytest.Config) -> None:
     if "jax" in sys.modules:  # imported before this hook (by a plugin): it read the environment too early
         min_secs = float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
         sys.modules["jax"].config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+    _guard_libero_envs()
+
+
+# True while the running test (setup, call, teardown) is marked `libero`; a LiberoEnv made otherwise fails the test,
+# so that `-m "not libero"` really leaves the simulator out (env workers in subprocesses are not seen here).
+_libero_allowed = True
+
+
+def _guard_libero_envs() -> None:
+    from openpi.envs import libero as libero_env
+
+    real_init = libero_env.LiberoEnv.__init__
+
+    def guarded_init(self, *args, **kwargs):
+        if not _libero_allowed:
+            pytest.fail("this test starts a LIBERO env: mark it @pytest.mark.libero", pytrace=False)
+        real_init(self, *args, **kwargs)
+
+    libero_env.LiberoEnv.__init__ = guarded_init
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    global _libero_allowed
+    _libero_allowed = item.get_closest_marker("libero") is not None
+    try:
+        yield
+    finally:
+        _libero_allowed = True
 
 
 TINY_A = DATA_DIR / "pi0_tiny_a"
