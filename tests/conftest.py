@@ -42,7 +42,37 @@ def pytest_configure(config: pytest.Config) -> None:
     if "jax" in sys.modules:  # imported before this hook (by a plugin): it read the environment too early
         min_secs = float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
         sys.modules["jax"].config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+    _count_cache_use()
     _guard_libero_envs()
+
+
+# This process's use of the compilation cache, for the line at the end of the run (subprocesses are not counted).
+_cache_use = {"hits": 0, "misses": 0, "saved_s": 0.0}
+
+
+def _count_cache_use() -> None:
+    from jax import monitoring
+
+    events = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+
+    def on_event(event: str, **_) -> None:
+        if event in events:
+            _cache_use[events[event]] += 1
+
+    def on_duration(event: str, secs: float, **_) -> None:
+        if event == "/jax/compilation_cache/compile_time_saved_sec":
+            _cache_use["saved_s"] += secs
+
+    monitoring.register_event_listener(on_event)
+    monitoring.register_event_duration_secs_listener(on_duration)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    use = _cache_use
+    terminalreporter.write_line(
+        f"JAX compilation cache {os.environ.get(jax_cache.ENV_VAR)}: {use['hits']} hits ({use['saved_s']:.0f} s of "
+        f"compiling saved), {use['misses']} misses in the test process"
+    )
 
 
 # True while the running test (setup, call, teardown) is marked `libero`; a LiberoEnv made otherwise fails the test,
