@@ -245,4 +245,3 @@ def _describe_value(v):
     if hasattr(v, "shape") and hasattr(v, "dtype"):
         return {"shape": list(v.shape), "dtype": str(v.dtype)}
     return list(v) if isinstance(v, tuple) else v
-
