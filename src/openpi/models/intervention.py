@@ -37,6 +37,7 @@ language knockouts, named by the path they cut:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Literal
@@ -233,7 +234,7 @@ def describe(iv: Intervention | None) -> dict[str, Any] | None:
         return None
     out = []
     for op in iv.ops:
-        fields = {name: getattr(op, name) for name in op.__dataclass_fields__}
+        fields = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
         if isinstance(op, Knockout) and op.denoise_steps is None:
             del fields["denoise_steps"]  # as descriptions written before knockouts took denoise steps
         out.append({"op": op.op_name, **{k: _describe_value(v) for k, v in fields.items()}})
