@@ -26,9 +26,9 @@ query whose every key is masked gets a uniform softmax over all keys, as upstrea
 language knockouts, named by the path they cut:
   knockout_attention("suffix", "text") — the direct path (action-expert queries reading the text keys); language
       still reaches the actions through the image tokens, which read the text in expert 0 (the positive control
-      organism still follows the prompt 50% of the time, chance 25%).
+      organism still follows the prompt in 35% of (observation, prompt) pairs, chance 25%).
   knockout_attention("all", "text") — every query's read of the text keys; the prompt's length still sets the
-      positions of every later token (different-length prompts: 0.27-0.32 action change on the random tiny model).
+      positions of every later token (prompts one token apart: max action change 0.22 on the fixture model).
   knockout_language() — language entirely: the text keys and the prompt-length dependence of the positions.
 
 `Pi0.sample_actions` / `infer_with_latents` call `Intervention.validate` before compiling (errors name the fix);
