@@ -161,7 +161,8 @@ def knockout_attention(queries: Span, keys: Span, layers=None, heads=None, *, de
 
 def knockout_language() -> Intervention:
     """Remove language entirely: no query of either expert reads the text keys (every layer and denoising step), and
-    positions are counted as if the prompt were absent, so nothing depends on the prompt or its length."""
+    positions are counted as if the prompt were absent, so nothing depends on the prompt or its length. On pi0.5 with
+    `discrete_state_input` the state's digits are prompt tokens, so they are removed with it."""
     return Intervention((LanguageKnockout(),))
 
 
