@@ -174,8 +174,8 @@ def patch(expert: int, tokens: Span, layers, values, *, stream: StreamPoint = "r
     values = jnp.asarray(values)
     if values.dtype == jnp.bfloat16:
         warnings.warn(
-            "patch: the values are bfloat16, so an own-value patch into a float32 model is not a no-op (3.3e-4 on "
-            "the tiny model); capture them with CaptureSpec(dtype='float32') to patch exactly.",
+            "patch: the values are bfloat16, so an own-value patch into a float32 model is not a no-op (3.9e-3 on "
+            "the fixture model); capture them with CaptureSpec(dtype='float32') to patch exactly.",
             stacklevel=2,
         )
     return Intervention((Patch(**_common(expert, tokens, layers, stream, denoise_steps), values=values),))
