@@ -355,3 +355,102 @@ def test_analysis_cli_refuses_a_damaged_collection_unless_skip_damaged(tmp_path)
         cli.main(cli.Args(**args, output_dir=tmp_path / "r2"))
     cli.main(cli.Args(**args, output_dir=tmp_path / "r3", skip_damaged=True))
     assert (tmp_path / "r3" / "report.md").is_file()
+
+
+# --- issue 19: checksums that bind content and place; metadata and commit records checked ----------------------------
+LEGACY_V2_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "legacy_store_v2.tar.gz"
+
+
+def test_chunk_swapped_with_another_rows_or_episodes_is_flagged_and_reads_raise(tmp_path, capsys):
+    root = write_store(tmp_path / "run")
+    ep0, ep1 = root / EP0, root / "task_003" / "episode_1"
+    # Unsharded: two valid chunk files of actions swapped within episode 0; state of row 2 copied from episode 1.
+    a2, a3 = ep0 / "actions" / "c" / "2" / "0" / "0", ep0 / "actions" / "c" / "3" / "0" / "0"
+    a2_bytes, a3_bytes = a2.read_bytes(), a3.read_bytes()
+    a2.write_bytes(a3_bytes)
+    a3.write_bytes(a2_bytes)
+    s2 = ep0 / "state" / "c" / "2" / "0"
+    s2.write_bytes((ep1 / "state" / "c" / "2" / "0").read_bytes())
+    # Sharded: the shard of row 1 replaced by row 4's.
+    shard = ep0 / "expert_0_hidden_states" / "c" / "1" / "0" / "0" / "0" / "0"
+    shard.write_bytes((ep0 / "expert_0_hidden_states" / "c" / "4" / "0" / "0" / "0" / "0").read_bytes())
+
+    assert store_cli(["verify", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    for path, key, row in ((a2, "actions", 2), (a3, "actions", 3), (s2, "state", 2), (shard, "expert_0_hidden_states", 1)):
+        assert f"{path}: checksum mismatch of key {key!r} row {row}" in out, out
+    assert "episode 1" not in out
+    reader = store.open_store(root).episode(3, 0)
+    for key, step in (("actions", 2), ("actions", 3), ("state", 2), ("expert_0_hidden_states", 1)):
+        with pytest.raises(store.StoreCorruptionError, match="does not match the checksum"):
+            reader.read(key, steps=step)
+    np.testing.assert_array_equal(reader.read("actions", steps=4), make_record(0, 4)["actions"])  # others still read
+
+
+def test_commit_record_bit_flip_or_copy_from_another_episode_is_damage(tmp_path, capsys):
+    root = write_store(tmp_path / "run")
+    commit = root / EP0 / "commit.json"
+    raw = commit.read_bytes()
+    i = raw.index(b"put the bowl") + 4
+    flipped = raw[:i] + bytes([raw[i] ^ 0x01]) + raw[i + 1 :]  # "put uhe bowl": still valid JSON
+    json.loads(flipped)
+    commit.write_bytes(flipped)
+    with pytest.raises(store.DamagedEpisodeError, match="body checksum mismatch"):
+        store.open_store(root).episode(3, 0)
+    assert store_cli(["verify", str(root), "--quiet"]) == 1
+    assert f"task 3 episode 0: {root / EP0}:" in capsys.readouterr().out
+    commit.write_bytes((root / "task_003" / "episode_1" / "commit.json").read_bytes())  # another episode's record
+    with pytest.raises(store.DamagedEpisodeError, match="another episode"):
+        store.open_store(root).episode(3, 0)
+    commit.write_bytes(raw)
+    assert store_cli(["verify", str(root), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("data_type", "int32", "dtype int32"),
+        ("endian", "big", "byte order"),
+        ("shape", [6, 5, 8], "per-step shape"),
+    ],
+)
+def test_array_metadata_edited_to_valid_but_wrong_values_is_refused(tmp_path, capsys, edit):
+    root = write_store(tmp_path / "run")
+    meta_path = root / EP0 / "actions" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    field, value, message = edit
+    if field == "endian":
+        meta["codecs"][0]["configuration"]["endian"] = value
+    elif field == "shape":
+        meta["shape"] = value
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = [1, 5, 8]
+    else:
+        meta[field] = value
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(store.StoreCorruptionError, match=message):
+        store.open_store(root).episode(3, 0).read("actions", steps=0)
+    assert store_cli(["verify", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{meta_path}: the array metadata of key 'actions' (task 3 episode 0) disagrees with its commit record: " + (
+        message
+    ) in out, out
+
+
+def test_format_2_store_verifies_and_reads_and_is_not_called_damaged(tmp_path, capsys):
+    """A format-2 store written by the code of commit c6624e1 (write_store of store_kill_helper, episode 0 only)."""
+    with tarfile.open(LEGACY_V2_FIXTURE) as tar:
+        tar.extractall(tmp_path, filter="data")
+    root = tmp_path / "legacy_store_v2"
+    assert json.loads((root / EP0 / "commit.json").read_text())["format_version"] == 2
+    assert store_cli(["verify", str(root), "--quiet", "--decode"]) == 0
+    out = capsys.readouterr().out
+    assert "1 episodes (1 complete, 0 incomplete)" in out and "intact." in out
+    assert "note: 1 episodes were written in an earlier format" in out and "(not damage)" in out
+    for i in range(STEPS_PER_EPISODE):
+        assert_record(steps_of(root)[f"step_{5 * i}"], 0, i)
+    chunk = root / EP0 / "actions" / "c" / "2" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[20] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    assert store_cli(["verify", str(root), "--quiet"]) == 1  # a flipped bit is still caught in format 2
+    assert f"{chunk}: checksum mismatch of key 'actions' row 2" in capsys.readouterr().out
