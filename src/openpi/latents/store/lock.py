@@ -19,8 +19,11 @@ a *conditional* PUT that fails if the object exists (S3 ``If-None-Match: *``, s3
 ``ifGenerationMatch=0`` where gcsfs implements ``mode="create"``), which is as exclusive as ``os.link``. Where the
 filesystem has no conditional create (fsspec's generic fallback checks, then writes), the lock is *best effort*: two
 writers starting within the same second may both get it; a warning says so. Breaking a stale lock on object storage
-has no guard file: it re-reads the lock just before deleting it and deletes it only if it still holds the same stale
-token, which leaves a window of one request between the read and the delete.
+is itself exclusive: the breaker first creates a *takeover record* ``.writer.lock.takeover-<crc32 of the stale lock's
+bytes>`` with the same conditional PUT, so of several processes breaking the same stale lock only one may delete it;
+that one re-reads the lock after creating the record and deletes it only if it still has the judged bytes (so a
+breaker that comes late, after the record was removed, finds the new lock and stops). The others are refused with
+"another process is taking over". A takeover record left by a breaker that died is named in that message.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import os
 import pathlib
 import socket
 import uuid
+import zlib
 from typing import Any
 
 from openpi.latents.store import location
@@ -231,18 +235,38 @@ class ObjectLock(FileLock):
             return me
         raise StoreLockedError(f"{self.what}: another writer took the lock {self.path} while this one broke it.")
 
+    def _raw(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
     def _break_stale(self) -> None:
+        judged = self._raw()
+        if judged is None:
+            return  # gone already: the acquire loop retries the conditional create
+        self.check(break_stale=True)  # raises unless the lock (as now) is stale
+        if self._raw() != judged:
+            return  # replaced meanwhile: the acquire loop finds the new lock
+        record = self.path.with_name(f".{self.path.name}.takeover-{zlib.crc32(judged):08x}")
+        me = _me(f"takeover of {self.path.name}")
         try:
-            before = read_holder(self.path)
-        except ValueError:
-            before = None
-        self.check(break_stale=True)
+            self.path.fs.pipe_file(record.path, json.dumps(dataclasses.asdict(me)).encode(), mode="create")
+        except FileExistsError:
+            try:
+                taker = read_holder(record)
+            except ValueError:
+                taker = None
+            raise StoreLockedError(
+                f"{self.what}: another process ({taker.describe() if taker else 'unknown'}) is taking over the stale "
+                f"writer lock {self.path} at the same time (takeover record {record}); only one may. If that "
+                f"process is gone too, delete {record} and retry."
+            ) from None
         try:
-            now = read_holder(self.path)
-        except ValueError:
-            now = None
-        if before is None or now is None or now.token == before.token:  # still the stale lock we judged
-            self.path.unlink(missing_ok=True)
+            if self._raw() == judged:  # still the lock we judged stale: no other breaker got here first
+                self.path.unlink(missing_ok=True)
+        finally:
+            record.unlink(missing_ok=True)
 
 
 def conditional_put_supported(fs) -> bool:
