@@ -226,6 +226,24 @@ def test_second_writer_is_refused_and_a_stale_lock_is_broken_only_with_the_flag(
     assert store.completed_episodes(root) == {(3, 0), (3, 1), (3, 2)}
 
 
+def test_lock_from_another_pid_namespace_is_never_judged_stale(tmp_path):
+    """Issue 19 item 3: a live writer in another container on this host: its pid means nothing here."""
+    root = write_store(tmp_path / "run", episodes=(0,))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    own_ns = os.readlink("/proc/self/ns/pid")
+    holder = {"host": os.uname().nodename, "pid": dead.pid, "token": "other", "started": "x", "pid_ns": "pid:[1]"}
+    assert holder["pid_ns"] != own_ns
+    (root / "writer.lock").write_text(json.dumps(holder))
+    with pytest.raises(store.StoreLockedError, match=r"another PID namespace \(pid:\[1\]\).*never breaks"):
+        store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True, break_stale_lock=True)
+    assert json.loads((root / "writer.lock").read_text())["token"] == "other"  # not broken
+    holder["pid_ns"] = own_ns  # the same holder in this namespace is stale, and broken with the flag
+    (root / "writer.lock").write_text(json.dumps(holder))
+    with store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True, break_stale_lock=True):
+        assert json.loads((root / "writer.lock").read_text())["pid_ns"] == own_ns
+
+
 def test_second_writer_in_the_same_process_is_refused(tmp_path):
     with store.LatentStoreWriter.create_or_open(tmp_path / "run", MANIFEST, resume=False):
         with pytest.raises(store.StoreLockedError, match=f"pid {os.getpid()}"):

@@ -4,11 +4,12 @@ A lock is a small JSON file created exclusively (written to a temp file, then ``
 appears complete or not at all; on object storage :class:`ObjectLock` uses a conditional PUT instead)::
 
     {"host": "node-3", "pid": 12345, "pid_start": 98765432, "boot_id": "...", "started": "2025-01-01T10:00:00+00:00",
-     "token": "<uuid4 hex>", "purpose": "writer"}
+     "token": "<uuid4 hex>", "purpose": "writer", "pid_ns": "pid:[4026531836]"}
 
 The store writer holds ``<root>/writer.lock`` from ``create_or_open`` to ``close``. A lock is *stale* when its holder
-ran on this host and is gone: no process with that pid, or one started at another time (pid reused), or the machine
-rebooted since (``boot_id``). A live lock refuses the second writer; a stale one is broken only when asked
+ran on this host, in this PID namespace, and is gone: no process with that pid, or one started at another time (pid
+reused), or the machine rebooted since (``boot_id``). A lock from another PID namespace (``pid_ns``: another
+container on the same host, whose pids mean other processes) cannot be judged, like one from another host. A live lock refuses the second writer; a stale one is broken only when asked
 (``break_stale_lock=True``, the collection's ``--break-stale-lock``); a lock from another host is never judged (its
 message says which file to delete once that host's writer is known to be gone). Many workers later: each takes the
 store lock only briefly to update shared files (manifest, root attrs) and holds one lock per episode it writes
@@ -58,6 +59,7 @@ class LockHolder:
     started: str
     token: str
     purpose: str
+    pid_ns: str | None = None  # the holder's PID namespace (/proc/self/ns/pid); None in locks written before
 
     def describe(self) -> str:
         return f"pid {self.pid} on host {self.host!r} (started {self.started})"
@@ -79,6 +81,13 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _me(purpose: str) -> LockHolder:
     return LockHolder(
         host=socket.gethostname(),
@@ -88,6 +97,7 @@ def _me(purpose: str) -> LockHolder:
         started=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         token=uuid.uuid4().hex,
         purpose=purpose,
+        pid_ns=_pid_namespace(),
     )
 
 
@@ -106,15 +116,19 @@ def read_holder(path: location.StorePath) -> LockHolder | None:
             str(data.get("started", "?")),
             str(data["token"]),
             str(data.get("purpose", "writer")),
+            data.get("pid_ns"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a lock file ({e})") from e
 
 
 def holder_is_stale(holder: LockHolder) -> bool | None:
-    """True: the holder ran on this host and is gone. False: it is alive. None: another host, cannot tell."""
+    """True: the holder ran on this host and is gone. False: it is alive. None: another host or PID namespace,
+    cannot tell."""
     if holder.host != socket.gethostname():
         return None
+    if holder.pid_ns and _pid_namespace() and holder.pid_ns != _pid_namespace():
+        return None  # its pid names another process here (containers sharing the host network)
     if holder.boot_id and _boot_id() and holder.boot_id != _boot_id():
         return True
     try:
@@ -157,9 +171,11 @@ class FileLock:
                 "use a store: wait for it to finish, or write to another --output-dir."
             )
         if stale is None:
+            where = "another host" if holder.host != socket.gethostname() else f"another PID namespace ({holder.pid_ns})"
             raise StoreLockedError(
-                f"{self.what} is locked by {holder.describe()}, another host, whose process cannot be checked from "
-                f"here. If no writer runs there any more, delete {self.path} and retry."
+                f"{self.what} is locked by {holder.describe()}, {where}, whose process cannot be checked from "
+                f"here (--break-stale-lock never breaks such a lock). If no writer runs there any more, delete "
+                f"{self.path} and retry."
             )
         if not break_stale:
             raise StoreLockedError(
