@@ -472,3 +472,35 @@ def test_format_2_store_verifies_and_reads_and_is_not_called_damaged(tmp_path, c
     chunk.write_bytes(bytes(raw))
     assert store_cli(["verify", str(root), "--quiet"]) == 1  # a flipped bit is still caught in format 2
     assert f"{chunk}: checksum mismatch of key 'actions' row 2" in capsys.readouterr().out
+
+
+def test_episode_with_data_but_no_commit_record_is_damage_and_resume_keeps_it_aside(tmp_path, capsys):
+    """Issue 19 item 7: a finished episode whose commit.json was lost (an interrupted copy)."""
+    root = write_store(tmp_path / "run")
+    (root / EP0 / "commit.json").unlink()
+    assert store_cli(["verify", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "task 3 episode 0" in out and "missing, but the episode folder holds data of 19 keys" in out, out
+    assert "--resume moves the folder aside" in out
+    with pytest.raises(store.StoreCorruptionError, match="missing, but the episode folder holds data"):
+        store.open_store(root).require_intact()  # the analysis refuses rather than run on fewer episodes
+    with store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True) as writer:
+        assert writer.completed == {(3, 1)}
+        write_episode(writer, 0)
+    aside = root / "task_003" / "episode_0.kept-aside-0"
+    assert (aside / "actions" / "c" / "2" / "0" / "0").is_file()  # not deleted
+    assert store.completed_episodes(root) == {(3, 0), (3, 1)}
+    assert store_cli(["verify", str(root), "--quiet"]) == 0
+    assert json.loads((root / "zarr.json").read_text())["attributes"]["resumes"][-1]["kept_aside"] == [str(aside)]
+
+
+def test_resume_check_refuses_a_damaged_finished_episode_and_a_dangling_symlink(tmp_path):
+    """Issue 19 items 14-15 at the store level (the collection CLI: test_collection's setup-error cases)."""
+    root = write_store(tmp_path / "run", episodes=(0,))
+    (root / EP0 / "commit.json").write_text("{garbage")
+    with pytest.raises(store.DamagedEpisodeError, match="Cannot resume"):
+        store.LatentStoreWriter.check_can_open(root, MANIFEST, resume=True)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(NotADirectoryError, match="is a symbolic link to .*gone, which does not exist"):
+        store.check_writable(link / "sub")

@@ -137,12 +137,15 @@ def read_commit(ep_dir: pathlib.Path) -> tuple[CommitRecord, dict[str, Any]]:
     try:
         group_attrs = read_group_attrs(ep_dir)
     except StoreFormatError as e:
+        if raw is None:
+            _refuse_data_without_record(ep_dir)
         complete = raw is not None and _says_complete(raw)
         raise DamagedEpisodeError(
             f"{e} (episode folder {ep_dir}; {'its commit record says complete' if complete else 'not complete'})",
             may_be_complete=complete,
         ) from e
-    if raw is None and sf.EPISODE_COMMIT_MARKER in group_attrs:  # format 2, begun, no step committed yet
+    if raw is None and sf.EPISODE_COMMIT_MARKER in group_attrs:  # format 2+, begun, no step committed yet
+        _refuse_data_without_record(ep_dir)  # the record is written before any array: data without it is damage
         return CommitRecord(0, False, [], {}, {}, {}, {}, {}), group_attrs
     try:
         if raw is not None:
@@ -168,6 +171,21 @@ def read_commit(ep_dir: pathlib.Path) -> tuple[CommitRecord, dict[str, Any]]:
             + ("it may hold a finished episode." if complete else "the episode had not finished."),
             may_be_complete=complete,
         ) from e
+
+
+def _refuse_data_without_record(ep_dir: pathlib.Path) -> None:
+    """DamagedEpisodeError if the episode folder holds chunk files but no commit record (an interrupted copy, a
+    deleted commit.json): nothing says which rows are whole, so it may be a finished episode; resume keeps it aside."""
+    data = [d.name for d in ep_dir.iterdir() if d.is_dir() and (d / "c").exists()]
+    if data:
+        raise DamagedEpisodeError(
+            f"{ep_dir / sf.COMMIT_FILE}: missing, but the episode folder holds data of {len(data)} keys "
+            f"({', '.join(sorted(data)[:4])}{', ...' if len(data) > 4 else ''}); it may be a finished episode "
+            "whose commit record was lost (an interrupted copy?). Restore commit.json from the source, or --resume "
+            f"moves the folder aside (to {sf.kept_aside_name(ep_dir.name, 0)} or the next free number) and re-runs it.",
+            may_be_complete=True,
+            kept_aside_by_resume=True,
+        )
 
 
 def _says_complete(raw: bytes) -> bool:
