@@ -329,16 +329,19 @@ class LatentStore:
                     problems[(t, k)] = f"{ep.where}: missing chunk file {missing[0]}{more}"
         return problems
 
-    def require_intact(self, *, skip_damaged: bool = False) -> dict[tuple[int, int | None], str]:
+    def require_intact(
+        self, *, skip_damaged: bool = False, fix: str | None = None
+    ) -> dict[tuple[int, int | None], str]:
         """Raises StoreCorruptionError listing :meth:`integrity_problems` unless there are none; with
-        ``skip_damaged`` leaves the damaged episodes out of this store's listings instead (and returns them)."""
+        ``skip_damaged`` leaves the damaged episodes out of this store's listings instead (and returns them).
+        ``fix``: the caller's advice in the message (default: the analysis CLI's ``--skip-damaged``)."""
         problems = self.integrity_problems()
         if problems and not skip_damaged:
+            fix = fix or "Pass --skip-damaged (skip_damaged=True) to analyse the rest"
             raise StoreCorruptionError(
                 f"{self.root} is damaged ({len(problems)} episodes or tasks):\n  "
                 + "\n  ".join(problems.values())
-                + "\nPass --skip-damaged (skip_damaged=True) to analyse the rest, or see `python -m "
-                f"openpi.latents.store verify {self.root}`."
+                + f"\n{fix}, or see `python -m openpi.latents.store verify {self.root}`."
             )
         for t, k in problems:
             if k is not None:
