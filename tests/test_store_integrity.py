@@ -504,3 +504,25 @@ def test_resume_check_refuses_a_damaged_finished_episode_and_a_dangling_symlink(
     link.symlink_to(tmp_path / "gone")
     with pytest.raises(NotADirectoryError, match="is a symbolic link to .*gone, which does not exist"):
         store.check_writable(link / "sub")
+
+
+@pytest.mark.parametrize("where", ["a file", "the collection", "inside the collection"])
+def test_analysis_output_dir_that_is_a_file_or_the_collection_is_refused_before_work(tmp_path, capsys, where):
+    """Issue 19 item 13: it was a traceback after the whole analysis, or report files in the store's root."""
+    root = write_store(tmp_path / "run", episodes=(0,))
+    out = {"a file": tmp_path / "report.txt", "the collection": root, "inside the collection": root / "report"}[where]
+    if where == "a file":
+        out.write_text("x")
+    script = pathlib.Path(__file__).parent.parent / "scripts" / "expert_language_analysis.py"
+    spec = importlib.util.spec_from_file_location("ela", script)
+    cli = importlib.util.module_from_spec(spec)
+    sys.modules["ela"] = cli
+    spec.loader.exec_module(cli)
+    before = sorted(p.name for p in root.iterdir())
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        cli.cli_main(["--collection", str(root), "--output-dir", str(out), "--no-text-decoding"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--output-dir" in err and "Traceback" not in err, err
+    assert ("is a file" in err) if where == "a file" else ("the report would be written into the store" in err)
+    assert sorted(p.name for p in root.iterdir()) == before and time.monotonic() - start < 10
