@@ -38,6 +38,7 @@ import tyro
 
 from openpi.latents import analysis, report
 from openpi.latents.analysis.run.language_loss import analyze_inference_language_loss, analyze_rollout_step
+from openpi.latents.store import location
 from openpi.latents.store.location import ObjectStoreError
 from openpi.shared import cli, jax_cache
 
@@ -180,8 +181,32 @@ def _settings(args: Args) -> dict:
     )
 
 
+def _check_output_dir(args: Args) -> None:
+    """--output-dir must be (or become) a directory of its own: not a file, not the collection or inside it (the
+    report files would land in the store). Checked before any work."""
+    out = args.output_dir.expanduser().absolute()
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(
+            f"--output-dir {args.output_dir}: {probe} is a file, not a directory; choose another --output-dir."
+        )
+    inputs = [("--collection", args.collection), ("--control", args.control)]
+    for flag, value in inputs:
+        if value is None or location.is_url(str(value)):
+            continue
+        source = pathlib.Path(value).expanduser().resolve()
+        if out.resolve() == source or source in out.resolve().parents:
+            raise ValueError(
+                f"--output-dir {args.output_dir} is the {flag} store {value} (or inside it): the report would be "
+                "written into the store; choose another --output-dir."
+            )
+
+
 def main(args: Args) -> dict:
     cli.configure_logging()
+    _check_output_dir(args)
     jax_cache.configure(args.jax_cache_dir)  # the text decoding and the logit lens compile
     t0 = time.monotonic()
     matched, conditions = _matched_comparison(args)  # refuses unmatched collections before any work
