@@ -127,7 +127,5 @@ def build_manifest(plan: ServePlan) -> dict[str, Any]:
         "intervention": iv.describe(plan.intervention),
         "record_fields": dict(protocol.RECORD_FIELDS),
         "connections_task_id": protocol.CONNECTIONS_TASK_ID,
-        "text_start": preset.model_config.text_start,
-        "segment_names": list(preset.model_config.segment_names),
-        "suffix_segment_names": list(preset.model_config.suffix_segment_names),
+        **preset.model_config.layout.manifest_fields(),  # text_start, segment_names, suffix_segment_names
     }
