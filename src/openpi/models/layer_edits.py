@@ -149,6 +149,8 @@ def edit_stream(edits: LayerEdits | None, stream: str, expert: int, x: jax.Array
     """Hook: expert `expert`'s `stream` at `layer` after this call's edits (x itself when nothing applies)."""
     if edits is None or x is None:
         return x
+    if not isinstance(edits, LayerEdits):  # another edit with the same hooks (`patching.SiteMix`)
+        return edits.edit_stream(stream, expert, x, layer)
     for e in edits.edits:
         if e.stream == stream and e.expert == expert:
             x = _apply_edit(e, x, layer)
@@ -165,6 +167,8 @@ def knock_out(edits: LayerEdits | None, mask: jax.Array, layer: jax.Array, num_k
     per-head axes [B, K, G, T, S] (K kv heads x G queries per kv head) when a knockout selects heads."""
     if edits is None:
         return mask
+    if not isinstance(edits, LayerEdits):
+        return edits.knock_out(mask, layer, num_kv_heads)
     for k in edits.knockouts:
         active, _ = _slot(k.layers, layer)
         block = jnp.asarray(k.block)
