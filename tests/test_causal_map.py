@@ -148,3 +148,75 @@ def test_noising_direction_and_bounded_compiles(policies):
     assert patching.patched_actions._cache_size() == before
     for m in (first, second):
         assert m.everything == 1.0 and m.maps["0/residual/text_content"][0] > 0.95
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Over a stored collection: the CLI, its files and the report section
+
+
+def _observe(rng: np.random.Generator, prompt: str) -> dict:
+    obs = co.raw_observations(rng, 1)[0]
+    del obs["prompt"]
+    return obs
+
+
+def _script():
+    import importlib.util
+
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "causal_map.py"
+    spec = importlib.util.spec_from_file_location("causal_map_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_maps_a_stored_collection_and_the_report_shows_them(policies, tmp_path):
+    import json
+
+    from openpi.latents import synthetic_collection as sc
+    from openpi.latents.causal import runner
+    from openpi.latents.causal.report import causal_section
+    from openpi.models.capture import CaptureSpec
+
+    capture = CaptureSpec(expert_0="off", expert_1="off", text=False, attention_to_text=False)
+    spec = sc.SyntheticCollection(co.PROMPTS[:2], n_episodes=1, n_steps=2, capture=capture, seed=3,
+                                  store_images=True, counterfactual="none")  # fmt: skip
+    src = sc.collect_synthetic(policies["positive"], tmp_path / "store", spec, _observe, progress=False)
+    out = tmp_path / "report" / "causal_map"
+    script = _script()
+    with pytest.raises(SystemExit, match="2"):
+        script.main(runner.CausalMapArgs(collection=str(src), output_dir=str(out), directions=("sideways",)))
+    with pytest.raises(SystemExit, match="2"):
+        script.main(runner.CausalMapArgs(collection=str(tmp_path / "missing"), output_dir=str(out)))
+    assert not out.exists()
+    doc = script.main(runner.CausalMapArgs(collection=str(src), output_dir=str(out), max_observations=3, chunk=CHUNK))
+    d = doc["directions"]["denoise"]
+    saved = json.loads((out / "causal_map.json").read_text())
+    assert saved["n_episodes"] == 2 and saved["n_tasks"] == 2 and len(saved["pairs"]) == 3
+    assert {(p["clean"], p["corrupt"]) for p in saved["pairs"]} == {co.PROMPTS[:2], co.PROMPTS[1::-1]}
+    assert d["everything"] == [1.0] * 3 and len(d["spearman_exact_vs_attribution"]) == 3
+    arrays = np.load(out / "causal_map.npz")
+    assert arrays["denoise/0/residual/text_content/values"].shape == (3, policies["positive"].model.config.depth)
+    assert arrays["denoise/1/kv/text_content/mean"].shape == (10, policies["positive"].model.config.depth)
+    assert arrays["denoise/0/residual/text_content/mean"][0] > 0.95
+    assert all((out / f).stat().st_size > 1000 for f in doc["figures"])
+    section = "\n".join(causal_section(tmp_path / "report"))
+    assert "causal_map/causal_map_denoise.png" in section and "direct (text)" in section and "Spearman" in section
+    assert causal_section(tmp_path / "nothing") == []
+
+
+def test_cluster_bootstrap_resamples_episodes_not_steps():
+    """Known truth: the mean of the observations (NaN rows left out). The confound: steps of one episode share its
+    offset, so the episode bootstrap must be wider than one that treats the steps as independent."""
+    from openpi.latents.causal.maps import cluster_bootstrap
+
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(10), 20)
+    values = rng.normal(size=10)[clusters] + 0.01 * rng.normal(size=200)
+    values[3] = np.nan
+    mean, low, high = cluster_bootstrap(values[:, None], list(clusters), n_boot=500)
+    assert mean[0] == pytest.approx(np.nanmean(values))
+    _, nlow, nhigh = cluster_bootstrap(values[:, None], list(range(200)), n_boot=500)
+    assert (high - low)[0] > 3 * (nhigh - nlow)[0] and low[0] < mean[0] < high[0]
+    single = cluster_bootstrap(values[:5, None], [0] * 5)
+    assert np.isnan(single[1]).all()
