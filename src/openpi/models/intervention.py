@@ -9,7 +9,11 @@ the compiled program; a new structure compiles once. Build one from the named op
 Stream points (`stream=`), per layer l, as `taps.Tap` names them:
   residual — the expert's residual stream entering layer l (l = 0: the embedded input);
   attn_out — layer l's attention output after the output projection, before the residual add;
-  head_out — layer l's per-head attention output before the output projection ([.., tokens, heads, head_dim]).
+  head_out — layer l's per-head attention output before the output projection ([.., tokens, heads, head_dim]);
+  mlp_out — layer l's FFN output (after the down projection, before the residual add);
+  ffn_hidden — layer l's FFN hidden activations, the gated product before the down projection ([.., tokens,
+    mlp_dim]: the FFN neurons); `ablate(..., neurons=(i, ...))` / `steer` with a vector over neurons act on
+    individual neurons (`openpi.models.neurons`).
 
 Token spans: a named segment — each camera (`IMAGE_KEYS`) and "text" (expert 0), "state" and "actions" (expert 1),
 "all" (every token of the expert) — or `(start, stop)` over the expert's own tokens (expert 0: the prefix, expert 1:
@@ -41,9 +45,9 @@ import numpy as np
 if TYPE_CHECKING:
     from openpi.models.pi0_config import Pi0Config
 
-StreamPoint = Literal["residual", "attn_out", "head_out"]
+StreamPoint = Literal["residual", "attn_out", "head_out", "mlp_out", "ffn_hidden"]
 Span = str | tuple[int, int]
-STREAM_POINTS = ("residual", "attn_out", "head_out")
+STREAM_POINTS = ("residual", "attn_out", "head_out", "mlp_out", "ffn_hidden")
 _JOINT_ONLY = ("prefix", "suffix")
 
 
@@ -79,7 +83,7 @@ class Patch:
     values: jax.Array  # [L', B, t, *feature] (expert 1 may add a leading [S'] axis)
 
 
-@pytree_dataclass("expert", "tokens", "layers", "stream", "denoise_steps", "mode", data=("mean",))
+@pytree_dataclass("expert", "tokens", "layers", "stream", "denoise_steps", "mode", "neurons", data=("mean",))
 class Ablate:
     expert: int
     tokens: Span
@@ -88,6 +92,7 @@ class Ablate:
     denoise_steps: tuple[int, ...] | None
     mode: Literal["zero", "mean"]
     mean: jax.Array | None  # [L', *feature] or [L', B, *feature]; None with mode="mean": the span's own mean
+    neurons: tuple[int, ...] | None = None  # only these features (last axis) are ablated; None: all
 
 
 @pytree_dataclass("expert", "tokens", "layers", "stream", "denoise_steps", data=("vector", "alpha"))
@@ -185,6 +190,7 @@ def ablate(
     *,
     stream: StreamPoint = "residual",
     denoise_steps=None,
+    neurons=None,
 ) -> Intervention:
     """Replace the stream at `tokens` by zeros, or by `mean` ([L', *feature] or [L', B, *feature]); `mode="mean"`
     without `mean` uses the span's own mean over its tokens (per example and layer; padding tokens included)."""
@@ -193,7 +199,8 @@ def ablate(
     if mode == "zero" and mean is not None:
         raise ValueError("ablate got a mean with mode='zero': pass mode='mean' to ablate to that mean.")
     mean = None if mean is None else jnp.asarray(mean)
-    return Intervention((Ablate(**_common(expert, tokens, layers, stream, denoise_steps), mode=mode, mean=mean),))
+    common = _common(expert, tokens, layers, stream, denoise_steps)
+    return Intervention((Ablate(**common, mode=mode, mean=mean, neurons=_indices(neurons)),))
 
 
 def steer(
@@ -305,7 +312,9 @@ class _Check:
             n_steps = self.num_steps if op.denoise_steps is None else len(op.denoise_steps)
             allowed = [per_layer] + ([(n_steps, *per_layer)] if op.expert == 1 else [])
             self.shape("values", op.values, allowed, "[L', B, t, *feature] as the capture keys hold them")
-        elif isinstance(op, Ablate) and op.mean is not None:
+        if isinstance(op, Ablate) and op.neurons is not None:
+            self.indices(op.neurons, feature[-1], "neurons", f"the stream has {feature[-1]} features")
+        if isinstance(op, Ablate) and op.mean is not None:
             allowed = [(len(layers), *feature), (len(layers), self.batch, *feature)]
             self.shape("mean", op.mean, allowed, "[L', *feature] or [L', B, *feature]")
         elif isinstance(op, Steer):
@@ -329,6 +338,8 @@ class _Check:
 
     def feature(self, expert: int, stream: str) -> tuple[int, ...]:
         cfg = (self.config.paligemma_config, self.config.action_expert_config)[expert]
+        if stream == "ffn_hidden":
+            return (cfg.mlp_dim,)
         return (cfg.num_heads, cfg.head_dim) if stream == "head_out" else (cfg.width,)
 
     def expert_span(self, expert: int, tokens: Span) -> None:

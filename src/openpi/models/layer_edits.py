@@ -40,7 +40,9 @@ def for_denoise_step(iv: Intervention, config: Pi0Config, step: jax.Array, num_s
     return _resolve(iv, config, expert=1, step=step, num_steps=num_steps)
 
 
-@pytree_dataclass("expert", "stream", "start", "stop", "layers", "kind", data=("payload", "alpha", "step_active"))
+@pytree_dataclass(
+    "expert", "stream", "start", "stop", "layers", "kind", "neurons", data=("payload", "alpha", "step_active")
+)
 class _Edit:
     expert: int
     stream: str
@@ -51,6 +53,7 @@ class _Edit:
     payload: jax.Array | None  # indexed by layer slot
     alpha: jax.Array | None
     step_active: jax.Array | None
+    neurons: tuple[int, ...] | None = None  # an ablation of these features (last axis) only
 
 
 @pytree_dataclass("layers", data=("block",))
@@ -120,7 +123,8 @@ def _resolve_edit(op: StreamEdit, config: Pi0Config, *, step, num_steps) -> _Edi
     else:
         kind, alpha = "steer", op.alpha
         payload = jnp.broadcast_to(op.vector, (len(layers), *op.vector.shape[op.vector.ndim - rank :]))
-    return _Edit(op.expert, op.stream, start, stop, layers, kind, payload, alpha, step_active)
+    neurons = getattr(op, "neurons", None)
+    return _Edit(op.expert, op.stream, start, stop, layers, kind, payload, alpha, step_active, neurons)
 
 
 def _feature_rank(stream: str) -> int:
@@ -142,6 +146,10 @@ def _apply_edit(e: _Edit, x: jax.Array, layer: jax.Array) -> jax.Array:
         new = jnp.broadcast_to(e.payload[slot][:, None], seg.shape)
     else:
         new = seg + (e.alpha * e.payload[slot]).astype(seg.dtype)
+    if e.neurons is not None:  # ablate the listed features only
+        features = np.zeros(seg.shape[-1], bool)
+        features[list(e.neurons)] = True
+        new = jnp.where(features, new.astype(seg.dtype), seg)
     return x.at[:, e.start : e.stop].set(jnp.where(active, new.astype(seg.dtype), seg))
 
 
