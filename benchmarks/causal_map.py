@@ -78,7 +78,9 @@ def _bench(name: str, args: Args) -> dict:
     w0 = {k: jnp.asarray(v) for k, v in patch_map.site_weights(config, e0[:n], g0, g1, s, patching.POINTS).items()}
     w1 = {k: jnp.asarray(v) for k, v in patch_map.site_weights(config, e1[:n], g0, g1, s, patching.POINTS[3:]).items()}
     t = {
-        "inference": _time(lambda: model.sample_actions(jax.random.key(0), clean, noise=noise, num_steps=s), args.repeats),
+        "inference": _time(
+            lambda: model.sample_actions(jax.random.key(0), clean, noise=noise, num_steps=s), args.repeats
+        ),
         "record": _time(lambda: patching.record(model, clean, noise, num_steps=s, rows=n), args.repeats),
         "exact_expert_0_chunk": _time(
             lambda: patching.patched_actions(model, corrupt, noise, w0, a["sources"], num_steps=s), args.repeats

@@ -116,7 +116,8 @@ def test_attribution_ranks_sites_like_exact_patching(positive_map):
 def test_negative_organism_reads_about_zero_at_every_site(policies, positive_map):
     """The negative organism's action barely moves with the prompt (|a_A - a_B| ≈ 0.98 against the positive's 12.6
     on this pair): every site restores under a tenth of the positive's effect in action units (score × |a_A - a_B|;
-    the normalised score alone is scale-free, so a tiny effect can still be restored "fully"), or the whole map is NaN with its reason when the runs agree."""
+    the normalised score alone is scale-free, so a tiny effect can still be restored "fully"), or the whole map is
+    NaN with its reason when the runs agree."""
     m = _map(policies["negative"], _pair(policies["negative"], 0))
     if m.reason is not None:
         assert "agree" in m.reason and all(np.isnan(v).all() for v in m.maps.values())

@@ -44,7 +44,9 @@ def fit_prompt(ids: np.ndarray, mask: np.ndarray, n_valid: int, filler: int = 0)
     ids, mask = np.asarray(ids), np.asarray(mask, bool)
     valid = ids[mask]
     if n_valid < 2 or len(valid) < 2:
-        raise ValueError(f"Cannot fit a prompt of {len(valid)} valid tokens to {n_valid}: both need BOS and a last token.")
+        raise ValueError(
+            f"Cannot fit a prompt of {len(valid)} valid tokens to {n_valid}: both need BOS and a last token."
+        )
     content = list(valid[1:-1][: n_valid - 2]) + [filler] * max(0, n_valid - len(valid))
     out = np.zeros_like(ids)
     out[:n_valid] = [valid[0], *content, valid[-1]]
@@ -52,7 +54,7 @@ def fit_prompt(ids: np.ndarray, mask: np.ndarray, n_valid: int, filler: int = 0)
 
 
 def prefix_groups(config, prefix_mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Token groups over the prefix [Tp] (bool masks) from the pair's shared prefix mask [Tp]; masked cameras left out."""
+    """Token groups over the prefix (bool masks [Tp]) from the pair's shared prefix mask; masked cameras left out."""
     prefix_mask = np.asarray(prefix_mask, bool).reshape(-1)
     tpc, groups = config.tokens_per_camera, {}
     for c, name in enumerate(n for n in config.segment_names if n != "text"):
@@ -91,7 +93,7 @@ class Site:
 
 
 def map_sites(config, groups0: dict, groups1: dict, num_steps: int) -> list[Site]:
-    """Every single-site patch of the full map: expert 0 point × group × layer, expert 1 point × group × step × layer."""
+    """Every single-site patch of the map: expert 0 point × group × layer, expert 1 point × group × step × layer."""
     layers = range(config.depth)
     sites = [Site(p, g, (), (l,)) for p in patching.POINTS[:3] for g in groups0 for l in layers]
     for p in patching.POINTS[3:]:
@@ -263,7 +265,8 @@ def pair_map(
         reason = f"clean and corrupted actions agree (|a_A - a_B| = {effect:.3g}): there is no effect to restore"
         nan = np.full(len(sites), np.nan)
         empty = _shape_maps(sites, nan, cfg.depth, num_steps)
-        return PairMap(direction, empty, {k: np.nan for k in paths}, np.nan, effect, reason, empty if attribution else None)
+        nan_paths = {k: np.nan for k in paths}
+        return PairMap(direction, empty, nan_paths, np.nan, effect, reason, empty if attribution else None)
     scores = run_sites(
         model, run_obs, noise, run, src, everything, num_steps=num_steps, chunk=chunk, intervention=intervention,
         dims=dims, groups0=groups0, groups1=groups1,

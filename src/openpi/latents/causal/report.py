@@ -9,6 +9,10 @@ import pathlib
 MAP_DIR = "causal_map"
 
 
+def _reasons(d: dict) -> str:
+    return ": " + "; ".join(d["reasons"]) if d["reasons"] else ""
+
+
 def causal_section(report_dir: pathlib.Path) -> list[str]:
     """report.md lines: definition, counts, the heatmaps, the paths and a one-line reading per map; [] without maps."""
     path = pathlib.Path(report_dir) / MAP_DIR / "causal_map.json"
@@ -27,7 +31,7 @@ def causal_section(report_dir: pathlib.Path) -> list[str]:
         figure = f"{MAP_DIR}/causal_map_{direction}.png"
         p = d["paths"]
         lines += [
-            f"### {direction} ({d['n_pairs']} pairs, {d['n_nan']} without an effect{': ' + '; '.join(d['reasons']) if d['reasons'] else ''})",
+            f"### {direction} ({d['n_pairs']} pairs, {d['n_nan']} without an effect{_reasons(d)})",
             "",
             f"![causal map {direction}]({figure}) (interval widths: `{MAP_DIR}/causal_map_{direction}_interval.png`)",
             "",
@@ -37,6 +41,7 @@ def causal_section(report_dir: pathlib.Path) -> list[str]:
         ]
         if d.get("spearman_exact_vs_attribution"):
             rho = d["spearman_exact_vs_attribution"]
-            lines.append(f"- Attribution patching vs exact, Spearman over sites per pair: {', '.join(f'{r:.2f}' for r in rho)}.")
+            rhos = ", ".join(f"{r:.2f}" for r in rho)
+            lines.append(f"- Attribution patching vs exact, Spearman over sites per pair: {rhos}.")
         lines += [f"- {line}" for line in d["readings"]] + [""]
     return lines
