@@ -97,12 +97,13 @@ def _run(model: Pi0, observation, noise, *, num_steps, n, intervention, taps, we
     prefix_mask = _rows(prefix_mask, n)
     taps0 = tuple(Tap(f"0/{p}", p, 0) for p in STREAM_POINTS) if taps else ()
     taps1 = tuple(Tap(f"1/{p}", p, 1) for p in STREAM_POINTS) if taps else ()
-    base0 = None if intervention is None else layer_edits.for_prefix(intervention, cfg)
+    base0 = None if intervention is None else layer_edits.for_prefix(intervention, cfg, prefix_mask)
+    counted = layer_edits.position_mask(intervention, cfg.layout, prefix_mask)  # as `sampling.sample_jit` counts
     caps0 = {}
     if run_kv is None:
         w0 = {k: v for k, v in weights.items() if point_expert(k) == 0}
         edits0 = SiteMix(w0, {k: sources[k] for k in w0}, base0) if w0 else base0
-        positions = jnp.cumsum(prefix_mask, axis=1) - 1
+        positions = jnp.cumsum(counted, axis=1) - 1
         _, kv, caps0 = cfg.llm(taps0).apply(
             params, [_rows(tokens, n), None], positions, make_attn_mask(prefix_mask, prefix_ar), edits=edits0
         )
@@ -110,7 +111,7 @@ def _run(model: Pi0, observation, noise, *, num_steps, n, intervention, taps, we
         kv = tuple(jnp.broadcast_to(c, (c.shape[0], n, *c.shape[2:])) for c in run_kv)
     state = _rows(obs.state, n)
     prefix_cols = jnp.broadcast_to(prefix_mask[:, None, :], (n, cfg.suffix_len, prefix_mask.shape[1]))
-    positions_base = jnp.sum(prefix_mask, axis=-1)[:, None]
+    positions_base = jnp.sum(counted, axis=-1)[:, None]
     llm1 = cfg.llm(taps1)
     dt = -1.0 / num_steps
     w1 = {k: v for k, v in weights.items() if point_expert(k) == 1 and k != "1/kv"}
@@ -122,7 +123,9 @@ def _run(model: Pi0, observation, noise, *, num_steps, n, intervention, taps, we
             suffix_tokens, suffix_mask, suffix_ar = _suffix.embed_suffix_pi05(model.params, x_t)
         else:
             suffix_tokens, suffix_mask, suffix_ar = _suffix.embed_suffix_pi0(model.params, state, x_t, time)
-        base1 = None if intervention is None else layer_edits.for_denoise_step(intervention, cfg, step_index, num_steps)
+        base1 = None
+        if intervention is not None:
+            base1 = layer_edits.for_denoise_step(intervention, cfg, step_index, num_steps, suffix_mask)
         ws = {k: v[:, step_index] for k, v in w1.items()}
         edits1 = SiteMix(ws, {k: sources[k][step_index] for k in ws}, base1) if ws else base1
         cache = kv
