@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from openpi.models import layer_edits
 from openpi.models import model as _model
 from openpi.models import suffix as _suffix
-from openpi.models.intervention import Intervention, pytree_dataclass
+from openpi.models.intervention import Intervention
+from openpi.models.intervention_kinds import pytree_dataclass
 from openpi.models.sampling import make_attn_mask
 from openpi.models.taps import Tap
 
