@@ -70,11 +70,11 @@ class Args:
     max_block_mib: int = 64
     # Open pickles (unpickling executes code from the file: only for files you trust).
     allow_pickle: bool = False
-    # How episodes of different lengths are aligned for success vs failure: "progress" (default: bins of normalised
-    # progress through each episode, which never collapse), "common" (the first N rollout steps, N = fewest any
-    # episode has) or "all" (each episode's own steps: failed episodes run longer, so step-dependent metrics are
-    # confounded).
-    success_window: Literal["progress", "common", "all"] = "progress"
+    # How success is compared with failure: "step" (default: at equal rollout steps among the episodes still
+    # running, within task; episode length cannot make a gap), "progress" (a secondary view: bins of normalised
+    # progress through each episode; confounded by length, as successes end early), "common" (the first N rollout
+    # steps, N = fewest any episode has) or "all" (each episode's own steps: length-confounded).
+    success_window: Literal["step", "progress", "common", "all"] = "step"
     # Analyse a damaged store's intact episodes (by default a damaged store is refused, listing the damage).
     skip_damaged: bool = False
     # Closed-loop conditions to compare with their paired baseline (a directory of condition stores, as a sweep or

@@ -134,7 +134,7 @@ def analyze_collection(
     seed: int = 0,
     text_step_stride: int = 1,
     max_block_bytes: int = 64 << 20,
-    success_window: str = "progress",
+    success_window: str = "step",
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
     skip_damaged: bool = False,
@@ -161,9 +161,10 @@ def analyze_collection(
         n_boot, seed: bootstrap resamples (of tasks: the unit of resampling) and seed for every interval.
         text_step_stride: decode text at every k-th rollout step only (text decoding dominates the cost at full size).
         max_block_bytes: rollout steps of one layer read per block (bounds memory).
-        success_window: "progress" (default): every episode by normalised progress (``progress_bins`` bins; a
-            1-step episode fills every bin, nothing collapses); "common": the first N rollout steps, N = the fewest
-            any episode has (collapses to 1 with a 1-step episode); "all": each episode's own steps.
+        success_window: "step" (default): success vs failure at equal rollout steps among the episodes still
+            running, within task (``equal_step``; episode length cannot make a gap); "progress": every episode by
+            normalised progress (``progress_bins`` bins; a secondary view, confounded by episode length); "common":
+            the first N rollout steps, N = the fewest any episode has; "all": each episode's own steps.
         include_constant_tokens: keep BOS and the trailing "\n" in text decoding, the text probe and attention to
             text (default: left out; they are the same for every prompt).
         skip_damaged: a store path with damaged episodes is refused (listing them) unless this skips them.

@@ -26,10 +26,10 @@ import dataclasses
 
 import numpy as np
 
-from openpi.latents.analysis.cluster_t import weighted_cluster_t
-from openpi.latents.analysis.stats import BootstrapCI
+from openpi.latents.analysis.cluster_t import t_quantile, weighted_cluster_t
+from openpi.latents.analysis.stats import BootstrapCI, SuccessSplit
 
-__all__ = ["AtRisk", "EqualStepDifference", "equal_step_difference", "step_matrix"]
+__all__ = ["EQUAL_STEP_NOTE", "AtRisk", "EqualStepDifference", "equal_step_difference", "pooled_equal_step", "step_matrix"]
 
 EQUAL_STEP_NOTE = (
     "success − failure at equal rollout steps (inference index i), among the episodes of a task still running at "
@@ -187,3 +187,56 @@ def _permutation_p(parts, v0, ok, f, est: float, n_perm: int, rng) -> float:
         perm = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
     hits = np.sum(np.abs(perm) >= abs(est) - 1e-12 * max(1.0, abs(est)))
     return float((1 + hits) / (1 + n_perm))
+
+
+def _side_sums(v0: np.ndarray, ok: np.ndarray, f: np.ndarray, c: np.ndarray, uniq) -> np.ndarray:
+    """[K, 4, T]: per task, the success sums and counts and the failure sums and counts at each step."""
+    out = np.zeros((len(uniq), 4, v0.shape[1]))
+    for i, t in enumerate(uniq):
+        r = c == t
+        out[i] = [f[r] @ v0[r], f[r] @ ok[r], (~f[r]) @ v0[r], (~f[r]) @ ok[r]]
+    return out
+
+
+def _pooled_from(sums: np.ndarray) -> tuple[float, float, float]:
+    """(success, failure, difference) at-risk-weighted over the steps with both outcomes, from [4, T] sums."""
+    ss, ns, sf, nf = sums
+    both = (ns > 0) & (nf > 0)
+    if not both.any():
+        return float("nan"), float("nan"), float("nan")
+    w = (ns + nf)[both]
+    s_mean = float(np.sum(w * ss[both] / ns[both]) / w.sum())
+    f_mean = float(np.sum(w * sf[both] / nf[both]) / w.sum())
+    return s_mean, f_mean, s_mean - f_mean
+
+
+def pooled_equal_step(step_values: list[np.ndarray], success, tasks, *, ci: float = 0.95):
+    """The pooled (all tasks together, so confounded by task) equal-step split: at each rollout step the success and
+    failure means over every episode at risk, weighted by the number at risk over the steps with both outcomes;
+    each side and the difference with a delete-one-task jackknife t interval (t_{K−1}; NaN below two tasks).
+    Returns a :class:`~openpi.latents.analysis.stats.SuccessSplit`."""
+    f = np.asarray(success).astype(bool)
+    c = np.asarray(tasks)
+    v = step_matrix(step_values)
+    ok = ~np.isnan(v)
+    keep = ok.any(1)
+    v, ok, f, c = v[keep], ok[keep], f[keep], c[keep]
+    v0 = np.where(ok, v, 0.0)
+    uniq = np.unique(c)
+    sums = _side_sums(v0, ok.astype(np.float64), f, c, uniq)
+    est = _pooled_from(sums.sum(0))
+    k = len(uniq)
+    nan = float("nan")
+    bounds = [(nan, nan)] * 3
+    if k >= 2 and not np.isnan(est[2]):
+        total = sums.sum(0)
+        loo = np.array([_pooled_from(total - sums[i]) for i in range(k)])  # [K, 3]
+        with np.errstate(invalid="ignore"):
+            se = np.sqrt((k - 1) / k * np.nansum((loo - np.nanmean(loo, 0)) ** 2, 0))
+        half = t_quantile(ci, k - 1) * se
+        bounds = [(float(e - h), float(e + h)) for e, h in zip(est, half)]
+    n_s, n_f = int(f.sum()), int((~f).sum())
+    sides = [
+        BootstrapCI(e, lo, hi, n, ci, "task", k) for e, (lo, hi), n in zip(est, bounds, (n_s, n_f, n_s + n_f))
+    ]
+    return SuccessSplit(sides[0], sides[1], sides[2], n_s, n_f)

@@ -70,12 +70,26 @@ def _definitions_and_notes(res: CollectionAnalysis) -> list[str]:
 
 
 def _window_text(res: CollectionAnalysis) -> str:
-    window = res.settings.get("success_window", "progress")
+    window = res.settings.get("success_window", "step")
+    if window == "progress":
+        return (
+            f" — this report used the SECONDARY normalised-progress view instead ({res.settings.get('progress_bins', 10)}"
+            " progress bins; confounded by episode length: successes end early and drift grows with the step)."
+        )
     if window == "common":
         return f" — this report used the common window instead: the first {res.split_window()} rollout steps."
     if window == "all":
         return " — this report used the whole-episode window instead (success_window='all')."
-    return f" (this report: {res.settings.get('progress_bins', 10)} progress bins)."
+    at = res.split_info()["at_risk"] or {"n_success": [], "n_failure": []}
+    both = [i for i, (a, b) in enumerate(zip(at["n_success"], at["n_failure"])) if a and b]
+    if not both:
+        return " (this report: no rollout step has both outcomes at risk within a task)."
+    first, last = both[0], both[-1]
+    return (
+        f" (this report: {len(both)} rollout steps have both outcomes at risk; at step {first} "
+        f"{at['n_success'][first]} successful / {at['n_failure'][first]} failed episodes, at step {last} "
+        f"{at['n_success'][last]} / {at['n_failure'][last]}; per step in metrics.json success_split.at_risk)."
+    )
 
 
 def _caveats(res: CollectionAnalysis) -> list[str]:

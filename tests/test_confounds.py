@@ -1,0 +1,161 @@
+"""Known answers of issue 18 (no default misleads): the success split against episode length, small-cluster interval
+coverage, one value of centred drift, prompt decoding with content-free states, pairing across initial states."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import contextlib
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+from test_analysis import BF16, Synth, build_store
+
+from openpi.latents import analysis as A
+from openpi.latents.analysis import clustered as C
+from openpi.latents.analysis.equal_step import equal_step_difference
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. The success split at equal rollout steps
+
+
+def _length_confounded(n_tasks=6, per_side=4, seed=0, effect=0.0):
+    """Per-step values whose law depends on the step only (+ a task offset); successes 20–45 steps, failures 60.
+    ``effect`` is added to the successes at every step (a planted effect at equal steps)."""
+    rng = np.random.default_rng(seed)
+    vals, succ, tasks = [], [], []
+    for t in range(n_tasks):
+        for s in (True, False):
+            for _ in range(per_side):
+                n = int(rng.integers(20, 46)) if s else 60
+                i = np.arange(n)
+                vals.append(0.01 * i + 0.05 * rng.standard_normal(n) + 0.3 * t + (effect if s else 0.0))
+                succ.append(s)
+                tasks.append(t)
+    return vals, np.array(succ), np.array(tasks)
+
+
+def test_equal_step_length_only_metric_reads_zero_and_planted_effect_is_found():
+    vals, succ, tasks = _length_confounded()
+    d = equal_step_difference(vals, succ, tasks, n_permutations=200)
+    assert d.difference.low < 0 < d.difference.high and abs(d.difference.estimate) < 0.01
+    assert d.n_tasks_contributing == 6 and d.difference.unit == "task"
+    # at risk: every episode runs at step 0; after step 45 no success is left, so those steps do not count
+    assert d.at_risk.n_success[0] == 24 and d.at_risk.n_failure[0] == 24
+    assert d.at_risk.n_success[50] == 0 and d.at_risk.n_failure[50] == 0 and d.at_risk.n_steps_compared <= 45
+    # the per-episode mean (what progress alignment reduces to) reads the length as a gap
+    old = C.within_task_difference([v.mean() for v in vals], succ, tasks)
+    assert old.difference.high < -0.05
+    planted = equal_step_difference(*_length_confounded(effect=0.05)[:3], n_permutations=200)
+    assert planted.difference.low > 0.03 and planted.difference.high < 0.07 and planted.p_value < 0.01
+
+
+def _step_only_record(syn: Synth):
+    """A record whose every state and attention mass depends on the rollout step i only: the states turn away from
+    the first step's by 0.1 rad per step (drift grows with the step), the attention masses grow by 0.01 per step."""
+    rng = np.random.default_rng(0)
+    u, v = rng.standard_normal((2, syn.W)).astype(np.float32)
+    v -= u * (u @ v) / (u @ u)
+    u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
+
+    def rec(t, k, i):
+        r = syn.record(t, 0, i, rng=np.random.default_rng(i))  # the same law for every episode at step i
+        noise = np.random.default_rng([t, k, i])  # ... plus episode noise of that law
+        x = np.cos(0.1 * i) * u + np.sin(0.1 * i) * v
+        for key in ("text_only_hidden_states", "expert_0_segment_means", "expert_1_segment_means"):
+            shape = r[key].shape
+            r[key] = (np.broadcast_to(x, shape) + 0.02 * noise.standard_normal(shape)).astype(BF16)
+        for key in ("attention_to_text", "attention_to_text_content", "attention_to_bos"):
+            r[key] = (0.05 + 0.01 * i + 0.005 * noise.random(r[key].shape)).astype(np.float32)
+        return r
+
+    return rec
+
+
+def test_default_command_reads_no_gap_from_length_alone(tmp_path):
+    """Successes run 3–5 rollout steps, failures 8; every drift and attention metric depends on the step only.
+    The default command's within-task success − failure interval contains 0 for every one of them (under the old
+    progress default drift read a gap)."""
+    syn = Synth()
+    root = build_store(
+        tmp_path / "s", _step_only_record(syn), tasks=(0, 1, 2), episodes=6,
+        steps=lambda t, k: 3 + (k + t) % 3 if k < 3 else 8, success=lambda t, k: k < 3,
+    )  # fmt: skip
+    spec = importlib.util.spec_from_file_location("ela", REPO / "scripts" / "expert_language_analysis.py")
+    cli = importlib.util.module_from_spec(spec)
+    sys.modules["ela"] = cli
+    spec.loader.exec_module(cli)
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = cli.main(cli.Args(collection=root, output_dir=tmp_path / "rep", text_decoding=False, probe_shuffles=0, n_boot=200))
+    rel = out["metrics"]["success_relation"]
+    checked = 0
+    for m in ("drift", "centred_drift", "attention_to_text", "attention_to_text_normalised", "attention_to_bos"):
+        for s, entry in rel.get(m, {}).items():
+            if entry.get("per_layer") is None:
+                continue
+            for layer in entry["per_layer"]:
+                w = layer["within_task"]["difference"]
+                assert w["low"] <= 0 <= w["high"], (m, s, w)
+                checked += 1
+    assert checked >= 9  # drift ×3 streams, attention on expert 1, ... each at 3 layers
+    at = out["metrics"]["success_split"]["at_risk"]
+    assert out["metrics"]["success_split"]["window"] == "step"
+    assert at["n_success"][:3] == [9, 9, 9] and at["n_failure"][:8] == [9] * 8 and at["n_success"][5:] == [0] * 3
+    # the secondary progress view reads the length as a gap in drift
+    res = A.analyze_collection(root, embedding=None, probe=False, success_window="progress", n_boot=200, pooled=False)
+    assert all(x.difference.low > 0 or x.difference.high < 0 for x in res.within_task_split("text_only", "drift"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. Intervals over few tasks, centred drift
+
+
+def _coverage(n_tasks: int, reps: int, seed: int) -> float:
+    """Coverage of the default task-cluster interval of a mean: tasks with a normal random effect (sd 1), 4–12
+    episodes each with noise sd 0.5; the truth is 0."""
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(reps):
+        sizes = rng.integers(4, 13, n_tasks)
+        effects = rng.standard_normal(n_tasks)
+        values = np.concatenate([e + 0.5 * rng.standard_normal(n) for e, n in zip(effects, sizes)])
+        tasks = np.repeat(np.arange(n_tasks), sizes)
+        ci = C.cluster_bootstrap_ci(values, tasks, n_boot=200)
+        hits += ci.low <= 0 <= ci.high
+    return hits / reps
+
+
+@pytest.mark.parametrize("n_tasks", [3, 5, 10])
+def test_cluster_intervals_cover_at_few_tasks(n_tasks):
+    """Nominal 0.95; the percentile task bootstrap covered 0.76 / 0.85 / 0.90 here. 1000 draws: ± 0.014 (2 sd)."""
+    assert _coverage(n_tasks, 1000, seed=n_tasks) >= 0.92
+
+
+def test_centred_drift_has_one_value_everywhere(tmp_path):
+    """Centred drift is 0 at step 0 by definition: left out of every summary, so per_layer.csv (mean over episodes of
+    the per-episode means) and the split's sides agree, and a per-episode mean is the mean of its steps 1..n-1."""
+    syn = Synth()
+    root = build_store(tmp_path / "s", _step_only_record(syn), tasks=(0, 1), episodes=4, steps=4,
+                       success=lambda t, k: k < 2)  # fmt: skip
+    res = A.analyze_collection(root, embedding=None, probe=False, n_boot=100, success_window="progress", pooled=False)
+    for s in ("text_only", "expert_0", "expert_1"):
+        steps = res.step_values[(s, "centred_drift")]
+        assert all((v[0] == 0).all() for v in steps) and np.nanmax(steps[0]) > 0
+        want = np.mean([v[1:].mean(0) for v in steps], axis=0)
+        np.testing.assert_allclose([c.estimate for c in res.per_layer(s, "centred_drift")], want, rtol=1e-9)
+        for j, x in enumerate(res.success_split(s, "centred_drift")):  # equal sides: success, failure = the mean
+            both = (x.success.estimate * x.n_success + x.failure.estimate * x.n_failure) / (x.n_success + x.n_failure)
+            assert both == pytest.approx(want[j], rel=1e-9)
+    from openpi.latents import report
+
+    report.write_report(res, tmp_path / "rep")
+    with open(tmp_path / "rep" / "per_layer.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "centred_drift" and r["stream"] == "text_only"]
+    want = np.mean([v[1:].mean(0) for v in res.step_values[("text_only", "centred_drift")]], axis=0)
+    np.testing.assert_allclose([float(r["mean"]) for r in rows], want, rtol=1e-6)
