@@ -9,9 +9,9 @@ Per condition (definitions, also written into the report):
 * success rates per task and pooled, condition minus baseline;
 * McNemar's exact test over the paired episodes (init states): b = baseline success & condition failure,
   c = baseline failure & condition success, two-sided p = min(1, 2 * P[Binomial(b + c, 1/2) <= min(b, c)]);
-* a cluster bootstrap over tasks for the success difference: the statistic is the mean over tasks of (condition
-  rate - baseline rate); tasks are resampled with replacement (`n_boot` times), 95% percentile interval; NaN with a
-  reason below two tasks;
+* an interval over tasks for the success difference: the statistic is the mean over tasks of (condition rate -
+  baseline rate), the 95% t interval over the per-task differences (t with K - 1 df: a task bootstrap percentile
+  interval undercovers at few tasks); NaN with a reason below two tasks;
 * action divergence at paired inference i: RMS over the predicted chunk [H, action_dim] of (condition actions -
   baseline actions), in the env's action units (post-transform `actions`); compared while both episodes still run;
 * first divergence: the env step t of the first paired inference whose divergence exceeds `threshold`
@@ -29,6 +29,8 @@ import pathlib
 from typing import Any
 
 import numpy as np
+
+from openpi.latents.analysis.cluster_t import weighted_cluster_t
 
 DIVERGENCE_THRESHOLD = 1e-3
 
@@ -58,17 +60,16 @@ def first_divergence(divergence: np.ndarray, t: np.ndarray, threshold: float = D
 def task_cluster_bootstrap(
     base: dict[int, list[bool]], cond: dict[int, list[bool]], *, n_boot: int, seed: int
 ) -> tuple[float, float, float, str | None]:
-    """(mean over tasks of cond - base success rate, 95% low, high, reason if NaN), resampling tasks."""
+    """(mean over tasks of cond - base success rate, 95% low, high, reason if NaN): the t interval over the per-task
+    differences (t with K − 1 df; `n_boot` and `seed` are kept for callers, the interval draws nothing)."""
     tasks = sorted(base)
     d = np.asarray([np.mean(cond[t]) - np.mean(base[t]) for t in tasks], np.float64)
     if len(d) == 0:
         return math.nan, math.nan, math.nan, "no paired episodes"
     if len(d) < 2:
         return float(d.mean()), math.nan, math.nan, "a bootstrap over tasks needs two tasks or more"
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi), None
+    est, lo, hi = weighted_cluster_t(d, np.ones_like(d))  # the t interval over tasks (honest at few tasks)
+    return est, lo, hi, None
 
 
 def paired_rates(pairs, task_id: int | None = None) -> tuple[float, float, int]:
