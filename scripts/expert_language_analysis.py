@@ -82,6 +82,9 @@ class Args:
     conditions: pathlib.Path | None = None
     # The baseline store of --conditions (default: the one among them with the task prompt and no intervention).
     baseline: pathlib.Path | None = None
+    # Correction of a layer sweep's McNemar p-values over the sweep (the family: every layer of one recipe): "holm"
+    # (family-wise error rate) or "bh" (Benjamini–Hochberg, false discovery rate).
+    sweep_correction: Literal["holm", "bh"] = "holm"
     # Pooled metrics (token-identity probe, tuned lens, CKA, effective rank) on a sample of every episode's steps.
     pooled: bool = True
     # Held-out unit of the token probe and the tuned lens: "task" (prompts never seen in training) or "episode".
@@ -189,7 +192,9 @@ def main(args: Args) -> dict:
     if conditions is not None:
         from openpi.latents.analysis.behaviour import analyze_conditions
 
-        behaviour = analyze_conditions(conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed)
+        behaviour = analyze_conditions(
+            conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed, correction=args.sweep_correction
+        )
     comparison = None
     if matched is not None:
         from openpi.latents.analysis.model_comparison import compare_models

@@ -3,10 +3,11 @@ coverage, one value of centred drift, prompt decoding with content-free states, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import io
-import contextlib
+import math
 import pathlib
 import sys
 
@@ -159,3 +160,119 @@ def test_centred_drift_has_one_value_everywhere(tmp_path):
         rows = [r for r in csv.DictReader(f) if r["metric"] == "centred_drift" and r["stream"] == "text_only"]
     want = np.mean([v[1:].mean(0) for v in res.step_values[("text_only", "centred_drift")]], axis=0)
     np.testing.assert_allclose([float(r["mean"]) for r in rows], want, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3, 5, 6. Conditions: pairing by initial state, batching, the sweep's family
+
+
+def _condition_store(root, condition, outcomes, *, suite="libero_goal", hashes=None, arguments=None, shift=0.0):
+    """A condition store: task 0, one episode per outcome, 2 inferences each (actions = k + shift)."""
+    from openpi.latents.store import LatentStoreWriter
+
+    man = {"kind": "synthetic", "suite": suite, "condition": condition, "arguments": arguments or {}}
+    with LatentStoreWriter.create_or_open(root, man, resume=False) as w:
+        task = {"task_id": 0, "task_name": "t0", "suite": suite, "language": "do it"}
+        for k, ok in enumerate(outcomes):
+            attrs = {"seed": 7, "prompt": condition.get("prompt", "do it"), "trained_instruction": "do it"}
+            if hashes is not None:
+                attrs["init_state_hash"] = hashes[k]
+            ep = w.begin_episode(task, k, attrs)
+            for i in range(2):
+                ep.append_step({"t": 5 * i, "actions": np.full((4, 7), k + shift, np.float32)})
+            ep.finish({"success": bool(ok), "total_steps": 10, "error": None})
+    return pathlib.Path(root)
+
+
+BASE = {"name": "baseline", "prompt_mode": "task", "intervention": None}
+
+
+def _sweep_layer(layer):
+    return {"name": f"knockout-text@L{layer}", "prompt_mode": "task", "recipe": "knockout-text", "layers": [layer],
+            "intervention": {"spec": "knockout-text"}}  # fmt: skip
+
+
+def test_layer_sweep_p_values_are_corrected_over_the_sweep(tmp_path):
+    from openpi.latents.analysis import behaviour as B
+    from openpi.latents.report.behaviour import behaviour_section
+
+    base = [True] * 10
+    _condition_store(tmp_path / "c" / "baseline", BASE, base)
+    fails = {0: 0, 1: 6, 2: 8}  # layer -> baseline successes turned to failures (b); c = 0
+    for layer, b in fails.items():
+        _condition_store(tmp_path / "c" / f"L{layer}", _sweep_layer(layer), [k >= b for k in range(10)])
+    beh = B.analyze_conditions(tmp_path / "c")
+    raw = [B.mcnemar_exact(b, 0) for b in fails.values()]  # 1, 2/2^6, 2/2^8
+    holm = [1.0, min(1, 2 * raw[1]), min(1, 3 * raw[2])]  # sorted: raw[2]·3, raw[1]·2, raw[0]·1
+    assert [e.p_mcnemar for e in beh.effects] == pytest.approx(raw)
+    assert [e.p_adjusted for e in beh.effects] == pytest.approx(holm)
+    assert all(e.family.startswith("knockout-text layer sweep: 3 layers, Holm") for e in beh.effects)
+    bh = B.analyze_conditions(tmp_path / "c", correction="bh")
+    assert [e.p_adjusted for e in bh.effects] == pytest.approx([1.0, 1.5 * raw[1], 3 * raw[2]])
+    text = "\n".join(behaviour_section(beh, tmp_path / "rep"))
+    assert "knockout-text layer sweep: 3 layers, Holm" in text and "p adjusted" in text
+
+
+def test_pro_condition_is_not_paired_with_other_initial_states(tmp_path):
+    """A LIBERO-PRO condition's initial states differ from the standard suite's: no McNemar pairing, an unpaired
+    Fisher test, no divergence, and the prompt sent is shown against the trained instruction."""
+    from openpi.latents.analysis import behaviour as B
+    from openpi.latents.report.behaviour import behaviour_section
+
+    _condition_store(tmp_path / "c" / "baseline", BASE, [True] * 6, hashes=["a"] * 6)
+    pro = {"name": "pro", "prompt_mode": "task", "intervention": None, "prompt": "open the middle layer"}
+    _condition_store(tmp_path / "c" / "pro", pro, [False] * 6, suite="libero_goal_swap", hashes=["b"] * 6)
+    beh = B.analyze_conditions(tmp_path / "c", baseline=tmp_path / "c" / "baseline")
+    (e,) = beh.effects
+    assert not e.paired and e.pairs == () and "initial simulator states differ" in e.unpaired_reason
+    assert math.isnan(e.p_mcnemar) and e.p_value == pytest.approx(2 / 924)  # Fisher: 6/6 vs 0/6, 2·C(12,6)⁻¹
+    assert e.rates() == (1.0, 0.0, 6) and math.isnan(e.mean_divergence()) and "not paired" in e.divergence_reason
+    assert beh.pro_prompts == ({"condition": "pro", "task_id": 0, "prompt_sent": "open the middle layer",
+                                "trained_instruction": "do it", "same_text": False},)  # fmt: skip
+    text = "\n".join(behaviour_section(beh, tmp_path / "rep"))
+    assert "Fisher exact (unpaired)" in text and "| `pro` | 0 | open the middle layer | do it | False |" in text
+    # stores without digests: paired within a suite, refused across suites
+    _condition_store(tmp_path / "d" / "baseline", BASE, [True] * 2)
+    _condition_store(tmp_path / "d" / "pro", pro, [False] * 2, suite="libero_goal_lan")
+    (e,) = B.analyze_conditions(tmp_path / "d", baseline=tmp_path / "d" / "baseline").effects
+    assert not e.paired and "suites differ" in e.unpaired_reason
+
+
+def test_divergence_is_compared_only_under_the_same_batching(tmp_path):
+    from openpi.latents.analysis import behaviour as B
+
+    batched = {"num_envs": 2, "batch_inference": True}
+    _condition_store(tmp_path / "c" / "baseline", BASE, [True] * 2, arguments=batched, shift=1e-2)
+    noop = {**_sweep_layer(0), "name": "steer0", "recipe": "steer"}
+    _condition_store(tmp_path / "c" / "steer0", noop, [True] * 2, arguments=batched)
+    (e,) = B.analyze_conditions(tmp_path / "c").effects
+    assert e.paired and math.isnan(e.mean_divergence()) and "baseline batched, condition single" in e.divergence_reason
+    _condition_store(tmp_path / "d" / "baseline", BASE, [True] * 2, arguments={**batched, "batch_inference": False})
+    _condition_store(tmp_path / "d" / "steer0", noop, [True] * 2, arguments=batched)
+    (e,) = B.analyze_conditions(tmp_path / "d").effects
+    assert e.divergence_reason is None and e.mean_divergence() == 0.0
+
+
+def test_a_command_mixing_interventions_and_plain_runs_runs_all_unbatched():
+    from openpi.latents import collect as collection
+    from openpi.latents.collect.sweep import condition_args
+
+    cond = collection.ConditionArgs(intervention="knockout-text", layers=(0,), baseline=True)
+    args = collection.CollectionArgs(preset="pi0_libero_tiny", num_envs=2, condition=cond)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        runs = condition_args(args)
+    assert [r.batch_inference for _, r in runs] == [False, False] and "--no-batch-inference" in out.getvalue()
+    plain = collection.CollectionArgs(preset="pi0_libero_tiny", num_envs=2,
+                                      condition=collection.ConditionArgs(prompt="blank", baseline=True))  # fmt: skip
+    assert [r.batch_inference for _, r in condition_args(plain)] == [True, True]  # both batched: comparable
+
+
+@pytest.mark.libero
+def test_pro_initial_states_differ_from_the_standard_suites():
+    from openpi.envs import libero as L
+
+    goal, lan = L.list_tasks("libero_goal"), L.list_tasks("libero_goal_lan")
+    assert all(L.init_state_digest(a, 0) != L.init_state_digest(b, 0) for a, b in zip(goal, lan))  # 0/10 match
+    assert L.init_state_digest(goal[0], 3) == L.init_state_digest(goal[0], 3) != L.init_state_digest(goal[0], 4)
+    swap = L.list_tasks("libero_goal_swap")
+    assert sum(s.language != s.package_language for s in swap) == 5  # 5/10 swap prompts are rewordings too

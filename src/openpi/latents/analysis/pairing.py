@@ -22,7 +22,6 @@ divergence threshold. Divergence is compared only between runs under the same ba
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -78,12 +77,3 @@ def pro_prompt_rows(episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         same = None if sent is None or trained is None else sent == trained
         rows[t] = {"task_id": t, "prompt_sent": sent, "trained_instruction": trained, "same_text": same}
     return [rows[t] for t in sorted(rows)]
-
-
-def mean_task_difference(base: dict[int, list[bool]], cond: dict[int, list[bool]]) -> np.ndarray:
-    """[tasks] condition − baseline success rate per task present in both (sorted by task)."""
-    tasks = sorted(set(base) & set(cond))
-    return np.asarray([np.mean(cond[t]) - np.mean(base[t]) for t in tasks], np.float64) if tasks else np.zeros(0)
-
-
-NAN = math.nan
