@@ -276,3 +276,83 @@ def test_pro_initial_states_differ_from_the_standard_suites():
     assert L.init_state_digest(goal[0], 3) == L.init_state_digest(goal[0], 3) != L.init_state_digest(goal[0], 4)
     swap = L.list_tasks("libero_goal_swap")
     assert sum(s.language != s.package_language for s in swap) == 5  # 5/10 swap prompts are rewordings too
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. Matched-observation prompt decoding
+
+
+def _decoding_store(root, cf_prompt_of, state_of, n_tasks=4, episodes=6, steps=2):
+    """Tasks with prompts "p<t>"; each episode reruns with ``cf_prompt_of(t, k)``; expert 0's base / rerun states
+    from ``state_of(t, cf_task, rng)`` -> (base [L, 1, 4, W], cf)."""
+    from test_analysis import with_cf
+
+    from openpi.latents.store import LatentStoreWriter
+
+    syn = Synth()
+    man = {"kind": "synthetic", "segment_names": ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb", "text"]}
+    with LatentStoreWriter.create_or_open(root, man, resume=False) as w:
+        for t in range(n_tasks):
+            task = {"task_id": t, "task_name": f"task{t}", "suite": "synthetic", "language": f"p{t}"}
+            for k in range(episodes):
+                cf_t = cf_prompt_of(t, k)
+                cf_p = "" if cf_t is None else f"p{cf_t}"
+                ep = w.begin_episode(task, k, {"prompt": f"p{t}", "counterfactual_prompt": cf_p})
+                for i in range(steps):
+                    rng = np.random.default_rng([t, k, i])
+                    r = syn.record(t, k, i, rng=rng)
+                    base, cf = state_of(t, cf_t, rng, r["expert_0_segment_means"].shape)
+                    r["expert_0_segment_means"] = base.astype(BF16)
+                    c = dict(r, prompt=cf_p, expert_0_segment_means=cf.astype(BF16))
+                    ep.append_step(with_cf(r, c, keys=("expert_0_segment_means", "actions")))
+                ep.finish({"success": False, "total_steps": 5 * steps, "error": None})
+    return pathlib.Path(root)
+
+
+def test_prompt_decoding_content_free_states_read_at_scene_chance(tmp_path):
+    """States with only a scene-specific "not my instruction" shift carry no rerun content: with the rerun prompt
+    drawn at random per episode they read at the scene-aware chance; with the next task's prompt (a function of the
+    scene) decoding is refused; blank reruns are refused; states that do carry the rerun prompt read ≈ 1."""
+    from openpi.latents.collect.args import other_task_draw
+
+    rng0 = np.random.default_rng(0)
+    scenes, shifts, codes = (3 * rng0.standard_normal((4, 16)) for _ in range(3))
+
+    def content_free(t, cf_t, rng, shape):
+        noise = 0.3 * rng.standard_normal((2, *shape))
+        return np.broadcast_to(scenes[t], shape) + noise[0], np.broadcast_to(scenes[t] + shifts[t], shape) + noise[1]
+
+    def carrying(t, cf_t, rng, shape):
+        noise = 0.3 * rng.standard_normal((2, *shape))
+        return (np.broadcast_to(scenes[t] + codes[t], shape) + noise[0],
+                np.broadcast_to(scenes[t] + codes[cf_t], shape) + noise[1])  # fmt: skip
+
+    def analyse(name, cf_of, states):
+        root = _decoding_store(tmp_path / name, cf_of, states)
+        res = A.analyze_collection(root, embedding=None, probe=False, n_boot=100, pooled=False)
+        summary = res.shared.get(("prompt_decoding_summary", "expert_0", 2))
+        return res, summary
+
+    random_cf = lambda t, k: other_task_draw(7, t, k, 4)  # noqa: E731
+    res, s = analyse("free", random_cf, content_free)
+    print("content-free", s.pair_accuracy, s.scene_chance, s.chance)
+    assert 0.3 < s.scene_chance < 0.8 and s.pair_accuracy <= s.scene_chance + 0.1, (s.pair_accuracy, s.scene_chance)
+    res, s = analyse("next", lambda t, k: (t + 1) % 4, content_free)
+    assert s is None and "single rerun prompt" in res.missing["expert_0.prompt_decoding"]
+    assert not res.has("expert_0", "prompt_decoding") and "single rerun" in res.reason("expert_0", "prompt_decoding")
+    res, s = analyse("blank", lambda t, k: None, content_free)
+    assert s is None and "blank" in res.missing["expert_0.prompt_decoding"]
+    res, s = analyse("content", random_cf, carrying)
+    print("content", s.pair_accuracy, s.scene_chance)
+    assert s.pair_accuracy >= 0.9 and s.pair_accuracy > s.scene_chance + 0.2
+
+
+def test_other_task_counterfactual_is_drawn_at_random_per_episode():
+    from openpi.latents import synthetic_collection as sc
+    from openpi.latents.collect.args import other_task_draw
+
+    spec = sc.SyntheticCollection(("a", "b", "c", "d"), n_episodes=8, seed=3)
+    for t, own in enumerate(spec.prompts):
+        drawn = [spec.counterfactual_prompt(t, k) for k in range(8)]
+        assert own not in drawn and len(set(drawn)) >= 2  # never the task's own, not a function of the task
+    assert [other_task_draw(3, 0, k, 4) for k in range(8)] == [other_task_draw(3, 0, k, 4) for k in range(8)]

@@ -215,6 +215,11 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
         m.name: {s: summary_value(res, s, m.name) for s in STREAMS} for m in R.REGISTRY if m.scope != "pooled"
     }
     metrics |= pooled_json(res)  # the pooled metrics (token probe, tuned lens, CKA, effective rank)
+    for s in ("expert_0", "expert_1"):  # the scene-aware chance beside the pair accuracy (analysis.prompt_decoding)
+        entry = metrics.get("prompt_decoding", {}).get(s)
+        if isinstance(entry, dict) and entry.get("per_layer") is not None:
+            summaries = [res.shared.get(("prompt_decoding_summary", s, j)) for j in range(len(res.layers(s)))]
+            entry["scene_chance"] = [None if x is None else x.scene_chance for x in summaries]
     metrics["task_probe"] = _task_probe(res)
     metrics["success_relation"] = _success_relation(res)
     metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}
