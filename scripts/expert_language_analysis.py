@@ -29,6 +29,7 @@ import dataclasses
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 import tyro
@@ -36,9 +37,9 @@ import tyro
 from openpi.latents import analysis, report
 from openpi.latents.analysis.language_loss import analyze_inference_language_loss, analyze_rollout_step
 from openpi.latents.store.location import ObjectStoreError
-from openpi.shared import cli
+from openpi.shared import cli, jax_cache
 
-__all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "main"]
+__all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "cli_main", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,9 @@ class Args:
     # Also write the compared collection's own full report into <output-dir>/compare_<model>/ (--no-compare-report
     # skips it: the section still compares both).
     compare_report: bool = True
+    # Persistent JAX compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR; neither: compile every run). A
+    # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
+    jax_cache_dir: str | None = None
 
 
 def _embedding(args: Args, checkpoint: str | None) -> object:
@@ -179,6 +183,7 @@ def _settings(args: Args) -> dict:
 
 def main(args: Args) -> dict:
     cli.configure_logging()
+    jax_cache.configure(args.jax_cache_dir)  # the text decoding and the logit lens compile
     t0 = time.monotonic()
     matched, conditions = _matched_comparison(args)  # refuses unmatched collections before any work
     res = analysis.analyze_collection(
@@ -215,9 +220,14 @@ def main(args: Args) -> dict:
     return data
 
 
-if __name__ == "__main__":
+def cli_main(argv: Sequence[str] | None = None) -> dict:
+    """The command line (`argv`, default ``sys.argv[1:]``): bad input is one ``error:`` line and exit code 2."""
     try:
-        main(tyro.cli(Args, description=__doc__))
+        return main(tyro.cli(Args, args=argv, description=__doc__))
     except (ValueError, FileNotFoundError, PermissionError, KeyError, ObjectStoreError) as e:
         print(f"error: {cli.cli_message(str(e), {'allow_pickle': '--allow-pickle'})}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -31,6 +31,7 @@ from typing import ClassVar
 import ml_dtypes
 import numpy as np
 import pytest
+import tyro
 from store_kill_helper import sigkill_once_committed
 
 from openpi.envs import libero as L
@@ -294,16 +295,20 @@ def test_setup_error_type_and_cause():
         (["--capture.layers", "0", "7"], ["Capture layer(s) [7] do not exist", "valid indices 0..3"]),
     ],
 )
-def test_cli_setup_errors(tmp_path, extra, fragments):
-    """The real CLI (tyro parsing included): exit code 2, the message, no traceback, no output, seconds not minutes."""
+def test_cli_setup_errors(tmp_path, extra, fragments, load_script, capsys):
+    """The CLI's parsing (tyro, the script's own argument type) and main, in-process: exit code 2, the message, no
+    traceback, no output, seconds not minutes."""
     out = tmp_path / "out"
     start = time.monotonic()
-    proc = cli(*cli_args(out, *extra), timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
+    args = tyro.cli(collection.CollectionArgs, args=cli_args(out, *extra))
+    with pytest.raises(SystemExit) as info:
+        load_script("inference_latent_collection").main(args, [str(SCRIPT), *cli_args(out, *extra)])
+    captured = capsys.readouterr()
+    assert info.value.code == 2, captured.err
+    assert "Traceback" not in captured.err
     for fragment in fragments:
-        assert fragment in proc.stderr
-    assert "Capture per inference" not in proc.stdout  # printed once the policy is loaded
+        assert fragment in captured.err
+    assert "Capture per inference" not in captured.out  # printed once the policy is loaded
     assert not out.exists()
     assert time.monotonic() - start < 60
 

@@ -56,6 +56,9 @@ class ReplayArgs:
     break_stale_lock: bool = False
     # Writer queue length (steps).
     queue_size: int = 8
+    # Persistent JAX compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR; neither: compile every run). A
+    # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
+    jax_cache_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
