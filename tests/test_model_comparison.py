@@ -238,8 +238,9 @@ def test_report_gains_the_model_comparison_section(collections, tmp_path):
     # Paired success rows: task, language, episodes, A rate, B rate, Δ, b, c, McNemar p (values by hand, above).
     assert f"| 0 | {_prompt(0)} | 3 | 0.33 | 1.00 | 0.667 | 0 | 2 | 0.5000 |" in section
     assert f"| 1 | {_prompt(1)} | 3 | 0.33 | 0.67 | 0.333 | 0 | 1 | 1.0000 |" in section
-    assert "| all |  | 6 | 0.33 | 0.83 | 0.500 (mean over tasks) [0.333, 0.667] | 0 | 3 | 0.2500 |" in section
-    assert "*Statistics: unit of resampling task (cluster bootstrap, 500 resamples" in section
+    # t interval over the two per-task differences {1/3, 2/3}: 0.5 ± t_{1, 0.975} · (√2/6)/√2 = 0.5 ± 12.706/6
+    assert "| all |  | 6 | 0.33 | 0.83 | 0.500 (mean over tasks) [-1.618, 2.618] | 0 | 3 | 0.2500 |" in section
+    assert "*Statistics: unit of resampling task (t interval over tasks, K − 1 df" in section
     assert "2 tasks, 6 episodes" in section and "No state token in pi0.5" in section
     assert "never sees the robot state" in section and "adaptive RMSNorm" in section
     data = json.loads(json.dumps(clean(report_cmp.comparison_json(cmp)), allow_nan=False))  # as metrics.json holds it
@@ -250,13 +251,15 @@ def test_report_gains_the_model_comparison_section(collections, tmp_path):
     rows = {(r["metric"], r["stream"]): r for r in data["layers"]["per_metric"]}
     for key in [("prompt_sensitivity", s) for s in ("text_only", "expert_0", "expert_1")] + [
         ("attention_to_text", "expert_1"),
-        ("prompt_decoding", "expert_0"),
     ]:
         r = rows[key]
         assert r["a"]["per_layer"] is not None and r["b"]["per_layer"] is not None, key
         assert r["a"]["layers"] == r["b"]["layers"] and r["a"]["n_tasks"] == 2 and r["a"]["n_episodes"][0] == 6
         paired = r["paired_difference_b_minus_a"]
         assert paired["unit_of_resampling"] == "task" and paired["n_episodes"][0] == 6
+    # Two prompts: every rerun of a task has the one other prompt, which the scene names, so decoding is refused
+    decoding = rows[("prompt_decoding", "expert_0")]["a"]
+    assert decoding["per_layer"] is None and "single rerun prompt" in decoding["reason"]
     # The paired difference is B's episode mean minus A's: check one layer against the two analyses' own values.
     r = rows[("prompt_sensitivity", "expert_1")]
     a_mean, b_mean = np.array(r["a"]["per_layer"]), np.array(r["b"]["per_layer"])
