@@ -356,3 +356,30 @@ def test_other_task_counterfactual_is_drawn_at_random_per_episode():
         drawn = [spec.counterfactual_prompt(t, k) for k in range(8)]
         assert own not in drawn and len(set(drawn)) >= 2  # never the task's own, not a function of the task
     assert [other_task_draw(3, 0, k, 4) for k in range(8)] == [other_task_draw(3, 0, k, 4) for k in range(8)]
+
+
+@pytest.mark.libero
+@pytest.mark.slow
+def test_noop_intervention_with_two_envs_reads_divergence_zero(tmp_path):
+    """steer with α = 0 is an exact no-op; with --num-envs 2 the plain baseline would be batched and the steer run
+    not, and batching alone moves the actions. One command runs both unbatched: divergence exactly 0."""
+    from openpi.latents import collect as collection
+    from openpi.latents.analysis import behaviour as B
+    from openpi.policies import presets
+
+    width = presets.get_preset("pi0_libero_tiny").model_config.paligemma_config.width
+    vector = tmp_path / "v.npy"
+    np.save(vector, np.random.default_rng(0).standard_normal(width).astype(np.float32))
+    cond = collection.ConditionArgs(intervention="steer", steer_vector=vector, alpha=0.0, baseline=True, name="noop")
+    args = collection.CollectionArgs(
+        preset="pi0_libero_tiny", task_suite="libero_goal", task_ids=(0,), episodes_per_task=2, max_steps=10,
+        num_denoise_steps=2, num_envs=2, output_dir=str(tmp_path / "runs"), condition=cond,
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        collection.collect_conditions(args)
+    (e,) = B.analyze_conditions(tmp_path / "runs").effects
+    assert e.name == "noop" and e.divergence_reason is None and len(e.pairs) == 2
+    assert all(p.divergence.size and (p.divergence == 0).all() for p in e.pairs) and e.diverged() == (0, ANY_NAN)
+
+
+ANY_NAN = type("AnyNaN", (), {"__eq__": lambda self, other: isinstance(other, float) and math.isnan(other)})()
