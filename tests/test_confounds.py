@@ -383,3 +383,24 @@ def test_noop_intervention_with_two_envs_reads_divergence_zero(tmp_path):
 
 
 ANY_NAN = type("AnyNaN", (), {"__eq__": lambda self, other: isinstance(other, float) and math.isnan(other)})()
+
+
+def test_bf16_precision_floor_is_reported_beside_the_comparison_metrics(tmp_path):
+    """bf16 keeps 8 significant bits: a pre-image within half an ulp differs by U(−½, ½)·ulp, ulp/|x| in
+    (2^-8, 2^-7], so the relative-L2 floor lies in (2^-8/√12, 2^-7/√12] = (0.00113, 0.00226]."""
+    from openpi.latents import report
+
+    syn = Synth()
+    root = build_store(tmp_path / "s", lambda t, k, i: syn.record(t, k, i), tasks=(0, 1), episodes=2, steps=3)
+    res = A.analyze_collection(root, embedding=None, probe=False, n_boot=50, pooled=False)
+    assert set(res.precision_floor) == {"text_only", "expert_0", "expert_1"}
+    for stream, per_layer in res.precision_floor.items():
+        assert len(per_layer) == syn.L
+        for f in per_layer:
+            assert 2**-8 / np.sqrt(12) < f["prompt_sensitivity"] <= 2**-7 / np.sqrt(12), (stream, f)
+            assert 0 < f["drift"] < 1e-5
+    data = report.write_report(res, tmp_path / "rep")
+    entry = data["metrics"]["drift"]["expert_1"]
+    assert entry["bf16_floor"] == pytest.approx([f["drift"] for f in res.precision_floor["expert_1"]])
+    assert data["metrics"]["language_loss"]["text_only"].get("bf16_floor") is None  # not a comparison metric
+    assert "Precision floor (bf16 precision floor" in (tmp_path / "rep" / "report.md").read_text()

@@ -43,7 +43,9 @@ def _outcomes(flags_a, flags_b) -> list[PairedOutcome]:
 def test_paired_success_on_hand_made_outcomes():
     s = paired_success(_outcomes(FLAGS_A, FLAGS_B), n_boot=2000, seed=0)
     assert (s.b, s.c) == (0, 3) and s.p_mcnemar == pytest.approx(0.25, abs=1e-12)
-    assert s.diff == pytest.approx(0.5) and s.diff_ci == pytest.approx((1 / 3, 2 / 3)) and s.ci_note is None
+    assert s.diff == pytest.approx(0.5) and s.ci_note is None
+    # the t interval over the per-task differences {1/3, 2/3}: 0.5 ± t_{1, 0.975}/6 (t_{1, 0.975} = 12.7062)
+    assert s.diff_ci == pytest.approx((0.5 - 12.706204736174698 / 6, 0.5 + 12.706204736174698 / 6))
     assert s.rates() == pytest.approx((2 / 6, 5 / 6, 6))
     assert s.rates(0) == pytest.approx((1 / 3, 1.0, 3)) and s.rates(1) == pytest.approx((1 / 3, 2 / 3, 3))
     assert s.task_mcnemar(0) == (0, 2, 0.5)  # 2 · (½)² = 0.5

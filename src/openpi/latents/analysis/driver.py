@@ -29,6 +29,7 @@ from openpi.latents.analysis import denoise_sensitivity as DS
 from openpi.latents.analysis import labels
 from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis import pooled as P
+from openpi.latents.analysis import precision_floor as PF
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis import source as src
 from openpi.latents.analysis import step_metrics as SM
@@ -336,10 +337,21 @@ def _analyze_layer(source, res: CollectionAnalysis, stream: S.Stream, j: int, em
             for steps in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
                 block = R.LayerBlock(**common, steps=steps, embedding=emb, carry=carry, layer_mean=mean)
                 cam = _read_block(block, "segment_mask" in fields)
+                if len(res.precision_floor.get(stream.name, ())) == j and _stored_bf16(res):  # first block only
+                    x = SM.drift_states(stream, block.x)
+                    valid = None if block.mask is None else np.broadcast_to(block.mask, x.shape[:-1])
+                    floor = PF.floors(x if valid is None else x[valid], seed=res.settings["seed"])
+                    res.precision_floor.setdefault(stream.name, []).append(floor)
                 _run(block_metrics, block)
                 probe.add(stream, block, cam)
         _run(episode_metrics, R.LayerBlock(**common, steps=None, embedding=emb))
     return probe.result(stream)
+
+
+def _stored_bf16(res: CollectionAnalysis) -> bool:
+    """Hidden states stored in bfloat16 (the capture's default) rather than float32 / float16."""
+    spec = res.source.get("manifest", {}).get("capture_spec") or {}
+    return spec.get("dtype", "bfloat16") == "bfloat16"
 
 
 def _layer_mean(source, res: CollectionAnalysis, stream: S.Stream, j: int) -> np.ndarray | None:

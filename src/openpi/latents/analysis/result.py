@@ -88,6 +88,9 @@ class CollectionAnalysis:
     # expert-1 prompt sensitivity per denoising step × layer, {"free", "teacher_forced"} ->
     # openpi.latents.analysis.denoise_sensitivity.DenoiseSensitivity
     denoise_sensitivity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # stream -> one {metric: floor} per layer: the bf16 precision floor of the comparison metrics
+    # (openpi.latents.analysis.precision_floor; absent for float32 captures)
+    precision_floor: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
 
     def has(self, stream: str, metric: str) -> bool:
         return (stream, metric) in self.step_values
@@ -372,7 +375,19 @@ def summary_value(res: CollectionAnalysis, stream: str, metric: str) -> Mapping[
         "n_tasks": [c.n_clusters for c in cis],
         "unit_of_resampling": cis[0].unit if cis else None,
         "correction": "none (per-layer 95% intervals, not simultaneous)",
+        "bf16_floor": _floor(res, stream, metric),
     }
+
+
+def _floor(res: CollectionAnalysis, stream: str, metric: str) -> list[float] | str | None:
+    """The metric's bf16 precision floor per layer (None: the metric has no floor; a string: why it is n/a)."""
+    from openpi.latents.analysis.precision_floor import FLOOR_METRICS
+
+    if metric not in FLOOR_METRICS:
+        return None
+    if stream not in res.precision_floor:
+        return "n/a: the states are not stored in bfloat16"
+    return [f.get(metric, float("nan")) for f in res.precision_floor[stream]]
 
 
 def pooled_values(res: CollectionAnalysis, stream: str, metric: str, extra: str | None = None) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from openpi.latents.analysis import registry as R
 from openpi.latents.analysis.result import CollectionAnalysis
 from openpi.latents.analysis.streams import STREAMS
@@ -62,11 +64,26 @@ def _definitions_and_notes(res: CollectionAnalysis) -> list[str]:
         "",
         f"* Success split: {SPLIT_NOTE}" + _window_text(res),
         f"* Drift: {DRIFT_NOTE}.",
+        _floor_text(res),
         f"* State token: {STATE_TOKEN_NOTE}.",
         f"* Prompt sensitivity: {TEXT_CF_NOTE}. expert_0 counts only the image positions of valid cameras "
         "(segment_mask; a masked camera's states are meaningless but prompt-dependent).",
         "",
     ]
+
+
+def _floor_text(res: CollectionAnalysis) -> str:
+    """The bf16 precision floor of the comparison metrics, per stream (median over layers; per layer: metrics.json
+    ``metrics[<metric>][<stream>].bf16_floor``)."""
+    from openpi.latents.analysis.precision_floor import FLOOR_METRICS, FLOOR_NOTE
+
+    if not res.precision_floor:
+        return "* Precision floor: the states are stored in float32 (no bf16 rounding floor)."
+    parts = []
+    for stream, per_layer in sorted(res.precision_floor.items()):
+        vals = ", ".join(f"{m} {np.nanmedian([f[m] for f in per_layer]):.2g}" for m in FLOOR_METRICS)
+        parts.append(f"{stream}: {vals}")
+    return f"* Precision floor ({FLOOR_NOTE}; median over layers): " + "; ".join(parts) + "."
 
 
 def _window_text(res: CollectionAnalysis) -> str:
