@@ -227,6 +227,13 @@ SETUP_ERROR_CASES = {
         ["--counterfactual-teacher-forced reruns each counterfactual inference", "add --counterfactual blank"],
         False,
     ),
+    "dangling symlink output": ({}, "dangling_symlink", ["is a symbolic link to", "which does not exist"], False),
+    "resume with a damaged finished episode": (
+        {"resume": True},
+        "damaged_store",
+        ["Cannot resume: these episodes are damaged and may hold finished episodes", "commit.json"],
+        False,
+    ),
     "full disk": ({}, "full_disk", ["No space left for --output-dir", "0 B free", "Free some space"], False),
 }
 
@@ -246,6 +253,11 @@ def test_setup_errors_exit_2_before_any_rollout_and_write_nothing(case, tmp_path
     elif prepare == "under_file":
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "out"
+    elif prepare == "dangling_symlink":
+        out.symlink_to(tmp_path / "deleted_target")
+    elif prepare == "damaged_store":
+        _write_store_with_one_episode(out)
+        (out / "task_000" / "episode_0" / "commit.json").write_text("{garbage")
     elif prepare == "full_disk":
         monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, 0))
     if overrides.get("checkpoint") == "MISSING":
@@ -272,8 +284,9 @@ def test_setup_errors_exit_2_before_any_rollout_and_write_nothing(case, tmp_path
         script.main(args)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    # The error is the last line (INFO lines such as "Loading policy" may come before it).
-    assert err.rstrip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    # The error ends the output (INFO lines such as "Loading policy" may come before it; it may span lines).
+    assert "\nerror: " in "\n" + err and "Traceback" not in err
+    assert not [line for line in err[err.rindex("error: ") :].splitlines() if line.startswith(("INFO", "WARNING"))]
     assert "asset_id=" not in err and "checkpoint_dir=" not in err  # the flags the user types, not Python names
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"

@@ -16,8 +16,8 @@ import pytest
 from test_analysis import BF16, Synth, build_store
 
 from openpi.latents import analysis as A
-from openpi.latents.analysis import clustered as C
-from openpi.latents.analysis.equal_step import equal_step_difference
+from openpi.latents.analysis.stats import clustered as C
+from openpi.latents.analysis.stats.equal_step import equal_step_difference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -193,7 +193,7 @@ def _sweep_layer(layer):
 
 
 def test_layer_sweep_p_values_are_corrected_over_the_sweep(tmp_path):
-    from openpi.latents.analysis import behaviour as B
+    from openpi.latents.analysis.compare import behaviour as B
     from openpi.latents.report.behaviour import behaviour_section
 
     base = [True] * 10
@@ -216,7 +216,7 @@ def test_layer_sweep_p_values_are_corrected_over_the_sweep(tmp_path):
 def test_pro_condition_is_not_paired_with_other_initial_states(tmp_path):
     """A LIBERO-PRO condition's initial states differ from the standard suite's: no McNemar pairing, an unpaired
     Fisher test, no divergence, and the prompt sent is shown against the trained instruction."""
-    from openpi.latents.analysis import behaviour as B
+    from openpi.latents.analysis.compare import behaviour as B
     from openpi.latents.report.behaviour import behaviour_section
 
     _condition_store(tmp_path / "c" / "baseline", BASE, [True] * 6, hashes=["a"] * 6)
@@ -239,7 +239,7 @@ def test_pro_condition_is_not_paired_with_other_initial_states(tmp_path):
 
 
 def test_divergence_is_compared_only_under_the_same_batching(tmp_path):
-    from openpi.latents.analysis import behaviour as B
+    from openpi.latents.analysis.compare import behaviour as B
 
     batched = {"num_envs": 2, "batch_inference": True}
     _condition_store(tmp_path / "c" / "baseline", BASE, [True] * 2, arguments=batched, shift=1e-2)
@@ -364,7 +364,7 @@ def test_noop_intervention_with_two_envs_reads_divergence_zero(tmp_path):
     """steer with α = 0 is an exact no-op; with --num-envs 2 the plain baseline would be batched and the steer run
     not, and batching alone moves the actions. One command runs both unbatched: divergence exactly 0."""
     from openpi.latents import collect as collection
-    from openpi.latents.analysis import behaviour as B
+    from openpi.latents.analysis.compare import behaviour as B
     from openpi.policies import presets
 
     width = presets.get_preset("pi0_libero_tiny").model_config.paligemma_config.width

@@ -82,7 +82,11 @@ def _source_store(args: ReplayArgs) -> _store.LatentStore:
         source = _store.open_store(args.source)
     except (FileNotFoundError, _store.StoreFormatError) as e:
         raise FileNotFoundError(f"--source {args.source} is not a readable latent store: {e}") from e
-    source.require_intact()
+    # The replay CLI has no --skip-damaged (a control collection matches the whole source): advise the repair.
+    source.require_intact(
+        fix="Repair the source first (delete the damaged episode folders and re-run its collection with --resume), "
+        "or replay another --source"
+    )
     return source
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.result import CollectionAnalysis
-from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.analysis.data.streams import STREAMS
+from openpi.latents.analysis.metrics import registry as R
+from openpi.latents.analysis.run.result import CollectionAnalysis
 from openpi.latents.report.denoise_report import denoise_section
 from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
 from openpi.latents.report.notes import fmt as _fmt
@@ -75,7 +75,7 @@ def _definitions_and_notes(res: CollectionAnalysis) -> list[str]:
 def _floor_text(res: CollectionAnalysis) -> str:
     """The bf16 precision floor of the comparison metrics, per stream (median over layers; per layer: metrics.json
     ``metrics[<metric>][<stream>].bf16_floor``)."""
-    from openpi.latents.analysis.precision_floor import FLOOR_METRICS, FLOOR_NOTE
+    from openpi.latents.analysis.measures.precision_floor import FLOOR_METRICS, FLOOR_NOTE
 
     if not res.precision_floor:
         return "* Precision floor: the states are stored in float32 (no bf16 rounding floor)."

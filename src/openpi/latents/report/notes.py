@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.analysis.run.result import CollectionAnalysis
 
 SPLIT_NOTE = (
     "success vs failure is compared at equal rollout steps (inference index i), among the episodes of a task still "

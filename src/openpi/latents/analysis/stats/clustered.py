@@ -20,8 +20,8 @@ import dataclasses
 
 import numpy as np
 
-from openpi.latents.analysis.cluster_t import INTERVAL_METHODS, ratio_difference_t, weighted_cluster_t
-from openpi.latents.analysis.stats import BootstrapCI, SuccessSplit, split_by_success
+from openpi.latents.analysis.stats.bootstrap import BootstrapCI, SuccessSplit, split_by_success
+from openpi.latents.analysis.stats.cluster_t import INTERVAL_METHODS, ratio_difference_t, weighted_cluster_t
 
 __all__ = [
     "WithinTaskDifference",
@@ -42,7 +42,7 @@ def cluster_bootstrap_ci(
     """Mean of ``values`` [n] (one per episode; NaN dropped) with an interval over clusters.
 
     ``method="cluster-t"`` (default): the cluster-robust t interval of the ratio estimator (CR1 standard error,
-    t with K − 1 df; :mod:`~openpi.latents.analysis.cluster_t`), whose coverage holds at 3, 5 and 10 tasks.
+    t with K − 1 df; :mod:`~openpi.latents.analysis.stats.cluster_t`), whose coverage holds at 3, 5 and 10 tasks.
     ``method="percentile"``: the task-bootstrap percentile interval (undercovers at few tasks). Each draw takes as many clusters as there are, with replacement, and computes the mean over all episodes of
     the drawn clusters (the same ratio estimator as the point estimate, so unequal cluster sizes are weighted as in
     the estimate). With one cluster the episodes are resampled instead (``unit="episode"``); with fewer than two
@@ -133,7 +133,7 @@ def within_task_difference(
 
     ``values`` [n] (NaN dropped), ``success`` [n] bool, ``tasks`` [n] task ids. A metric that depends only on the task
     gives exactly 0 here (every within-task difference is 0) however the success rates differ between tasks, where
-    the pooled difference (:func:`openpi.latents.analysis.stats.split_by_success`) would not.
+    the pooled difference (:func:`openpi.latents.analysis.stats.bootstrap.split_by_success`) would not.
     """
     v = np.asarray(values, np.float64)
     f = np.asarray(success).astype(bool)

@@ -20,9 +20,9 @@ Per condition (definitions, also written into the report):
 
 A layer sweep (conditions `<recipe>@L<l>`, each a single layer) also gives per-layer curves of both; its McNemar
 p-values are corrected over the sweep (the family: every layer of one recipe; Holm by default, Benjamini–Hochberg with
-``correction="bh"``, `openpi.latents.analysis.multiplicity`), and every table names the family.
+``correction="bh"``, `openpi.latents.analysis.stats.multiplicity`), and every table names the family.
 
-Episodes are paired only when their initial simulator states are identical (`openpi.latents.analysis.pairing`:
+Episodes are paired only when their initial simulator states are identical (`openpi.latents.analysis.compare.pairing`:
 ``init_state_hash`` and the seed); a condition with no pairable episode (e.g. a LIBERO-PRO suite against the standard
 suite) is compared unpaired (Fisher's exact test, no action divergence). Action divergence is compared only between
 runs under the same batching (`pairing.inference_batching`), else NaN with the reason.
@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.cluster_t import weighted_cluster_t
-from openpi.latents.analysis.multiplicity import CORRECTIONS, adjust
-from openpi.latents.analysis.pairing import fisher_exact, inference_batching, pairing_refusal, pro_prompt_rows
+from openpi.latents.analysis.stats.cluster_t import weighted_cluster_t
+from openpi.latents.analysis.stats.multiplicity import CORRECTIONS, adjust
+from openpi.latents.analysis.compare.pairing import fisher_exact, inference_batching, pairing_refusal, pro_prompt_rows
 
 DIVERGENCE_THRESHOLD = 1e-3
 # LIBERO-PRO suite names (openpi.envs.libero.PRO_SUITES, spelled out here: the analysis does not import the simulator)

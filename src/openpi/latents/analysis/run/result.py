@@ -1,7 +1,7 @@
 """What :func:`openpi.latents.analysis.analyze_collection` returns, and its summaries over episodes.
 
 * ``step_values[(stream, metric)]``: one float array [rollout steps, layers] per episode (NaN where undefined), for
-  every metric of :data:`openpi.latents.analysis.registry.REGISTRY` that applies.
+  every metric of :data:`openpi.latents.analysis.metrics.registry.REGISTRY` that applies.
 * ``probes[stream]``: one :class:`ProbeResult` per layer (task id from the stream's pooled features, folds grouped
   by episode, chance and shuffled control).
 * ``attention``: NaN-aware sums over all rollout steps of the attention summaries (action queries per denoising step,
@@ -16,7 +16,7 @@ Summaries over episodes (:meth:`CollectionAnalysis.per_layer`, :meth:`heatmap_pr
 task-cluster t intervals (episodes of one task share prompt and scene and are not independent; a one-task collection
 resamples its episodes and says so). The success split leaves out episodes that ended with an error and, by default
 (``success_window="step"``), compares the outcomes at equal rollout steps among the episodes still running, within
-task (:mod:`~openpi.latents.analysis.equal_step`; the number at risk per step in :meth:`split_info`): successes end
+task (:mod:`~openpi.latents.analysis.stats.equal_step`; the number at risk per step in :meth:`split_info`): successes end
 early and drift grows with the step, so any per-episode summary differs by length alone. Normalised progress
 (``"progress"``, :func:`progress_bins`) is kept as a labelled secondary view. Within-task permutation p-values carry
 Holm's correction over layers; the pooled comparison (:meth:`success_split`) is kept beside it and is confounded by
@@ -33,17 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis import streams as S
-from openpi.latents.analysis.clustered import (
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.data import streams as S
+from openpi.latents.analysis.metrics.registry import BY_NAME, NOT_APPLICABLE
+from openpi.latents.analysis.stats.clustered import (
     WithinTaskDifference,
     cluster_bootstrap_ci,
     holm,
     pooled_split_by_task,
     within_task_difference,
 )
-from openpi.latents.analysis.equal_step import equal_step_difference, pooled_equal_step
-from openpi.latents.analysis.registry import BY_NAME, NOT_APPLICABLE
+from openpi.latents.analysis.stats.equal_step import equal_step_difference, pooled_equal_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ class CollectionAnalysis:
     # text_only counterfactual reruns: positions compared per rerun (same token under both prompts)
     cf_text_positions: list[int] = dataclasses.field(default_factory=list)
     # pooled metrics (registry scope "pooled"): (stream, metric) -> one PooledValue (or None) per stored layer, and
-    # the sample they were computed on (openpi.latents.analysis.pooled)
+    # the sample they were computed on (openpi.latents.analysis.metrics.pooled_rows)
     pooled: dict[tuple[str, str], list] = dataclasses.field(default_factory=dict)
     pooled_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     # the same analysis of a control collection (random-initialised model / second checkpoint), and what it is
@@ -86,10 +86,10 @@ class CollectionAnalysis:
     # work shared by one metric across the episodes of a layer (collection-level fits such as prompt decoding)
     shared: dict[Any, Any] = dataclasses.field(default_factory=dict)
     # expert-1 prompt sensitivity per denoising step × layer, {"free", "teacher_forced"} ->
-    # openpi.latents.analysis.denoise_sensitivity.DenoiseSensitivity
+    # openpi.latents.analysis.run.denoise_sensitivity.DenoiseSensitivity
     denoise_sensitivity: dict[str, Any] = dataclasses.field(default_factory=dict)
     # stream -> one {metric: floor} per layer: the bf16 precision floor of the comparison metrics
-    # (openpi.latents.analysis.precision_floor; absent for float32 captures)
+    # (openpi.latents.analysis.measures.precision_floor; absent for float32 captures)
     precision_floor: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
 
     def has(self, stream: str, metric: str) -> bool:
@@ -192,7 +192,7 @@ class CollectionAnalysis:
 
     def split_window(self, window: str | None = None) -> int | None:
         """Rollout steps each episode is averaged over in the success split: None for ``window="step"`` (the
-        default: equal rollout steps, :mod:`~openpi.latents.analysis.equal_step`), "progress" (every episode by
+        default: equal rollout steps, :mod:`~openpi.latents.analysis.stats.equal_step`), "progress" (every episode by
         normalised progress, a secondary view confounded by length) and "all" (all its steps); for "common" the
         fewest steps of any episode in the split."""
         window = window or self.settings.get("success_window", DEFAULT_WINDOW)
@@ -246,7 +246,7 @@ class CollectionAnalysis:
     def success_split(self, stream: str, metric: str, window: str | None = None) -> list[M.SuccessSplit]:
         """Per layer: successful vs failed episodes pooled over tasks (errored episodes left out), each episode
         summarised by :meth:`window_values` (window "step", the default: at equal rollout steps among the episodes
-        at risk, :func:`~openpi.latents.analysis.equal_step.pooled_equal_step`); task-cluster intervals. Pooled, so
+        at risk, :func:`~openpi.latents.analysis.stats.equal_step.pooled_equal_step`); task-cluster intervals. Pooled, so
         confounded by task when success rates differ by task: :meth:`within_task_split` is the comparison to read."""
         window = window or self.settings.get("success_window", DEFAULT_WINDOW)
         keep = self.split_mask()
@@ -272,7 +272,7 @@ class CollectionAnalysis:
     def within_task_split(self, stream: str, metric: str, window: str | None = None) -> list[WithinTaskDifference]:
         """Per layer: success − failure within task, with the within-task permutation p-value and its Holm
         adjustment over the layers (``p_holm``), for picking a layer. Window "step" (default): at equal rollout steps
-        among the episodes at risk (:func:`~openpi.latents.analysis.equal_step.equal_step_difference`, with the
+        among the episodes at risk (:func:`~openpi.latents.analysis.stats.equal_step.equal_step_difference`, with the
         number at risk per step); else per-episode values (:func:`within_task_difference`)."""
         window = window or self.settings.get("success_window", DEFAULT_WINDOW)
         keep = self.split_mask()
@@ -381,7 +381,7 @@ def summary_value(res: CollectionAnalysis, stream: str, metric: str) -> Mapping[
 
 def _floor(res: CollectionAnalysis, stream: str, metric: str) -> list[float] | str | None:
     """The metric's bf16 precision floor per layer (None: the metric has no floor; a string: why it is n/a)."""
-    from openpi.latents.analysis.precision_floor import FLOOR_METRICS
+    from openpi.latents.analysis.measures.precision_floor import FLOOR_METRICS
 
     if metric not in FLOOR_METRICS:
         return None

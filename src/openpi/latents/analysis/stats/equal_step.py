@@ -13,7 +13,7 @@ over the successful and the failed ones, ``n_ki`` their number. A step with both
 such a step. A metric whose law depends on the step alone gives ``D ≈ 0`` whatever the outcomes' lengths; a task
 effect cancels within task.
 
-Interval: the cluster-robust t interval over the contributing tasks (:mod:`~openpi.latents.analysis.cluster_t`);
+Interval: the cluster-robust t interval over the contributing tasks (:mod:`~openpi.latents.analysis.stats.cluster_t`);
 with one contributing task its episodes are resampled within each side (percentile, ``unit="episode"``). p-value:
 success labels permuted within each task (each task keeps its number of successes; an episode keeps its own steps),
 ``(1 + #{|D_perm| ≥ |D|}) / (1 + n_permutations)``. The number at risk per step on each side is returned
@@ -26,8 +26,8 @@ import dataclasses
 
 import numpy as np
 
-from openpi.latents.analysis.cluster_t import t_quantile, weighted_cluster_t
-from openpi.latents.analysis.stats import BootstrapCI, SuccessSplit
+from openpi.latents.analysis.stats.cluster_t import t_quantile, weighted_cluster_t
+from openpi.latents.analysis.stats.bootstrap import BootstrapCI, SuccessSplit
 
 __all__ = ["EQUAL_STEP_NOTE", "AtRisk", "EqualStepDifference", "equal_step_difference", "pooled_equal_step", "step_matrix"]
 
@@ -56,7 +56,7 @@ class AtRisk:
 
 @dataclasses.dataclass(frozen=True)
 class EqualStepDifference:
-    """:func:`equal_step_difference`'s result; fields as :class:`~openpi.latents.analysis.clustered.
+    """:func:`equal_step_difference`'s result; fields as :class:`~openpi.latents.analysis.stats.clustered.
     WithinTaskDifference` (``per_task``: {task: (d_k, n_success, n_failure)}) plus ``at_risk``."""
 
     difference: BootstrapCI

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from openpi.latents.analysis.clustered import holm
+from openpi.latents.analysis.stats.clustered import holm
 
 __all__ = ["CORRECTIONS", "adjust", "benjamini_hochberg", "holm"]
 
