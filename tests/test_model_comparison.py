@@ -51,10 +51,12 @@ def test_paired_success_on_hand_made_outcomes():
     assert s.task_mcnemar(0) == (0, 2, 0.5)  # 2 · (½)² = 0.5
     assert s.task_mcnemar(1) == (0, 1, 1.0)  # 2 · ½ = 1
     # A third task where A wins once: b = 1, c = 3 → p = 2 · (C(4,0) + C(4,1)) / 2⁴ = 10/16; Δ = (2/3 + 1/3 − 1/2) / 3.
-    # Its Δ = −1/2 and the others' extremes each come up with probability 1/27 > 2.5%: interval [−1/2, 2/3].
+    # Its Δ = −1/2; the t interval over {2/3, 1/3, −1/2}: sd² = (1/4 + 1/36 + 4/9) / 2 = 13/36, half-width
+    # t_{2, 0.975} · sd / √3 with t_{2, 0.975} = 4.30265.
     three = paired_success(_outcomes({**FLAGS_A, 2: [True, True]}, {**FLAGS_B, 2: [False, True]}), n_boot=2000)
     assert (three.b, three.c) == (1, 3) and three.p_mcnemar == pytest.approx(0.625, abs=1e-12)
-    assert three.diff == pytest.approx(1 / 6) and three.diff_ci == pytest.approx((-0.5, 2 / 3))
+    half = 4.302652729911275 * np.sqrt(13 / 36) / np.sqrt(3)
+    assert three.diff == pytest.approx(1 / 6) and three.diff_ci == pytest.approx((1 / 6 - half, 1 / 6 + half))
     one = paired_success(_outcomes({0: FLAGS_A[0]}, {0: FLAGS_B[0]}))
     assert one.diff == pytest.approx(2 / 3) and np.isnan(one.diff_ci[0]) and "two tasks" in one.ci_note
 
