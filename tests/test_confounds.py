@@ -93,7 +93,8 @@ def test_default_command_reads_no_gap_from_length_alone(tmp_path):
     sys.modules["ela"] = cli
     spec.loader.exec_module(cli)
     with contextlib.redirect_stdout(io.StringIO()):
-        out = cli.main(cli.Args(collection=root, output_dir=tmp_path / "rep", text_decoding=False, probe_shuffles=0, n_boot=200))
+        args = cli.Args(collection=root, output_dir=tmp_path / "rep", text_decoding=False, probe_shuffles=0, n_boot=200)
+        out = cli.main(args)
     rel = out["metrics"]["success_relation"]
     checked = 0
     for m in ("drift", "centred_drift", "attention_to_text", "attention_to_text_normalised", "attention_to_bos"):

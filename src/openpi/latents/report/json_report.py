@@ -215,7 +215,7 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
         m.name: {s: summary_value(res, s, m.name) for s in STREAMS} for m in R.REGISTRY if m.scope != "pooled"
     }
     metrics |= pooled_json(res)  # the pooled metrics (token probe, tuned lens, CKA, effective rank)
-    for s in ("expert_0", "expert_1"):  # the scene-aware chance beside the pair accuracy (analysis.metrics.prompt_decoding)
+    for s in ("expert_0", "expert_1"):  # the scene-aware chance beside the pair accuracy (metrics.prompt_decoding)
         entry = metrics.get("prompt_decoding", {}).get(s)
         if isinstance(entry, dict) and entry.get("per_layer") is not None:
             summaries = [res.shared.get(("prompt_decoding_summary", s, j)) for j in range(len(res.layers(s)))]

@@ -90,8 +90,8 @@ def _window_text(res: CollectionAnalysis) -> str:
     window = res.settings.get("success_window", "step")
     if window == "progress":
         return (
-            f" — this report used the SECONDARY normalised-progress view instead ({res.settings.get('progress_bins', 10)}"
-            " progress bins; confounded by episode length: successes end early and drift grows with the step)."
+            " — this report used the SECONDARY normalised-progress view instead "
+            f"({res.settings.get('progress_bins', 10)} progress bins; confounded by episode length: successes end early and drift grows with the step)."
         )
     if window == "common":
         return f" — this report used the common window instead: the first {res.split_window()} rollout steps."

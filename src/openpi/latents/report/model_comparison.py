@@ -37,7 +37,8 @@ SUCCESS_DEFINITIONS = (
     "**McNemar p**: exact two-sided binomial test over the paired episodes; b = A success and B failure, c = the "
     "reverse; p = min(1, 2·P[Bin(b+c, ½) ≤ min(b, c)])",
     "**paired Δ per layer**: per paired episode, B's mean over its rollout steps minus A's, averaged over the pairs "
-    "(cluster-robust t interval over tasks); only the first observation of a pair is the same, afterwards each model's actions "
+    "(cluster-robust t interval over tasks); only the first observation of a pair is the same, afterwards each "
+    "model's actions "
     "drive the scene, so it compares the models on their own trajectories",
 )
 
@@ -109,7 +110,7 @@ def _layer_stats(cmp: ModelComparison) -> dict[str, Any]:
     n_tasks = max((_side_counts(s)[1] for r in cmp.layers for s in (r.a, r.b)), default=0)
     n_eps = max((_side_counts(s)[2] for r in cmp.layers for s in (r.a, r.b)), default=0)
     return {
-        "unit_of_resampling": " / ".join(f"{u} (cluster-robust t interval)" if u == "task" else u for u in units) or "n/a",
+        "unit_of_resampling": " / ".join(f"{u} (cluster-robust t)" if u == "task" else u for u in units) or "n/a",
         "n_tasks": n_tasks,
         "n_episodes": n_eps,
         "correction": "none: per-layer 95% intervals (not simultaneous)",

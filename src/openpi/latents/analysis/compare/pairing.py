@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from scipy import stats as _scipy_stats
 
 __all__ = ["fisher_exact", "inference_batching", "pairing_refusal", "pro_prompt_rows"]

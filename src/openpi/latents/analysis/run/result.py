@@ -16,7 +16,8 @@ Summaries over episodes (:meth:`CollectionAnalysis.per_layer`, :meth:`heatmap_pr
 task-cluster t intervals (episodes of one task share prompt and scene and are not independent; a one-task collection
 resamples its episodes and says so). The success split leaves out episodes that ended with an error and, by default
 (``success_window="step"``), compares the outcomes at equal rollout steps among the episodes still running, within
-task (:mod:`~openpi.latents.analysis.stats.equal_step`; the number at risk per step in :meth:`split_info`): successes end
+task (:mod:`~openpi.latents.analysis.stats.equal_step`; the number at risk per step in :meth:`split_info`): successes
+end
 early and drift grows with the step, so any per-episode summary differs by length alone. Normalised progress
 (``"progress"``, :func:`progress_bins`) is kept as a labelled secondary view. Within-task permutation p-values carry
 Holm's correction over layers; the pooled comparison (:meth:`success_split`) is kept beside it and is confounded by
@@ -246,7 +247,8 @@ class CollectionAnalysis:
     def success_split(self, stream: str, metric: str, window: str | None = None) -> list[M.SuccessSplit]:
         """Per layer: successful vs failed episodes pooled over tasks (errored episodes left out), each episode
         summarised by :meth:`window_values` (window "step", the default: at equal rollout steps among the episodes
-        at risk, :func:`~openpi.latents.analysis.stats.equal_step.pooled_equal_step`); task-cluster intervals. Pooled, so
+        at risk, :func:`~openpi.latents.analysis.stats.equal_step.pooled_equal_step`); task-cluster intervals. Pooled,
+        so
         confounded by task when success rates differ by task: :meth:`within_task_split` is the comparison to read."""
         window = window or self.settings.get("success_window", DEFAULT_WINDOW)
         keep = self.split_mask()

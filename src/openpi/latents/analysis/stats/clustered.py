@@ -22,6 +22,7 @@ import numpy as np
 
 from openpi.latents.analysis.stats.bootstrap import BootstrapCI, SuccessSplit, split_by_success
 from openpi.latents.analysis.stats.cluster_t import INTERVAL_METHODS, ratio_difference_t, weighted_cluster_t
+from openpi.latents.analysis.stats.multiplicity import holm
 
 __all__ = [
     "WithinTaskDifference",
@@ -43,7 +44,8 @@ def cluster_bootstrap_ci(
 
     ``method="cluster-t"`` (default): the cluster-robust t interval of the ratio estimator (CR1 standard error,
     t with K − 1 df; :mod:`~openpi.latents.analysis.stats.cluster_t`), whose coverage holds at 3, 5 and 10 tasks.
-    ``method="percentile"``: the task-bootstrap percentile interval (undercovers at few tasks). Each draw takes as many clusters as there are, with replacement, and computes the mean over all episodes of
+    ``method="percentile"``: the task-bootstrap percentile interval (undercovers at few tasks). Each draw takes
+    as many clusters as there are, with replacement, and computes the mean over all episodes of
     the drawn clusters (the same ratio estimator as the point estimate, so unequal cluster sizes are weighted as in
     the estimate). With one cluster the episodes are resampled instead (``unit="episode"``); with fewer than two
     values the interval is NaN. ``n`` counts episodes, ``n_clusters`` clusters.
@@ -186,24 +188,6 @@ def _permutation_p(sides, w, est: float, n_perm: int, rng) -> float:
     # a tolerance for float rounding: permutations that reproduce the observed split give the same |D|
     hits = np.sum(np.abs(perm) >= abs(est) - 1e-12 * max(1.0, abs(est)))
     return float((1 + hits) / (1 + n_perm))
-
-
-def holm(p_values) -> np.ndarray:
-    """Holm–Bonferroni adjusted p-values (NaN entries stay NaN and do not count as tests).
-
-    Sorted ascending, ``p_(i)`` becomes ``max_{j ≤ i} min(1, (m − j + 1) p_(j))`` with m the number of tests; it
-    controls the family-wise error rate at the level compared against, like Bonferroni but never less powerful.
-    """
-    p = np.asarray(p_values, np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = len(ok)
-    if not m:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    adj = np.minimum(1.0, (m - np.arange(m)) * p[order])
-    out[order] = np.maximum.accumulate(adj)
-    return out
 
 
 def pooled_split_by_task(

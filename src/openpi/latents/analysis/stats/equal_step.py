@@ -28,8 +28,16 @@ import numpy as np
 
 from openpi.latents.analysis.stats.cluster_t import t_quantile, weighted_cluster_t
 from openpi.latents.analysis.stats.bootstrap import BootstrapCI, SuccessSplit
+from openpi.latents.analysis.stats.clustered import WithinTaskDifference
 
-__all__ = ["EQUAL_STEP_NOTE", "AtRisk", "EqualStepDifference", "equal_step_difference", "pooled_equal_step", "step_matrix"]
+__all__ = [
+    "EQUAL_STEP_NOTE",
+    "AtRisk",
+    "EqualStepDifference",
+    "equal_step_difference",
+    "pooled_equal_step",
+    "step_matrix",
+]
 
 EQUAL_STEP_NOTE = (
     "success − failure at equal rollout steps (inference index i), among the episodes of a task still running at "
@@ -55,21 +63,11 @@ class AtRisk:
 
 
 @dataclasses.dataclass(frozen=True)
-class EqualStepDifference:
-    """:func:`equal_step_difference`'s result; fields as :class:`~openpi.latents.analysis.stats.clustered.
-    WithinTaskDifference` (``per_task``: {task: (d_k, n_success, n_failure)}) plus ``at_risk``."""
+class EqualStepDifference(WithinTaskDifference):
+    """:func:`equal_step_difference`'s result: the fields of :class:`~openpi.latents.analysis.stats.clustered.
+    WithinTaskDifference` (``per_task``: {task: (d_k, n_success, n_failure)}) and the episodes at risk per step."""
 
-    difference: BootstrapCI
-    p_value: float
-    p_floor: float
-    n_permutations: int
-    n_tasks: int
-    n_tasks_contributing: int
-    n_success: int
-    n_failure: int
-    per_task: dict
-    at_risk: AtRisk
-    p_holm: float = float("nan")
+    at_risk: AtRisk | None = None
 
 
 def step_matrix(step_values: list[np.ndarray]) -> np.ndarray:
@@ -149,7 +147,7 @@ def equal_step_difference(
     at_risk = AtRisk(at_s, at_f)
     if not parts:
         empty = BootstrapCI(nan, nan, nan, 0, ci, "task", 0)
-        return EqualStepDifference(empty, nan, floor, n_permutations, n_tasks, 0, 0, 0, {}, at_risk)
+        return EqualStepDifference(empty, nan, floor, n_permutations, n_tasks, 0, 0, 0, {}, at_risk=at_risk)
     d = np.array([p[2] for p in parts])
     w = np.array([p[3] for p in parts])
     rng = np.random.default_rng(seed)
@@ -165,7 +163,7 @@ def equal_step_difference(
     diff = BootstrapCI(est, lo, hi, n_s + n_f, ci, unit, len(parts))
     p = _permutation_p(parts, v0, ok, f, est, n_permutations, rng)
     per_task = {_py(t): (dk, int(f[rows].sum()), int((~f[rows]).sum())) for t, rows, dk, _ in parts}
-    return EqualStepDifference(diff, p, floor, n_permutations, n_tasks, len(parts), n_s, n_f, per_task, at_risk)
+    return EqualStepDifference(diff, p, floor, n_permutations, n_tasks, len(parts), n_s, n_f, per_task, at_risk=at_risk)
 
 
 def _py(x):
