@@ -50,7 +50,7 @@ def write_report(
     res: CollectionAnalysis, out_dir: str | pathlib.Path, behaviour: Any = None, comparison: Any = None
 ) -> dict[str, Any]:
     """Writes the report folder; returns the metrics.json content. `behaviour`: an
-    `analysis.behaviour.BehaviourAnalysis` whose section (`report.behaviour`) is appended to report.md;
+    `analysis.compare.behaviour.BehaviourAnalysis` whose section (`report.behaviour`) is appended to report.md;
     `comparison`: an `analysis.model_comparison.ModelComparison` (section `report.model_comparison`, metrics.json
     ``model_comparison``)."""
     out = pathlib.Path(out_dir)
