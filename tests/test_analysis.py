@@ -913,9 +913,9 @@ def test_episodes_without_steps_and_errored_episodes(tmp_path):
     data = report.write_report(res, tmp_path / "rep")
     check_report(tmp_path / "rep", data)
     info = data["metrics"]["success_split"]
-    # default window is "progress" since issue 10 (no common step count: n_inferences None)
+    # default window is "step" since issue 18 (equal rollout steps) (no common step count: n_inferences None)
     assert [e["episode"] for e in info["excluded_errored"]] == [0, 3] and info["n_inferences"] is None
-    assert info["window"] == "progress"
+    assert info["window"] == "step"
     assert data["source"]["n_errored"] == 2
     md = (tmp_path / "rep" / "report.md").read_text()
     assert errors[0] in md and errors[3] in md and "2 episode(s) that ended with an error left out" in md
