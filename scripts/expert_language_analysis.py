@@ -2,20 +2,22 @@
 
     uv run python scripts/expert_language_analysis.py --collection data/pi0_libero_goal --output-dir reports/goal
 
-Every registered metric (`openpi.latents.analysis.registry`) is computed per layer and stream (text_only / expert_0 /
-expert_1), reading one layer at a time. The token embedding and final norm for text decoding are read (those two
-leaves only) from the checkpoint recorded in the collection's manifest. Definitions: `openpi.latents.analysis.metrics`,
-`openpi.latents.analysis.registry` and `openpi.latents.analysis.language_loss`.
+Every registered metric (`openpi.latents.analysis.metrics.registry`) is computed per layer and stream
+(text_only / expert_0 / expert_1), reading one layer at a time. The token embedding and final norm for text decoding are
+read (those two leaves only) from the checkpoint recorded in the collection's manifest. Definitions:
+`openpi.latents.analysis.measures`, `openpi.latents.analysis.metrics.registry` and
+`openpi.latents.analysis.run.language_loss`.
 
 With `--conditions DIR` (a directory of condition stores, e.g. a layer sweep) report.md gains the section
-"Behaviour under conditions" (`openpi.latents.analysis.behaviour`): success per condition and task against the paired
-baseline, McNemar's exact test, a bootstrap over tasks, action divergence and the first divergent step.
+"Behaviour under conditions" (`openpi.latents.analysis.compare.behaviour`): success per condition and task against
+the paired baseline, McNemar's exact test, a bootstrap over tasks, action divergence and the first divergent step.
 
 With `--compare PATH` (the other model's collection of the same tasks, initial states and seeds, e.g. a pi05_libero
 run beside a pi0_libero run; or detected: a second model's baseline store among the stores of --conditions) report.md
-gains the section "Model comparison" (`openpi.latents.analysis.model_comparison`): paired success per task and overall
-(McNemar, task bootstrap) and the language metrics per layer of both models side by side; the second collection's own
-full report goes to `<output-dir>/compare_<model>/`. Collections that are not matched are refused before any work.
+gains the section "Model comparison" (`openpi.latents.analysis.compare.model_comparison`): paired success per task
+and overall (McNemar, task bootstrap) and the language metrics per layer of both models side by side; the second
+collection's own full report goes to `<output-dir>/compare_<model>/`. Collections that are not matched are refused
+before any work.
 
 The original notebook API's entry points are kept here (they delegate to the package):
 
@@ -35,7 +37,7 @@ from typing import Literal
 import tyro
 
 from openpi.latents import analysis, report
-from openpi.latents.analysis.language_loss import analyze_inference_language_loss, analyze_rollout_step
+from openpi.latents.analysis.run.language_loss import analyze_inference_language_loss, analyze_rollout_step
 from openpi.latents.store import location
 from openpi.latents.store.location import ObjectStoreError
 from openpi.shared import cli, jax_cache
@@ -114,7 +116,7 @@ def _embedding(args: Args, checkpoint: str | None) -> object:
     if not args.text_decoding:
         return None
     if checkpoint:
-        from openpi.latents.analysis.embedding import read_checkpoint_leaves
+        from openpi.latents.analysis.data.embedding import read_checkpoint_leaves
 
         return read_checkpoint_leaves(checkpoint)
     return "auto"
@@ -137,7 +139,7 @@ def _discrete_state_input(path: str) -> bool | None:
 def _matched_comparison(args: Args):
     """(the matched pair or None, the condition stores for the behaviour section), checked before any analysis."""
     from openpi.latents import store
-    from openpi.latents.analysis import model_matching
+    from openpi.latents.analysis.compare import model_matching
 
     compare, conditions = args.compare, args.conditions
     if conditions is not None and store.is_store(args.collection):
@@ -217,12 +219,12 @@ def main(args: Args) -> dict:
     )
     behaviour = None
     if conditions is not None:
-        from openpi.latents.analysis.behaviour import analyze_conditions
+        from openpi.latents.analysis.compare.behaviour import analyze_conditions
 
         behaviour = analyze_conditions(conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed)
     comparison = None
     if matched is not None:
-        from openpi.latents.analysis.model_comparison import compare_models
+        from openpi.latents.analysis.compare.model_comparison import compare_models
 
         print(f"Analysing the comparison collection {matched.b.root} ({matched.b.label})", flush=True)
         res_b = analysis.analyze_collection(

@@ -95,7 +95,7 @@ def test_missing_chunk_is_an_error_naming_the_file_not_zeros(tmp_path, capsys):
 
 
 def test_analysis_source_refuses_a_damaged_collection_unless_skipping(tmp_path):
-    from openpi.latents.analysis import source as analysis_source
+    from openpi.latents.analysis.data import source as analysis_source
 
     root = write_store(tmp_path / "run")
     (root / EP0 / "state" / "c" / "2" / "0").unlink()

@@ -26,9 +26,9 @@ query whose every key is masked gets a uniform softmax over all keys, as upstrea
 language knockouts, named by the path they cut:
   knockout_attention("suffix", "text") — the direct path (action-expert queries reading the text keys); language
       still reaches the actions through the image tokens, which read the text in expert 0 (the positive control
-      organism still follows the prompt 50% of the time, chance 25%).
+      organism still follows the prompt in 35% of (observation, prompt) pairs, chance 25%).
   knockout_attention("all", "text") — every query's read of the text keys; the prompt's length still sets the
-      positions of every later token (different-length prompts: 0.27-0.32 action change on the random tiny model).
+      positions of every later token (prompts one token apart: max action change 0.22 on the fixture model).
   knockout_language() — language entirely: the text keys and the prompt-length dependence of the positions.
 
 `Pi0.sample_actions` / `infer_with_latents` call `Intervention.validate` before compiling (errors name the fix);
@@ -161,7 +161,8 @@ def knockout_attention(queries: Span, keys: Span, layers=None, heads=None, *, de
 
 def knockout_language() -> Intervention:
     """Remove language entirely: no query of either expert reads the text keys (every layer and denoising step), and
-    positions are counted as if the prompt were absent, so nothing depends on the prompt or its length."""
+    positions are counted as if the prompt were absent, so nothing depends on the prompt or its length. On pi0.5 with
+    `discrete_state_input` the state's digits are prompt tokens, so they are removed with it."""
     return Intervention((LanguageKnockout(),))
 
 
@@ -173,8 +174,8 @@ def patch(expert: int, tokens: Span, layers, values, *, stream: StreamPoint = "r
     values = jnp.asarray(values)
     if values.dtype == jnp.bfloat16:
         warnings.warn(
-            "patch: the values are bfloat16, so an own-value patch into a float32 model is not a no-op (3.3e-4 on "
-            "the tiny model); capture them with CaptureSpec(dtype='float32') to patch exactly.",
+            "patch: the values are bfloat16, so an own-value patch into a float32 model is not a no-op (3.9e-3 on "
+            "the fixture model); capture them with CaptureSpec(dtype='float32') to patch exactly.",
             stacklevel=2,
         )
     return Intervention((Patch(**_common(expert, tokens, layers, stream, denoise_steps), values=values),))
