@@ -12,7 +12,8 @@ The real job (openpi's released pi0_libero checkpoint; needs the `gcs` extra for
 
 Closed-loop conditions (each recorded in the manifest and every episode; paired with the baseline by task, initial
 state, seed and inference index): `--condition.prompt blank|other-task|text`, `--condition.intervention
-knockout-text|knockout-text-expert1|ablate-text|steer|file.json`, `--condition.sweep-layers` (one store per layer
+knockout-language|knockout-text-keys|knockout-text-direct|ablate-text|steer|file.json` (old names knockout-text,
+knockout-text-expert1 kept as aliases), `--condition.sweep-layers` (one store per layer
 under --output-dir), `--condition.text-latent latents.npz --condition.text-latent-task K`. LIBERO-PRO suites:
 `--task-suite libero_goal_task` etc. (prompted with the BDDL's perturbed instruction).
 
@@ -37,8 +38,9 @@ import tyro
 
 from openpi.latents import collect
 from openpi.latents.collect import args as args_lib
+from openpi.latents.collect.parallel import WorkerDied
 from openpi.models.capture import split_capture_preset
-from openpi.shared import cli
+from openpi.shared import cli, jax_cache
 
 
 def resume_command(argv: Sequence[str]) -> str:
@@ -51,9 +53,10 @@ def main(args: collect.CollectionArgs, argv: Sequence[str] | None = None) -> Non
     """Runs the collection; `argv` (default `sys.argv`) is the command line, repeated in the hint to resume."""
     cli.configure_logging()
     try:
+        jax_cache.configure(args.jax_cache_dir)
         with collect.StopOnSignal() as stop:
             runs = collect.collect_conditions(args, stop=stop)
-    except collect.SetupError as e:
+    except (collect.SetupError, jax_cache.CacheDirError) as e:
         # Bad input, found before any rollout: a clear message, no traceback, nothing written.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -64,6 +67,13 @@ def main(args: collect.CollectionArgs, argv: Sequence[str] | None = None) -> Non
             file=sys.stderr,
         )
         raise SystemExit(e.exit_code) from None
+    except WorkerDied as e:  # an env worker killed or crashed: the store is as after a crash, resumable
+        print(
+            f"\nerror: {e}\nFinished episodes are kept in {args.output_dir}. Resume with:\n  "
+            f"{resume_command(sys.argv if argv is None else argv)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     for run in runs:
         print(f"\ncondition {run.name}:" if len(runs) > 1 else "")
         print(collect.summary_table(run.plan, run.outcomes))

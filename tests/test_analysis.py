@@ -17,11 +17,11 @@ import pytest
 
 from openpi.latents import analysis as A
 from openpi.latents import report, schema
-from openpi.latents.analysis import embedding as CL
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis.labels import resolve_denoise_steps
-from openpi.latents.analysis.language_loss import analyze_rollout_step
-from openpi.latents.analysis.source import make_source
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.data import embedding as CL
+from openpi.latents.analysis.data.labels import resolve_denoise_steps
+from openpi.latents.analysis.data.source import make_source
+from openpi.latents.analysis.run.language_loss import analyze_rollout_step
 from openpi.latents.report import plots as P
 from openpi.latents.store import LatentStoreWriter, export_pickle
 
@@ -490,6 +490,7 @@ def check_report(out: pathlib.Path, data: dict) -> None:
             assert (entry["per_layer"] is None) == bool(entry.get("reason")), (m, s)
 
 
+@pytest.mark.slow
 def test_report_and_cli_on_synthetic_store(tmp_path):
     syn = Synth()
 
@@ -552,7 +553,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     matplotlib.use("Agg")
     import matplotlib.pyplot, sklearn.linear_model, scipy.stats
     from openpi.latents import analysis, report
-    from openpi.latents.analysis.embedding import TokenEmbedding
+    from openpi.latents.analysis.data.embedding import TokenEmbedding
     import expert_data_utils as edu
 
     small, big, out = sys.argv[1:4]
@@ -771,6 +772,7 @@ def full_capture_record(syn: Synth, t, k, i, *, seg_mask=True, cf=True, cam2_tas
 FULL_MANIFEST = {"text_start": TEXT_START}
 
 
+@pytest.mark.slow
 def test_masked_camera_is_left_out_of_expert0_sensitivity_drift_and_probe(tmp_path):
     syn = Synth(L=3, W=8, T=N_TEXT)
     kw = dict(tasks=(0, 1), episodes=3, steps=3)
@@ -811,7 +813,7 @@ def test_masked_camera_is_left_out_of_expert0_sensitivity_drift_and_probe(tmp_pa
 
 
 def test_pooled_probe_features_drop_the_masked_camera():
-    from openpi.latents.analysis import streams as src
+    from openpi.latents.analysis.data import streams as src
 
     stream = src.Stream("expert_0", "expert_0_segment_means", "pooled", 1, (0,), False, n_cams=3)
     x = np.arange(2 * 1 * 3 * 2, dtype=np.float32).reshape(2, 1, 3, 2) + 1  # [steps, B, cams, W]
@@ -911,9 +913,9 @@ def test_episodes_without_steps_and_errored_episodes(tmp_path):
     data = report.write_report(res, tmp_path / "rep")
     check_report(tmp_path / "rep", data)
     info = data["metrics"]["success_split"]
-    # default window is "progress" since issue 10 (no common step count: n_inferences None)
+    # default window is "step" since issue 18 (equal rollout steps) (no common step count: n_inferences None)
     assert [e["episode"] for e in info["excluded_errored"]] == [0, 3] and info["n_inferences"] is None
-    assert info["window"] == "progress"
+    assert info["window"] == "step"
     assert data["source"]["n_errored"] == 2
     md = (tmp_path / "rep" / "report.md").read_text()
     assert errors[0] in md and errors[3] in md and "2 episode(s) that ended with an error left out" in md
@@ -951,6 +953,7 @@ def drift_patterns(W):
     return [a, a + b, b, -a]  # cosines to step 0: 1, 1/√2, 0, −1 → drift 0, 1 − 1/√2, 1, 2
 
 
+@pytest.mark.slow
 def test_success_split_compares_a_common_window_of_rollout_steps(tmp_path):
     """Drift grows with the rollout step the same way in every episode; failures run 4 steps, successes 2. Over the
     common window (2 steps) success − failure is exactly 0; whole-episode means would show a gap from length alone."""

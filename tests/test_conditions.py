@@ -22,7 +22,7 @@ import pytest
 from openpi.envs import libero as L
 from openpi.latents import collect as collection
 from openpi.latents import store, text_latent
-from openpi.latents.analysis import behaviour as B
+from openpi.latents.analysis.compare import behaviour as B
 from openpi.latents.collect import conditions as C
 from openpi.latents.report import behaviour as behaviour_report
 from openpi.policies import policy_config, presets
@@ -70,7 +70,9 @@ def test_task_cluster_bootstrap():
     cond = {0: [False, False], 1: [False, False], 2: [False, True]}
     d, lo, hi, why = B.task_cluster_bootstrap(base, cond, n_boot=500, seed=0)
     assert why is None and d == pytest.approx((-0.5 + 0 - 0.5) / 3)
-    assert -0.5 <= lo <= d <= hi <= 0.0  # resampled means of {-0.5, 0, -0.5} stay within [-0.5, 0]
+    # the t interval over the 3 per-task differences {-0.5, 0, -0.5}: sd 0.5/√3, se sd/√3, t_{2, 0.975} = 4.3027
+    half = 4.302652729911275 * (0.5 / np.sqrt(3)) / np.sqrt(3)
+    assert lo == pytest.approx(d - half) and hi == pytest.approx(d + half)
     d1, lo1, hi1, why1 = B.task_cluster_bootstrap({0: [True]}, {0: [False]}, n_boot=10, seed=0)
     assert d1 == -1.0 and math.isnan(lo1) and math.isnan(hi1) and "two tasks" in why1
 
@@ -330,19 +332,19 @@ def test_behaviour_analysis_and_report_section(runs, tmp_path):
 
 
 @pytest.mark.libero
-def test_conditions_table_resolves_paths_shows_suites_and_refuses_other_suites(runs, monkeypatch, tmp_path):
+def test_conditions_table_resolves_paths_and_shows_suites(runs, monkeypatch, tmp_path):
     """An absolute --baseline with relative --conditions is not paired with itself; every row names its suite and
-    the baseline; a store of another suite (libero_goal_task vs libero_goal) is refused unless asked."""
+    the baseline's (a libero_goal_task store against a libero_goal baseline shows both)."""
     monkeypatch.chdir(runs.root.parent)
     baseline = (runs.root / "baseline").resolve()
     beh = B.analyze_conditions(runs.root.name, baseline=baseline)  # relative conditions, absolute baseline
     assert all(pathlib.Path(e.root) != baseline for e in beh.effects)  # the baseline is not among the conditions
     assert "baseline" not in [e.name for e in beh.effects]
-    assert {e.suite for e in beh.effects} == {SUITE}
+    assert {e.suite for e in beh.effects} == {SUITE} and beh.baseline_suite == SUITE
     lines = behaviour_report.behaviour_section(beh, tmp_path / "r")
-    rows = [line for line in lines if line.startswith("| `")]
-    assert rows and all(f"| {SUITE} | `baseline` (baseline) |" in row for row in rows)
-    with pytest.raises(ValueError, match="ran suite libero_goal_task but the baseline .* ran libero_goal"):
-        B.analyze_conditions([runs.pro], baseline=baseline)
-    other = B.analyze_conditions([runs.pro], baseline=baseline, allow_other_suites=True)
+    table = [line for line in lines if line.startswith("| `") and f"`baseline` ({SUITE})" in line]
+    assert len(table) == len(beh.effects) and all(f"| {SUITE} | `baseline` ({SUITE}) |" in row for row in table)
+    other = B.analyze_conditions([runs.pro], baseline=baseline)
     assert [e.suite for e in other.effects] == ["libero_goal_task"]
+    other_rows = [r for r in behaviour_report.behaviour_section(other, tmp_path / "o") if "libero_goal_task |" in r]
+    assert other_rows and f"`baseline` ({SUITE})" in other_rows[0]

@@ -14,18 +14,23 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-Stream = Literal["residual", "post_attn_residual", "attn_out", "head_out", "modulation"]
+from openpi.models.stream_points import StreamPoint
+
+Stream = StreamPoint  # the vocabulary shared with interventions (`stream_points`)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tap:
     """One per-layer capture: a stream of one expert, reduced over its tokens.
 
-    streams:
+    streams (`stream_points`, the vocabulary interventions edit too):
       residual           — the expert's residual stream entering the layer (layer 0: the embedded input).
       post_attn_residual — the residual stream after the attention block's residual add (before the FFN).
       attn_out           — the attention block's output (after the output projection, before the residual add).
       head_out           — the per-head attention output before the output projection, [.., tokens, heads, head_dim].
+      mlp_out            — the FFN block's output (after the down projection, before the residual add).
+      ffn_hidden         — the FFN's hidden activations: the gated product gelu(gate) * up before the down
+                           projection, [.., tokens, mlp_dim] (the FFN "neurons").
       modulation         — adaptive experts only (pi0.5's action expert): the adaRMS modulation of the layer's two
                            norms, [B, 2 (pre-attention, pre-FFN), 3 (scale, shift, gate), W]; per example, not per
                            token, so `tokens` must be "full".

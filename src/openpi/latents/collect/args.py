@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 import tyro
 
+import numpy as np
+
 from openpi import envs
 from openpi.envs import base as env_base
 from openpi.latents.collect import conditions as conditions_lib
@@ -50,6 +52,7 @@ RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
     # only (tests/test_batching.py), so a resume may switch it.
     "arguments.num_envs",
     "arguments.batch_inference",
+    "arguments.env_worker_timeout_s",
     "arguments.backend",
     "arguments.ray_address",
 }
@@ -113,7 +116,8 @@ class CollectionArgs:
     # Save an MP4 of the agent view per episode under <output_dir>/videos.
     save_videos: bool = False
     # Re-run inferences with a counterfactual prompt (same observation and noise): "blank" (empty prompt) or
-    # "other-task" (the next task's instruction in the suite). Stored under cf_* keys.
+    # "other-task" (the instruction of another task of the suite, drawn at random per episode from the seed and
+    # recorded: `other_task_draw`). Stored under cf_* keys.
     counterfactual: Literal["none", "blank", "other-task"] = "none"
     # Counterfactual rerun at every k-th inference of an episode.
     counterfactual_every: int = 1
@@ -136,11 +140,18 @@ class CollectionArgs:
     # the model (faster; float rounding differs slightly from one observation per call). --no-batch-inference: one
     # observation per model call, and the stored arrays are identical to the sequential run's whatever --num-envs is.
     batch_inference: bool = True
+    # With --num-envs > 1: an env worker that sends nothing for this many seconds while it should be stepping its
+    # env (a hung simulator, a stopped process) is killed and its unfinished episodes re-run on a fresh worker (its
+    # episode in progress is discarded and begun again); the event is logged.
+    env_worker_timeout_s: float = 600.0
     # "local": this machine. "ray": work units (a task's block of episodes) on a Ray cluster, a policy actor per
     # GPU (per machine on CPU) with --num-envs env workers each; needs `uv sync --extra ray`.
     backend: Literal["local", "ray"] = "local"
     # Ray cluster address for --backend ray (default: $RAY_ADDRESS, else a local Ray instance on this machine).
     ray_address: str | None = None
+    # Persistent JAX compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR; neither: compile every run). A
+    # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
+    jax_cache_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +201,8 @@ def _check_numbers(args: CollectionArgs, tasks: tuple[env_base.TaskInfo, ...]) -
 
 
 def _check_parallel(args: CollectionArgs, num_episodes: int) -> None:
+    if not args.env_worker_timeout_s > 0:
+        raise ValueError(f"--env-worker-timeout-s must be > 0 seconds, got {args.env_worker_timeout_s}.")
     if args.num_envs < 1:
         raise ValueError(f"--num-envs must be >= 1 (env worker processes), got {args.num_envs}.")
     if args.num_envs > num_episodes:
@@ -267,15 +280,28 @@ def check_teacher_forced(
         )
 
 
-def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo) -> str | None:
-    """The prompt of the counterfactual rerun in `task`'s episodes (None: no rerun)."""
+def other_task_draw(seed: int, task_id: int, k: int, n_tasks: int) -> int:
+    """The task whose instruction episode `k` of `task_id` reruns with under ``--counterfactual other-task``: drawn
+    uniformly from the suite's OTHER tasks, from ``default_rng([seed, task_id, k, 1])`` (its own stream: the noise
+    draws from ``[seed, task_id, k]``). Random per episode so that, across a task's episodes, the rerun's prompt is
+    not a function of the scene: a scene-specific "not my instruction" response then cannot name the rerun's prompt
+    (with the next task's prompt it decoded at 0.975; drawn at random it reads at the scene-aware chance)."""
+    if n_tasks < 2:
+        raise ValueError(f"an other-task counterfactual needs two tasks or more, got {n_tasks}")
+    other = int(np.random.default_rng([seed, task_id, k, 1]).integers(n_tasks - 1))
+    return other if other < task_id else other + 1
+
+
+def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo, k: int) -> str | None:
+    """The prompt of the counterfactual rerun in episode `k` of `task` (None: no rerun): "" for blank, else the
+    instruction of :func:`other_task_draw`'s task."""
     mode = plan.args.counterfactual
     if mode == "none":
         return None
     if mode == "blank":
         return ""
     tasks = plan.simulator.list_tasks(task.suite)
-    return tasks[(task.task_id + 1) % len(tasks)].language
+    return tasks[other_task_draw(plan.args.seed, task.task_id, k, len(tasks))].language
 
 
 def openpi_flag_errors(argv: Sequence[str]) -> list[str]:

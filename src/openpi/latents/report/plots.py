@@ -1,4 +1,4 @@
-"""PNG figures of a :class:`~openpi.latents.analysis.result.CollectionAnalysis` (matplotlib, Agg backend).
+"""PNG figures of a :class:`~openpi.latents.analysis.run.result.CollectionAnalysis` (matplotlib, Agg backend).
 
 Every figure is a grid of equally sized panels (``PANEL_IN`` inches at ``DPI``, no tight bbox), so a figure with
 ``rows × cols`` panels is exactly ``cols·PANEL_IN[0]·DPI × rows·PANEL_IN[1]·DPI`` pixels; each plot function returns
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.result import CollectionAnalysis, quiet_nan_warnings
+from openpi.latents.analysis.metrics import registry as R
+from openpi.latents.analysis.run.result import CollectionAnalysis, quiet_nan_warnings
 from openpi.latents.report import control as C
 
 PANEL_IN = (4.4, 3.3)
@@ -233,14 +233,15 @@ def success_failure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any
     if not panels:
         panels = [("no metric", _note("no per-layer metric to split by success"))]
     scope = {
-        "progress": "episodes by normalised progress",
+        "step": "at equal rollout steps, episodes at risk",
+        "progress": "SECONDARY view: episodes by normalised progress, length-confounded",
         "all": "all rollout steps",
         "common": f"first {window} rollout steps of every episode",
-    }[res.settings.get("success_window", "progress")]
+    }[res.settings.get("success_window", "step")]
     return _figure(
         panels,
         out / "success_failure.png",
-        f"Success vs failure pooled ({scope}; errored out; 95% task-bootstrap CI; within-task test: report.md)",
+        f"Success vs failure pooled ({scope}; errored out; 95% task-cluster CI; within-task test: report.md)",
     )
 
 

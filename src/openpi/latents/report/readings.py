@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from openpi.latents.analysis.result import CollectionAnalysis, quiet_nan_warnings
-from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.analysis.data.streams import STREAMS
+from openpi.latents.analysis.run.result import CollectionAnalysis, quiet_nan_warnings
 from openpi.latents.report.notes import cf_text_positions
 from openpi.latents.report.notes import fmt as _fmt
 
@@ -124,7 +124,8 @@ def _success(res: CollectionAnalysis) -> str:
         "common": f"each episode averaged over its first {info['n_inferences']} rollout steps, the fewest any "
         "episode has",
         "all": "each episode averaged over all its rollout steps (length-confounded: failed episodes run longer)",
-        "progress": "each episode summarised by normalised progress",
+        "progress": "each episode summarised by normalised progress (secondary view, length-confounded)",
+        "step": "compared at equal rollout steps among the episodes still running, within task",
     }[info["window"]]
     errors = f"; {n_err} episode(s) that ended with an error left out" if n_err else ""
     if not (n_s and n_f and res.has("text_only", "language_loss")):
