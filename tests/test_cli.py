@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from openpi.shared import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_cli_message_rewrites_only_the_named_parameters():

@@ -353,6 +353,7 @@ def openpi_libero_loop(client, sim, task_ids, episodes: int, max_steps: int) -> 
     return episodes_run
 
 
+@pytest.mark.libero
 def test_openpi_libero_evaluation_on_one_connection_is_split_into_its_episodes(policy, served):
     """Two tasks x two episodes over one connection: four store episodes, split at the prompt change and at each
     environment reset, with the right prompts and steps, each marked as inferred."""
