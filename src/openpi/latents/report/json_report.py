@@ -172,7 +172,7 @@ def _action_divergence(res: CollectionAnalysis) -> dict[str, Any]:
     keep = res.split_mask()
     window = res.action_divergence_per_episode(res.split_window())[keep]
     flags = np.array([e.success for e in res.episodes])[keep]
-    nb, seed, tasks = res.settings["n_boot"], res.settings["seed"], res.task_ids()
+    nb, seed, tasks = res.settings.stats.n_boot, res.settings.stats.seed, res.task_ids()
     split = pooled_split_by_task(window, flags, tasks[keep], n_boot=nb, seed=seed)
     return {
         "mean_l2": _ci(cluster_bootstrap_ci(per_ep, tasks, n_boot=nb, seed=seed)),
@@ -225,7 +225,7 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
             "success_rate": float(np.mean([e.success for e in res.episodes])),
             "text_only_cf_positions": cf_text_positions(res),
         },
-        "settings": res.settings,
+        "settings": res.settings.flat(),
         "timings": res.timings,
         "episodes": [
             {"task_id": e.task_id, "episode": e.episode, "success": e.success, "n_steps": e.n_steps, "error": e.error}

@@ -70,12 +70,12 @@ def _definitions_and_notes(res: CollectionAnalysis) -> list[str]:
 
 
 def _window_text(res: CollectionAnalysis) -> str:
-    window = res.settings.get("success_window", "progress")
+    window = res.settings.stats.success_window
     if window == "common":
         return f" — this report used the common window instead: the first {res.split_window()} rollout steps."
     if window == "all":
         return " — this report used the whole-episode window instead (success_window='all')."
-    return f" (this report: {res.settings.get('progress_bins', 10)} progress bins)."
+    return f" (this report: {res.settings.stats.progress_bins} progress bins)."
 
 
 def _caveats(res: CollectionAnalysis) -> list[str]:

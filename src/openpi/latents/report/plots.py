@@ -236,7 +236,7 @@ def success_failure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any
         "progress": "episodes by normalised progress",
         "all": "all rollout steps",
         "common": f"first {window} rollout steps of every episode",
-    }[res.settings.get("success_window", "progress")]
+    }[res.settings.stats.success_window]
     return _figure(
         panels,
         out / "success_failure.png",

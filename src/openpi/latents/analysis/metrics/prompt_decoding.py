@@ -172,9 +172,9 @@ def decode_layer(b: Any) -> dict[int, tuple[list[int], np.ndarray]]:
     """The registry's ``prompt_decoding`` for one layer of one stream: reads the base / counterfactual features of
     every episode (``b`` gives the source, stream and layer), fits the grouped decoder once, and returns each
     episode's (rollout steps, pair-correct values); the fit's :class:`PromptDecoding` (without the per-pair values)
-    goes to ``res.shared[("prompt_decoding_summary", stream, layer index)]``."""
+    goes to the run's ``shared[("prompt_decoding_summary", stream, layer index)]``."""
     feats, cf_feats, labels, cf_labels, groups, where = [], [], [], [], [], []
-    for i, ep in enumerate(b.res.episodes):
+    for i, ep in enumerate(b.run.episodes):
         if ep.n_steps == 0:
             continue
         steps = b.source.present_steps(ep.task_id, ep.episode, b.stream.cf_key)
@@ -193,16 +193,16 @@ def decode_layer(b: Any) -> dict[int, tuple[list[int], np.ndarray]]:
             groups += [i] * int(keep.sum())
             where += [(i, s) for s, k in zip(np.repeat(chunk, rows), keep) if k]
     if not where:
-        b.res.missing[f"{b.stream.name}.prompt_decoding"] = "no rerun with a prompt different from the original"
+        b.run.missing[f"{b.stream.name}.prompt_decoding"] = "no rerun with a prompt different from the original"
         return {}
     x, xc = np.concatenate(feats), np.concatenate(cf_feats)
     if b.stream.name == "expert_0":  # cameras valid in no row (the masked third camera): constant zero features
         keep = np.any(x != 0, axis=0) | np.any(xc != 0, axis=0)
         x, xc = x[:, keep], xc[:, keep]
-    s = b.res.settings
-    dec = matched_prompt_decoding(x, xc, labels, cf_labels, groups, n_splits=s["probe_splits"], seed=s["seed"])
+    s = b.run.settings
+    dec = matched_prompt_decoding(x, xc, labels, cf_labels, groups, n_splits=s.probe.probe_splits, seed=s.stats.seed)
     # the fit's summary (chance, counts, per-state accuracy) for callers; per-step values go to the registry
-    b.res.shared[("prompt_decoding_summary", b.stream.name, b.layer)] = dataclasses.replace(dec, pair_correct=None)
+    b.run.shared[("prompt_decoding_summary", b.stream.name, b.layer)] = dataclasses.replace(dec, pair_correct=None)
     per_step: dict[int, dict[int, list[float]]] = {}
     for (i, step), v in zip(where, dec.pair_correct):
         per_step.setdefault(i, {}).setdefault(step, []).append(v)  # batch rows of one step: their mean

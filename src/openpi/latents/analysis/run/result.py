@@ -33,7 +33,9 @@ import numpy as np
 
 from openpi.latents.analysis import measures as M
 from openpi.latents.analysis.data import streams as S
+from openpi.latents.analysis.data.episodes import EpisodeRef
 from openpi.latents.analysis.metrics.registry import BY_NAME, NOT_APPLICABLE
+from openpi.latents.analysis.run.settings import WINDOWS, AnalysisSettings
 from openpi.latents.analysis.stats.clustered import (
     WithinTaskDifference,
     cluster_bootstrap_ci,
@@ -41,18 +43,6 @@ from openpi.latents.analysis.stats.clustered import (
     pooled_split_by_task,
     within_task_difference,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class EpisodeRef:
-    task_id: int
-    episode: int
-    success: bool
-    n_steps: int
-    step_t: tuple[int, ...]
-    prompt: str | None
-    counterfactual_prompt: str | None
-    error: str | None
 
 
 @dataclasses.dataclass
@@ -67,7 +57,7 @@ class CollectionAnalysis:
     probes: dict[str, list[M.ProbeResult]]
     attention: dict[str, np.ndarray]
     actions: dict[str, list[np.ndarray]]
-    settings: dict[str, Any]
+    settings: AnalysisSettings  # how it was computed (the control: the very same object)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     # {what: note}: how layer / denoising-step ids and camera validity were resolved when not read off the manifest
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -80,7 +70,8 @@ class CollectionAnalysis:
     # the same analysis of a control collection (random-initialised model / second checkpoint), and what it is
     control: CollectionAnalysis | None = None
     control_label: str | None = None
-    # work shared by one metric across the episodes of a layer (collection-level fits such as prompt decoding)
+    # work shared by one metric across the episodes of a layer (collection-level fits such as prompt decoding; the
+    # run's, openpi.latents.analysis.metrics.base.RunContext.shared)
     shared: dict[Any, Any] = dataclasses.field(default_factory=dict)
     # expert-1 prompt sensitivity per denoising step × layer, {"free", "teacher_forced"} ->
     # openpi.latents.analysis.run.denoise_sensitivity.DenoiseSensitivity
@@ -117,9 +108,9 @@ class CollectionAnalysis:
         """Per layer: mean over episodes of :meth:`per_episode`, with a task-cluster bootstrap interval (episodes of
         one task are not independent; one task: episodes resampled, ``unit="episode"``)."""
         pe = self.per_episode(stream, metric)
-        nb = self.settings["n_boot"] if n_boot is None else n_boot
+        nb = self.settings.stats.n_boot if n_boot is None else n_boot
         tasks = self.task_ids()
-        seed = self.settings["seed"]
+        seed = self.settings.stats.seed
         return [cluster_bootstrap_ci(pe[:, j], tasks, n_boot=nb, seed=seed) for j in range(pe.shape[1])]
 
     def task_ids(self) -> np.ndarray:
@@ -129,7 +120,7 @@ class CollectionAnalysis:
     def progress_values(self, stream: str, metric: str, n_bins: int | None = None) -> np.ndarray:
         """[episodes, n_bins, layers]: each episode's metric by normalised progress (:func:`progress_bins`; drift
         without step 0, which is 0 by definition). An episode with any value has a value in every bin."""
-        k = n_bins or self.settings.get("progress_bins", 10)
+        k = n_bins or self.settings.stats.progress_bins
         out = []
         for v in self.step_values[(stream, metric)]:
             out.append(progress_bins(v[1:] if metric == "drift" or metric == "centred_drift" else v, k))
@@ -143,7 +134,7 @@ class CollectionAnalysis:
 
     def window_values(self, stream: str, metric: str, window: str | None = None) -> np.ndarray:
         """[episodes, layers] the per-episode value the success split compares (see :meth:`split_window`)."""
-        window = window or self.settings.get("success_window", "progress")
+        window = window or self.settings.stats.success_window
         if window == "progress":
             with quiet_nan_warnings():
                 return np.nanmean(self.progress_values(stream, metric), axis=1)
@@ -173,7 +164,7 @@ class CollectionAnalysis:
         """Rollout steps each episode is averaged over in the success split: None for ``window="progress"`` (the
         default: every episode by normalised progress, see :meth:`window_values`) and "all" (all its steps); for
         "common" the fewest steps of any episode in the split."""
-        window = window or self.settings.get("success_window", "progress")
+        window = window or self.settings.stats.success_window
         if window not in WINDOWS:
             raise ValueError(f"success window must be one of {WINDOWS}, got {window!r}")
         if window in ("all", "progress"):
@@ -183,7 +174,7 @@ class CollectionAnalysis:
 
     def split_info(self, window: str | None = None) -> dict[str, Any]:
         """What the success split compares: window, steps, episodes left out (errors) and the counts per side."""
-        window = window or self.settings.get("success_window", "progress")
+        window = window or self.settings.stats.success_window
         n_s, n_f = self.split_counts()
         errored = [e for e in self.episodes if e.error is not None]
         keep = self.split_mask()
@@ -194,7 +185,7 @@ class CollectionAnalysis:
         return {
             "window": window,
             "n_inferences": self.split_window(window),
-            "progress_bins": self.settings.get("progress_bins", 10) if window == "progress" else None,
+            "progress_bins": self.settings.stats.progress_bins if window == "progress" else None,
             "n_tasks": len(tasks),
             "n_tasks_both_outcomes": sum(len(v) == 2 for v in tasks.values()),
             "n_success": n_s,
@@ -213,7 +204,7 @@ class CollectionAnalysis:
         flags = np.array([e.success for e in self.episodes])[keep]
         tasks, s = self.task_ids()[keep], self.settings
         return [
-            pooled_split_by_task(pe[keep, j], flags, tasks, n_boot=s["n_boot"], seed=s["seed"])
+            pooled_split_by_task(pe[keep, j], flags, tasks, n_boot=s.stats.n_boot, seed=s.stats.seed)
             for j in range(pe.shape[1])
         ]
 
@@ -226,8 +217,8 @@ class CollectionAnalysis:
         tasks, s = self.task_ids()[keep], self.settings
         out = [
             within_task_difference(
-                pe[keep, j], flags, tasks, n_boot=s["n_boot"], n_permutations=s.get("n_permutations", 1000),
-                seed=s["seed"],
+                pe[keep, j], flags, tasks, n_boot=s.stats.n_boot, n_permutations=s.stats.n_permutations,
+                seed=s.stats.seed,
             )
             for j in range(pe.shape[1])
         ]  # fmt: skip
@@ -240,9 +231,6 @@ class CollectionAnalysis:
             return np.array(
                 [np.nanmean(v[:n_steps]) if np.any(~np.isnan(v[:n_steps])) else np.nan for v in self.actions["mean_l2"]]
             )
-
-
-WINDOWS = ("progress", "common", "all")
 
 
 def progress_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
