@@ -31,16 +31,18 @@ import dataclasses
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 from typing import Annotated
 
 import tyro
 
 from openpi.latents import analysis, report
 from openpi.latents.analysis.run.language_loss import analyze_inference_language_loss, analyze_rollout_step
+from openpi.latents.store import location
 from openpi.latents.store.location import ObjectStoreError
-from openpi.shared import cli
+from openpi.shared import cli, jax_cache
 
-__all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "main"]
+__all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "cli_main", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,9 @@ class Args:
     output_dir: pathlib.Path = pathlib.Path("reports/language_loss")
     # Read at most this many MiB of one layer per block (bounds memory).
     max_block_mib: int = 64
+    # Persistent JAX compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR; neither: compile every run). A
+    # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
+    jax_cache_dir: str | None = None
     # How every collection of this run is analysed.
     settings: Annotated[analysis.AnalysisSettings, tyro.conf.OmitArgPrefixes] = analysis.AnalysisSettings()
     # Where the token embedding for text decoding comes from.
@@ -170,8 +175,33 @@ def _matched_comparison(args: Args):
     return matched, conditions
 
 
+def _check_output_dir(args: Args) -> None:
+    """--output-dir must be (or become) a directory of its own: not a file, not the collection or inside it (the
+    report files would land in the store). Checked before any work."""
+    out = args.output_dir.expanduser().absolute()
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(
+            f"--output-dir {args.output_dir}: {probe} is a file, not a directory; choose another --output-dir."
+        )
+    inputs = [("--collection", args.collection), ("--control", args.control_collection.control)]
+    for flag, value in inputs:
+        if value is None or location.is_url(str(value)):
+            continue
+        source = pathlib.Path(value).expanduser().resolve()
+        if out.resolve() == source or source in out.resolve().parents:
+            raise ValueError(
+                f"--output-dir {args.output_dir} is the {flag} store {value} (or inside it): the report would be "
+                "written into the store; choose another --output-dir."
+            )
+
+
 def main(args: Args) -> dict:
     cli.configure_logging()
+    _check_output_dir(args)
+    jax_cache.configure(args.jax_cache_dir)  # the text decoding and the logit lens compile
     t0 = time.monotonic()
     matched, conditions = _matched_comparison(args)  # refuses unmatched collections before any work
     settings = args.analysis_settings()
@@ -210,9 +240,14 @@ def main(args: Args) -> dict:
     return data
 
 
-if __name__ == "__main__":
+def cli_main(argv: Sequence[str] | None = None) -> dict:
+    """The command line (`argv`, default ``sys.argv[1:]``): bad input is one ``error:`` line and exit code 2."""
     try:
-        main(tyro.cli(Args, description=__doc__))
+        return main(tyro.cli(Args, args=argv, description=__doc__))
     except (ValueError, FileNotFoundError, PermissionError, KeyError, ObjectStoreError) as e:
         print(f"error: {cli.cli_message(str(e), {'allow_pickle': '--allow-pickle'})}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -12,7 +12,8 @@ The real job (openpi's released pi0_libero checkpoint; needs the `gcs` extra for
 
 Closed-loop conditions (each recorded in the manifest and every episode; paired with the baseline by task, initial
 state, seed and inference index): `--condition.prompt blank|other-task|text`, `--condition.intervention
-knockout-text|knockout-text-expert1|ablate-text|steer|file.json`, `--condition.sweep-layers` (one store per layer
+knockout-language|knockout-text-keys|knockout-text-direct|ablate-text|steer|file.json` (old names knockout-text,
+knockout-text-expert1 kept as aliases), `--condition.sweep-layers` (one store per layer
 under --output-dir), `--condition.text-latent latents.npz --condition.text-latent-task K`. LIBERO-PRO suites:
 `--task-suite libero_goal_task` etc. (prompted with the BDDL's perturbed instruction).
 
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 import tyro
 
 from openpi.latents import collect
-from openpi.shared import cli
+from openpi.shared import cli, jax_cache
 
 
 def resume_command(argv: Sequence[str]) -> str:
@@ -42,9 +43,10 @@ def main(args: collect.CollectionArgs, argv: Sequence[str] | None = None) -> Non
     """Runs the collection; `argv` (default `sys.argv`) is the command line, repeated in the hint to resume."""
     cli.configure_logging()
     try:
+        jax_cache.configure(args.jax_cache_dir)
         with collect.StopOnSignal() as stop:
             runs = collect.collect_conditions(args, stop=stop)
-    except collect.SetupError as e:
+    except (collect.SetupError, jax_cache.CacheDirError) as e:
         # Bad input, found before any rollout: a clear message, no traceback, nothing written.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

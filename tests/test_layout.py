@@ -137,10 +137,9 @@ def test_no_import_cycles_in_analysis_or_report():
 
 # Circles in other packages are being dissolved on their own branches (models/: "seam"; store/, collect/, latents/
 # top level: "contract"); this test passes once they land (strict: an unexpected pass fails, so it gets flipped).
-# Left at the time of writing: models gemma <-> intervention <-> layer_edits <-> pi0 <-> pi0_config <-> sampling;
-# store episode_writer <-> writer; store reader <-> views; collect ray_backend <-> run; collect.conditions <->
-# latents.text_latent.
-@pytest.mark.xfail(strict=True, reason="import cycles in models/ and store/collect/latents until those branches land")
+# Left at the time of writing (models/ has none since "seam" landed): store episode_writer <-> writer; store reader <->
+# views; collect ray_backend <-> run; collect.conditions <-> latents.text_latent.
+@pytest.mark.xfail(strict=True, reason="import cycles in store/, collect/, latents/ until the contract branch lands")
 def test_no_import_cycles_in_src():
     cycles = import_cycles(import_graph())
     assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)

@@ -25,7 +25,8 @@ import numpy as np
 
 # Fields that may differ between the original run and a resumed one (dotted paths).
 DEFAULT_RESUME_IGNORE: frozenset[str] = frozenset(
-    {"created", "content_hash", "code_version", "arguments.resume", "arguments.output_dir"}
+    # arguments.jax_cache_dir: where compiled programs are cached changes nothing that is recorded.
+    {"created", "content_hash", "code_version", "arguments.resume", "arguments.output_dir", "arguments.jax_cache_dir"}
 )
 _HASH_EXCLUDE = ("created", "content_hash")
 
