@@ -316,7 +316,7 @@ def test_behaviour_analysis_and_report_section(runs, tmp_path):
     script = pathlib.Path(__file__).parents[1] / "scripts" / "expert_language_analysis.py"
     spec = importlib.util.spec_from_file_location("ela", script)
     ela = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ela", ela)  # dataclasses look their module up there
+    sys.modules["ela"] = ela  # dataclasses (and tyro) look their types up there: this load, not an earlier one
     spec.loader.exec_module(ela)
     out = tmp_path / "report"
     with contextlib.redirect_stdout(io.StringIO()):
