@@ -32,7 +32,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 import tyro
 
@@ -75,6 +75,9 @@ class ConditionArgs:
     conditions: pathlib.Path | None = None
     # The baseline store of --conditions (default: the one among them with the task prompt and no intervention).
     baseline: pathlib.Path | None = None
+    # Correction of a layer sweep's McNemar p-values over the sweep (the family: every layer of one recipe): "holm"
+    # (family-wise error rate) or "bh" (Benjamini–Hochberg, false discovery rate).
+    sweep_correction: Literal["holm", "bh"] = "holm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +222,13 @@ def main(args: Args) -> dict:
     if conditions is not None:
         from openpi.latents.analysis.compare.behaviour import analyze_conditions
 
-        baseline = args.behaviour.baseline
-        behaviour = analyze_conditions(conditions, baseline=baseline, n_boot=stats.n_boot, seed=stats.seed)
+        behaviour = analyze_conditions(
+            conditions,
+            baseline=args.behaviour.baseline,
+            n_boot=stats.n_boot,
+            seed=stats.seed,
+            correction=args.behaviour.sweep_correction,
+        )
     comparison = None
     if matched is not None:
         from openpi.latents.analysis.compare.model_comparison import compare_models

@@ -31,6 +31,7 @@ from openpi.latents.analysis.data import source as src
 from openpi.latents.analysis.data import streams as S
 from openpi.latents.analysis.data.embedding import TokenEmbedding, token_embedding_for_manifest
 from openpi.latents.analysis.data.episodes import EpisodeRef
+from openpi.latents.analysis.measures import precision_floor as PF
 from openpi.latents.analysis.metrics import pooled_rows as P
 from openpi.latents.analysis.metrics import registry as R
 from openpi.latents.analysis.metrics import step as SM
@@ -169,11 +170,12 @@ def analyze_collection(
     # values, and the result is assembled here from what they returned.
     run = R.RunContext(source, settings, episodes, denoise or {}, missing)
     say = progress or (lambda msg: logger.info(msg))
-    step_values, probes = _analyze_streams(run, streams, emb, say, t0)
+    step_values, probes, floors = _analyze_streams(run, streams, emb, say, t0)
     actions = _action_divergence(run)
     res = CollectionAnalysis(
         _source_info(source, episodes, emb, denoise), episodes, streams, run.missing, step_values, probes,
         run.attention, actions, settings, notes=notes, cf_text_positions=run.cf_text_positions, shared=run.shared,
+        precision_floor=floors,
     )  # fmt: skip
     res.denoise_sensitivity = DS.analyze_denoise_sensitivity(source, res)  # expert 1 per denoising step
     for variant, out in res.denoise_sensitivity.items():
@@ -192,14 +194,16 @@ def analyze_collection(
 
 
 def _analyze_streams(run: R.RunContext, streams: dict[str, S.Stream], emb, say: Callable[[str], None], t0: float):
-    """(step_values, probes): every registered per-step metric and the task probe, stream by stream, layer by layer."""
+    """(step_values, probes, precision floors): every registered per-step metric and the task probe, stream by stream,
+    layer by layer, and the bf16 precision floor of each layer's drift states (bf16 stores only)."""
     step_values: dict[tuple[str, str], list[np.ndarray]] = {}
+    floors: dict[str, list] = {}
     probes: dict[str, list[M.ProbeResult]] = {}
     probe = run.settings.probe.probe
     n_tasks = len({e.task_id for e in run.episodes})
     for name, stream in streams.items():
         for j in range(stream.n_layers):
-            feats = _analyze_layer(run, stream, j, emb, step_values)
+            feats = _analyze_layer(run, stream, j, emb, step_values, floors)
             if probe and feats is not None:
                 probes.setdefault(name, []).append(_probe(run.settings, feats, n_tasks))
             say(f"{name} layer {stream.layers[j]}: done ({time.monotonic() - t0:.1f}s)")
@@ -209,7 +213,7 @@ def _analyze_streams(run: R.RunContext, streams: dict[str, S.Stream], emb, say: 
             )
     if probe and n_tasks < 2:
         run.missing["probe"] = f"the task probe needs two tasks or more; this collection has {n_tasks}"
-    return step_values, probes
+    return step_values, probes, floors
 
 
 def _run(metrics: list[R.Metric], block: R.LayerBlock, step_values: dict) -> None:
@@ -264,7 +268,9 @@ def _read_block(block: R.LayerBlock, seg_stored: bool) -> np.ndarray | None:
     return cam
 
 
-def _analyze_layer(run: R.RunContext, stream: S.Stream, j: int, emb: TokenEmbedding | None, step_values: dict):
+def _analyze_layer(
+    run: R.RunContext, stream: S.Stream, j: int, emb: TokenEmbedding | None, step_values: dict, floors: dict
+):
     """Every registered metric of one layer of one stream over every episode; returns the probe features."""
     block_metrics = [m for m in R.REGISTRY if m.scope == "block" and R.applies(m, stream, emb)]
     episode_metrics = [m for m in R.REGISTRY if m.scope == "episode" and R.applies(m, stream, emb)]
@@ -283,10 +289,21 @@ def _analyze_layer(run: R.RunContext, stream: S.Stream, j: int, emb: TokenEmbedd
             for steps in _blocks(ep.n_steps, per_step, run.settings.read.max_block_bytes):
                 block = R.LayerBlock(**common, steps=steps, embedding=emb, carry=carry, layer_mean=mean)
                 cam = _read_block(block, "segment_mask" in fields)
+                if len(floors.get(stream.name, ())) == j and _stored_bf16(run):  # first block only
+                    x = SM.drift_states(stream, block.x)
+                    valid = None if block.mask is None else np.broadcast_to(block.mask, x.shape[:-1])
+                    floor = PF.floors(x if valid is None else x[valid], seed=run.settings.stats.seed)
+                    floors.setdefault(stream.name, []).append(floor)
                 _run(block_metrics, block, step_values)
                 probe.add(stream, block, cam)
         _run(episode_metrics, R.LayerBlock(**common, steps=None, embedding=emb), step_values)
     return probe.result(stream)
+
+
+def _stored_bf16(run: R.RunContext) -> bool:
+    """Hidden states stored in bfloat16 (the capture's default) rather than float32 / float16."""
+    spec = (run.source.manifest or {}).get("capture_spec") or {}
+    return spec.get("dtype", "bfloat16") == "bfloat16"
 
 
 def _layer_mean(run: R.RunContext, stream: S.Stream, j: int) -> np.ndarray | None:

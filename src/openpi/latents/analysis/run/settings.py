@@ -14,7 +14,11 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-WINDOWS = ("progress", "common", "all")
+# How success is compared with failure. "step" (default): at equal rollout steps among the episodes still running,
+# within task; "progress": normalised progress (secondary: confounded by episode length); "common": the first N steps
+# (N = the shortest episode); "all".
+WINDOWS = ("step", "progress", "common", "all")
+DEFAULT_WINDOW = "step"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +69,11 @@ class StatisticsSettings:
     # Permutations of the probe's p-value (a ridge classifier refit in closed form: floor 1/(n+1)) and of the
     # within-task success test.
     n_permutations: int = 1000
-    # How episodes of different lengths are aligned for success vs failure: "progress" (default: bins of normalised
-    # progress through each episode, which never collapse), "common" (the first N rollout steps, N = fewest any
-    # episode has) or "all" (each episode's own steps: failed episodes run longer, so step-dependent metrics are
-    # confounded).
-    success_window: Literal["progress", "common", "all"] = "progress"
+    # How success is compared with failure: "step" (default: at equal rollout steps among the episodes still
+    # running, within task; episode length cannot make a gap), "progress" (a secondary view: bins of normalised
+    # progress through each episode; confounded by length, as successes end early), "common" (the first N rollout
+    # steps, N = fewest any episode has) or "all" (each episode's own steps: length-confounded).
+    success_window: Literal["step", "progress", "common", "all"] = "step"
     # Bins of normalised progress of the "progress" window and the progress heatmaps.
     progress_bins: int = 10
 
