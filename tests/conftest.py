@@ -71,7 +71,7 @@ def _count_cache_use() -> None:
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     use = _cache_use
     if not use["hits"] + use["misses"]:
-        return  # nothing compiled here (collection only, or the xdist controller: the workers ran the tests)
+        return  # nothing compiled in this process (collection only, or the tests ran in worker processes)
     terminalreporter.write_line(
         f"JAX compilation cache {os.environ.get(jax_cache.ENV_VAR)}: {use['hits']} hits ({use['saved_s']:.0f} s of "
         f"compiling saved), {use['misses']} misses in the test process"

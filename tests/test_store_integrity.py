@@ -531,7 +531,7 @@ def test_analysis_output_dir_that_is_a_file_or_the_collection_is_refused_before_
 
 def test_analysis_names_the_episode_and_step_of_a_non_finite_value(tmp_path):
     """Issue 19 item 4 (analysis side): was sklearn's "Input X contains NaN" with no episode."""
-    from openpi.latents.analysis import source as analysis_source
+    from openpi.latents.analysis.data import source as analysis_source
 
     root = tmp_path / "run"
     with store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=False) as writer:
