@@ -490,6 +490,7 @@ def check_report(out: pathlib.Path, data: dict) -> None:
             assert (entry["per_layer"] is None) == bool(entry.get("reason")), (m, s)
 
 
+@pytest.mark.slow
 def test_report_and_cli_on_synthetic_store(tmp_path):
     syn = Synth()
 
@@ -774,6 +775,7 @@ def full_capture_record(syn: Synth, t, k, i, *, seg_mask=True, cf=True, cam2_tas
 FULL_MANIFEST = {"text_start": TEXT_START}
 
 
+@pytest.mark.slow
 def test_masked_camera_is_left_out_of_expert0_sensitivity_drift_and_probe(tmp_path):
     syn = Synth(L=3, W=8, T=N_TEXT)
     kw = dict(tasks=(0, 1), episodes=3, steps=3)
@@ -954,6 +956,7 @@ def drift_patterns(W):
     return [a, a + b, b, -a]  # cosines to step 0: 1, 1/√2, 0, −1 → drift 0, 1 − 1/√2, 1, 2
 
 
+@pytest.mark.slow
 def test_success_split_compares_a_common_window_of_rollout_steps(tmp_path):
     """Drift grows with the rollout step the same way in every episode; failures run 4 steps, successes 2. Over the
     common window (2 steps) success − failure is exactly 0; whole-episode means would show a gap from length alone."""

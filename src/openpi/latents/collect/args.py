@@ -50,6 +50,7 @@ RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
     # only (tests/test_batching.py), so a resume may switch it.
     "arguments.num_envs",
     "arguments.batch_inference",
+    "arguments.env_worker_timeout_s",
     "arguments.backend",
     "arguments.ray_address",
 }
@@ -129,6 +130,10 @@ class CollectionArgs:
     # the model (faster; float rounding differs slightly from one observation per call). --no-batch-inference: one
     # observation per model call, and the stored arrays are identical to the sequential run's whatever --num-envs is.
     batch_inference: bool = True
+    # With --num-envs > 1: an env worker that sends nothing for this many seconds while it should be stepping its
+    # env (a hung simulator, a stopped process) is killed and its unfinished episodes re-run on a fresh worker (its
+    # episode in progress is discarded and begun again); the event is logged.
+    env_worker_timeout_s: float = 600.0
     # "local": this machine. "ray": work units (a task's block of episodes) on a Ray cluster, a policy actor per
     # GPU (per machine on CPU) with --num-envs env workers each; needs `uv sync --extra ray`.
     backend: Literal["local", "ray"] = "local"
@@ -186,6 +191,8 @@ def _check_numbers(args: CollectionArgs, tasks: tuple[env_base.TaskInfo, ...]) -
 
 
 def _check_parallel(args: CollectionArgs, num_episodes: int) -> None:
+    if not args.env_worker_timeout_s > 0:
+        raise ValueError(f"--env-worker-timeout-s must be > 0 seconds, got {args.env_worker_timeout_s}.")
     if args.num_envs < 1:
         raise ValueError(f"--num-envs must be >= 1 (env worker processes), got {args.num_envs}.")
     if args.num_envs > num_episodes:

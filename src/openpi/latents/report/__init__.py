@@ -74,5 +74,10 @@ def write_report(
         text += "\n" + "\n".join(behaviour_section(behaviour, out))
     if comparison_lines:
         text += "\n" + "\n".join(comparison_lines)
+    from openpi.latents.causal.report import causal_section  # maps that scripts/causal_map.py wrote beside it
+
+    causal = causal_section(out)
+    if causal:
+        text += "\n" + "\n".join(causal)
     (out / "report.md").write_text(text)
     return data
