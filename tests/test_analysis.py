@@ -513,6 +513,9 @@ def test_report_and_cli_on_synthetic_store(tmp_path):
     check_report(tmp_path / "rep", data)
     for m in A.METRICS:
         for s in A.METRICS[m][0]:
+            if m == "prompt_decoding":  # blank reruns: refused (a shared "prompt present" bit would decode them)
+                assert data["metrics"][m][s]["per_layer"] is None and "blank" in data["metrics"][m][s]["reason"]
+                continue
             assert len(data["metrics"][m][s]["per_layer"]) == syn.L, (m, s)
     assert len(data["metrics"]["task_probe"]["expert_1"]["per_layer"]) == syn.L
     sens = np.concatenate(res.step_values[("expert_1", "prompt_sensitivity")])
