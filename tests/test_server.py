@@ -275,6 +275,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigkill_keeps_finished_records(tmp_path):
     out, port = tmp_path / "store", free_port()
     cmd = [sys.executable, str(REPO / "scripts" / "serve_policy.py"), "--preset", PRESET, "--port", str(port),

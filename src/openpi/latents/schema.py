@@ -102,6 +102,11 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
         True,
     ),
     RecordKey("adarms_cond", ("denoise_step", "batch", "width"), CAPTURE_DTYPE, "modulation", True),
+    # CaptureSpec.ffn: the FFN hidden activations (gated product before the down projection), pooled or full.
+    RecordKey("expert_0_ffn_means", ("layer", "batch", "segment", "neuron"), "float32", "ffn", True),
+    RecordKey("expert_0_ffn_hidden", ("layer", "batch", "token", "neuron"), CAPTURE_DTYPE, "ffn", True),
+    RecordKey("expert_1_ffn_means", ("denoise_step", "layer", "batch", "segment", "neuron"), "float32", "ffn", True),
+    RecordKey("expert_1_ffn_hidden", ("denoise_step", "layer", "batch", "token", "neuron"), CAPTURE_DTYPE, "ffn", True),
     RecordKey("x_t", ("denoise_point", "batch", "horizon", "action_dim"), "float32", "trajectory", True),
     RecordKey("v_t", ("denoise_step", "batch", "horizon", "action_dim"), "float32", "trajectory", True),
 )

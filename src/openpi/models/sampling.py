@@ -75,7 +75,16 @@ def _prefix_taps(layout: TokenLayout, capture: CaptureSpec | None) -> tuple[Tap,
         taps.append(Tap("expert_0_segment_means", "residual", 0, "pool"))
     if capture.text:
         taps.append(Tap("text_only_hidden_states", "residual", 0, (layout.text_start, layout.prefix_len)))
+    taps += _ffn_taps(capture, 0)
     return tuple(taps)
+
+
+def _ffn_taps(capture: CaptureSpec, expert: int) -> list[Tap]:
+    if capture.ffn == "off":
+        return []
+    pooled = capture.ffn == "pooled"
+    name = f"expert_{expert}_ffn_{'means' if pooled else 'hidden'}"
+    return [Tap(name, "ffn_hidden", expert, "pool" if pooled else "full")]
 
 
 # Per-denoising-step captures, in the order `sample_actions_with_inference_steps` lists them.
@@ -87,7 +96,10 @@ STEP_KEYS = (
     "attention_to_bos",
     "expert_1_modulation",
     "adarms_cond",
+    "expert_1_ffn_means",
+    "expert_1_ffn_hidden",
 )
+FFN_STEP_KEYS = ("expert_1_ffn_means", "expert_1_ffn_hidden")
 
 # The key groups of the expert-1 attention capture (`CaptureSpec.attention_to_text`), each stored as
 # `attention_to_<group>` [S', L', B, heads, Ts]: every valid text key; the text *content* keys (the valid text keys
@@ -129,6 +141,7 @@ def _suffix_taps(capture: CaptureSpec | None) -> tuple[Tap, ...]:
         taps.append(Tap("expert_1_segment_means", "residual", 1, "pool"))
     if capture.modulation:
         taps.append(Tap("expert_1_modulation", "modulation", 1))
+    taps += _ffn_taps(capture, 1)
     return tuple(taps)
 
 
@@ -224,7 +237,7 @@ def sample_jit(
     steps = jnp.asarray(capture.step_indices(num_steps))
     for key, value in prefix_caps.items():
         out[key] = value[layers]
-    for key in ("expert_1_hidden_states", "expert_1_segment_means", "expert_1_modulation"):
+    for key in ("expert_1_hidden_states", "expert_1_segment_means", "expert_1_modulation", *FFN_STEP_KEYS):
         if key in ys:
             out[key] = ys[key][steps][:, layers]
     if "adarms_cond" in ys:

@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping
 from typing import Literal
 
+import numpy as np
+
 from openpi import envs
 from openpi.envs import base as env_base
 from openpi.latents.collect import conditions as conditions_lib
@@ -104,7 +106,8 @@ class CollectionArgs:
     # Save an MP4 of the agent view per episode under <output_dir>/videos.
     save_videos: bool = False
     # Re-run inferences with a counterfactual prompt (same observation and noise): "blank" (empty prompt) or
-    # "other-task" (the next task's instruction in the suite). Stored under cf_* keys.
+    # "other-task" (the instruction of another task of the suite, drawn at random per episode from the seed and
+    # recorded: `other_task_draw`). Stored under cf_* keys.
     counterfactual: Literal["none", "blank", "other-task"] = "none"
     # Counterfactual rerun at every k-th inference of an episode.
     counterfactual_every: int = 1
@@ -267,12 +270,25 @@ def check_teacher_forced(
         )
 
 
-def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo) -> str | None:
-    """The prompt of the counterfactual rerun in `task`'s episodes (None: no rerun)."""
+def other_task_draw(seed: int, task_id: int, k: int, n_tasks: int) -> int:
+    """The task whose instruction episode `k` of `task_id` reruns with under ``--counterfactual other-task``: drawn
+    uniformly from the suite's OTHER tasks, from ``default_rng([seed, task_id, k, 1])`` (its own stream: the noise
+    draws from ``[seed, task_id, k]``). Random per episode so that, across a task's episodes, the rerun's prompt is
+    not a function of the scene: a scene-specific "not my instruction" response then cannot name the rerun's prompt
+    (with the next task's prompt it decoded at 0.975; drawn at random it reads at the scene-aware chance)."""
+    if n_tasks < 2:
+        raise ValueError(f"an other-task counterfactual needs two tasks or more, got {n_tasks}")
+    other = int(np.random.default_rng([seed, task_id, k, 1]).integers(n_tasks - 1))
+    return other if other < task_id else other + 1
+
+
+def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo, k: int) -> str | None:
+    """The prompt of the counterfactual rerun in episode `k` of `task` (None: no rerun): "" for blank, else the
+    instruction of :func:`other_task_draw`'s task."""
     mode = plan.args.counterfactual
     if mode == "none":
         return None
     if mode == "blank":
         return ""
     tasks = plan.simulator.list_tasks(task.suite)
-    return tasks[(task.task_id + 1) % len(tasks)].language
+    return tasks[other_task_draw(plan.args.seed, task.task_id, k, len(tasks))].language
