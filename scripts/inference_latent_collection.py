@@ -21,6 +21,13 @@ under --output-dir), `--condition.text-latent latents.npz --condition.text-laten
 storage; credentials and endpoint come from the standard environment variables (README, "On object storage").
 
 Ctrl-C (or SIGTERM) stops after the inference in flight and prints the command that resumes the run.
+
+`--capture seed` records what the seed plan's notebooks read (full expert-0 and expert-1 streams, every layer and
+denoising step, and the text window: 82.5 MB per inference for the full-size model in bf16; open with
+`expert_data_utils.load_seed_task_data`); `--capture everything` / `off` are the other named specs.
+
+`--list-tasks [--task-suite NAME]` prints the suites (or a suite's task ids, names and instructions) and exits.
+openpi's LIBERO example spellings `--task-suite-name` / `--num-trials-per-task` are answered with this script's.
 """
 
 import shlex
@@ -30,7 +37,9 @@ from collections.abc import Sequence
 import tyro
 
 from openpi.latents import collect
+from openpi.latents.collect import args as args_lib
 from openpi.latents.collect.parallel import WorkerDied
+from openpi.models.capture import split_capture_preset
 from openpi.shared import cli, jax_cache
 
 
@@ -74,5 +83,37 @@ def main(args: collect.CollectionArgs, argv: Sequence[str] | None = None) -> Non
     print(f"  task_data = expert_data_utils.load_inference_task_data({str(args.output_dir)!r}, task_id=...{extra})")
 
 
+def early_exit(argv: Sequence[str]) -> int | None:
+    """Handles what exits before the arguments are parsed: openpi's flag spellings (hints, exit 2) and
+    --list-tasks (exit 0). None: run normally."""
+    errors = args_lib.openpi_flag_errors(argv)
+    if errors:
+        print("error: " + " ".join(errors), file=sys.stderr)
+        return 2
+    if "--list-tasks" not in argv:
+        return None
+    suite = next((a.split("=", 1)[1] for a in argv if a.startswith("--task-suite=")), None)
+    if "--task-suite" in argv and argv.index("--task-suite") + 1 < len(argv):
+        suite = argv[argv.index("--task-suite") + 1]
+    preset = args_lib.DEFAULT_PRESET
+    if "--preset" in argv and argv.index("--preset") + 1 < len(argv):
+        preset = argv[argv.index("--preset") + 1]
+    try:
+        print(args_lib.describe_tasks(suite, preset))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(tyro.cli(collect.CollectionArgs, description=__doc__), sys.argv)
+    code = early_exit(sys.argv[1:])
+    if code is not None:
+        raise SystemExit(code)
+    try:
+        capture, rest = split_capture_preset(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    default = None if capture is None else collect.CollectionArgs(capture=capture)
+    main(tyro.cli(collect.CollectionArgs, args=rest, default=default, description=__doc__), sys.argv)

@@ -11,6 +11,10 @@ The released checkpoint, reachable from other machines (then set an API key):
 
     OPENPI_SERVER_API_KEY=... uv run python scripts/serve_policy.py --preset pi0_libero --host 0.0.0.0
 
+openpi's spelling works too: `--env LIBERO policy:checkpoint --policy.config pi0_libero --policy.dir DIR
+--default-prompt TEXT`. `--capture seed` records what the seed plan's notebooks read (full expert-0 and expert-1
+streams: 82.5 MB per inference at full size; `expert_data_utils.load_seed_task_data`).
+
 Ctrl-C (or SIGTERM) stops serving; open episodes are ended (outcome unknown) and the store is closed.
 """
 
@@ -21,6 +25,7 @@ import sys
 import tyro
 
 from openpi import serving
+from openpi.models.capture import split_capture_preset
 from openpi.shared import cli, jax_cache
 
 SETUP_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ImportError)
@@ -54,5 +59,16 @@ def main(args: serving.ServeArgs) -> None:
         )
 
 
+def parse(argv: list[str]) -> serving.ServeArgs:
+    """The arguments; ``--capture NAME`` (seed, everything, off, default) picks a capture preset first."""
+    try:
+        capture, rest = split_capture_preset(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    default = None if capture is None else serving.ServeArgs(capture=capture)
+    return tyro.cli(serving.ServeArgs, args=rest, default=default, description=__doc__)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(serving.ServeArgs, description=__doc__))
+    main(parse(sys.argv[1:]))

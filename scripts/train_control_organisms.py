@@ -47,8 +47,8 @@ class Args:
     steps: int = 300
     # Examples per step.
     batch_size: int = 32
-    # Peak learning rate (AdamW, warm-up then cosine decay).
-    peak_lr: float = 2e-3
+    # Peak learning rate (AdamW, warm-up then cosine decay); the committed organisms' (their organism.json).
+    peak_lr: float = 3e-3
     # Seed of the shared random init, the data stream and the flow-matching noise / times.
     seed: int = 0
     # Replace existing checkpoints.
@@ -59,6 +59,13 @@ def _check_output(args: Args) -> None:
     existing = [args.out_dir / k for k in args.kinds if (args.out_dir / k).exists()]
     if existing and not args.overwrite:
         raise SystemExit(f"{', '.join(map(str, existing))} exist: pass --overwrite to replace them.")
+
+
+def optimizer_config(args: Args) -> fm.OptimConfig:
+    """The optimiser `args` train with (recorded as organism.json's "optimizer")."""
+    return fm.OptimConfig(
+        steps=args.steps, batch_size=args.batch_size, peak_lr=args.peak_lr, warmup_steps=args.steps // 10
+    )
 
 
 def train_one(args: Args, kind: co.Kind) -> dict:
@@ -74,9 +81,7 @@ def train_one(args: Args, kind: co.Kind) -> dict:
     def next_batch(_step: int):
         return co.model_batch(task, config, co.raw_observations(data_rng, args.batch_size), prompt_tokens, chunks)
 
-    optim = fm.OptimConfig(
-        steps=args.steps, batch_size=args.batch_size, peak_lr=args.peak_lr, warmup_steps=args.steps // 10
-    )
+    optim = optimizer_config(args)
     bar = tqdm.tqdm(total=args.steps, desc=f"{kind} organism", unit="step")
 
     def on_step(i: int, loss: float) -> None:

@@ -23,6 +23,13 @@ Language loss (definitions in ``openpi.latents.analysis.run.language_loss`` /
     edu.analyze_rollout_step(task_data["episodes"]["episode_0"]["rollout_steps"]["step_15"])
     res = edu.analyze_collection("data/pi0_libero_goal"); edu.write_report(res, "reports/goal")
 
+The seed plan's key names (``timestep``, ``action``, ``observation``, ``expert_0_hidden_states[layer]``, layer-first
+``expert_1_hidden_states[layer]`` at one denoising step; collect with ``--capture seed``): see
+``openpi.latents.seed_view``::
+
+    task_data = edu.load_seed_task_data("data/seed_run", task_id=0)            # denoise_step=-1: the last step
+    task_data["episodes"]["episode_0"]["rollout_steps"]["step_15"]["expert_0_hidden_states"][layer_idx]
+
 Pickles (the original format) execute code when loaded: pass ``allow_pickle=True`` only for files you trust, and pass
 ``embedding=edu.read_checkpoint_leaves(checkpoint)`` to the analysis (pickles carry no run manifest).
 """
@@ -47,6 +54,7 @@ from openpi.latents.analysis.run.language_loss import (
     analyze_rollout_step,
 )
 from openpi.latents.report import write_report
+from openpi.latents.seed_view import MissingStreamError, seed_view
 from openpi.latents.store import export_pickle, load_inference_task_data, materialize, open_store
 
 __all__ = [
@@ -60,8 +68,11 @@ __all__ = [
     "get_hidden_states_for_dimensions",
     "get_layer_across_steps",
     "list_episodes",
+    "MissingStreamError",
     "list_tasks",
     "load_inference_task_data",
+    "load_seed_task_data",
+    "seed_view",
     "materialize",
     "open_store",
     "read_checkpoint_leaves",
@@ -87,3 +98,8 @@ def list_tasks(path, *, allow_pickle: bool = False) -> list[dict]:
 def list_episodes(task_data) -> list[str]:
     """The task's episode keys (``episode_k``), by index."""
     return sorted(task_data["episodes"], key=lambda name: int(name.split("_", 1)[1]))
+
+
+def load_seed_task_data(path, task_id: int, *, denoise_step: int = -1, **kwargs):
+    """`load_inference_task_data(path, task_id, **kwargs)` under the seed plan's key names (`seed_view`)."""
+    return seed_view(load_inference_task_data(path, task_id, **kwargs), denoise_step=denoise_step)

@@ -25,6 +25,7 @@ from openpi.latents import collect as collection
 from openpi.latents import store, text_latent
 from openpi.latents.analysis.compare import behaviour as B
 from openpi.latents.collect import conditions as C
+from openpi.latents.report import behaviour as behaviour_report
 from openpi.policies import policy_config, presets
 
 SUITE, TASK_ID, STEPS, DENOISE = "libero_goal", 0, 10, 2
@@ -330,3 +331,22 @@ def test_behaviour_analysis_and_report_section(runs, tmp_path):
     assert "McNemar" in text and "paired baseline" in text
     for name in ("behaviour_condition_task.png", "behaviour_per_layer.png", "behaviour.csv"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.libero
+def test_conditions_table_resolves_paths_and_shows_suites(runs, monkeypatch, tmp_path):
+    """An absolute --baseline with relative --conditions is not paired with itself; every row names its suite and
+    the baseline's (a libero_goal_task store against a libero_goal baseline shows both)."""
+    monkeypatch.chdir(runs.root.parent)
+    baseline = (runs.root / "baseline").resolve()
+    beh = B.analyze_conditions(runs.root.name, baseline=baseline)  # relative conditions, absolute baseline
+    assert all(pathlib.Path(e.root) != baseline for e in beh.effects)  # the baseline is not among the conditions
+    assert "baseline" not in [e.name for e in beh.effects]
+    assert {e.suite for e in beh.effects} == {SUITE} and beh.baseline_suite == SUITE
+    lines = behaviour_report.behaviour_section(beh, tmp_path / "r")
+    table = [line for line in lines if line.startswith("| `") and f"`baseline` ({SUITE})" in line]
+    assert len(table) == len(beh.effects) and all(f"| {SUITE} | `baseline` ({SUITE}) |" in row for row in table)
+    other = B.analyze_conditions([runs.pro], baseline=baseline)
+    assert [e.suite for e in other.effects] == ["libero_goal_task"]
+    other_rows = [r for r in behaviour_report.behaviour_section(other, tmp_path / "o") if "libero_goal_task |" in r]
+    assert other_rows and f"`baseline` ({SUITE})" in other_rows[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -27,7 +28,8 @@ from openpi.shared import normalize as _normalize
 from openpi.training import control_organisms as co
 from openpi.training import flow_matching as fm
 
-ORGANISMS = pathlib.Path(__file__).parent / "data" / "organisms"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ORGANISMS = REPO / "tests" / "data" / "organisms"
 PRESET = "pi0_organism_tiny"
 
 
@@ -53,6 +55,25 @@ def test_checkpoints_are_small_and_documented():
         record = json.loads((ORGANISMS / kind / "organism.json").read_text())
         assert record["kind"] == kind and record["preset"] == PRESET
         assert record["loss_last_10"] < record["loss_first_10"] / 3
+
+
+def test_reproduction_command_records_the_committed_recipe(monkeypatch):
+    """The README's `train_control_organisms.py --overwrite` (the script's defaults) reproduces the committed
+    organisms: the optimiser, seed, preset and task it would record equal each committed organism.json's."""
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_organisms", REPO / "scripts" / "train_control_organisms.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses resolve the module's annotations there
+    spec.loader.exec_module(script)
+    defaults = script.Args()
+    assert set(defaults.kinds) == set(co.KINDS) and defaults.out_dir == ORGANISMS
+    for kind in co.KINDS:
+        record = json.loads((ORGANISMS / kind / "organism.json").read_text())
+        assert dataclasses.asdict(script.optimizer_config(defaults)) == record["optimizer"], kind
+        assert (defaults.seed, script.PRESET) == (record["seed"], record["preset"])
+        assert co.describe_task(co.OrganismTask(kind)) == record["task"]
 
 
 def test_model_batch_is_what_the_policy_transforms_build():

@@ -246,3 +246,10 @@ def test_analysis_accessors(setup):
     np.testing.assert_array_equal(text_mask, obs.tokenized_prompt_mask)
     with pytest.raises(KeyError, match="Expert 1"):
         taps.Analysis.get_expert_1_hidden_states({"hidden_states_0": e0})
+
+
+def test_analysis_is_importable_where_the_seed_puts_it():
+    """The seed plan writes `from openpi.models import gemma; gemma.Analysis.get_expert_0_hidden_states(captures)`."""
+    assert gemma.Analysis is taps.Analysis and gemma.hidden_state_taps is taps.hidden_state_taps
+    states = np.arange(2 * 1 * 3 * 4, dtype=np.float32).reshape(2, 1, 3, 4)
+    np.testing.assert_array_equal(gemma.Analysis.get_expert_0_hidden_states({"hidden_states_0": states}), states)

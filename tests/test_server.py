@@ -190,11 +190,11 @@ def expect_error(port: int, frame: bytes, needle: str) -> None:
 def test_bad_requests_get_an_error_frame_and_others_continue(policy, served):
     good = served.client()
     first = good.infer(observation(0))
-    bad_image = {**observation(1), "observation/image": np.zeros((224, 224, 3), np.float32)}
+    bad_image = {**observation(1), "observation/image": np.zeros((224, 224, 3), np.int64)}
     expect_error(served.port, b"\xc1 not msgpack", "malformed msgpack frame")
     expect_error(served.port, msgpack_numpy.packb([1, 2]), "must be a dict")
     expect_error(served.port, msgpack_numpy.packb({"prompt": "x"}), "observation lacks")
-    expect_error(served.port, msgpack_numpy.packb(bad_image), "uint8 image of shape [224, 224, 3], got float32")
+    expect_error(served.port, msgpack_numpy.packb(bad_image), "must be uint8 or float in [0, 1], got int64")
     expect_error(served.port, msgpack_numpy.packb({**observation(1), "t": -1}), "'t' must be an int >= 0")
     # Issue 19 item 11: a state of length 9 fails inside the input transforms, after its episode was opened.
     expect_error(served.port, msgpack_numpy.packb({**observation(1), "observation/state": np.zeros(9, np.float32)}), "")
@@ -328,3 +328,134 @@ def test_intervention_file(tmp_path):
     )
     with pytest.raises(ValueError, match=r"unknown arguments \['beta'\]"):
         load_intervention(path)
+
+
+def openpi_libero_loop(client, sim, task_ids, episodes: int, max_steps: int) -> list[tuple[str, int]]:
+    """openpi's examples/libero/main.py evaluation loop (written from its description): one client for the whole
+    evaluation, per task a fresh env, per episode a reset to initial state k (+ wait steps), replanning every 5 steps
+    from `client.infer(element)["actions"]`, no episode fields. Returns (prompt, inferences) per episode."""
+    episodes_run = []
+    for task_id in task_ids:
+        task = sim.get_task("libero_goal", task_id)
+        with sim.make_env(task, SEED) as env:
+            for k in range(episodes):
+                obs = env.reset(k)
+                plan: collections.deque = collections.deque()
+                inferences = 0
+                for _ in range(max_steps):
+                    if not plan:
+                        plan.extend(client.infer(env.policy_input(obs, task.language))["actions"][:REPLAN])
+                        inferences += 1
+                    obs, _, done, _ = env.step(plan.popleft())
+                    if done:
+                        break
+                episodes_run.append((task.language, inferences))
+    return episodes_run
+
+
+def test_openpi_libero_evaluation_on_one_connection_is_split_into_its_episodes(policy, served):
+    """Two tasks x two episodes over one connection: four store episodes, split at the prompt change and at each
+    environment reset, with the right prompts and steps, each marked as inferred."""
+    sim = envs.get("libero")
+    sim.configure()
+    client = served.client()
+    run = openpi_libero_loop(client, sim, (0, 1), episodes=2, max_steps=10)
+    client._ws.close()
+    served.stop()
+    data = expert_data_utils.load_inference_task_data(served.out, task_id=CONN)
+    names = expert_data_utils.list_episodes(data)
+    assert names == ["episode_0", "episode_1", "episode_2", "episode_3"]
+    starts = ["connection opened", "reset detected", "prompt change", "reset detected"]
+    for name, (prompt, inferences), start in zip(names, run, starts, strict=True):
+        episode = data["episodes"][name]
+        meta = episode["metadata"]
+        assert (meta["start"], meta["delimited_by"], meta["success"]) == (start, "inferred", None)
+        steps = episode["rollout_steps"]
+        assert len(steps) == inferences == 2
+        assert {steps[s]["prompt"] for s in steps} == {prompt}
+    assert data["episodes"]["episode_3"]["metadata"]["end"] == "connection closed"
+    assert data["episodes"]["episode_1"]["metadata"]["end"] == "prompt change"
+
+
+def test_images_as_upstream_accepts_them_and_a_short_state_is_refused(policy, served):
+    """Float [0, 1] and CHW images of another size are converted as upstream does (the store keeps the converted
+    image); a 7-d LIBERO state is refused with the reason."""
+    element = observation(3)
+    from openpi.shared import image_tools
+
+    big = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    sent = {**element, "observation/image": np.transpose(big.astype(np.float32) / 255.0, (2, 0, 1))}
+    client = served.client()
+    got = client.infer(sent)["actions"]
+    # float -> uint8 by 255 x (truncated: /255 then *255 may land just below the integer), then resized with pad
+    converted = np.transpose((255 * sent["observation/image"]).astype(np.uint8), (1, 2, 0))
+    expected_image = image_tools.resize_with_pad(converted, 224, 224)
+    assert_infer_equal(policy, {**element, "observation/image": expected_image}, noises(policy, CONN, 0, 1)[0], got)
+    expect_error(served.port, msgpack_numpy.packb({**element, "observation/state": np.zeros(7, np.float32)}),
+                 "has 7 dims; this simulator's state has 8")  # fmt: skip
+    expect_error(served.port, msgpack_numpy.packb({**element, "observation/image": np.full((224, 224, 3), 2.0)}),
+                 "outside [0, 1]")  # fmt: skip
+    client._ws.close()
+    served.stop()
+    step = expert_data_utils.load_inference_task_data(served.out, task_id=CONN)["episodes"]["episode_0"]
+    np.testing.assert_array_equal(step["rollout_steps"]["step_0"]["image"], expected_image)
+
+
+def test_openpi_serve_command_line_starts_the_server(tmp_path):
+    """openpi's documented spelling: --env LIBERO policy:checkpoint --policy.config ... --policy.dir ...,
+    --default-prompt (used for a request without a prompt); --help shows both spellings."""
+    help_text = subprocess.run([sys.executable, str(REPO / "scripts" / "serve_policy.py"), "--help"],
+                               capture_output=True, text=True, cwd=REPO, timeout=300, check=True).stdout  # fmt: skip
+    for flag in ("--preset", "--checkpoint", "--env", "--default-prompt", "policy:checkpoint"):
+        assert flag in help_text, flag
+    out, port = tmp_path / "store", free_port()
+    cmd = [sys.executable, str(REPO / "scripts" / "serve_policy.py"), "--env", "LIBERO", "--port", str(port),
+           "--num-denoise-steps", str(STEPS), "--output-dir", str(out), "--default-prompt", "open the drawer",
+           "policy:checkpoint", "--policy.config", PRESET]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        while line and "Serving on" not in line:
+            line = proc.stdout.readline()
+        assert "Serving on" in line, "the server did not start"
+        client = wcp.WebsocketClientPolicy(host="127.0.0.1", port=port)
+        element = observation(4)
+        del element["prompt"]
+        assert client.infer(element)["actions"].shape == (50, 7)
+        client._ws.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        proc.stdout.close()
+    data = expert_data_utils.load_inference_task_data(out, task_id=CONN)
+    assert data["episodes"]["episode_0"]["rollout_steps"]["step_0"]["prompt"] == "open the drawer"
+    bad = subprocess.run([*cmd[:2], "--env", "ALOHA", "--port", "0", "--output-dir", str(tmp_path / "b")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "--env ALOHA" in bad.stderr
+
+
+def test_light_client_imports_without_jax_and_drives_the_server(policy, served):
+    """pi0_latents_client: imported in a fresh interpreter without JAX (or openpi) in sys.modules, and fast; it
+    records a named episode with the server's noise, as RecordingClient does."""
+    code = ("import sys, time; t = time.perf_counter(); import pi0_latents_client; "
+            "print(time.perf_counter() - t, sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'openpi', "
+            "'openpi_client', 'flax')))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    seconds, heavy = proc.stdout.split(" ", 1)
+    assert heavy.strip() == "[]" and float(seconds) < 1.0, proc.stdout
+
+    import pi0_latents_client
+
+    with pi0_latents_client.Client(port=served.port) as client:
+        assert client.metadata["latent_recording"]["connections_task_id"] == CONN
+        client.start_episode(2, task_id=4, suite="libero_goal")
+        element = observation(7)
+        got = client.infer(element, t=0)
+        assert got["record"] == {"task_id": 4, "episode_id": 2, "t": 0, "step": 0}
+        assert client.end_episode(success=False)["success"] is False
+        with pytest.raises(pi0_latents_client.ServerError, match="has 7 dims"):
+            client.infer({**element, "observation/state": np.zeros(7, np.float32)})
+    assert_infer_equal(policy, element, noises(policy, 4, 2, 1)[0], got["actions"])
+    served.stop()
+    episode = expert_data_utils.load_inference_task_data(served.out, task_id=4)["episodes"]["episode_2"]
+    assert episode["metadata"]["success"] is False and list(episode["rollout_steps"]) == ["step_0"]

@@ -106,6 +106,7 @@ class Simulator:
     default_max_steps: Callable[[str], int]  # env steps per episode after the wait steps
     make_env: Callable[[TaskInfo, int], Env]  # (task, seed) -> a live env
     configure: Callable[[], None] = lambda: None  # process-wide setup to run before the simulator is imported
+    state_dim: int | None = None  # dims of the proprioceptive state in the policy input (None: any)
     # (task, initial-state index) -> a digest of the simulator state the episode starts from (None: unknown). Two
     # runs' episodes are paired only when their digests agree (`openpi.latents.analysis` behaviour).
     init_state_digest: Callable[[TaskInfo, int], str | None] = lambda task, k: None

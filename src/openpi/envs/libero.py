@@ -385,5 +385,6 @@ SIMULATOR = base.Simulator(
     default_max_steps=max_steps,
     make_env=_make_env,
     configure=configure_headless_rendering,
+    state_dim=8,  # eef_pos 3 + axis-angle 3 + gripper qpos 2 (`policy_state`)
     init_state_digest=init_state_digest,
 )

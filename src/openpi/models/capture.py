@@ -87,6 +87,13 @@ class CaptureSpec:
         """Every stream at full token resolution, every layer and denoising step."""
         return cls(expert_0="full", expert_1="full", text=True, attention_to_text=True, trajectory=True)
 
+    @classmethod
+    def seed(cls) -> CaptureSpec:
+        """What the seed plan's notebooks read (`--capture seed`): both experts' full residual streams at every layer
+        and denoising step, plus the text window. Full-size pi0 in bf16, per inference: expert 0 18 x 816 x 2048 x 2 B
+        = 60.2 MB, expert 1 10 x 18 x 51 x 1024 x 2 B = 18.8 MB, text 18 x 48 x 2048 x 2 B = 3.5 MB: 82.5 MB."""
+        return cls(expert_0="full", expert_1="full", text=True, attention_to_text=False, trajectory=False)
+
     @property
     def is_off(self) -> bool:
         return self == CaptureSpec.off()
@@ -137,3 +144,26 @@ def _resolve_indices(indices: tuple[int, ...] | None, n: int, *, what: str, size
     if not indices:
         raise ValueError(f"CaptureSpec.{flag} is empty: pass None for all or list at least one index.")
     return tuple(i % n for i in indices)
+
+
+# Named specs for `--capture NAME` on the command line (`split_capture_preset`).
+CAPTURE_PRESETS = {"default": CaptureSpec, "seed": CaptureSpec.seed, "everything": CaptureSpec.everything,
+                   "off": CaptureSpec.off}  # fmt: skip
+
+
+def split_capture_preset(argv: list[str]) -> tuple[CaptureSpec | None, list[str]]:
+    """(the spec named by ``--capture NAME`` / ``--capture=NAME`` in `argv`, or None; `argv` without it).
+
+    The scripts start from that spec, so ``--capture.*`` flags given beside it still change single fields."""
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[1] if arg.startswith("--capture=") else None
+        if arg == "--capture" and i + 1 < len(argv):
+            name, rest = argv[i + 1], argv[:i] + argv[i + 2 :]
+        elif name is not None:
+            rest = argv[:i] + argv[i + 1 :]
+        else:
+            continue
+        if name not in CAPTURE_PRESETS:
+            raise ValueError(f"--capture {name}: unknown capture preset; choose one of {sorted(CAPTURE_PRESETS)}.")
+        return CAPTURE_PRESETS[name](), rest
+    return None, list(argv)

@@ -26,6 +26,8 @@ from openpi.models import lora as _lora
 from openpi.models.adarms import AdaRMSNorm, gate_of, gated_residual
 from openpi.models.gemma_layers import Einsum, Embedder, FeedForward, RMSNorm, apply_rope
 from openpi.models.taps import Tap, reduce_tokens
+# The seed plan reads captures through `gemma.Analysis` (its home is `taps`); re-exported here under that name.
+from openpi.models.taps import Analysis, hidden_state_taps  # noqa: F401
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 # Upstream fills masked logits with this finite value (not -inf): rows with no valid key get a uniform softmax.

@@ -23,12 +23,35 @@ RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
 }
 
 
+DEFAULT_PRESET = "pi0_libero"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """openpi's `policy:checkpoint`: a trained checkpoint (--policy.config is a preset name here, e.g. pi0_libero)."""
+
+    # The training config / preset name (openpi's --policy.config): pi0_libero, pi05_libero, pi0_libero_tiny, ...
+    config: str
+    # The checkpoint directory, local or gs:// (openpi's --policy.dir; this server's --checkpoint).
+    dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Default:
+    """openpi's `policy:default`: the environment's default policy (here --preset, else pi0_libero)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ServeArgs:
-    """Serve pi0 on openpi's websocket protocol and record its latents at every inference."""
+    """Serve pi0 on openpi's websocket protocol and record its latents at every inference.
 
-    # Policy preset (as the collection's --preset): pi0_libero, pi05_libero, pi0_libero_tiny, ...
-    preset: str = "pi0_libero"
+    openpi's spellings work too: `--env LIBERO`, `--default-prompt TEXT` and `policy:checkpoint --policy.config NAME
+    --policy.dir DIR` (= --preset NAME --checkpoint DIR).
+    """
+
+    # Policy preset (as the collection's --preset): pi0_libero, pi05_libero, pi0_libero_tiny, ... Default:
+    # policy:checkpoint's --policy.config, else pi0_libero.
+    preset: str | None = None
     # Checkpoint directory (local or gs://). Default: the preset's.
     checkpoint: str | None = None
     # Norm-stats asset id inside <checkpoint>/assets (default: the preset's).
@@ -40,6 +63,10 @@ class ServeArgs:
     # Clients must send `Authorization: Api-Key <key>` (openpi_client's api_key=). Default: $OPENPI_SERVER_API_KEY;
     # none: every client is accepted.
     api_key: str | None = None
+    # openpi's --env: the environment the clients run (LIBERO; case-insensitive). Must be the preset's simulator.
+    env: str | None = None
+    # openpi's --default-prompt: the prompt of a request that carries none (a request's own prompt wins).
+    default_prompt: str | None = None
     # Flow-matching (Euler) steps per inference.
     num_denoise_steps: int = 10
     # Noise seed: inference i of episode (task, k) uses draw i of numpy default_rng([seed, task, k]).
@@ -74,14 +101,32 @@ class ServeArgs:
     # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
     jax_cache_dir: str | None = None
 
+    # openpi's policy choice: `policy:checkpoint --policy.config NAME --policy.dir DIR`, or `policy:default`.
+    policy: Checkpoint | Default = Default()
+
     def resolved_api_key(self) -> str | None:
         return self.api_key if self.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+
+
+def resolve_policy(args: ServeArgs) -> tuple[str, str | None]:
+    """(preset name, checkpoint) from this server's flags and openpi's; ValueError when they disagree."""
+    preset, checkpoint = args.preset, args.checkpoint
+    if isinstance(args.policy, Checkpoint):
+        if preset is not None and preset != args.policy.config:
+            raise ValueError(
+                f"--preset {preset} and policy:checkpoint --policy.config {args.policy.config} disagree; give one."
+            )
+        if checkpoint is not None and args.policy.dir is not None and checkpoint != args.policy.dir:
+            raise ValueError(f"--checkpoint {checkpoint} and --policy.dir {args.policy.dir} disagree; give one.")
+        preset, checkpoint = args.policy.config, checkpoint or args.policy.dir
+    return preset or DEFAULT_PRESET, checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
 class ServePlan:
     args: ServeArgs
     preset: presets.PolicyPreset
+    checkpoint: str | None
     simulator: env_base.Simulator
     seed: int
     intervention: iv.Intervention | None
@@ -89,8 +134,14 @@ class ServePlan:
 
 def make_plan(args: ServeArgs) -> ServePlan:
     """Checks everything that needs neither the model nor the store; ValueError / FileNotFoundError name the fix."""
-    preset = presets.get_preset(args.preset)
+    preset_name, checkpoint = resolve_policy(args)
+    preset = presets.get_preset(preset_name)
     sim = envs.get(preset.env)
+    if args.env is not None and args.env.lower() != sim.name:
+        raise ValueError(
+            f"--env {args.env}: this server runs the {sim.name} environment of preset {preset.name} "
+            f"(openpi's --env {sim.name.upper()}); other environments (ALOHA, DROID) are not served here."
+        )
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}.")
     if args.num_denoise_steps < 1 or args.queue_size < 1:
@@ -106,7 +157,7 @@ def make_plan(args: ServeArgs) -> ServePlan:
         intervention = load_intervention(args.intervention)
         intervention.validate(config, num_steps=args.num_denoise_steps, batch=1)
     seed = sim.default_seed if args.seed is None else args.seed
-    return ServePlan(args, preset, sim, seed, intervention)
+    return ServePlan(args, preset, checkpoint, sim, seed, intervention)
 
 
 def build_manifest(plan: ServePlan) -> dict[str, Any]:
@@ -121,7 +172,7 @@ def build_manifest(plan: ServePlan) -> dict[str, Any]:
         "kind": "pi0 latent policy server",
         "arguments": arguments,
         "capture_spec": args.capture.to_dict(),
-        "checkpoint": args.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
+        "checkpoint": plan.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
         "preset": preset.name,
         "model_config": preset.model_config.describe(),
         "intervention": iv.describe(plan.intervention),

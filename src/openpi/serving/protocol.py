@@ -22,6 +22,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from openpi.policies import libero_policy
+from openpi.shared import image_tools
+
 HEALTH_PATH = "/healthz"
 API_KEY_SCHEME = "Api-Key"
 
@@ -168,32 +171,58 @@ def check_finite_result(result: Mapping[str, Any], state_key: str) -> None:
             )
 
 
-def check_observation(
-    obs: Mapping[str, Any], camera_keys: Mapping[str, str], state_key: str, image_shape: tuple[int, ...]
-) -> None:
-    """Raises `RequestError` naming the problem unless `obs` has the simulator's images, state and a str prompt.
+def _model_image(key: str, image: Any, image_shape: tuple[int, ...]) -> np.ndarray:
+    """`image` as upstream's LIBERO input transform and resize make it: float in [0, 1] -> uint8 (255 x, truncated),
+    CHW -> HWC, other sizes resized with padding (PIL bilinear) to `image_shape`. `RequestError` for what upstream
+    would fail on or silently corrupt."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3:
+        got = f"shape {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise RequestError(f"observation[{key!r}] must be one image [H, W, 3] or [3, H, W], got {got}.")
+    if image.dtype.kind == "f":
+        if not np.all(np.isfinite(image)) or image.min() < 0 or image.max() > 1:
+            raise RequestError(
+                f"observation[{key!r}] is a float image with values outside [0, 1] (or NaN / inf); upstream converts "
+                "float images with 255 * x, which wraps such values: send uint8, or floats in [0, 1]."
+            )
+    elif image.dtype != np.uint8:
+        raise RequestError(f"observation[{key!r}] must be uint8 or float in [0, 1], got {image.dtype}.")
+    image = libero_policy.parse_image(image)
+    if image.shape[-1] != image_shape[-1]:
+        raise RequestError(f"observation[{key!r}] must have {image_shape[-1]} channels, got shape {list(image.shape)}.")
+    if image.shape != tuple(image_shape):
+        image = image_tools.resize_with_pad(image, image_shape[0], image_shape[1])
+    return np.ascontiguousarray(image)
 
-    Images must be uint8 of exactly `image_shape` (the store keeps them; openpi's LIBERO client sends
-    ``image_tools.convert_to_uint8(image_tools.resize_with_pad(img, 224, 224))``).
-    """
+
+def prepare_observation(
+    obs: Mapping[str, Any],
+    camera_keys: Mapping[str, str],
+    state_key: str,
+    image_shape: tuple[int, ...],
+    state_dim: int | None = None,
+) -> dict[str, Any]:
+    """`obs` with each camera image as the model sees it (`_model_image`: what the store records); `RequestError`
+    naming the problem unless it has the simulator's images, a finite 1-D state (of `state_dim` dims when given)
+    and a str prompt (if any)."""
     required = [*camera_keys.values(), state_key]
     missing = [k for k in required if k not in obs]
     if missing:
         raise RequestError(
             f"observation lacks {missing}; this policy needs {required} (+ 'prompt'). Got {sorted(obs)}."
         )
+    out = dict(obs)
     for key in camera_keys.values():
-        image = obs[key]
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != tuple(image_shape):
-            got = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise RequestError(
-                f"observation[{key!r}] must be a uint8 image of shape {list(image_shape)}, got {got}; resize with "
-                "openpi_client.image_tools.resize_with_pad and convert_to_uint8 as openpi's LIBERO example does."
-            )
+        out[key] = _model_image(key, obs[key], image_shape)
     state = obs[state_key]
     if not isinstance(state, np.ndarray) or state.ndim != 1 or state.dtype.kind not in "fiu":
         got = f"{state.dtype} {list(state.shape)}" if isinstance(state, np.ndarray) else type(state).__name__
         raise RequestError(f"observation[{state_key!r}] must be a 1-D numeric array, got {got}.")
+    if state_dim is not None and state.shape[0] != state_dim:
+        raise RequestError(
+            f"observation[{state_key!r}] has {state.shape[0]} dims; this simulator's state has {state_dim} (LIBERO: "
+            "eef_pos 3 + axis-angle of eef_quat 3 + gripper qpos 2, as openpi's LIBERO example sends it). A shorter "
+            "state would be normalised with the wrong statistics."
+        )
     if not np.all(np.isfinite(state)):
         raise RequestError(f"observation[{state_key!r}] holds NaN or inf: {state.tolist()}.")
     with np.errstate(over="ignore"):
@@ -206,3 +235,4 @@ def check_observation(
     prompt = obs.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise RequestError(f"observation['prompt'] must be a string, got {type(prompt).__name__}.")
+    return out

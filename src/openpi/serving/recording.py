@@ -4,9 +4,15 @@ Two ways an inference finds its episode (request fields: `protocol.RECORD_FIELDS
   * harness mode — the request carries ``episode_id`` (and ``task_id``, default 0): the episode is (task_id,
     episode_id) of the store; a ``success`` frame, a request for another episode on the same connection, or the
     connection closing ends it (only the ``success`` frame stores a known outcome);
-  * connection mode — no ``episode_id``: the inferences of one connection go, in arrival order, to one episode of the
-    "connections" pseudo-task (`protocol.CONNECTIONS_TASK_ID`), numbered in order of connection; a ``success`` frame
-    ends it, and the connection's next inference starts the next one.
+  * connection mode — no ``episode_id``: the inferences of one connection go, in arrival order, to episodes of the
+    "connections" pseudo-task (`protocol.CONNECTIONS_TASK_ID`), numbered in order of first inference. The episodes
+    are inferred (openpi's LIBERO example keeps one connection for a whole evaluation): a new one starts at
+    the connection's first inference, after a ``success`` frame, when the prompt changes, and at an environment reset,
+    detected as the robot state returning to within `RESET_TOLERANCE` (L2, state units) of the state at the episode's
+    first inference after having been farther than that from it (a reset puts the robot back to its initial pose:
+    LIBERO's differs by ~0.02 between initial states, 5 executed actions move it by ~0.4). Each episode's metadata
+    says how it was delimited (``start``, ``end``, ``delimited_by`` "inferred" or "reported"); the log says so too.
+    A reset before the robot moved away from its first state cannot be seen; send ``episode_id`` to be exact.
 A step's ``t`` is the request's ``t``, else its inference index in the episode; ``received_time`` is the unix time the
 server got the request. The noise of inference i of episode (task, k) is draw i of ``default_rng([seed, task, k])``
 (`openpi.latents.collect.episode.episode_noise`, the collection's), so a harness replaying the collection's episode
@@ -29,6 +35,9 @@ from openpi.serving.protocol import CONNECTIONS_TASK_ID, RecordFields, RequestEr
 
 logger = logging.getLogger(__name__)
 
+# How close (L2) a connection's state must come back to its episode's first state to count as an environment reset.
+RESET_TOLERANCE = 0.05
+
 CONNECTIONS_TASK = {"task_id": CONNECTIONS_TASK_ID, "task_name": "connections", "suite": "server", "language": ""}
 
 
@@ -43,6 +52,9 @@ class Episode:
     state_shape: tuple[int, ...] | None = None
     num_inferences: int = 0
     last_t: int | None = None
+    prompt: str | None = None
+    first_state: np.ndarray | None = None  # connection mode: the state of the first inference (reset detection)
+    left_first_state: bool = False
 
     def next_t(self, requested: int | None) -> int:
         t = self.num_inferences if requested is None else requested
@@ -76,10 +88,10 @@ class Recorder:
         self._next_connection = 1 + max((k for t, k in done if t == CONNECTIONS_TASK_ID), default=-1)
 
     # --- episodes -----------------------------------------------------------------------------------------------
-    def new_connection_episode(self, attrs: Mapping[str, Any]) -> Episode:
+    def new_connection_episode(self, attrs: Mapping[str, Any], start: str) -> Episode:
         with self._lock:
             k, self._next_connection = self._next_connection, self._next_connection + 1
-            return self._begin(CONNECTIONS_TASK, k, attrs)
+            return self._begin(CONNECTIONS_TASK, k, {**attrs, "start": start, "delimited_by": "inferred"})
 
     def harness_episode(self, fields: RecordFields, prompt: str, attrs: Mapping[str, Any]) -> Episode:
         assert fields.episode_id is not None
@@ -105,7 +117,7 @@ class Recorder:
                     "language": prompt,
                 },
             )
-            return self._begin(task, fields.episode_id, attrs)
+            return self._begin(task, fields.episode_id, {**attrs, "start": "episode_id", "delimited_by": "reported"})
 
     def _begin(self, task: Mapping[str, Any], k: int, attrs: Mapping[str, Any]) -> Episode:
         episode = Episode((int(task["task_id"]), k), None, episode_noise(self.seed, task["task_id"], k, self.noise_shape))
@@ -208,22 +220,53 @@ class Session:
         self.recorder = recorder
         self.attrs = dict(attrs)  # stored with each of its episodes (connection number, peer)
         self.current: Episode | None = None
+        self.episodes_started = 0
 
-    def episode_for(self, fields: RecordFields, prompt: str) -> Episode:
+    def _connection_boundary(self, current: Episode, prompt: str, state: np.ndarray | None) -> str | None:
+        """Why `current` (a connection-mode episode) ends before this request, or None (it continues)."""
+        if prompt != current.prompt:
+            return "prompt change"
+        if state is None or current.first_state is None or state.shape != current.first_state.shape:
+            return None
+        near = float(np.linalg.norm(state - current.first_state)) <= RESET_TOLERANCE
+        if near and current.left_first_state:
+            return "reset detected"
+        current.left_first_state |= not near
+        return None
+
+    def episode_for(self, fields: RecordFields, prompt: str, state: np.ndarray | None = None) -> Episode:
         """The open episode this request belongs to; starting it (and ending the previous one) if needed."""
         current = self.current
+        start = "connection opened" if self.episodes_started == 0 else "after a success frame"
         if fields.episode_id is None:
             if current is not None and current.key[0] == CONNECTIONS_TASK_ID:
-                return current
+                boundary = self._connection_boundary(current, prompt, state)
+                if boundary is None:
+                    return current
+                logger.info(
+                    "Connection %s: episode %d ended at an inferred boundary (%s); a new one starts",
+                    self.attrs.get("connection"), current.key[1], boundary,
+                )  # fmt: skip
+                self.recorder.finish(current, None, boundary)
+                self.current, start = None, boundary
         elif current is not None and current.key == (fields.task_id or 0, fields.episode_id):
             return current
-        if current is not None:
-            self.recorder.finish(current, None, "superseded")
+        if self.current is not None:
+            self.recorder.finish(self.current, None, "superseded")
             self.current = None
         if fields.episode_id is None:
-            self.current = self.recorder.new_connection_episode(self.attrs)
+            if self.episodes_started == 0:
+                logger.info(
+                    "Connection %s sends no episode_id: its episodes are inferred (new at a prompt change, a success "
+                    "frame or an environment reset); send episode_id to name them",
+                    self.attrs.get("connection"),
+                )
+            self.current = self.recorder.new_connection_episode(self.attrs, start)
+            self.current.prompt = prompt
+            self.current.first_state = None if state is None else np.asarray(state, np.float64)
         else:
             self.current = self.recorder.harness_episode(fields, prompt, self.attrs)
+        self.episodes_started += 1
         return self.current
 
     def end(self, fields: RecordFields) -> dict[str, Any]:

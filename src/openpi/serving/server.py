@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import CloseCode
@@ -57,11 +58,13 @@ class PolicyServer:
         port: int = 8000,
         api_key: str | None = None,
         prompt: str | None = None,
+        default_prompt: str | None = None,
         max_workers: int = 32,
         max_frame_bytes: int = 16 << 20,
     ):
         self.engine, self.recorder, self.metadata = engine, recorder, dict(metadata)
         self.host, self.port, self.api_key, self.prompt = host, port, api_key, prompt
+        self.default_prompt = default_prompt  # openpi's InjectDefaultPrompt: for requests without a prompt
         self.max_frame_bytes = max_frame_bytes
         self._stopping = False
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="policy-request")
@@ -90,12 +93,12 @@ class PolicyServer:
         if fields.is_end:
             return {"episode_finished": session.end(fields)}, None
         sim = self.recorder.simulator
-        protocol.check_observation(obs, sim.camera_keys, sim.state_key, sim.image_shape)
-        sent = obs.get("prompt")
+        obs = protocol.prepare_observation(obs, sim.camera_keys, sim.state_key, sim.image_shape, sim.state_dim)
+        sent = obs.get("prompt", self.default_prompt)
         prompt = sent if self.prompt is None else self.prompt
         if prompt is None:
-            raise RequestError("observation lacks 'prompt' (the instruction, a string).")
-        episode = session.episode_for(fields, prompt)
+            raise RequestError("observation lacks 'prompt' (the instruction, a string; or start with --default-prompt).")
+        episode = session.episode_for(fields, prompt, np.asarray(obs[sim.state_key], np.float64))
         t = episode.next_t(fields.t)
         self.recorder.check_step(episode, obs)
         result = self.engine.infer({**obs, "prompt": prompt}, next(episode.noise))

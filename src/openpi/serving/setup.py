@@ -32,10 +32,10 @@ def create_server(args: ServeArgs, *, policy=None) -> PolicyServer:
             break_stale_lock=args.break_stale_lock,
         )
     if policy is None:
-        logger.info("Loading policy %s (%s)", plan.preset.name, args.checkpoint or "preset default")
+        logger.info("Loading policy %s (%s)", plan.preset.name, plan.checkpoint or "preset default")
         policy = policy_config.create_trained_policy(
             plan.preset,
-            args.checkpoint,
+            plan.checkpoint,
             asset_id=args.asset_id,
             sample_kwargs={"num_steps": args.num_denoise_steps},
             rng_seed=plan.seed,
@@ -77,4 +77,5 @@ def create_server(args: ServeArgs, *, policy=None) -> PolicyServer:
         port=args.port,
         api_key=args.resolved_api_key(),
         prompt=prompt,
+        default_prompt=args.default_prompt,
     )

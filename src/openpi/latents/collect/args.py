@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Literal
+
+import tyro
 
 import numpy as np
 
@@ -59,6 +61,15 @@ CLI_FLAGS = {"asset_id": "--asset-id", "checkpoint_dir": "--checkpoint", "allow_
 DEFAULT_PRESET = "pi0_libero"
 # The defaults below that belong to a simulator (wait steps, seed) are the default preset's simulator's.
 _DEFAULT_SIMULATOR = envs.get(presets.get_preset(DEFAULT_PRESET).env)
+TASK_SUITE_HELP = (
+    f"Task suite of the preset's simulator; {_DEFAULT_SIMULATOR.name}: {', '.join(_DEFAULT_SIMULATOR.suites)}. "
+    "List a suite's tasks (ids, names, instructions) with --list-tasks. (openpi's --task-suite-name)"
+)
+# openpi's LIBERO example spells some flags differently: what to type here instead.
+OPENPI_FLAG_HINTS = {
+    "--task-suite-name": "--task-suite",
+    "--num-trials-per-task": "--episodes-per-task (episode k starts from initial state k; openpi runs 50)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +84,10 @@ class CollectionArgs:
     checkpoint: str | None = None
     # Norm-stats asset id inside <checkpoint>/assets (default: the preset's, "physical-intelligence/libero").
     asset_id: str | None = None
-    # Task suite of the preset's simulator; LIBERO: libero_spatial, libero_object, libero_goal, libero_10 or libero_90.
-    task_suite: str = "libero_goal"
+    task_suite: Annotated[str, tyro.conf.arg(help=TASK_SUITE_HELP)] = "libero_goal"
     # Task ids to run (default: every task of the suite).
     task_ids: tuple[int, ...] = ()
-    # Episodes per task; episode k starts from the suite's initial state k (openpi uses 50).
+    # Episodes per task; episode k starts from the suite's initial state k (openpi's --num-trials-per-task, 50).
     episodes_per_task: int = 10
     # Env steps per episode after the wait steps (default: openpi's per-suite value, e.g. 300 for libero_goal).
     max_steps: int | None = None
@@ -292,3 +302,20 @@ def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo, k: int) -> str | 
         return ""
     tasks = plan.simulator.list_tasks(task.suite)
     return tasks[other_task_draw(plan.args.seed, task.task_id, k, len(tasks))].language
+
+
+def openpi_flag_errors(argv: Sequence[str]) -> list[str]:
+    """For each openpi spelling in `argv` (`OPENPI_FLAG_HINTS`), the message naming the flag to use instead."""
+    given = {a.split("=", 1)[0] for a in argv}
+    return [f"{flag} is openpi's spelling; here use {hint}." for flag, hint in OPENPI_FLAG_HINTS.items() if flag in given]
+
+
+def describe_tasks(suite: str | None, preset: str = DEFAULT_PRESET) -> str:
+    """`--list-tasks`: each task of `suite` (None: the suite names) of the preset's simulator, one line each."""
+    sim = envs.get(presets.get_preset(preset).env)
+    if suite is None:
+        return f"{sim.name} suites: {', '.join(sim.suites)}. Add --task-suite NAME to list its tasks."
+    lines = [f"{sim.name} suite {sim.validate_suite(suite)} (task id, name, instruction, initial states):"]
+    for task in sim.list_tasks(suite):
+        lines.append(f"  {task.task_id:3d}  {task.name}  {task.language!r}  ({task.num_init_states})")
+    return "\n".join(lines)

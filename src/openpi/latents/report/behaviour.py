@@ -131,17 +131,19 @@ def behaviour_section(beh: BehaviourAnalysis, out_dir: str | pathlib.Path) -> li
         "and initial state run with the same seed; both drew the same noise at every inference index. "
         f"{len(beh.effects)} condition(s), {n_tasks} task(s).",
         "",
-        "| condition | tasks | episodes | baseline | condition | Δ (mean over tasks) | 95% CI (t over tasks) "
-        "| b | c | test | p | p adjusted | family | mean divergence | diverged | median first t |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| condition | suite | baseline (suite) | tasks | episodes | baseline | condition | Δ (mean over tasks) "
+        "| 95% CI (t over tasks) | b | c | test | p | p adjusted | family | mean divergence | diverged "
+        "| median first t |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    base_name = f"`{beh.baseline_condition.get('name')}` ({beh.baseline_suite})"
     for e in beh.effects:
         base, cond, n = e.rates()
         k, med = e.diverged()
         ci = e.ci_note or f"[{fmt(e.diff_ci[0])}, {fmt(e.diff_ci[1])}]"
         div = ("n/a", "n/a", "n/a") if e.divergence_reason else (fmt(e.mean_divergence(), 4), f"{k}/{n}", fmt(med, 0))
         lines.append(
-            f"| `{e.name}` | {len(e.tasks)} | {n} | {fmt(base, 2)} | {fmt(cond, 2)} | {fmt(e.diff)} | {ci} | {e.b} "
+            f"| `{e.name}` | {e.suite} | {base_name} | {len(e.tasks)} | {n} | {fmt(base, 2)} | {fmt(cond, 2)} | {fmt(e.diff)} | {ci} | {e.b} "
             f"| {e.c} | {e.test} | {fmt(e.p_value, 4)} | {fmt(e.p_adjusted, 4)} | {e.family or 'single test'} "
             f"| {div[0]} | {div[1]} | {div[2]} |"
         )

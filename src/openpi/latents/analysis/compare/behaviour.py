@@ -135,6 +135,7 @@ class ConditionEffect:
     p_fisher: float = math.nan
     divergence_reason: str | None = None  # why action divergence is not compared (NaN)
     family: str | None = None  # the family its p-value is corrected over (a layer sweep), None: a single test
+    suite: str = ""  # the condition store's task suite (shown in every row of the table)
     p_adjusted: float = math.nan  # p_value corrected over `family` (= p_value for a single test)
 
     @property
@@ -205,6 +206,7 @@ class BehaviourAnalysis:
     notes: tuple[str, ...]
     correction: str = "holm"
     pro_prompts: tuple[dict[str, Any], ...] = ()  # per task of a LIBERO-PRO condition: prompt sent vs trained text
+    baseline_suite: str = ""
 
     def layer_curves(self) -> dict[str, list[ConditionEffect]]:
         """recipe -> its single-layer conditions in layer order (a layer sweep)."""
@@ -277,6 +279,8 @@ def analyze_conditions(
     if correction not in CORRECTIONS:
         raise ValueError(f"correction must be one of {sorted(CORRECTIONS)}, got {correction!r}")
     paths = find_stores(roots) if isinstance(roots, str | pathlib.Path) else [pathlib.Path(r) for r in roots]
+    # Compared resolved: an absolute --baseline must be found among relative --conditions (else it pairs with itself).
+    paths = [p.expanduser().resolve() for p in paths]
     stores = {p: store_lib.open_store(p) for p in paths}
     if baseline is None:
         candidates = [p for p, s in stores.items() if _is_baseline(_condition_of(s))]
@@ -286,7 +290,7 @@ def analyze_conditions(
                 f"{[str(p) for p in paths]}; pass the baseline store explicitly (or collect with --condition.baseline)."
             )
         baseline = candidates[0]
-    base_path = pathlib.Path(baseline)
+    base_path = pathlib.Path(baseline).expanduser().resolve()
     base_store = stores.pop(base_path, None) or store_lib.open_store(base_path)
     base_eps = _episodes(base_store)
     notes, effects, pro = [], [], []
@@ -301,7 +305,7 @@ def analyze_conditions(
     effects.sort(key=lambda e: (e.recipe or "", e.layer if e.layer is not None else -1, e.name))
     return BehaviourAnalysis(
         str(base_path), _condition_of(base_store), tuple(effects), threshold, n_boot, tuple(notes), correction,
-        tuple(pro),
+        tuple(pro), str(base_store.manifest.get("suite")),
     )  # fmt: skip
 
 
@@ -355,7 +359,7 @@ def _effect(path, st, base_store, base_eps, threshold, n_boot, seed, notes) -> C
     return ConditionEffect(
         str(cond["name"]), str(path), cond, tuple(pairs), diff, (lo, hi), why, b, c,
         mcnemar_exact(b, c) if unpaired_reason is None else math.nan, unpaired_reason, unpaired, p_fisher,
-        divergence_reason,
+        divergence_reason, suite=str(st.manifest.get("suite")),
     )  # fmt: skip
 
 
