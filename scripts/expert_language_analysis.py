@@ -32,7 +32,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
@@ -46,77 +46,91 @@ __all__ = ["Args", "analyze_inference_language_loss", "analyze_rollout_step", "c
 
 
 @dataclasses.dataclass(frozen=True)
-class Args:
-    """Turn a latent collection into a language-loss report folder."""
+class TextDecodingArgs:
+    """Where the token embedding for text decoding comes from."""
 
-    # The collection: a latent store (a directory, s3://bucket/prefix or gs://bucket/prefix), or a pickle
-    # directory/file with --allow-pickle.
-    collection: str
-    # Where metrics.json, the CSV tables, the PNG plots and report.md go.
-    output_dir: pathlib.Path = pathlib.Path("reports/language_loss")
-    # Only these task ids (default: all).
-    task_ids: tuple[int, ...] = ()
-    # Checkpoint (local dir or gs://) to read the token embedding / final norm from, instead of the manifest's.
-    checkpoint: str | None = None
     # Text reconstruction and the logit lens (--no-text-decoding skips them and reads no embedding).
     text_decoding: bool = True
-    # Decode text at every k-th rollout step only (text decoding dominates the cost at full size).
-    text_step_stride: int = 1
-    # Task-probe cross-validation folds (grouped by episode).
-    probe_splits: int = 5
-    # Shuffled-label permutations of the task-probe control (0 skips the control).
-    probe_shuffles: int = 10
-    # Bootstrap resamples for every confidence interval.
-    n_boot: int = 1000
-    # Seed of everything random (bootstrap, probe folds, permutations).
-    seed: int = 0
-    # Read at most this many MiB of one layer per block (bounds memory).
-    max_block_mib: int = 64
-    # Open pickles (unpickling executes code from the file: only for files you trust).
-    allow_pickle: bool = False
-    # How success is compared with failure: "step" (default: at equal rollout steps among the episodes still
-    # running, within task; episode length cannot make a gap), "progress" (a secondary view: bins of normalised
-    # progress through each episode; confounded by length, as successes end early), "common" (the first N rollout
-    # steps, N = fewest any episode has) or "all" (each episode's own steps: length-confounded).
-    success_window: Literal["step", "progress", "common", "all"] = "step"
-    # Analyse a damaged store's intact episodes (by default a damaged store is refused, listing the damage).
-    skip_damaged: bool = False
-    # Closed-loop conditions to compare with their paired baseline (a directory of condition stores, as a sweep or
-    # --condition.baseline writes): adds the "Behaviour under conditions" section to report.md.
+    # Checkpoint (local dir or gs://) to read the token embedding / final norm from, instead of the manifest's.
+    checkpoint: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlArgs:
+    """A control collection analysed with the same settings and shown beside this one."""
+
+    # The control collection (dashed in every per-layer figure, its values in metrics.json and each figure's statistics
+    # line): the matched one is this collection's observations re-run with a random-initialised model of the same
+    # config, or a second checkpoint (scripts/replay_collection.py).
+    control: pathlib.Path | None = None
+    # The control's name in the report (default: its manifest's checkpoint).
+    control_label: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionArgs:
+    """Behaviour under closed-loop conditions against their paired baseline (section "Behaviour under conditions")."""
+
+    # A directory of condition stores, as a sweep or --condition.baseline writes.
     conditions: pathlib.Path | None = None
     # The baseline store of --conditions (default: the one among them with the task prompt and no intervention).
     baseline: pathlib.Path | None = None
     # Correction of a layer sweep's McNemar p-values over the sweep (the family: every layer of one recipe): "holm"
     # (family-wise error rate) or "bh" (Benjamini–Hochberg, false discovery rate).
     sweep_correction: Literal["holm", "bh"] = "holm"
-    # Pooled metrics (token-identity probe, tuned lens, CKA, effective rank) on a sample of every episode's steps.
-    pooled: bool = True
-    # Held-out unit of the token probe and the tuned lens: "task" (prompts never seen in training) or "episode".
-    pooled_split: Literal["task", "episode"] = "task"
-    # Evenly spaced rollout steps per episode in the pooled sample.
-    pooled_steps_per_episode: int = 2
-    # A control collection analysed the same way and shown beside this one (dashed in every per-layer figure, its
-    # values in metrics.json and each figure's statistics line): the matched one is this collection's observations
-    # re-run with a random-initialised model of the same config, or a second checkpoint (scripts/replay_collection.py).
-    control: pathlib.Path | None = None
-    # The control's name in the report (default: its manifest's checkpoint).
-    control_label: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareArgs:
+    """A second model on the same episodes (the "Model comparison" section)."""
+
     # A second model's collection of the same tasks, initial states and seeds (e.g. pi05_libero beside pi0_libero; a
-    # store path or s3:// / gs:// URL): adds the "Model comparison" section. Default: a second model's baseline store
-    # among the stores of --conditions, if there is one.
+    # store path or s3:// / gs:// URL). Default: a second model's baseline store among the stores of --conditions, if
+    # there is one.
     compare: str | None = None
     # Checkpoint to read --compare's token embedding / final norm from, instead of its manifest's.
     compare_checkpoint: str | None = None
     # Also write the compared collection's own full report into <output-dir>/compare_<model>/ (--no-compare-report
     # skips it: the section still compares both).
     compare_report: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Turn a latent collection into a language-loss report folder.
+
+    The ``settings.*`` flag groups are :class:`openpi.latents.analysis.AnalysisSettings` (flags named as its fields):
+    the collection, its control and a compared collection are analysed with the very same settings.
+    """
+
+    # The collection: a latent store (a directory, s3://bucket/prefix or gs://bucket/prefix), or a pickle
+    # directory/file with --allow-pickle.
+    collection: str
+    # Where metrics.json, the CSV tables, the PNG plots and report.md go.
+    output_dir: pathlib.Path = pathlib.Path("reports/language_loss")
+    # Read at most this many MiB of one layer per block (bounds memory).
+    max_block_mib: int = 64
     # Persistent JAX compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR; neither: compile every run). A
     # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
     jax_cache_dir: str | None = None
+    # How every collection of this run is analysed.
+    settings: Annotated[analysis.AnalysisSettings, tyro.conf.OmitArgPrefixes] = analysis.AnalysisSettings()
+    # Where the token embedding for text decoding comes from.
+    text_decoding: Annotated[TextDecodingArgs, tyro.conf.OmitArgPrefixes] = TextDecodingArgs()
+    # A control collection analysed with the same settings, shown beside this one.
+    control_collection: Annotated[ControlArgs, tyro.conf.OmitArgPrefixes] = ControlArgs()
+    # Closed-loop conditions against their paired baseline.
+    behaviour: Annotated[ConditionArgs, tyro.conf.OmitArgPrefixes] = ConditionArgs()
+    # A second model on the same episodes.
+    comparison: Annotated[CompareArgs, tyro.conf.OmitArgPrefixes] = CompareArgs()
+
+    def analysis_settings(self) -> analysis.AnalysisSettings:
+        """The settings every collection of this run is analysed with (--max-block-mib in bytes)."""
+        return self.settings.replace(max_block_bytes=self.max_block_mib << 20)
 
 
 def _embedding(args: Args, checkpoint: str | None) -> object:
-    if not args.text_decoding:
+    if not args.text_decoding.text_decoding:
         return None
     if checkpoint:
         from openpi.latents.analysis.data.embedding import read_checkpoint_leaves
@@ -144,7 +158,7 @@ def _matched_comparison(args: Args):
     from openpi.latents import store
     from openpi.latents.analysis.compare import model_matching
 
-    compare, conditions = args.compare, args.conditions
+    compare, conditions = args.comparison.compare, args.behaviour.conditions
     if conditions is not None and store.is_store(args.collection):
         found, same_model, theirs = model_matching.find_comparison(conditions, args.collection)
         if found is not None:
@@ -159,29 +173,9 @@ def _matched_comparison(args: Args):
     if compare is None:
         return None, conditions
     dsi = (_discrete_state_input(args.collection), _discrete_state_input(compare))
-    task_ids = list(args.task_ids) or None
+    task_ids = list(args.settings.read.task_ids or ()) or None
     matched = model_matching.match_collections(args.collection, compare, task_ids=task_ids, discrete_state_input=dsi)
     return matched, conditions
-
-
-def _settings(args: Args) -> dict:
-    """The analysis settings both models of a comparison share."""
-    return dict(
-        task_ids=list(args.task_ids) or None,
-        probe_splits=args.probe_splits,
-        probe_shuffles=args.probe_shuffles,
-        n_boot=args.n_boot,
-        seed=args.seed,
-        text_step_stride=args.text_step_stride,
-        max_block_bytes=args.max_block_mib << 20,
-        allow_pickle=args.allow_pickle,
-        success_window=args.success_window,
-        skip_damaged=args.skip_damaged,
-        pooled=args.pooled,
-        pooled_split=args.pooled_split,
-        pooled_steps_per_episode=args.pooled_steps_per_episode,
-        progress=lambda msg: print(msg, flush=True),
-    )
 
 
 def _check_output_dir(args: Args) -> None:
@@ -195,7 +189,7 @@ def _check_output_dir(args: Args) -> None:
         raise ValueError(
             f"--output-dir {args.output_dir}: {probe} is a file, not a directory; choose another --output-dir."
         )
-    inputs = [("--collection", args.collection), ("--control", args.control)]
+    inputs = [("--collection", args.collection), ("--control", args.control_collection.control)]
     for flag, value in inputs:
         if value is None or location.is_url(str(value)):
             continue
@@ -213,30 +207,37 @@ def main(args: Args) -> dict:
     jax_cache.configure(args.jax_cache_dir)  # the text decoding and the logit lens compile
     t0 = time.monotonic()
     matched, conditions = _matched_comparison(args)  # refuses unmatched collections before any work
+    settings = args.analysis_settings()
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
     res = analysis.analyze_collection(
         args.collection,
-        embedding=_embedding(args, args.checkpoint),
-        control=args.control,
-        control_label=args.control_label,
-        **_settings(args),
+        settings,
+        embedding=_embedding(args, args.text_decoding.checkpoint),
+        progress=say,
+        control=args.control_collection.control,
+        control_label=args.control_collection.control_label,
     )
+    stats = settings.stats
     behaviour = None
     if conditions is not None:
         from openpi.latents.analysis.compare.behaviour import analyze_conditions
 
         behaviour = analyze_conditions(
-            conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed, correction=args.sweep_correction
+            conditions,
+            baseline=args.behaviour.baseline,
+            n_boot=stats.n_boot,
+            seed=stats.seed,
+            correction=args.behaviour.sweep_correction,
         )
     comparison = None
     if matched is not None:
         from openpi.latents.analysis.compare.model_comparison import compare_models
 
         print(f"Analysing the comparison collection {matched.b.root} ({matched.b.label})", flush=True)
-        res_b = analysis.analyze_collection(
-            matched.b.root, embedding=_embedding(args, args.compare_checkpoint), **_settings(args)
-        )
-        comparison = compare_models(matched, res, res_b, n_boot=args.n_boot, seed=args.seed)
-        if args.compare_report:
+        emb_b = _embedding(args, args.comparison.compare_checkpoint)
+        res_b = analysis.analyze_collection(matched.b.root, settings, embedding=emb_b, progress=say)
+        comparison = compare_models(matched, res, res_b, n_boot=stats.n_boot, seed=stats.seed)
+        if args.comparison.compare_report:
             sub = "compare_" + "".join(c if c.isalnum() else "_" for c in matched.b.label)
             report.write_report(res_b, args.output_dir / sub)
             comparison = dataclasses.replace(comparison, compare_report=sub)

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import tyro
 
 from openpi.envs import libero as L
 from openpi.latents import collect as collection
@@ -318,12 +319,13 @@ def test_behaviour_analysis_and_report_section(runs, tmp_path):
     script = pathlib.Path(__file__).parents[1] / "scripts" / "expert_language_analysis.py"
     spec = importlib.util.spec_from_file_location("ela", script)
     ela = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ela", ela)  # dataclasses look their module up there
+    sys.modules["ela"] = ela  # dataclasses (and tyro) look their types up there: this load, not an earlier one
     spec.loader.exec_module(ela)
     out = tmp_path / "report"
     with contextlib.redirect_stdout(io.StringIO()):
-        ela.main(ela.Args(collection=runs.root / "baseline", output_dir=out, conditions=runs.root, text_decoding=False,
-                          probe_shuffles=0, n_boot=50))  # fmt: skip
+        flags = ["--collection", str(runs.root / "baseline"), "--output-dir", str(out), "--conditions", str(runs.root)]
+        flags += ["--no-text-decoding", "--probe-shuffles", "0", "--n-boot", "50"]
+        ela.main(tyro.cli(ela.Args, args=flags))
     text = (out / "report.md").read_text()
     assert "## Behaviour under conditions" in text and "`knockout-text@L2`" in text
     assert "McNemar" in text and "paired baseline" in text

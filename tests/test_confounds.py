@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import tyro
 from test_analysis import BF16, Synth, build_store
 
 from openpi.latents import analysis as A
@@ -93,7 +94,8 @@ def test_default_command_reads_no_gap_from_length_alone(tmp_path):
     sys.modules["ela"] = cli
     spec.loader.exec_module(cli)
     with contextlib.redirect_stdout(io.StringIO()):
-        args = cli.Args(collection=root, output_dir=tmp_path / "rep", text_decoding=False, probe_shuffles=0, n_boot=200)
+        flags = ["--collection", str(root), "--output-dir", str(tmp_path / "rep"), "--no-text-decoding"]
+        args = tyro.cli(cli.Args, args=[*flags, "--probe-shuffles", "0", "--n-boot", "200"])
         out = cli.main(args)
     rel = out["metrics"]["success_relation"]
     checked = 0

@@ -1,12 +1,15 @@
 """The package layout rules of docs/INTERFACES.md: import direction, no import cycles, a light store read.
 
-The graph is built from the source text with ``ast`` (module-level imports, ``if TYPE_CHECKING:`` blocks excluded;
-imports inside functions are deferred, so they cannot form an import-time cycle).
+Import direction is checked by import-linter (the contracts in pyproject.toml, ``uv run lint-imports``); the import
+graph is grimp's (import-linter's own), which counts every import: module level, inside functions (deferred) and under
+``if TYPE_CHECKING:`` (type-only). A deferred or type-only import cannot fail at import time, but it is still a
+dependency: a circle through one means two modules are one concept or a contract between them is missing.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import json
 import os
@@ -14,8 +17,11 @@ import pathlib
 import subprocess
 import sys
 
+import grimp
 import numpy as np
 import pytest
+from importlinter import api as _importlinter_api  # (importing it configures import-linter's adapters)
+from importlinter.application import use_cases
 
 from openpi import envs
 from openpi.envs import base
@@ -23,6 +29,7 @@ from openpi.latents import store
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 OPENPI = SRC / "openpi"
+REPO = SRC.parent
 # What reading a store must not import (model, policy and env code, and jax under them).
 HEAVY = ("jax", "flax", "openpi.models", "openpi.policies", "openpi.envs")
 
@@ -34,36 +41,6 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts)
 
 
-def _modules() -> dict[str, pathlib.Path]:
-    return {_module_name(p): p for p in sorted(OPENPI.rglob("*.py"))}
-
-
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
-    """Imports executed when the module is imported: top-level, in top-level if/try/with, not under TYPE_CHECKING."""
-    out: list[ast.Import | ast.ImportFrom] = []
-    todo: list[ast.stmt] = list(tree.body)
-    while todo:
-        node = todo.pop(0)
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            out.append(node)
-        elif isinstance(node, ast.If):
-            if not _is_type_checking(node):
-                todo += node.body
-            todo += node.orelse
-        elif isinstance(node, ast.Try):
-            todo += node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body]
-        elif isinstance(node, ast.With):
-            todo += node.body
-    return out
-
-
 def _from_base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     """The absolute module named by ``from <...> import`` in ``module`` (relative imports resolved)."""
     if not node.level:
@@ -73,86 +50,114 @@ def _from_base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join([*anchor, node.module] if node.module else anchor)
 
 
-def _targets(module: str, is_package: bool, node: ast.Import | ast.ImportFrom, known: set[str]) -> set[str]:
-    """The modules of ``known`` that ``node`` (in ``module``) imports; ``from pkg import sub`` means ``pkg.sub``."""
-    if isinstance(node, ast.Import):
-        return {a.name for a in node.names if a.name in known}
-    base = _from_base(module, is_package, node)
-    out = set()
-    for alias in node.names:
-        sub = f"{base}.{alias.name}"
-        if sub in known:
-            out.add(sub)
-        elif base in known:
-            out.add(base)
-    return out
+@functools.cache
+def import_graph() -> dict[str, frozenset[str]]:
+    """{module: the openpi modules it imports}, every import counted (module level, deferred, type-only).
+
+    ``src/`` holds ``openpi`` and ``expert_data_utils.py``; the latter imports openpi and nothing imports it, so it
+    can be on no cycle and the graph is openpi's."""
+    graph = grimp.build_graph("openpi", cache_dir=None)
+    return {m: frozenset(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
 
 
-def import_graph() -> dict[str, set[str]]:
-    modules = _modules()
-    known = set(modules)
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        tree = ast.parse(path.read_text(), filename=str(path))
-        edges: set[str] = set()
-        for node in _module_level_imports(tree):
-            edges |= _targets(name, path.name == "__init__.py", node, known)
-        edges.discard(name)
-        graph[name] = edges
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle as [a, b, ..., a], or None (iterative DFS with white/grey/black colouring)."""
-    colour = dict.fromkeys(graph, 0)
+def import_cycles(graph: dict[str, frozenset[str]] | dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle: the strongly connected components of more than one module, each sorted, listed in order
+    (Tarjan's algorithm, iterative). A module importing itself by name (openpi.envs.worker, for the names its pickles
+    carry) is no circle between files."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    out: list[list[str]] = []
+    counter = 0
     for root in sorted(graph):
-        if colour[root]:
+        if root in index:
             continue
-        stack = [(root, iter(sorted(graph[root])))]
-        path = [root]
-        colour[root] = 1
-        while stack:
-            node, children = stack[-1]
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
             child = next(children, None)
-            if child is None:
-                colour[node] = 2
-                stack.pop()
-                path.pop()
-            elif colour.get(child) == 1:
-                return [*path[path.index(child) :], child]
-            elif colour.get(child) == 0:
-                colour[child] = 1
-                path.append(child)
-                stack.append((child, iter(sorted(graph[child]))))
-    return None
+            if child is not None:
+                if child not in graph:
+                    continue
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    comp.append(m)
+                    if m == node:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return sorted(out)
 
 
-def test_cycle_finder_finds_a_planted_cycle():
-    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
-    assert find_cycle(graph) == ["a", "b", "c", "a"]
-    assert find_cycle({"a": {"b"}, "b": set()}) is None
+def test_cycle_finder_finds_planted_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": {"d"}, "f": {"f"}, "g": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c"], ["d", "e"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_graph_sees_submodule_imports_and_skips_type_checking():
+def test_graph_sees_submodule_type_only_and_deferred_imports():
     graph = import_graph()
     # writer.py: `from openpi.latents.store import format as sf` is an edge to the submodule, not the package
     assert "openpi.latents.store.format" in graph["openpi.latents.store.writer"]
     assert "openpi.latents.store" not in graph["openpi.latents.store.writer"]
-    # views.py imports the reader only for type checking; the reader imports the views at run time
-    assert "openpi.latents.store.views" in graph["openpi.latents.store.reader"]
-    assert "openpi.latents.store.reader" not in graph["openpi.latents.store.views"]
+    # type-only: views.py imports the reader under `if TYPE_CHECKING:`
+    assert "openpi.latents.store.reader" in graph["openpi.latents.store.views"]
+    # deferred: the analysis source imports the store reader inside a function (make_source)
+    assert "openpi.latents.store.reader" in graph["openpi.latents.analysis.data.source"]
 
 
-def test_no_import_cycles_in_openpi():
-    cycle = find_cycle(import_graph())
-    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+def _cycles_within(prefixes: tuple[str, ...]) -> list[list[str]]:
+    return [c for c in import_cycles(import_graph()) if any(m.startswith(prefixes) for m in c)]
+
+
+def test_no_import_cycles_in_analysis_or_report():
+    cycles = _cycles_within(("openpi.latents.analysis", "openpi.latents.report"))
+    assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+# Circles in other packages are being dissolved on their own branches (models/: "seam"; store/, collect/, latents/
+# top level: "contract"); this test passes once they land (strict: an unexpected pass fails, so it gets flipped).
+# Left at the time of writing (models/ has none since "seam" landed): store episode_writer <-> writer; store reader <->
+# views; collect ray_backend <-> run; collect.conditions <-> latents.text_latent.
+@pytest.mark.xfail(strict=True, reason="import cycles in store/, collect/, latents/ until the contract branch lands")
+def test_no_import_cycles_in_src():
+    cycles = import_cycles(import_graph())
+    assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+CONTRACTS = ("models-standalone", "envs-standalone", "analysis-report-no-policies-envs", "store-writer-no-reader")
+
+
+def _assert_kept(contract_id: str) -> None:
+    """import-linter's own check of one contract of pyproject.toml (its report is printed: shown on failure)."""
+    kept = use_cases.lint_imports(
+        str(REPO / "pyproject.toml"), limit_to_contracts=(contract_id,), cache_dir=None, no_logo=True
+    )
+    assert kept, f"import-linter contract {contract_id!r} broken (report above)"
 
 
 def test_store_writer_imports_no_reader():
-    graph = import_graph()
-    readers = {f"openpi.latents.store.{m}" for m in ("reader", "views", "loading", "pickle_format")}
-    for writer in ("openpi.latents.store.writer", "openpi.latents.store.episode_writer"):
-        assert not graph[writer] & readers, f"{writer} imports {sorted(graph[writer] & readers)}"
+    _assert_kept("store-writer-no-reader")  # direct or indirect, deferred and type-only included
 
     tree = ast.parse((OPENPI / "latents" / "schema.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -210,7 +215,6 @@ def _imports_anywhere(path: pathlib.Path) -> list[tuple[int, str]]:
     return out
 
 
-REPO = SRC.parent
 ENVS = OPENPI / "envs"
 # The simulator modules: everything in openpi/envs but the package (the registry), the protocol and the
 # simulator-agnostic env worker process (it gets its simulator from the registry by name).
@@ -235,14 +239,7 @@ def test_simulators_are_reached_only_through_the_registry():
 
 
 def test_envs_import_nothing_from_models_latents_policies():
-    forbidden = ("openpi.models", "openpi.latents", "openpi.policies")
-    bad = [
-        f"{p.name}:{line} imports {name}"
-        for p in sorted(ENVS.glob("*.py"))
-        for line, name in _imports_anywhere(p)
-        if name.startswith(forbidden)
-    ]
-    assert not bad, bad
+    _assert_kept("envs-standalone")
 
 
 def test_every_simulator_module_is_registered_and_the_registry_names_the_valid_ones():
@@ -263,27 +260,12 @@ def test_collection_env_and_policy_modules_stay_small():
 
 
 def test_models_import_nothing_from_latents_policies_envs():
-    forbidden = ("openpi.latents", "openpi.policies", "openpi.envs")
-    bad = [
-        f"{path.name}:{line} imports {name}"
-        for path in sorted((OPENPI / "models").glob("*.py"))
-        for line, name in _imports_anywhere(path)
-        if name.startswith(forbidden)
-    ]
-    assert not bad, bad
+    _assert_kept("models-standalone")
 
 
 def test_analysis_and_report_import_nothing_from_policies_or_envs():
     """Camera validity and model sizes come from what the store recorded, not from rebuilding policies."""
-    forbidden = ("openpi.policies", "openpi.envs")
-    bad = [
-        f"{path.relative_to(OPENPI)}:{line} imports {name}"
-        for package in ("analysis", "report")
-        for path in sorted((OPENPI / "latents" / package).rglob("*.py"))
-        for line, name in _imports_anywhere(path)
-        if name.startswith(forbidden)
-    ]
-    assert not bad, bad
+    _assert_kept("analysis-report-no-policies-envs")
 
 
 def test_metric_registry_entries_are_complete_and_the_report_covers_them():
@@ -353,3 +335,15 @@ def test_metric_registry_entries_are_complete_and_the_report_covers_them():
     figures = {name: {"file": f"{name}.png"} for name in plots.FIGURES}
     md = markdown.report_md(res, figures, data["language_loss"])
     assert all(f"* **{n}**: " in md for n in names)
+
+
+def test_import_linter_reads_every_contract_and_catches_a_planted_violation(tmp_path):
+    config = _importlinter_api.read_configuration(str(REPO / "pyproject.toml"))
+    assert tuple(c["id"] for c in config["contracts_options"]) == CONTRACTS
+    planted = tmp_path / "planted.toml"  # the report reads the analysis: forbidding it must be reported broken
+    planted.write_text(
+        '[tool.importlinter]\nroot_packages = ["openpi"]\n[[tool.importlinter.contracts]]\nid = "planted"\n'
+        'name = "planted"\ntype = "forbidden"\nsource_modules = ["openpi.latents.report"]\n'
+        'forbidden_modules = ["openpi.latents.analysis"]\n'
+    )
+    assert use_cases.lint_imports(str(planted), cache_dir=None, no_logo=True) is False

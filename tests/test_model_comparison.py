@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 import pytest
+import tyro
 
 from openpi.latents import store
 from openpi.latents.analysis.compare import model_matching as MM
@@ -181,7 +182,7 @@ def _cli():
     script = pathlib.Path(__file__).parents[1] / "scripts" / "expert_language_analysis.py"
     spec = importlib.util.spec_from_file_location("ela", script)
     ela = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ela", ela)  # dataclasses look their module up there
+    sys.modules["ela"] = ela  # dataclasses (and tyro) look their types up there: this load, not an earlier one
     spec.loader.exec_module(ela)
     return ela
 
@@ -296,7 +297,8 @@ def test_cli_refuses_an_unmatched_pair_before_any_analysis(tmp_path, monkeypatch
     monkeypatch.setattr(ela.analysis, "analyze_collection", no_analysis)
     fix = r"(?s)not matched .*seed: 7 vs 8 — collect both with the same --seed"
     with pytest.raises(CollectionMismatchError, match=fix):
-        ela.main(ela.Args(collection=str(a), compare=str(b), output_dir=tmp_path / "report"))
+        flags = ["--collection", str(a), "--compare", str(b), "--output-dir", str(tmp_path / "report")]
+        ela.main(tyro.cli(ela.Args, args=flags))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -323,8 +325,9 @@ def test_libero_pair_is_matched_and_compared(policies, tmp_path):
     ela = _cli()
     out = tmp_path / "report"
     with contextlib.redirect_stdout(io.StringIO()):
-        ela.main(ela.Args(collection=str(root / "pi0"), conditions=root, output_dir=out, text_decoding=False,
-                          probe_shuffles=0, n_boot=50, pooled=False))  # fmt: skip
+        flags = ["--collection", str(root / "pi0"), "--conditions", str(root), "--output-dir", str(out)]
+        flags += ["--no-text-decoding", "--probe-shuffles", "0", "--n-boot", "50", "--no-pooled"]
+        ela.main(tyro.cli(ela.Args, args=flags))
     text = (out / "report.md").read_text()
     assert "## Model comparison: pi0 vs pi0.5" in text and "## Behaviour under conditions" not in text
     ra, rb = (f"{float(m['success']):.2f}" for m in (a.metadata, b.metadata))

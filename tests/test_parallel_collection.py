@@ -266,7 +266,8 @@ def _env_worker_pids() -> list[int]:
 
 
 def _signal_first_worker_mid_episode_0(root: pathlib.Path, signum: int, done: list, stop: threading.Event) -> None:
-    """Sends `signum` to the first env worker (it runs the first unit, episode 0) once episode 0 committed a step."""
+    """Sends `signum` to every env worker once episode 0 committed a step (the one running episode 0 is among them;
+    which pid runs which unit is the coordinator's business)."""
     while not stop.is_set() and not done:
         try:
             record = read_commit(root / f"task_{TASK_ID:03d}" / "episode_0")[0]
@@ -274,8 +275,9 @@ def _signal_first_worker_mid_episode_0(root: pathlib.Path, signum: int, done: li
             record = None
         pids = _env_worker_pids()
         if record is not None and record.committed_steps >= 1 and not record.complete and pids:
-            os.kill(pids[0], signum)
-            done.append(pids[0])
+            for pid in pids:
+                os.kill(pid, signum)
+            done.extend(pids)
             return
         time.sleep(0.02)
 
@@ -303,9 +305,10 @@ def test_hung_env_worker_is_replaced_and_its_episode_rerun(sequential, tmp_path,
     root = tmp_path / "hang"
     with _signalling_first_worker(root, signal.SIGSTOP) as stopped:
         with caplog.at_level("WARNING", logger="openpi.latents.collect.parallel"):
-            outcomes = collection.collect(tiny_args(root, num_envs=2, batch_inference=False, env_worker_timeout_s=15.0))
+            outcomes = collection.collect(tiny_args(root, num_envs=2, batch_inference=False, env_worker_timeout_s=30.0))
     assert stopped, "the watcher never saw episode 0 mid-way"
-    assert f"env worker pid {stopped[0]} sent nothing for" in caplog.text and "episodes [0] again" in caplog.text
+    hung = [pid for pid in stopped if f"env worker pid {pid} sent nothing for" in caplog.text]
+    assert hung and "episodes [0] again on a fresh worker" in caplog.text, caplog.text
     assert sorted(o.episode_index for o in outcomes) == list(range(EPISODES))
     assert_same_store(root, sequential)  # the discarded, re-run episode equals the uninterrupted run's
 
@@ -321,7 +324,7 @@ def test_sigkilled_env_worker_prints_the_resume_command(tmp_path, capsys):
         script.main(tiny_args(root, num_envs=2, batch_inference=False), argv=argv)
     err = capsys.readouterr().err
     assert killed and info.value.code == 1, err[-2000:]
-    assert f"env worker pid {killed[0]} exited" in err and "Traceback" not in err
+    assert any(f"env worker pid {pid} exited" in err for pid in killed) and "Traceback" not in err
     assert "Resume with:" in err and err.rstrip().endswith("--resume")
 
 

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+import tyro
 
 from openpi.latents import store
 from openpi.latents.store.__main__ import main as store_cli
@@ -368,10 +369,10 @@ def test_analysis_cli_refuses_a_damaged_collection_unless_skip_damaged(tmp_path)
     cli = importlib.util.module_from_spec(spec)
     sys.modules["ela"] = cli  # dataclasses look their module up
     spec.loader.exec_module(cli)
-    args = dict(collection=root, text_decoding=False, probe_shuffles=0, n_boot=20)
+    flags = ["--collection", str(root), "--no-text-decoding", "--probe-shuffles", "0", "--n-boot", "20"]
     with pytest.raises(store.StoreCorruptionError, match=str(chunk)):
-        cli.main(cli.Args(**args, output_dir=tmp_path / "r2"))
-    cli.main(cli.Args(**args, output_dir=tmp_path / "r3", skip_damaged=True))
+        cli.main(tyro.cli(cli.Args, args=[*flags, "--output-dir", str(tmp_path / "r2")]))
+    cli.main(tyro.cli(cli.Args, args=[*flags, "--output-dir", str(tmp_path / "r3"), "--skip-damaged"]))
     assert (tmp_path / "r3" / "report.md").is_file()
 
 

@@ -24,12 +24,14 @@ from openpi.latents.analysis.data.streams import STREAMS
 from openpi.latents.analysis.metrics.registry import METRICS, NOT_APPLICABLE, REGISTRY, Metric
 from openpi.latents.analysis.run.driver import analyze_collection
 from openpi.latents.analysis.run.result import CollectionAnalysis, EpisodeRef, attention_means, quiet_nan_warnings
+from openpi.latents.analysis.run.settings import AnalysisSettings
 
 __all__ = [
     "METRICS",
     "NOT_APPLICABLE",
     "REGISTRY",
     "STREAMS",
+    "AnalysisSettings",
     "CollectionAnalysis",
     "EpisodeRef",
     "Metric",

@@ -141,7 +141,7 @@ class CollectionArgs:
     # observation per model call, and the stored arrays are identical to the sequential run's whatever --num-envs is.
     batch_inference: bool = True
     # With --num-envs > 1: an env worker that sends nothing for this many seconds while it should be stepping its
-    # env (a hung simulator, a stopped process) is killed and its unfinished episodes re-run on a fresh worker (its
+    # env (a hung simulator, a stopped process; while it makes a unit's env: at least 600 s) is killed and its unfinished episodes re-run on a fresh worker (its
     # episode in progress is discarded and begun again); the event is logged.
     env_worker_timeout_s: float = 600.0
     # "local": this machine. "ray": work units (a task's block of episodes) on a Ray cluster, a policy actor per

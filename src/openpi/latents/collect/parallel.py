@@ -100,6 +100,7 @@ class _Slot:
     unit: WorkUnit | None = None
     finished: set[int] = dataclasses.field(default_factory=set)  # episodes of `unit` that ended
     last_heard: float = dataclasses.field(default_factory=time.monotonic)  # last message, or actions sent
+    in_setup: bool = False  # between a unit's assignment and its first "begin" (env creation, reset replays)
     peak_rss_mib: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -158,8 +159,8 @@ class Coordinator:
         limit = self.plan.args.env_worker_timeout_s
         while any(s.busy for s in self._slots):
             by_conn = {s.conn: s for s in self._slots if s.busy}
-            stepping = [s.last_heard for s in by_conn.values() if s.element is None]
-            timeout = None if not stepping else max(0.0, min(stepping) + limit - time.monotonic())
+            deadlines = [s.last_heard + self._limit(s) for s in by_conn.values() if s.element is None]
+            timeout = None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
             ready = wait(list(by_conn), timeout=timeout)
             if not ready:
                 self._replace_hung(queue, limit)
@@ -176,11 +177,17 @@ class Coordinator:
             if waiting:
                 self._infer(waiting)
 
+    def _limit(self, slot: _Slot) -> float:
+        """How long `slot` may be silent: --env-worker-timeout-s while it steps episodes; while it sets up a unit
+        (makes the env, replays resets: slow on a loaded machine) at least READY_TIMEOUT_S."""
+        limit = self.plan.args.env_worker_timeout_s
+        return max(limit, READY_TIMEOUT_S) if slot.in_setup else limit
+
     def _replace_hung(self, queue: collections.deque, limit: float) -> None:
-        """Kills every worker silent for `limit` s while stepping; its unfinished episodes go to a fresh worker."""
+        """Kills every worker silent for its limit while stepping; its unfinished episodes go to a fresh worker."""
         now = time.monotonic()
         for i, slot in enumerate(self._slots):
-            if not slot.busy or slot.element is not None or now - slot.last_heard < limit:
+            if not slot.busy or slot.element is not None or now - slot.last_heard < self._limit(slot):
                 continue
             remaining = tuple(k for k in slot.unit.episodes if k not in slot.finished)
             logger.warning(
@@ -214,6 +221,7 @@ class Coordinator:
             slot.recorder.record(msg[1])
         elif kind == "begin":
             _, task_id, k, replay_s = msg
+            slot.in_setup = False
             self.stats.replay_s += replay_s
             slot.writer = self.output.begin(task_dict(slot.task), k, episode_attrs(self.plan, slot.task, k))
             slot.recorder = EpisodeRecorder(self.plan, self.policy, slot.writer, slot.task, k)
@@ -268,7 +276,7 @@ class Coordinator:
     def _assign(self, slot: _Slot, queue: collections.deque) -> None:
         if queue:
             unit = queue.popleft()
-            slot.task, slot.busy, slot.unit, slot.finished = unit.task, True, unit, set()
+            slot.task, slot.busy, slot.unit, slot.finished, slot.in_setup = unit.task, True, unit, set(), True
             slot.last_heard = time.monotonic()
             slot.conn.send(("unit", unit.task, unit.episodes, self.plan.condition.prompt_of(unit.task)))
 

@@ -110,7 +110,7 @@ def attention_figure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, An
         why = res.reason("expert_1", "attention_to_text_normalised") or ""
         panels.append(("normalised text mass not computed", _note(why)))
     kept = "BOS and trailing newline excluded"
-    if res.settings.get("include_constant_tokens"):
+    if res.settings.text.include_constant_tokens:
         kept = "every valid text key"
     title = f"Expert-1 attention to language (mean over rollout steps; {kept})"
     return _figure(panels, out / "attention_to_text.png", title)
@@ -133,7 +133,7 @@ def attention_json(res: CollectionAnalysis) -> dict[str, Any]:
         "query_roles": f"{ROLES[state]} ({stream.state_query_source})",
         "state_query_note": STATE_TOKEN_NOTE,
         "excluded_keys": "BOS and the last valid text key (pi0's trailing newline)"
-        if not res.settings.get("include_constant_tokens", False)
+        if not res.settings.text.include_constant_tokens
         else "none (include_constant_tokens: every valid text key)",
         "unit": "mean over rollout steps of every episode (no resampling); per layer with intervals: metrics."
         "attention_to_text / attention_to_text_normalised / attention_to_bos",

@@ -173,8 +173,8 @@ def _action_divergence(res: CollectionAnalysis) -> dict[str, Any]:
     per_ep = res.action_divergence_per_episode()
     keep = res.split_mask()
     flags = np.array([e.success for e in res.episodes])[keep]
-    nb, seed, tasks = res.settings["n_boot"], res.settings["seed"], res.task_ids()
-    if res.settings.get("success_window", "step") == "step":  # at equal rollout steps (analysis.stats.equal_step)
+    nb, seed, tasks = res.settings.stats.n_boot, res.settings.stats.seed, res.task_ids()
+    if res.settings.stats.success_window == "step":  # at equal rollout steps (analysis.stats.equal_step)
         series = [v for v, k in zip(res.actions["mean_l2"], keep) if k]
         split = pooled_equal_step(series, flags, tasks[keep])
     else:
@@ -236,7 +236,7 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
             "success_rate": float(np.mean([e.success for e in res.episodes])),
             "text_only_cf_positions": cf_text_positions(res),
         },
-        "settings": res.settings,
+        "settings": res.settings.flat(),
         "timings": res.timings,
         "episodes": [
             {"task_id": e.task_id, "episode": e.episode, "success": e.success, "n_steps": e.n_steps, "error": e.error}

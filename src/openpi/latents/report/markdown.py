@@ -87,11 +87,12 @@ def _floor_text(res: CollectionAnalysis) -> str:
 
 
 def _window_text(res: CollectionAnalysis) -> str:
-    window = res.settings.get("success_window", "step")
+    window = res.settings.stats.success_window
     if window == "progress":
         return (
             " — this report used the SECONDARY normalised-progress view instead "
-            f"({res.settings.get('progress_bins', 10)} progress bins; confounded by episode length: successes end early and drift grows with the step)."
+            f"({res.settings.stats.progress_bins} progress bins; confounded by episode length: successes end early "
+            "and drift grows with the step)."
         )
     if window == "common":
         return f" — this report used the common window instead: the first {res.split_window()} rollout steps."

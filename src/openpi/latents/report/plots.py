@@ -237,7 +237,7 @@ def success_failure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any
         "progress": "SECONDARY view: episodes by normalised progress, length-confounded",
         "all": "all rollout steps",
         "common": f"first {window} rollout steps of every episode",
-    }[res.settings.get("success_window", "step")]
+    }[res.settings.stats.success_window]
     return _figure(
         panels,
         out / "success_failure.png",

@@ -34,7 +34,7 @@ def pooled_summary(res: CollectionAnalysis, stream: str, metric: str) -> dict[st
         if stream not in R.BY_NAME[metric].streams:
             return {"per_layer": None, "reason": f"{metric} applies to {', '.join(R.BY_NAME[metric].streams)} only"}
         why = res.missing.get(f"{stream}.{metric}") or res.missing.get(stream) or "not computed"
-        if not res.settings.get("pooled", True):
+        if not res.settings.pooled.pooled:
             why = "pooled metrics not requested (pooled=False)"
         return {"per_layer": None, "reason": why}
     out = {

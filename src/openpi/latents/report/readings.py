@@ -103,7 +103,7 @@ def _attention(res: CollectionAnalysis) -> str:
         return f"Attention to text not computed: {res.reason('expert_1', 'attention_to_text')}."
     v = [c.estimate for c in res.per_layer("expert_1", "attention_to_text")]
     j = int(np.nanargmax(v)) if np.any(~np.isnan(v)) else 0
-    which = "every valid text key" if res.settings.get("include_constant_tokens") else "the text (BOS and newline out)"
+    which = "every valid text key" if res.settings.text.include_constant_tokens else "the text (BOS and newline out)"
     text = (
         f"Expert-1 queries put {_fmt(float(np.nanmean(v)))} of their attention on {which} on average, most at layer "
         f"{res.layers('expert_1')[j]} ({_fmt(v[j])})"

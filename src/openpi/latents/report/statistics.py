@@ -79,7 +79,7 @@ def _attention_control(res: CollectionAnalysis) -> str:
         v = np.array([c.estimate for c in res.per_layer("expert_1", metric)], float)
         return float(np.nanmean(v)) if np.any(~np.isnan(v)) else float("nan")
 
-    included = res.settings.get("include_constant_tokens", False)
+    included = res.settings.text.include_constant_tokens
     return (
         "uniform attention over the keys a query sees: text mass / text share of those keys = 1 (this collection: "
         f"{fmt(mean('attention_to_text_normalised'), 2)} averaged over layers; per head in metrics.json "
@@ -127,7 +127,7 @@ def _within_collection(res: CollectionAnalysis) -> dict[str, dict[str, Any]]:
     info = res.split_info()
     base = {"unit_of_resampling": unit, "n_tasks": n_tasks, "n_episodes": n_eps}
     per_layer = "none: per-layer 95% intervals (not simultaneous)"
-    perms = res.settings.get("n_permutations", 1000)
+    perms = res.settings.stats.n_permutations
     return {
         "overview": {**base, "correction": per_layer, "control": "see the figures below"},
         "layer_curves": {**base, "correction": per_layer, "control": _probe_control(res)},

@@ -36,10 +36,11 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
+from openpi.latents.analysis.compare.pairing import fisher_exact, inference_batching, pairing_refusal, pro_prompt_rows
 from openpi.latents.analysis.stats.cluster_t import weighted_cluster_t
 from openpi.latents.analysis.stats.multiplicity import CORRECTIONS, adjust
-from openpi.latents.analysis.compare.pairing import fisher_exact, inference_batching, pairing_refusal, pro_prompt_rows
 
 DIVERGENCE_THRESHOLD = 1e-3
 # LIBERO-PRO suite names (openpi.envs.libero.PRO_SUITES, spelled out here: the analysis does not import the simulator)
@@ -51,12 +52,13 @@ PRO_SUITE_NAMES = frozenset(
 
 
 def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant counts b and c (1.0 when there are none)."""
-    n, k = int(b) + int(c), min(int(b), int(c))
+    """Two-sided exact McNemar p-value from the discordant counts b and c (1.0 when there are none): the exact
+    binomial test of b successes in b + c trials at 1/2 (scipy's two-sided binomtest, which for p = 1/2 is
+    min(1, 2 · the smaller tail))."""
+    n = int(b) + int(c)
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2.0 * tail)
+    return float(stats.binomtest(int(b), n, 0.5, alternative="two-sided").pvalue)
 
 
 def action_divergence(cond: np.ndarray, base: np.ndarray) -> np.ndarray:

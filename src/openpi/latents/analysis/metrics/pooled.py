@@ -8,18 +8,14 @@ Definitions: the registry entries, :mod:`~openpi.latents.analysis.measures.geome
 
 from __future__ import annotations
 
-import numpy as np
-
 from openpi.latents.analysis.measures import geometry as G
 from openpi.latents.analysis.measures import token_probe as TP
-from openpi.latents.analysis.metrics.pooled_rows import PooledLayer, PooledValue
+from openpi.latents.analysis.metrics.pooled_rows import PooledLayer, PooledValue, inference_gram
+from openpi.latents.analysis.metrics.pooled_rows import fixed_rows as _rows
+
+__all__ = ["cka_denoise", "cka_experts", "cka_layers", "effective_rank", "inference_gram", "token_probe", "tuned_lens"]
 
 NAN = float("nan")
-
-
-def _rows(n: int, limit: int, seed: int) -> np.ndarray:
-    """A fixed subset of ``limit`` row indices out of ``n`` (all when n <= limit), the same for every layer."""
-    return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
 def token_probe(p: PooledLayer) -> PooledValue | None:
@@ -28,7 +24,13 @@ def token_probe(p: PooledLayer) -> PooledValue | None:
         return None
     s = p.settings
     r = TP.token_identity_probe(
-        p.x, p.token, p.groups(), p.slot, n_splits=s["probe_splits"], control=s["token_probe_control"], seed=s["seed"]
+        p.x,
+        p.token,
+        p.groups(),
+        p.slot,
+        n_splits=s.probe.probe_splits,
+        control=s.pooled.token_probe_control,
+        seed=s.stats.seed,
     )
     extra = {
         "control_accuracy": r.control_accuracy,
@@ -49,7 +51,7 @@ def tuned_lens(p: PooledLayer) -> PooledValue | None:
         return None
     s, emb = p.settings, p.embedding
     if "final_top1" not in p.carry:  # the reference: the target itself read through the unembedding
-        keep = _rows(len(p.final), s["lens_eval_rows"], s["seed"])
+        keep = _rows(len(p.final), s.pooled.lens_eval_rows, s.stats.seed)
         h = p.final[keep] if p.final_normed else TP.final_rms_norm(p.final[keep], emb.final_norm_scale)
         p.carry["final_top1"] = float((TP.vocab_scores(h, p.token[keep], emb.embedding)[1] == 0).mean())
     r = TP.tuned_lens(
@@ -60,9 +62,9 @@ def tuned_lens(p: PooledLayer) -> PooledValue | None:
         emb.embedding,
         emb.final_norm_scale,
         target_normed=p.final_normed,
-        n_splits=s["probe_splits"],
-        max_eval_rows=s["lens_eval_rows"],
-        seed=s["seed"],
+        n_splits=s.probe.probe_splits,
+        max_eval_rows=s.pooled.lens_eval_rows,
+        seed=s.stats.seed,
     )
     extra = {
         "logit_lens_top1": r.logit_top1,
@@ -90,7 +92,7 @@ def cka_layers(p: PooledLayer) -> PooledValue:
     """Debiased linear CKA of this layer's rows with every earlier stored layer's (the same rows); value: with the
     previous layer."""
     s = p.settings
-    keep = _rows(len(p.x), s["cka_rows"], s["seed"])
+    keep = _rows(len(p.x), s.pooled.cka_rows, s.stats.seed)
     if len(keep) < 4:
         return PooledValue(NAN, reason="CKA needs four rows or more")
     grams = p.carry.setdefault("cka_grams", [])
@@ -98,12 +100,6 @@ def cka_layers(p: PooledLayer) -> PooledValue:
     row = [G.cka_from_grams(grams[-1], g) for g in grams]
     value = row[-2] if len(row) > 1 else NAN
     return PooledValue(value, {"row": row, "n_rows": len(keep)}, None if len(row) > 1 else "first stored layer")
-
-
-def inference_gram(p: PooledLayer) -> G.Gram | None:
-    """The per-inference gram of this layer (the task probe's features, at most ``cka_rows`` inferences)."""
-    keep = _rows(len(p.per_inference), p.settings["cka_rows"], p.settings["seed"])
-    return G.gram(p.per_inference[keep]) if len(keep) >= 4 else None
 
 
 def cka_experts(p: PooledLayer) -> PooledValue | None:
@@ -130,7 +126,7 @@ def cka_denoise(p: PooledLayer) -> PooledValue | None:
     if p.per_step is None:
         return None
     n_s = p.per_step.shape[0]
-    keep = _rows(p.per_step.shape[1], p.settings["cka_rows"], p.settings["seed"])
+    keep = _rows(p.per_step.shape[1], p.settings.pooled.cka_rows, p.settings.stats.seed)
     if n_s < 2 or len(keep) < 4:
         return PooledValue(NAN, reason="needs two captured denoising steps and four rows")
     grams = [G.gram(p.per_step[k][keep]) for k in range(n_s)]

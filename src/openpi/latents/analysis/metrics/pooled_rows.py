@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from openpi.latents.analysis.data import streams as S
+from openpi.latents.analysis.measures import geometry as G
 
 if TYPE_CHECKING:
     from openpi.latents.analysis.data.embedding import TokenEmbedding
-    from openpi.latents.analysis.run.result import CollectionAnalysis
+    from openpi.latents.analysis.metrics.base import RunContext
+    from openpi.latents.analysis.run.settings import AnalysisSettings
 
 FINAL_KEY = "text_only_final_norm"
 
@@ -52,12 +54,12 @@ class PooledValue:
 class PooledLayer:
     """What a pooled metric sees: one stored layer of one stream at the sampled rollout steps, as rows."""
 
-    res: CollectionAnalysis
+    run: RunContext
     stream: S.Stream
     layer: int
     x: np.ndarray  # [N, W] float32 rows (see the module docstring)
     task: np.ndarray  # [N] task id of each row
-    episode: np.ndarray  # [N] index into res.episodes
+    episode: np.ndarray  # [N] index into the run's episodes
     per_inference: np.ndarray  # [n_inf, d] one row per sampled inference
     token: np.ndarray | None = None  # text_only: [N] token id
     slot: np.ndarray | None = None  # text_only: [N] prompt slot id (task, position)
@@ -69,18 +71,18 @@ class PooledLayer:
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)  # across streams (per-inference grams)
 
     @property
-    def settings(self) -> dict[str, Any]:
-        return self.res.settings
+    def settings(self) -> AnalysisSettings:
+        return self.run.settings
 
     def groups(self) -> np.ndarray:
         """The held-out unit of each row: the task (default) or the episode (``pooled_split``)."""
-        return self.task if self.settings.get("pooled_split", "task") == "task" else self.episode
+        return self.task if self.settings.pooled.pooled_split == "task" else self.episode
 
 
-def sample_steps(res: CollectionAnalysis, per_episode: int) -> dict[int, list[int]]:
+def sample_steps(run: RunContext, per_episode: int) -> dict[int, list[int]]:
     """{episode index: rollout steps}: ``per_episode`` evenly spaced steps of every episode with steps."""
     out = {}
-    for i, ep in enumerate(res.episodes):
+    for i, ep in enumerate(run.episodes):
         if ep.n_steps:
             out[i] = sorted(
                 set(np.rint(np.linspace(0, ep.n_steps - 1, min(per_episode, ep.n_steps))).astype(int).tolist())
@@ -98,9 +100,9 @@ def _content_mask(text_mask: np.ndarray) -> np.ndarray:
     return m & (idx != first[..., None]) & (idx != last[..., None])
 
 
-def _episode_rows(source, res, stream: S.Stream, j: int, ep_i: int, steps: list[int]) -> dict[str, np.ndarray]:
+def _episode_rows(source, run, stream: S.Stream, j: int, ep_i: int, steps: list[int]) -> dict[str, np.ndarray]:
     """The rows of one episode at ``steps`` of stored layer ``j`` (see the module docstring)."""
-    ep = res.episodes[ep_i]
+    ep = run.episodes[ep_i]
 
     def read(key, layer=None):
         return source.read(ep.task_id, ep.episode, key, layer=layer, steps=steps)
@@ -132,12 +134,12 @@ def _episode_rows(source, res, stream: S.Stream, j: int, ep_i: int, steps: list[
     }
 
 
-def _layer_rows(source, res, stream, j, sample) -> dict[str, np.ndarray]:
+def _layer_rows(source, run, stream, j, sample) -> dict[str, np.ndarray]:
     parts: dict[str, list] = {}
     for ep_i, steps in sample.items():
-        r = _episode_rows(source, res, stream, j, ep_i, steps)
+        r = _episode_rows(source, run, stream, j, ep_i, steps)
         n = int(r.pop("n"))
-        ep = res.episodes[ep_i]
+        ep = run.episodes[ep_i]
         r["task"] = np.full(n, ep.task_id)
         r["episode"] = np.full(n, ep_i)
         if "slot" in r:
@@ -159,57 +161,70 @@ def _subsample(rows: dict[str, np.ndarray], max_rows: int, seed: int) -> dict[st
     return {k: (v if k in ("inf", "per_step") else v[keep]) for k, v in rows.items()}
 
 
-def _final_rows(source, res, stream, sample) -> tuple[np.ndarray, bool]:
+def _final_rows(source, run, stream, sample) -> tuple[np.ndarray, bool]:
     """The tuned lens's target rows: the final-norm capture if stored (True), else the last stored layer (False)."""
-    ep = res.episodes[next(iter(sample))]
+    ep = run.episodes[next(iter(sample))]
     if FINAL_KEY not in source.fields(ep.task_id, ep.episode):
-        return _layer_rows(source, res, stream, stream.n_layers - 1, sample)["x"], False
+        return _layer_rows(source, run, stream, stream.n_layers - 1, sample)["x"], False
     parts = []
     for ep_i, steps in sample.items():
-        e = res.episodes[ep_i]
+        e = run.episodes[ep_i]
         f = source.read(e.task_id, e.episode, FINAL_KEY, steps=steps)
         parts.append(f[_content_mask(source.read(e.task_id, e.episode, "text_mask", steps=steps))].astype(np.float32))
     return np.concatenate(parts), True
 
 
 def analyze_pooled(
-    source, res: CollectionAnalysis, emb: TokenEmbedding | None, metrics, say: Callable[[str], None]
-) -> None:
-    """Every pooled metric of every stream and layer into ``res.pooled[(stream, metric)]`` (one value per layer)."""
-    from openpi.latents.analysis.metrics.pooled import inference_gram  # (pooled_metrics imports this module)
-
-    s = res.settings
-    sample = sample_steps(res, s["pooled_steps_per_episode"])
+    run: RunContext, streams: dict[str, S.Stream], emb: TokenEmbedding | None, metrics, say: Callable[[str], None]
+) -> tuple[dict[tuple[str, str], list], dict[str, Any]]:
+    """Every pooled metric of every stream and layer: ``({(stream, metric): one value per layer}, the sample)``."""
+    source, s = run.source, run.settings
+    sample = sample_steps(run, s.pooled.pooled_steps_per_episode)
+    pooled: dict[tuple[str, str], list] = {}
     if not sample:
-        return
+        return pooled, {}
     shared: dict[str, Any] = {}
-    res.pooled_info = {
-        "n_tasks": len({res.episodes[i].task_id for i in sample}),
+    info = {
+        "n_tasks": len({run.episodes[i].task_id for i in sample}),
         "n_episodes": len(sample),
         "n_inferences": sum(len(v) for v in sample.values()),
-        "steps_per_episode": s["pooled_steps_per_episode"],
-        "split": s["pooled_split"],
+        "steps_per_episode": s.pooled.pooled_steps_per_episode,
+        "split": s.pooled.pooled_split,
     }
-    for name, stream in res.streams.items():
+    for name, stream in streams.items():
         todo = [m for m in metrics if name in m.streams and stream.key is not None]
         todo = [m for m in todo if emb is not None or not m.needs_embedding]
         if not todo:
             continue
         final, normed = None, False
         if name == "text_only" and any(m.needs_embedding for m in todo):
-            final, normed = _final_rows(source, res, stream, sample)
-            final = _subsample({"x": final}, s["pooled_max_rows"], s["seed"])["x"]  # the rows' subset (same n, seed)
+            final, normed = _final_rows(source, run, stream, sample)
+            final = _subsample({"x": final}, s.pooled.pooled_max_rows, s.stats.seed)[
+                "x"
+            ]  # the rows' subset (same n, seed)
         carry: dict[str, Any] = {}
         for j in range(stream.n_layers):
-            rows = _subsample(_layer_rows(source, res, stream, j, sample), s["pooled_max_rows"], s["seed"])
+            rows = _subsample(_layer_rows(source, run, stream, j, sample), s.pooled.pooled_max_rows, s.stats.seed)
             layer = PooledLayer(
-                res, stream, j, rows["x"], rows["task"], rows["episode"], rows["inf"], rows.get("token"),
+                run, stream, j, rows["x"], rows["task"], rows["episode"], rows["inf"], rows.get("token"),
                 rows.get("slot"), rows.get("per_step"), final, normed, emb, carry, shared,
             )  # fmt: skip
-            if name != "expert_1" and "expert_1" in res.streams:  # expert 1 compares itself with these (cka_experts)
+            if name != "expert_1" and "expert_1" in streams:  # expert 1 compares itself with these (cka_experts)
                 shared.setdefault(name, []).append(inference_gram(layer))
             for m in todo:
                 out = m.compute(layer)
                 if out is not None:
-                    res.pooled.setdefault((name, m.name), [None] * stream.n_layers)[j] = out
+                    pooled.setdefault((name, m.name), [None] * stream.n_layers)[j] = out
             say(f"{name} layer {stream.layers[j]}: pooled metrics done")
+    return pooled, info
+
+
+def fixed_rows(n: int, limit: int, seed: int) -> np.ndarray:
+    """A fixed subset of ``limit`` row indices out of ``n`` (all when n <= limit), the same for every layer."""
+    return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def inference_gram(p: PooledLayer) -> G.Gram | None:
+    """The per-inference gram of this layer (the task probe's features, at most ``cka_rows`` inferences)."""
+    keep = fixed_rows(len(p.per_inference), p.settings.pooled.cka_rows, p.settings.stats.seed)
+    return G.gram(p.per_inference[keep]) if len(keep) >= 4 else None

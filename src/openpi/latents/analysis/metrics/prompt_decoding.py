@@ -212,9 +212,9 @@ def decode_layer(b: Any) -> dict[int, tuple[list[int], np.ndarray]]:
     """The registry's ``prompt_decoding`` for one layer of one stream: reads the base / counterfactual features of
     every episode (``b`` gives the source, stream and layer), fits the grouped decoder once, and returns each
     episode's (rollout steps, pair-correct values); the fit's :class:`PromptDecoding` (without the per-pair values)
-    goes to ``res.shared[("prompt_decoding_summary", stream, layer index)]``."""
+    goes to the run's ``shared[("prompt_decoding_summary", stream, layer index)]``."""
     feats, cf_feats, labels, cf_labels, groups, where, tasks = [], [], [], [], [], [], []
-    for i, ep in enumerate(b.res.episodes):
+    for i, ep in enumerate(b.run.episodes):
         if ep.n_steps == 0:
             continue
         steps = b.source.present_steps(ep.task_id, ep.episode, b.stream.cf_key)
@@ -234,11 +234,11 @@ def decode_layer(b: Any) -> dict[int, tuple[list[int], np.ndarray]]:
             tasks += [ep.task_id] * int(keep.sum())
             where += [(i, s) for s, k in zip(np.repeat(chunk, rows), keep) if k]
     if not where:
-        b.res.missing[f"{b.stream.name}.prompt_decoding"] = "no rerun with a prompt different from the original"
+        b.run.missing[f"{b.stream.name}.prompt_decoding"] = "no rerun with a prompt different from the original"
         return {}
     usable, why, scene_chance = _usable_pairs(tasks, labels, cf_labels)
     if why is not None:
-        b.res.missing[f"{b.stream.name}.prompt_decoding"] = why
+        b.run.missing[f"{b.stream.name}.prompt_decoding"] = why
     if not usable.any():
         return {}
     x, xc = np.concatenate(feats)[usable], np.concatenate(cf_feats)[usable]
@@ -247,10 +247,10 @@ def decode_layer(b: Any) -> dict[int, tuple[list[int], np.ndarray]]:
     if b.stream.name == "expert_0":  # cameras valid in no row (the masked third camera): constant zero features
         keep = np.any(x != 0, axis=0) | np.any(xc != 0, axis=0)
         x, xc = x[:, keep], xc[:, keep]
-    s = b.res.settings
-    dec = matched_prompt_decoding(x, xc, labels, cf_labels, groups, n_splits=s["probe_splits"], seed=s["seed"])
+    s = b.run.settings
+    dec = matched_prompt_decoding(x, xc, labels, cf_labels, groups, n_splits=s.probe.probe_splits, seed=s.stats.seed)
     # the fit's summary (chance, counts, per-state accuracy) for callers; per-step values go to the registry
-    b.res.shared[("prompt_decoding_summary", b.stream.name, b.layer)] = dataclasses.replace(
+    b.run.shared[("prompt_decoding_summary", b.stream.name, b.layer)] = dataclasses.replace(
         dec, pair_correct=None, scene_chance=scene_chance
     )
     per_step: dict[int, dict[int, list[float]]] = {}

@@ -14,89 +14,29 @@ through :meth:`LayerBlock.cached`.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from openpi.latents.analysis.data import streams as S
 from openpi.latents.analysis.metrics import pooled as PM
 from openpi.latents.analysis.metrics import prompt_decoding as PD
 from openpi.latents.analysis.metrics import step as SM
+from openpi.latents.analysis.metrics.base import LayerBlock, Metric, Rows, RunContext, Values
 
 if TYPE_CHECKING:
     from openpi.latents.analysis.data.embedding import TokenEmbedding
-    from openpi.latents.analysis.run.result import CollectionAnalysis, EpisodeRef
 
-Rows = Sequence[int] | slice
-Values = tuple[Rows, np.ndarray]
-
-
-@dataclasses.dataclass
-class LayerBlock:
-    """What a metric sees: rollout steps ``steps`` of stored layer ``layer`` of ``stream`` in one episode.
-
-    ``x``: the stream's states [steps, ...] (:func:`streams.states`); ``mask``: its valid positions (text_only: the
-    prompt's ``text_mask``; expert_0: the positions of valid cameras; None: all), as the driver read them. ``carry``
-    lives across the blocks of one episode and layer (drift keeps the first rollout step there).
-    """
-
-    source: Any
-    res: CollectionAnalysis
-    stream: S.Stream
-    ep_index: int
-    episode: EpisodeRef
-    layer: int
-    steps: list[int] | None  # None: every rollout step ("episode" metrics)
-    fields: Mapping[str, tuple]
-    embedding: TokenEmbedding | None = None
-    x: np.ndarray | None = None
-    mask: np.ndarray | None = None
-    carry: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _cache: dict[str, Any] = dataclasses.field(default_factory=dict)
-    layer_mean: np.ndarray | None = None  # [W] collection mean of the layer's drift states (centred drift)
-
-    def read(self, key: str, steps: Sequence[int] | None = None, layer: int | None = None) -> np.ndarray:
-        """``key`` at ``steps`` (default: this block's) of this episode, one stored layer if ``layer`` is given."""
-        ep = self.episode
-        return self.source.read(ep.task_id, ep.episode, key, layer=layer, steps=self.steps if steps is None else steps)
-
-    def cached(self, name: str, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per block (several metrics share one text reconstruction / logit lens)."""
-        if name not in self._cache:
-            self._cache[name] = compute()
-        return self._cache[name]
-
-
-@dataclasses.dataclass(frozen=True)
-class Metric:
-    """One per-step metric: where it applies, what it means, how it is computed and shown."""
-
-    name: str
-    streams: tuple[str, ...]  # the streams it applies to (NOT_APPLICABLE says why not the others)
-    definition: str  # one line: metrics.json "definitions", report.md
-    compute: Callable[[LayerBlock], Values | None]
-    label: str  # axis label of its figures
-    higher_means: str  # what a higher value says (the openpi-style language-loss view)
-    scope: str = "block"  # "block": per block of rollout steps; "episode": once per episode and layer; "pooled":
-    # once per layer on rows pooled over a sample of the collection (openpi.latents.analysis.metrics.pooled_rows)
-    needs_embedding: bool = False  # skipped (with the reason) without a token embedding
-    curves: bool = False  # drawn in the per-layer curves
-    heatmaps: bool = False  # drawn as layer × rollout-step heatmaps and split by success
-    fraction: bool = False  # a fraction in [0, 1]: figures keep the full scale
-    needs_layer_mean: bool = False  # the driver first computes the layer's collection mean (LayerBlock.layer_mean)
+__all__ = ["BY_NAME", "METRICS", "NOT_APPLICABLE", "REGISTRY", "LayerBlock", "Metric", "Rows", "RunContext", "Values"]
 
 
 def prompt_decoding(b: LayerBlock) -> Values | None:
     """Per rollout step with a counterfactual rerun: 1 if the held-out decoder names the prompt of both the base and
-    the counterfactual state, else 0 (fit once per layer over the collection, cached in ``res.shared``)."""
+    the counterfactual state, else 0 (fit once per layer over the collection, kept in the run's ``shared``)."""
     if not b.stream.has_cf or b.stream.key is None:
         return None
     key = ("prompt_decoding", b.stream.name, b.layer)
-    if key not in b.res.shared:
-        b.res.shared[key] = PD.decode_layer(b)
-    return b.res.shared[key].get(b.ep_index)
+    if key not in b.run.shared:
+        b.run.shared[key] = PD.decode_layer(b)
+    return b.run.shared[key].get(b.ep_index)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,12 +18,12 @@ from openpi.latents.analysis.data import streams as S
 from openpi.latents.analysis.measures import attention as ATT
 
 if TYPE_CHECKING:
-    from openpi.latents.analysis.metrics.registry import LayerBlock, Values
+    from openpi.latents.analysis.metrics.base import LayerBlock, Values
 
 
 def _decoded_rows(b: LayerBlock) -> list[int]:
     """Positions in the block of the rollout steps text decoding reads (every ``text_step_stride``-th)."""
-    stride = b.res.settings["text_step_stride"]
+    stride = b.run.settings.text.text_step_stride
     return [i for i, s in enumerate(b.steps) if s % stride == 0]
 
 
@@ -32,7 +32,7 @@ def _text_inputs(b: LayerBlock):
         dec = _decoded_rows(b)
         rows = [b.steps[i] for i in dec]
         mask = b.mask[dec]
-        if not b.res.settings.get("include_constant_tokens", False):
+        if not b.run.settings.text.include_constant_tokens:
             mask = M.informative_text_mask(mask)  # BOS and the trailing "\n" are the same for every prompt
         return rows, b.x[dec], b.read("tokenized_prompt", steps=rows), mask
 
@@ -98,7 +98,7 @@ def _cf_mask(b: LayerBlock, sel: list[int], steps: list[int], cf_states: np.ndar
         same = b.read("tokenized_prompt", steps=steps) == b.read(schema.counterfactual("tokenized_prompt"), steps=steps)
         cm = cm & b.read(schema.counterfactual("text_mask"), steps=steps).astype(bool) & same
         if b.layer == 0:
-            b.res.cf_text_positions += [int(c) for c in cm.reshape(len(steps), -1).sum(-1)]
+            b.run.cf_text_positions += [int(c) for c in cm.reshape(len(steps), -1).sum(-1)]
     elif b.stream.name == "expert_0" and cm is not None and schema.counterfactual("segment_mask") in b.fields:
         seg = b.read(schema.counterfactual("segment_mask"), steps=steps)
         cm = cm & S.position_mask(b.stream, S.camera_valid(b.stream, seg, cf_states.shape[:2]))
@@ -115,11 +115,11 @@ EXPERT1_SENSITIVITY_NOTE = (
 
 def _expert1_rerun(b: LayerBlock) -> tuple[str, slice] | None:
     """(stored key, denoising-step columns) of the expert-1 rerun that differs from the baseline by the prompt alone;
-    None (reason in ``res.missing``) when the collection has none."""
+    None (reason in the run's ``missing``) when the collection has none."""
     tf_key = schema.teacher_forced(b.stream.key)
     if tf_key in b.fields:
         return tf_key, slice(None)
-    denoise = b.res.source.get("denoise_steps") or {}
+    denoise = b.run.denoise
     ids = denoise.get("ids") or []
     if denoise.get("kind") == "model" and ids and int(ids[0]) == 0:
         return b.stream.cf_key, slice(0, 1)
@@ -127,7 +127,7 @@ def _expert1_rerun(b: LayerBlock) -> tuple[str, slice] | None:
         # Steps labelled by capture position: the first captured one is step 0 when its time is t = 1.
         if np.isclose(float(np.ravel(b.read("denoise_times", steps=b.steps[:1]))[0]), 1.0):
             return b.stream.cf_key, slice(0, 1)
-    b.res.missing["expert_1.prompt_sensitivity"] = (
+    b.run.missing["expert_1.prompt_sensitivity"] = (
         "the collection has no teacher-forced rerun (collect with --counterfactual-teacher-forced) and denoising step "
         f"0 is not among the captured steps ({denoise.get('kind')} ids {list(ids)}): later free-running steps would "
         "measure trajectory divergence, not the prompt"
@@ -168,25 +168,25 @@ _OLD_STORE = (
 def _attention(b: LayerBlock) -> dict[str, np.ndarray] | None:
     """{"text", "normalised", "bos"}: per rollout step of the episode (one layer), the mean attention mass on the text
     content keys (every valid text key with ``include_constant_tokens``), that mass normalised by the text share of
-    the visible keys, and the mass on BOS; a name is absent (its reason in ``res.missing``) where the store lacks a
-    key. Accumulates the summaries behind ``CollectionAnalysis.attention`` once per episode and layer."""
+    the visible keys, and the mass on BOS; a name is absent (its reason in the run's ``missing``) where the store lacks
+    a key. Accumulates the summaries behind ``CollectionAnalysis.attention`` once per episode and layer."""
     if not b.stream.attention or "attention_to_text" not in b.fields:
         for metric in ATTENTION_METRICS.values():
-            b.res.missing[f"expert_1.{metric}"] = "attention not captured (CaptureSpec.attention_to_text=False)"
+            b.run.missing[f"expert_1.{metric}"] = "attention not captured (CaptureSpec.attention_to_text=False)"
         return None
     return b.cached("attention", lambda: _read_attention(b))
 
 
 def _read_attention(b: LayerBlock) -> dict[str, np.ndarray]:
-    res, j = b.res, b.layer
-    content = not res.settings.get("include_constant_tokens", False)
+    run, j = b.run, b.layer
+    content = not run.settings.text.include_constant_tokens
     key, group = ("attention_to_text_content", "text_content") if content else ("attention_to_text", "text")
     needs = {"text": (key,), "normalised": (key, _ATTENTION_COUNTS), "bos": ("attention_to_bos",)}
     series: dict[str, np.ndarray] = {}
     for name, keys in needs.items():
         lacking = [k for k in keys if k not in b.fields]
         if lacking:
-            res.missing[f"expert_1.{ATTENTION_METRICS[name]}"] = f"no {', '.join(lacking)} in the store {_OLD_STORE}"
+            run.missing[f"expert_1.{ATTENTION_METRICS[name]}"] = f"no {', '.join(lacking)} in the store {_OLD_STORE}"
         elif name == "normalised":  # counts [steps, B, heads, Ts, 4]: the same at every denoising step
             series[name] = ATT.normalised_mass(series["text"], b.read(_ATTENTION_COUNTS, layer=j)[:, None], group)
         else:
@@ -197,33 +197,33 @@ def _read_attention(b: LayerBlock) -> dict[str, np.ndarray]:
         for i in range(len(values)):
             summary = ATT.attention_to_language(values[i][:, None], state_query=b.stream.state_query)
             per_step.append(summary.overall)
-            _accumulate(res, name, j, b.stream.n_layers, summary)
+            _accumulate(run.attention, name, j, b.stream.n_layers, summary)
         out[name] = np.asarray(per_step)
-    if series and "denoise_times" not in res.attention:
+    if series and "denoise_times" not in run.attention:
         n_s = next(iter(series.values())).shape[1]
-        res.attention["denoise_times"] = np.asarray(b.read("denoise_times", steps=[0])[0])
-        ids = (res.source.get("denoise_steps") or {}).get("ids")
-        res.attention["denoise_steps"] = np.asarray(ids if ids and len(ids) == n_s else range(n_s))
+        run.attention["denoise_times"] = np.asarray(b.read("denoise_times", steps=[0])[0])
+        ids = run.denoise.get("ids")
+        run.attention["denoise_steps"] = np.asarray(ids if ids and len(ids) == n_s else range(n_s))
     return out
 
 
-def _accumulate(res, name: str, j: int, n_layers: int, s: ATT.AttentionToLanguage) -> None:
-    """Adds one rollout step's summary of layer ``j`` to the NaN-aware sums ``res.attention[f"{part}:{name}"]`` (and
+def _accumulate(attention: dict, name: str, j: int, n_layers: int, s: ATT.AttentionToLanguage) -> None:
+    """Adds one rollout step's summary of layer ``j`` to the NaN-aware sums ``attention[f"{part}:{name}"]`` (and
     their counts under ``"n:" + ...``): part "actions" [S, L], "state" [L], "heads" [L, heads]; and keeps the largest
     state-query deviation across denoising steps."""
     for part, value in (("actions", s.actions[:, 0]), ("state", s.state[0]), ("heads", s.per_head[0])):
         value = np.asarray(value, np.float64)
         k = f"{part}:{name}"
-        if k not in res.attention:
+        if k not in attention:
             shape = (len(value), n_layers) if part == "actions" else (n_layers, *value.shape)
-            res.attention[k], res.attention["n:" + k] = np.zeros(shape), np.zeros(shape)
+            attention[k], attention["n:" + k] = np.zeros(shape), np.zeros(shape)
         ok = ~np.isnan(value)
         idx = (slice(None), j) if part == "actions" else j
-        res.attention[k][idx] += np.where(ok, value, 0.0)
-        res.attention["n:" + k][idx] += ok
+        attention[k][idx] += np.where(ok, value, 0.0)
+        attention["n:" + k][idx] += ok
     if not np.isnan(s.state_step_spread):
         k = f"state_step_spread:{name}"
-        res.attention[k] = max(float(res.attention.get(k, 0.0)), s.state_step_spread)
+        attention[k] = max(float(attention.get(k, 0.0)), s.state_step_spread)
 
 
 def _attention_field(name: str) -> Callable[[LayerBlock], Values | None]:

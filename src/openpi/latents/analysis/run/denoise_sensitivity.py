@@ -21,7 +21,7 @@ Definition (per variant v ∈ {free: ``cf_``, teacher_forced: ``cf_tf_``}, captu
   for the S × L cells (the intervals are not simultaneous).
 
 A variant whose keys the collection lacks is reported as NaN with the reason (:attr:`DenoiseSensitivity.reason`).
-Reads one layer of one episode at a time, in blocks of reruns of at most ``settings["max_block_bytes"]``.
+Reads one layer of one episode at a time, in blocks of reruns of at most ``settings.read.max_block_bytes``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _episode_sums(source, res: CollectionAnalysis, stream, ep, key: str, cf_key:
         return total, 0
     per_rerun = schema.nbytes([s for d, s in zip(dims, shape) if d != "layer"], np.float64) * 2
     for j in range(stream.n_layers):
-        for rows in _block_rows(n, per_rerun, res.settings["max_block_bytes"]):
+        for rows in _block_rows(n, per_rerun, res.settings.read.max_block_bytes):
             chunk = steps[rows]
             a = source.read(ep.task_id, ep.episode, key, layer=j, steps=chunk)[..., tokens, :]  # [R, S, B, tok, W]
             b = source.read(ep.task_id, ep.episode, cf_key, layer=j, steps=chunk)[..., tokens, :]
@@ -146,7 +146,7 @@ def _variant(source, res: CollectionAnalysis, variant: str) -> DenoiseSensitivit
             "no counterfactual reruns in this collection (collect with --counterfactual blank|other-task)"
         )  # fmt: skip
         return _missing(variant, cf_key, what, stream.layers, ids, len(res.episodes), why)
-    tasks, nb, seed = res.task_ids(), res.settings["n_boot"], res.settings["seed"]
+    tasks, nb, seed = res.task_ids(), res.settings.stats.n_boot, res.settings.stats.seed
     cis = [[cluster_bootstrap_ci(per_ep[:, s, j], tasks, n_boot=nb, seed=seed) for j in range(stream.n_layers)]
            for s in range(len(ids))]  # fmt: skip
     grid = {f: np.array([[getattr(c, f) for c in row] for row in cis], np.float64) for f in ("estimate", "low", "high")}
@@ -159,10 +159,6 @@ def _variant(source, res: CollectionAnalysis, variant: str) -> DenoiseSensitivit
 
 
 def analyze_denoise_sensitivity(source, res: CollectionAnalysis) -> dict[str, DenoiseSensitivity]:
-    """Both variants (``"free"``, ``"teacher_forced"``) of expert-1 prompt sensitivity per denoising step × layer,
-    into ``res.denoise_sensitivity`` (and returned)."""
-    res.denoise_sensitivity = {v: _variant(source, res, v) for v in VARIANTS}
-    for v, out in res.denoise_sensitivity.items():
-        if out.reason is not None:
-            res.missing[f"expert_1.{METRIC}.{v}"] = out.reason
-    return res.denoise_sensitivity
+    """Both variants (``"free"``, ``"teacher_forced"``) of expert-1 prompt sensitivity per denoising step × layer
+    (each with its reason where it has no values: the driver records it as missing ``expert_1.<METRIC>.<variant>``)."""
+    return {v: _variant(source, res, v) for v in VARIANTS}

@@ -26,16 +26,18 @@ import numpy as np
 
 from openpi.latents import schema
 from openpi.latents.analysis import measures as M
-from openpi.latents.analysis.measures import precision_floor as PF
 from openpi.latents.analysis.data import labels
 from openpi.latents.analysis.data import source as src
 from openpi.latents.analysis.data import streams as S
 from openpi.latents.analysis.data.embedding import TokenEmbedding, token_embedding_for_manifest
+from openpi.latents.analysis.data.episodes import EpisodeRef
+from openpi.latents.analysis.measures import precision_floor as PF
 from openpi.latents.analysis.metrics import pooled_rows as P
 from openpi.latents.analysis.metrics import registry as R
 from openpi.latents.analysis.metrics import step as SM
 from openpi.latents.analysis.run import denoise_sensitivity as DS
-from openpi.latents.analysis.run.result import WINDOWS, CollectionAnalysis, EpisodeRef
+from openpi.latents.analysis.run.result import CollectionAnalysis
+from openpi.latents.analysis.run.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)
 
@@ -125,69 +127,37 @@ def _source_info(source, episodes: list[EpisodeRef], emb: TokenEmbedding | None,
 
 def analyze_collection(
     data: Any,
+    settings: AnalysisSettings | None = None,
     *,
     embedding: TokenEmbedding | str | None = "auto",
-    task_ids=None,
-    probe: bool = True,
-    probe_splits: int = 5,
-    probe_shuffles: int = 10,
-    n_boot: int = 1000,
-    seed: int = 0,
-    text_step_stride: int = 1,
-    max_block_bytes: int = 64 << 20,
-    success_window: str = "step",
-    allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
-    skip_damaged: bool = False,
-    n_permutations: int = 1000,
-    progress_bins: int = 10,
-    include_constant_tokens: bool = False,
-    pooled: bool = True,
-    pooled_split: str = "task",
-    pooled_steps_per_episode: int = 2,
     control: Any = None,
     control_label: str | None = None,
     control_embedding: TokenEmbedding | str | None = "auto",
+    **overrides: Any,
 ) -> CollectionAnalysis:
     """Computes every registered metric per stream and layer for a collection (store path, task data, ...).
 
     Args:
         data: a store directory, a pickle path (with ``allow_pickle``), a ``LatentStore``, task data or ``{id: task}``.
+        settings: how it is analysed (:class:`AnalysisSettings`: what is read, text decoding, the task probe,
+            statistics, pooled metrics; definitions there); default ``AnalysisSettings()``.
         embedding: the :class:`TokenEmbedding` for text decoding; "auto" reads it from the manifest's checkpoint;
             None skips text decoding (reported with the reason).
-        probe: run the task probe (needs two tasks or more); ``probe_splits`` folds, ``probe_shuffles`` logistic
-            shuffled-label refits (the control level drawn in the figures).
-        n_permutations: permutations of the probe's p-value (a ridge classifier refit in closed form: floor
-            1/(n+1)) and of the within-task success test.
-        n_boot, seed: bootstrap resamples (of tasks: the unit of resampling) and seed for every interval.
-        text_step_stride: decode text at every k-th rollout step only (text decoding dominates the cost at full size).
-        max_block_bytes: rollout steps of one layer read per block (bounds memory).
-        success_window: "step" (default): success vs failure at equal rollout steps among the episodes still
-            running, within task (``equal_step``; episode length cannot make a gap); "progress": every episode by
-            normalised progress (``progress_bins`` bins; a secondary view, confounded by episode length); "common":
-            the first N rollout steps, N = the fewest any episode has; "all": each episode's own steps.
-        include_constant_tokens: keep BOS and the trailing "\n" in text decoding, the text probe and attention to
-            text (default: left out; they are the same for every prompt).
-        skip_damaged: a store path with damaged episodes is refused (listing them) unless this skips them.
-        pooled: compute the pooled metrics (registry scope "pooled": token probe, tuned lens, CKA, effective rank) on
-            ``pooled_steps_per_episode`` evenly spaced rollout steps of every episode, held out by ``pooled_split``
-            ("task", default, or "episode").
+        progress: called with one line per stream and layer done (default: the module's logger).
         control: a control collection (same kinds of ``data``; e.g. :mod:`openpi.latents.replay`'s re-run of
-            this collection's observations with a random-initialised model), analysed with the same settings and
-            shown beside this one (``res.control``); ``control_label`` names it (default: its manifest checkpoint);
-            ``control_embedding``: the control model's own token embedding ("auto": from the control's manifest, a
-            ``random(seed=N)`` checkpoint re-created from its model_config; None when ``embedding`` is None).
+            this collection's observations with a random-initialised model), analysed with the very same ``settings``
+            and shown beside this one (``res.control``); ``control_label`` names it (default: its manifest
+            checkpoint); ``control_embedding``: the control model's own token embedding ("auto": from the control's
+            manifest, a ``random(seed=N)`` checkpoint re-created from its model_config; None when ``embedding`` is
+            None).
+        overrides: settings by their flat names (``n_boot=100, probe=False``: :meth:`AnalysisSettings.replace`).
     """
     t0 = time.monotonic()
-    if success_window not in WINDOWS:
-        raise ValueError(f"success_window must be one of {WINDOWS}, got {success_window!r}")
-    if progress_bins < 1:
-        raise ValueError(f"progress_bins must be >= 1, got {progress_bins}")
-    if pooled_split not in ("task", "episode"):
-        raise ValueError(f"pooled_split must be 'task' or 'episode', got {pooled_split!r}")
-    if pooled_steps_per_episode < 1:
-        raise ValueError(f"pooled_steps_per_episode must be >= 1, got {pooled_steps_per_episode}")
-    source = src.make_source(data, task_ids=task_ids, allow_pickle=allow_pickle, skip_damaged=skip_damaged)
+    settings = (settings or AnalysisSettings()).replace(**overrides) if overrides else (settings or AnalysisSettings())
+    rd = settings.read
+    task_ids = None if rd.task_ids is None else list(rd.task_ids)
+    source = src.make_source(data, task_ids=task_ids, allow_pickle=rd.allow_pickle, skip_damaged=rd.skip_damaged)
     episodes = _episodes(source)
     if not episodes:
         raise ValueError(f"{source.root}: no complete episode to analyse")
@@ -196,88 +166,67 @@ def analyze_collection(
     if why:
         for m in R.TEXT_DECODING_METRICS:
             missing[f"text_only.{m}"] = why
-    settings = dict(
-        n_boot=n_boot,
-        seed=seed,
-        probe_splits=probe_splits,
-        probe_shuffles=probe_shuffles,
-        text_step_stride=text_step_stride,
-        max_block_bytes=max_block_bytes,
-        success_window=success_window,
-        n_permutations=n_permutations,
-        progress_bins=progress_bins,
-        include_constant_tokens=include_constant_tokens,
-        **_pooled_settings(pooled, pooled_split, pooled_steps_per_episode),
-    )
-    res = CollectionAnalysis(
-        _source_info(source, episodes, emb, denoise), episodes, streams, missing, {}, {}, {}, {}, settings, notes=notes
-    )
+    # The metrics see the run (settings, episodes, where they note what is missing), never the result: they return
+    # values, and the result is assembled here from what they returned.
+    run = R.RunContext(source, settings, episodes, denoise or {}, missing)
     say = progress or (lambda msg: logger.info(msg))
-    _analyze_streams(source, res, emb, probe, say, t0)
-    _action_divergence(source, res)
-    DS.analyze_denoise_sensitivity(source, res)  # expert 1 per denoising step, free-running and teacher-forced
-    if pooled:
-        P.analyze_pooled(source, res, emb, [m for m in R.REGISTRY if m.scope == "pooled"], say)
+    step_values, probes, floors = _analyze_streams(run, streams, emb, say, t0)
+    actions = _action_divergence(run)
+    res = CollectionAnalysis(
+        _source_info(source, episodes, emb, denoise), episodes, streams, run.missing, step_values, probes,
+        run.attention, actions, settings, notes=notes, cf_text_positions=run.cf_text_positions, shared=run.shared,
+        precision_floor=floors,
+    )  # fmt: skip
+    res.denoise_sensitivity = DS.analyze_denoise_sensitivity(source, res)  # expert 1 per denoising step
+    for variant, out in res.denoise_sensitivity.items():
+        if out.reason is not None:
+            res.missing[f"expert_1.{DS.METRIC}.{variant}"] = out.reason
+    if settings.pooled.pooled:
+        pooled_metrics = [m for m in R.REGISTRY if m.scope == "pooled"]
+        res.pooled, res.pooled_info = P.analyze_pooled(run, streams, emb, pooled_metrics, say)
     if control is not None:
-        kw = dict(task_ids=task_ids, probe=probe, probe_splits=probe_splits, probe_shuffles=probe_shuffles)
-        kw |= dict(text_step_stride=text_step_stride, max_block_bytes=max_block_bytes, allow_pickle=allow_pickle)
-        kw |= dict(success_window=success_window, progress=progress, skip_damaged=skip_damaged)
-        _analyze_control(res, control, control_label, None if embedding is None else control_embedding, kw)
+        res.control = analyze_collection(
+            control, settings, embedding=None if embedding is None else control_embedding, progress=progress
+        )
+        res.control_label = control_label or str(res.control.source["manifest"].get("checkpoint") or "control")
     res.timings["total_s"] = time.monotonic() - t0
     return res
 
 
-def _analyze_control(res: CollectionAnalysis, control, label: str | None, embedding, kw: dict) -> None:
-    """The control collection, analysed with ``res``'s settings, into ``res.control`` / ``res.control_label``."""
-    st = res.settings
-    kw |= dict(n_boot=st["n_boot"], seed=st["seed"], pooled=st["pooled"], pooled_split=st["pooled_split"])
-    res.control = analyze_collection(
-        control, embedding=embedding, pooled_steps_per_episode=st["pooled_steps_per_episode"], **kw
-    )
-    res.control_label = label or str(res.control.source["manifest"].get("checkpoint") or "control")
-
-
-def _pooled_settings(pooled: bool, split: str, steps_per_episode: int) -> dict[str, Any]:
-    """The pooled metrics' settings (openpi.latents.analysis.metrics.pooled_rows): sample, held-out unit, row caps."""
-    return dict(
-        pooled=pooled,
-        pooled_split=split,
-        pooled_steps_per_episode=steps_per_episode,
-        pooled_max_rows=4000,  # rows per layer (subsampled with the seed, the same rows for every layer)
-        cka_rows=1000,  # rows behind each CKA gram ([N, N] float64 per stored layer)
-        lens_eval_rows=512,  # held-out rows the tuned lens decodes against the whole vocabulary
-        token_probe_control="slot",
-    )
-
-
-def _analyze_streams(source, res: CollectionAnalysis, emb, probe: bool, say: Callable[[str], None], t0: float) -> None:
-    n_tasks = res.source["n_tasks"]
-    for name, stream in res.streams.items():
+def _analyze_streams(run: R.RunContext, streams: dict[str, S.Stream], emb, say: Callable[[str], None], t0: float):
+    """(step_values, probes, precision floors): every registered per-step metric and the task probe, stream by stream,
+    layer by layer, and the bf16 precision floor of each layer's drift states (bf16 stores only)."""
+    step_values: dict[tuple[str, str], list[np.ndarray]] = {}
+    floors: dict[str, list] = {}
+    probes: dict[str, list[M.ProbeResult]] = {}
+    probe = run.settings.probe.probe
+    n_tasks = len({e.task_id for e in run.episodes})
+    for name, stream in streams.items():
         for j in range(stream.n_layers):
-            feats = _analyze_layer(source, res, stream, j, emb)
+            feats = _analyze_layer(run, stream, j, emb, step_values, floors)
             if probe and feats is not None:
-                res.probes.setdefault(name, []).append(_probe(res, feats, n_tasks))
+                probes.setdefault(name, []).append(_probe(run.settings, feats, n_tasks))
             say(f"{name} layer {stream.layers[j]}: done ({time.monotonic() - t0:.1f}s)")
         if not stream.has_cf and stream.key is not None:
-            res.missing[f"{name}.prompt_sensitivity"] = (
+            run.missing[f"{name}.prompt_sensitivity"] = (
                 "no counterfactual reruns in this collection (collect with --counterfactual blank|other-task)"
             )
     if probe and n_tasks < 2:
-        res.missing["probe"] = f"the task probe needs two tasks or more; this collection has {n_tasks}"
+        run.missing["probe"] = f"the task probe needs two tasks or more; this collection has {n_tasks}"
+    return step_values, probes, floors
 
 
-def _put(res: CollectionAnalysis, stream: S.Stream, metric: str, ep_i: int, rows, j: int, values) -> None:
-    lst = res.step_values.setdefault(
-        (stream.name, metric), [np.full((e.n_steps, stream.n_layers), np.nan) for e in res.episodes]
-    )
-    lst[ep_i][rows, j] = values
-
-
-def _run(metrics: list[R.Metric], block: R.LayerBlock) -> None:
+def _run(metrics: list[R.Metric], block: R.LayerBlock, step_values: dict) -> None:
+    """Each metric's (rows, values) of the block into its [rollout steps, layers] array of the episode."""
     for metric in metrics:
         out = metric.compute(block)
-        if out is not None:
-            _put(block.res, block.stream, metric.name, block.ep_index, out[0], block.layer, out[1])
+        if out is None:
+            continue
+        key = (block.stream.name, metric.name)
+        if key not in step_values:
+            n_layers = block.stream.n_layers
+            step_values[key] = [np.full((e.n_steps, n_layers), np.nan) for e in block.run.episodes]
+        step_values[key][block.ep_index][out[0], block.layer] = out[1]
 
 
 class _ProbeRows:
@@ -288,7 +237,7 @@ class _ProbeRows:
 
     def add(self, stream: S.Stream, block: R.LayerBlock, cam: np.ndarray | None) -> None:
         text_mask = block.mask if stream.name == "text_only" else None
-        if text_mask is not None and not block.res.settings.get("include_constant_tokens", False):
+        if text_mask is not None and not block.run.settings.text.include_constant_tokens:
             text_mask = M.informative_text_mask(text_mask)  # BOS and "\n": the same for every prompt
         self.feats.append(S.probe_features(stream, block.x, text_mask, cam))
         self.labels += [block.episode.task_id] * len(self.feats[-1])
@@ -319,53 +268,56 @@ def _read_block(block: R.LayerBlock, seg_stored: bool) -> np.ndarray | None:
     return cam
 
 
-def _analyze_layer(source, res: CollectionAnalysis, stream: S.Stream, j: int, emb: TokenEmbedding | None):
+def _analyze_layer(
+    run: R.RunContext, stream: S.Stream, j: int, emb: TokenEmbedding | None, step_values: dict, floors: dict
+):
     """Every registered metric of one layer of one stream over every episode; returns the probe features."""
     block_metrics = [m for m in R.REGISTRY if m.scope == "block" and R.applies(m, stream, emb)]
     episode_metrics = [m for m in R.REGISTRY if m.scope == "episode" and R.applies(m, stream, emb)]
     probe = _ProbeRows()
-    mean = _layer_mean(source, res, stream, j) if any(m.needs_layer_mean for m in block_metrics) else None
-    for ep_i, ep in enumerate(res.episodes):
+    source = run.source
+    mean = _layer_mean(run, stream, j) if any(m.needs_layer_mean for m in block_metrics) else None
+    for ep_i, ep in enumerate(run.episodes):
         if ep.n_steps == 0:  # env.reset failed: no rollout step (its rows stay empty / NaN)
             continue
         fields = source.fields(ep.task_id, ep.episode)
-        common = dict(source=source, res=res, stream=stream, ep_index=ep_i, episode=ep, layer=j, fields=fields)
+        common = dict(source=source, run=run, stream=stream, ep_index=ep_i, episode=ep, layer=j, fields=fields)
         if stream.key is not None and stream.key in fields:
             shape, dims = fields[stream.key]
             per_step = schema.nbytes([s for d, s in zip(dims, shape) if d != "layer"], np.float32)  # read as float32
             carry: dict[str, Any] = {}
-            for steps in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
+            for steps in _blocks(ep.n_steps, per_step, run.settings.read.max_block_bytes):
                 block = R.LayerBlock(**common, steps=steps, embedding=emb, carry=carry, layer_mean=mean)
                 cam = _read_block(block, "segment_mask" in fields)
-                if len(res.precision_floor.get(stream.name, ())) == j and _stored_bf16(res):  # first block only
+                if len(floors.get(stream.name, ())) == j and _stored_bf16(run):  # first block only
                     x = SM.drift_states(stream, block.x)
                     valid = None if block.mask is None else np.broadcast_to(block.mask, x.shape[:-1])
-                    floor = PF.floors(x if valid is None else x[valid], seed=res.settings["seed"])
-                    res.precision_floor.setdefault(stream.name, []).append(floor)
-                _run(block_metrics, block)
+                    floor = PF.floors(x if valid is None else x[valid], seed=run.settings.stats.seed)
+                    floors.setdefault(stream.name, []).append(floor)
+                _run(block_metrics, block, step_values)
                 probe.add(stream, block, cam)
-        _run(episode_metrics, R.LayerBlock(**common, steps=None, embedding=emb))
+        _run(episode_metrics, R.LayerBlock(**common, steps=None, embedding=emb), step_values)
     return probe.result(stream)
 
 
-def _stored_bf16(res: CollectionAnalysis) -> bool:
+def _stored_bf16(run: R.RunContext) -> bool:
     """Hidden states stored in bfloat16 (the capture's default) rather than float32 / float16."""
-    spec = res.source.get("manifest", {}).get("capture_spec") or {}
+    spec = (run.source.manifest or {}).get("capture_spec") or {}
     return spec.get("dtype", "bfloat16") == "bfloat16"
 
 
-def _layer_mean(source, res: CollectionAnalysis, stream: S.Stream, j: int) -> np.ndarray | None:
+def _layer_mean(run: R.RunContext, stream: S.Stream, j: int) -> np.ndarray | None:
     """[W] float64 mean of the layer's drift states over every valid position, rollout step and episode (a first
     pass over the layer: centred drift needs the centre before its first block)."""
-    total, count = None, 0
-    for ep_i, ep in enumerate(res.episodes):
+    source, total, count = run.source, None, 0
+    for ep_i, ep in enumerate(run.episodes):
         fields = source.fields(ep.task_id, ep.episode)
         if ep.n_steps == 0 or stream.key is None or stream.key not in fields:
             continue
-        common = dict(source=source, res=res, stream=stream, ep_index=ep_i, episode=ep, layer=j, fields=fields)
+        common = dict(source=source, run=run, stream=stream, ep_index=ep_i, episode=ep, layer=j, fields=fields)
         shape, dims = fields[stream.key]
         per_step = schema.nbytes([s for d, s in zip(dims, shape) if d != "layer"], np.float32)
-        for steps in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
+        for steps in _blocks(ep.n_steps, per_step, run.settings.read.max_block_bytes):
             block = R.LayerBlock(**common, steps=steps)
             _read_block(block, "segment_mask" in fields)
             x = SM.drift_states(stream, block.x).astype(np.float64)
@@ -376,24 +328,25 @@ def _layer_mean(source, res: CollectionAnalysis, stream: S.Stream, j: int) -> np
     return None if not count else total / count
 
 
-def _probe(res: CollectionAnalysis, feats, n_tasks: int) -> M.ProbeResult:
+def _probe(s: AnalysisSettings, feats, n_tasks: int) -> M.ProbeResult:
     x, y, g = feats
-    s = res.settings
     return M.task_probe(
         x,
         y,
         g,
-        n_splits=s["probe_splits"],
-        n_shuffles=s["probe_shuffles"] if n_tasks > 1 else 0,
-        seed=s["seed"],
-        n_permutations=s["n_permutations"] if n_tasks > 1 else 0,
+        n_splits=s.probe.probe_splits,
+        n_shuffles=s.probe.probe_shuffles if n_tasks > 1 else 0,
+        seed=s.stats.seed,
+        n_permutations=s.stats.n_permutations if n_tasks > 1 else 0,
     )
 
 
-def _action_divergence(source, res: CollectionAnalysis) -> None:
-    res.actions = {"mean_l2": [], "max_abs": []}
+def _action_divergence(run: R.RunContext) -> dict[str, list[np.ndarray]]:
+    """Per episode [steps] action-chunk divergence under the counterfactual prompt (mean L2, max abs)."""
+    source = run.source
+    actions: dict[str, list[np.ndarray]] = {"mean_l2": [], "max_abs": []}
     cf_actions = schema.counterfactual("actions")
-    for ep in res.episodes:
+    for ep in run.episodes:
         l2, mx = np.full(ep.n_steps, np.nan), np.full(ep.n_steps, np.nan)
         fields = source.fields(ep.task_id, ep.episode)
         if cf_actions in fields and "actions" in fields:
@@ -404,7 +357,8 @@ def _action_divergence(source, res: CollectionAnalysis) -> None:
                     source.read(ep.task_id, ep.episode, cf_actions, steps=steps),
                 )
                 l2[steps], mx[steps] = d.mean_l2, d.max_abs
-        res.actions["mean_l2"].append(l2)
-        res.actions["max_abs"].append(mx)
-    if not any(np.any(~np.isnan(v)) for v in res.actions["mean_l2"]):
-        res.missing["action_divergence"] = "no counterfactual reruns (cf_actions) in this collection"
+        actions["mean_l2"].append(l2)
+        actions["max_abs"].append(mx)
+    if not any(np.any(~np.isnan(v)) for v in actions["mean_l2"]):
+        run.missing["action_divergence"] = "no counterfactual reruns (cf_actions) in this collection"
+    return actions

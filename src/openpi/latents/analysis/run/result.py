@@ -36,7 +36,9 @@ import numpy as np
 
 from openpi.latents.analysis import measures as M
 from openpi.latents.analysis.data import streams as S
+from openpi.latents.analysis.data.episodes import EpisodeRef
 from openpi.latents.analysis.metrics.registry import BY_NAME, NOT_APPLICABLE
+from openpi.latents.analysis.run.settings import WINDOWS, AnalysisSettings
 from openpi.latents.analysis.stats.clustered import (
     WithinTaskDifference,
     cluster_bootstrap_ci,
@@ -45,18 +47,6 @@ from openpi.latents.analysis.stats.clustered import (
     within_task_difference,
 )
 from openpi.latents.analysis.stats.equal_step import equal_step_difference, pooled_equal_step
-
-
-@dataclasses.dataclass(frozen=True)
-class EpisodeRef:
-    task_id: int
-    episode: int
-    success: bool
-    n_steps: int
-    step_t: tuple[int, ...]
-    prompt: str | None
-    counterfactual_prompt: str | None
-    error: str | None
 
 
 @dataclasses.dataclass
@@ -71,7 +61,7 @@ class CollectionAnalysis:
     probes: dict[str, list[M.ProbeResult]]
     attention: dict[str, np.ndarray]
     actions: dict[str, list[np.ndarray]]
-    settings: dict[str, Any]
+    settings: AnalysisSettings  # how it was computed (the control: the very same object)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     # {what: note}: how layer / denoising-step ids and camera validity were resolved when not read off the manifest
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -84,7 +74,8 @@ class CollectionAnalysis:
     # the same analysis of a control collection (random-initialised model / second checkpoint), and what it is
     control: CollectionAnalysis | None = None
     control_label: str | None = None
-    # work shared by one metric across the episodes of a layer (collection-level fits such as prompt decoding)
+    # work shared by one metric across the episodes of a layer (collection-level fits such as prompt decoding; the
+    # run's, openpi.latents.analysis.metrics.base.RunContext.shared)
     shared: dict[Any, Any] = dataclasses.field(default_factory=dict)
     # expert-1 prompt sensitivity per denoising step × layer, {"free", "teacher_forced"} ->
     # openpi.latents.analysis.run.denoise_sensitivity.DenoiseSensitivity
@@ -125,9 +116,9 @@ class CollectionAnalysis:
         """Per layer: mean over episodes of :meth:`per_episode`, with a task-cluster bootstrap interval (episodes of
         one task are not independent; one task: episodes resampled, ``unit="episode"``)."""
         pe = self.per_episode(stream, metric)
-        nb = self.settings["n_boot"] if n_boot is None else n_boot
+        nb = self.settings.stats.n_boot if n_boot is None else n_boot
         tasks = self.task_ids()
-        seed = self.settings["seed"]
+        seed = self.settings.stats.seed
         return [cluster_bootstrap_ci(pe[:, j], tasks, n_boot=nb, seed=seed) for j in range(pe.shape[1])]
 
     def task_ids(self) -> np.ndarray:
@@ -137,7 +128,7 @@ class CollectionAnalysis:
     def progress_values(self, stream: str, metric: str, n_bins: int | None = None) -> np.ndarray:
         """[episodes, n_bins, layers]: each episode's metric by normalised progress (:func:`progress_bins`; drift
         without step 0, which is 0 by definition). An episode with any value has a value in every bin."""
-        k = n_bins or self.settings.get("progress_bins", 10)
+        k = n_bins or self.settings.stats.progress_bins
         out = []
         for v in self.step_values[(stream, metric)]:
             out.append(progress_bins(v[1:] if metric in STEP0_ZERO else v, k))
@@ -163,7 +154,7 @@ class CollectionAnalysis:
     def window_values(self, stream: str, metric: str, window: str | None = None) -> np.ndarray:
         """[episodes, layers] the per-episode value a per-episode success split compares (see :meth:`split_window`;
         the default window "step" compares per rollout step instead, :meth:`within_task_split`)."""
-        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
+        window = window or self.settings.stats.success_window
         if window == "step":
             raise ValueError("window 'step' compares rollout steps, not per-episode values: use within_task_split")
         if window == "progress":
@@ -196,7 +187,7 @@ class CollectionAnalysis:
         default: equal rollout steps, :mod:`~openpi.latents.analysis.stats.equal_step`), "progress" (every episode by
         normalised progress, a secondary view confounded by length) and "all" (all its steps); for "common" the
         fewest steps of any episode in the split."""
-        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
+        window = window or self.settings.stats.success_window
         if window not in WINDOWS:
             raise ValueError(f"success window must be one of {WINDOWS}, got {window!r}")
         if window in ("all", "progress", "step"):
@@ -206,7 +197,7 @@ class CollectionAnalysis:
 
     def split_info(self, window: str | None = None) -> dict[str, Any]:
         """What the success split compares: window, steps, episodes left out (errors) and the counts per side."""
-        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
+        window = window or self.settings.stats.success_window
         n_s, n_f = self.split_counts()
         errored = [e for e in self.episodes if e.error is not None]
         keep = self.split_mask()
@@ -217,7 +208,7 @@ class CollectionAnalysis:
         return {
             "window": window,
             "n_inferences": self.split_window(window),
-            "progress_bins": self.settings.get("progress_bins", 10) if window == "progress" else None,
+            "progress_bins": self.settings.stats.progress_bins if window == "progress" else None,
             "at_risk": self.at_risk() if window == "step" else None,
             "n_tasks": len(tasks),
             "n_tasks_both_outcomes": sum(len(v) == 2 for v in tasks.values()),
@@ -250,7 +241,7 @@ class CollectionAnalysis:
         at risk, :func:`~openpi.latents.analysis.stats.equal_step.pooled_equal_step`); task-cluster intervals. Pooled,
         so
         confounded by task when success rates differ by task: :meth:`within_task_split` is the comparison to read."""
-        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
+        window = window or self.settings.stats.success_window
         keep = self.split_mask()
         flags = np.array([e.success for e in self.episodes])[keep]
         tasks, s = self.task_ids()[keep], self.settings
@@ -263,7 +254,7 @@ class CollectionAnalysis:
             ]
         pe = self.window_values(stream, metric, window)
         return [
-            pooled_split_by_task(pe[keep, j], flags, tasks, n_boot=s["n_boot"], seed=s["seed"])
+            pooled_split_by_task(pe[keep, j], flags, tasks, n_boot=s.stats.n_boot, seed=s.stats.seed)
             for j in range(pe.shape[1])
         ]
 
@@ -276,7 +267,7 @@ class CollectionAnalysis:
         adjustment over the layers (``p_holm``), for picking a layer. Window "step" (default): at equal rollout steps
         among the episodes at risk (:func:`~openpi.latents.analysis.stats.equal_step.equal_step_difference`, with the
         number at risk per step); else per-episode values (:func:`within_task_difference`)."""
-        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
+        window = window or self.settings.stats.success_window
         keep = self.split_mask()
         flags = np.array([e.success for e in self.episodes])[keep]
         tasks, s = self.task_ids()[keep], self.settings
@@ -284,7 +275,7 @@ class CollectionAnalysis:
             out = [
                 equal_step_difference(
                     [v for v, k in zip(self.step_series(stream, metric, j), keep) if k], flags, tasks,
-                    n_boot=s["n_boot"], n_permutations=s.get("n_permutations", 1000), seed=s["seed"],
+                    n_boot=s.stats.n_boot, n_permutations=s.stats.n_permutations, seed=s.stats.seed,
                 )
                 for j in range(self._n_layers(stream, metric))
             ]  # fmt: skip
@@ -293,8 +284,8 @@ class CollectionAnalysis:
         pe = self.window_values(stream, metric, window)
         out = [
             within_task_difference(
-                pe[keep, j], flags, tasks, n_boot=s["n_boot"], n_permutations=s.get("n_permutations", 1000),
-                seed=s["seed"],
+                pe[keep, j], flags, tasks, n_boot=s.stats.n_boot, n_permutations=s.stats.n_permutations,
+                seed=s.stats.seed,
             )
             for j in range(pe.shape[1])
         ]  # fmt: skip
@@ -309,10 +300,6 @@ class CollectionAnalysis:
             )
 
 
-# "step" (default): equal rollout steps among the episodes still running, within task; "progress": normalised
-# progress (secondary: confounded by episode length); "common": the first N steps (N = the shortest episode); "all".
-WINDOWS = ("step", "progress", "common", "all")
-DEFAULT_WINDOW = "step"
 # Metrics that are 0 at step 0 by definition (measured against the episode's first step): step 0 is left out of every
 # summary, so each has one value wherever it is reported.
 STEP0_ZERO = frozenset({"drift", "centred_drift"})

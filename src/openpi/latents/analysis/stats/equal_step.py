@@ -26,8 +26,8 @@ import dataclasses
 
 import numpy as np
 
-from openpi.latents.analysis.stats.cluster_t import t_quantile, weighted_cluster_t
 from openpi.latents.analysis.stats.bootstrap import BootstrapCI, SuccessSplit
+from openpi.latents.analysis.stats.cluster_t import t_quantile, weighted_cluster_t
 from openpi.latents.analysis.stats.clustered import WithinTaskDifference
 
 __all__ = [
