@@ -313,7 +313,7 @@ def test_cli_logs_info_lines_and_names_flags(tmp_path):
     the flag the user typed (--asset-id, not asset_id=...)."""
     proc = cli(*cli_args(tmp_path / "out", "--checkpoint", str(TINY_CHECKPOINT)), timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "INFO openpi.latents.collect.run: Loading policy pi0_libero_tiny" in proc.stderr
+    assert "INFO openpi.latents.collect.policy: Loading policy pi0_libero_tiny" in proc.stderr
     assert "Pass --asset-id with one of them." in proc.stderr and "asset_id=" not in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -29,12 +29,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from openpi.latents.collect.conditions import ConditionArgs
     from openpi.models.pi0_config import Pi0Config
 
 FORMAT = "openpi-text-latents/1"
@@ -159,7 +158,21 @@ def build_text_latents(root: str | pathlib.Path, task_ids: list[int] | None = No
     )
 
 
-def blend_weight(c: ConditionArgs, i: int) -> float:
+class InjectionSettings(Protocol):
+    """The ``text_latent*`` settings of an injection (the collection's `conditions.ConditionArgs` has them; the
+    latents are upstream of the collection, so this names only what it reads)."""
+
+    text_latent: pathlib.Path | None
+    text_latent_task: int | None
+    text_latent_blend_task: int | None
+    text_latent_alpha: float
+    text_latent_schedule: str
+    text_latent_ramp: int
+    text_latent_mode: str
+    text_latent_scale: float
+
+
+def blend_weight(c: InjectionSettings, i: int) -> float:
     """The blend task's weight at inference i (0 without a blend task)."""
     if c.text_latent_blend_task is None:
         return 0.0
@@ -168,7 +181,7 @@ def blend_weight(c: ConditionArgs, i: int) -> float:
     return float(c.text_latent_alpha) * min(1.0, i / max(c.text_latent_ramp, 1))
 
 
-def injection(c: ConditionArgs, config: Pi0Config):
+def injection(c: InjectionSettings, config: Pi0Config):
     """(inference index -> Intervention, details for the manifest) of `c`'s text-latent injection."""
     from openpi.models import intervention as iv
 

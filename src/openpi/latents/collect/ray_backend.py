@@ -90,7 +90,7 @@ class PolicyWorker:
     """A Ray actor: one policy, ``--num-envs`` env workers, writes its episodes into the shared store."""
 
     def __init__(self, args: CollectionArgs):
-        from openpi.latents.collect.run import load_policy  # the same policy as a one-machine run
+        from openpi.latents.collect.policy import load_policy  # the same policy as a one-machine run
         from openpi.shared.malloc import limit_malloc_arenas
 
         limit_malloc_arenas()

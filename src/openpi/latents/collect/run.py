@@ -32,10 +32,10 @@ from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.malloc import limit_malloc_arenas
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, check_output, open_output, task_dict
 from openpi.latents.collect.parallel import run_parallel
+from openpi.latents.collect.policy import load_policy
 from openpi.latents.collect.sizes import estimate_size
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
-from openpi.policies import policy_config
 from openpi.policies.policy import Policy
 from openpi.shared.cli import cli_message
 
@@ -74,19 +74,6 @@ def _setup(args: CollectionArgs, policy: Policy | None) -> tuple[Plan, Policy, O
     if policy is None:
         policy = load_policy(plan)
     return plan, policy, open_output(plan.args, manifest)
-
-
-def load_policy(plan: Plan) -> Policy:
-    """The policy of the run's preset / checkpoint, sampling ``--num-denoise-steps`` steps."""
-    args = plan.args
-    logger.info("Loading policy %s (%s)", plan.preset.name, args.checkpoint or "preset default")
-    return policy_config.create_trained_policy(
-        plan.preset,
-        args.checkpoint,
-        asset_id=args.asset_id,
-        sample_kwargs={"num_steps": args.num_denoise_steps},
-        rng_seed=args.seed,
-    )
 
 
 def collect(
