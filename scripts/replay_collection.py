@@ -19,7 +19,7 @@ import sys
 import tyro
 
 from openpi.latents import replay as replay_lib
-from openpi.latents.collect.interrupt import Interrupted, StopOnSignal
+from openpi.latents.recording.interrupt import Interrupted, StopOnSignal
 from openpi.latents.store import StoreLockedError
 from openpi.latents.store.location import ObjectStoreError
 from openpi.shared import cli

@@ -349,7 +349,7 @@ def test_resume_command_repeats_the_arguments_with_resume():
 
 
 def test_free_space_warning_and_collect_prints_it(tmp_path, monkeypatch, capsys):
-    from openpi.latents.collect import disk
+    from openpi.latents.recording import disk
 
     free = shutil.disk_usage(tmp_path).free
     assert disk.free_space_warning(tmp_path / "new" / "out", 0) is None

@@ -25,7 +25,7 @@ import pytest
 
 from openpi.latents import replay as R
 from openpi.latents import store
-from openpi.latents.collect.interrupt import Interrupted, StopOnSignal
+from openpi.latents.recording.interrupt import Interrupted, StopOnSignal
 from openpi.models.capture import CaptureSpec
 from openpi.policies import presets
 

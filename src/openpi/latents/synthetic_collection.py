@@ -3,7 +3,7 @@
 Each "task" is one prompt; each episode is ``n_steps`` independent inferences on fresh observations drawn by an
 ``observe(rng, prompt)`` callable (e.g. :func:`openpi.training.control_organisms.raw_observations`). Records, the
 manifest and the episode attrs follow the LIBERO collection (:mod:`openpi.latents.collect`): the same record keys
-(``collect.episode.base_record``), the same counterfactual reruns (same observation and noise, another prompt, under
+(``recording.records.base_record``), the same counterfactual reruns (same observation and noise, another prompt, under
 ``cf_*`` keys; with ``teacher_forced`` also their twin fed the baseline's x_t, under ``cf_tf_*``) and the same episode
 attrs, so the analysis reads it unchanged. There is no environment: ``t`` is the
 inference index, ``executed_actions`` is the whole chunk and ``success`` is what ``judge`` says (False without one).
@@ -22,14 +22,8 @@ import numpy as np
 import tqdm
 
 from openpi.latents import store as _store
-from openpi.latents.collect.args import check_teacher_forced
-from openpi.latents.collect.episode import (
-    Inference,
-    base_record,
-    counterfactual_fields,
-    rerun_with_prompt,
-    teacher_forced_rerun,
-)
+from openpi.latents.recording.records import base_record, counterfactual_fields
+from openpi.latents.recording.reruns import Inference, check_teacher_forced, rerun_with_prompt, teacher_forced_rerun
 from openpi.models.capture import CaptureSpec
 from openpi.policies.policy import Policy
 
@@ -122,7 +116,7 @@ def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_i
         record = base_record(t, obs, result, replan_steps=config.action_horizon, state_key="observation/state")
         if spec.store_images:
             record.update({key: obs[f"observation/{key}"] for key in ("image", "wrist_image")})
-        if cf_prompt is not None:  # the LIBERO collection's reruns (collect.episode), without an intervention
+        if cf_prompt is not None:  # the LIBERO collection's reruns (recording.reruns), without an intervention
             inference = rerun_with_prompt(policy, Inference(obs, result), cf_prompt, spec.capture)
             if spec.teacher_forced:
                 tf = teacher_forced_rerun(policy, inference, cf_prompt, spec.capture)

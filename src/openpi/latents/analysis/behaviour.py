@@ -2,7 +2,7 @@
 
 Pairing: an episode of a condition store is paired with the baseline store's episode of the same task and initial
 state (episode index k) when both ran with the same seed; both then drew the same noise at every inference index
-(`openpi.latents.collect.episode.episode_noise`), so inference i of the two is compared.
+(`openpi.latents.recording.records.episode_noise`), so inference i of the two is compared.
 
 Per condition (definitions, also written into the report):
 

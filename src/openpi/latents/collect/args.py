@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Literal
 
 from openpi import envs
 from openpi.envs import base as env_base
 from openpi.latents.collect import conditions as conditions_lib
-from openpi.latents.collect.disk import NoSpaceError
+from openpi.latents.recording.disk import NoSpaceError
+from openpi.latents.recording.reruns import check_teacher_forced
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 from openpi.models.capture import CaptureSpec
@@ -224,37 +224,6 @@ def make_plan(args: CollectionArgs) -> Plan:
     for task in tasks:
         condition.prompt_of(task)  # a bad prompt setting raises here, before anything expensive
     return Plan(args, sim, preset, tasks, tuple(range(args.episodes_per_task)), max_steps, condition)
-
-
-# The flags `check_teacher_forced` names in its message (the synthetic collection passes its field names).
-TEACHER_FORCED_FLAGS = {
-    "flag": "--counterfactual-teacher-forced",
-    "counterfactual": "add --counterfactual blank (or other-task)",
-    "trajectory": "drop --capture.no-trajectory (the default captures it)",
-    "expert_1": "add --capture.expert-1 pooled (or full)",
-}
-
-
-def check_teacher_forced(
-    enabled: bool, counterfactual: str, capture: CaptureSpec, flags: Mapping[str, str] = TEACHER_FORCED_FLAGS
-) -> None:
-    """Raises ValueError naming each fix when a teacher-forced rerun is asked for but cannot run: it reruns the
-    counterfactual inference (a counterfactual mode), feeds it the baseline's trajectory (``capture.trajectory``) and
-    exists to measure expert 1 (``capture.expert_1`` not "off")."""
-    if not enabled:
-        return
-    fixes = []
-    if counterfactual == "none":
-        fixes.append(f"a counterfactual prompt to rerun with ({flags['counterfactual']})")
-    if not capture.trajectory:
-        fixes.append(f"the baseline's trajectory x_t to feed ({flags['trajectory']})")
-    if capture.expert_1 == "off":
-        fixes.append(f"an expert-1 stream to compare ({flags['expert_1']})")
-    if fixes:
-        raise ValueError(
-            f"{flags['flag']} reruns each counterfactual inference fed the baseline's x_t at every denoising step; it "
-            "needs " + "; ".join(fixes) + "."
-        )
 
 
 def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo) -> str | None:

@@ -26,14 +26,14 @@ from openpi.latents.collect.args import (
     SetupError,
     make_plan,
 )
-from openpi.latents.collect.disk import free_space_warning
 from openpi.latents.collect.episode import episode_attrs, finish_metadata, run_task_episode
-from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.malloc import limit_malloc_arenas
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, check_output, open_output, task_dict
 from openpi.latents.collect.parallel import run_parallel
 from openpi.latents.collect.policy import load_policy
 from openpi.latents.collect.sizes import estimate_size
+from openpi.latents.recording.disk import free_space_warning
+from openpi.latents.recording.interrupt import StopOnSignal
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 from openpi.policies.policy import Policy

@@ -10,7 +10,7 @@ from typing import Any
 from openpi import envs
 from openpi.envs import base as env_base
 from openpi.latents import store as _store
-from openpi.latents.collect.disk import check_not_full
+from openpi.latents.recording.disk import check_not_full
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 from openpi.models.capture import CaptureSpec
