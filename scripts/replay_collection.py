@@ -37,7 +37,7 @@ def main(args: replay_lib.ReplayArgs) -> replay_lib.ReplaySummary:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(
-        f"Replaying {len(plan.episodes)} episodes of {args.source} through {plan.manifest['checkpoint']} "
+        f"Replaying {len(plan.episodes)} episodes of {args.source} through {plan.manifest.checkpoint} "
         f"({plan.num_steps} denoising steps) into {args.output_dir}",
         flush=True,
     )

@@ -108,11 +108,11 @@ def test_replay_plan_records_what_it_is_a_control_of(tmp_path):
     src = _fake_source(tmp_path / "src")
     plan = R.make_plan(R.ReplayArgs(source=str(src), output_dir=str(tmp_path / "out"), init_seed=3))
     man, source_man = plan.manifest, store.open_store(src).manifest
-    assert man["checkpoint"] == "random(seed=3)" and man["kind"] == R.KIND
-    assert man["control_of"]["content_hash"] == source_man["content_hash"]
-    assert man["control_of"]["checkpoint"] == "random(seed=0)"
-    assert man["replay"]["init_seed"] == 3 and man["replay"]["num_denoise_steps"] == 2
-    assert man["capture_spec"] == source_man["capture_spec"] and man["model_config"] == TINY.describe()
+    assert man.checkpoint == "random(seed=3)" and man.kind == R.KIND
+    assert man.control_of["content_hash"] == source_man["content_hash"]
+    assert man.control_of["checkpoint"] == "random(seed=0)"
+    assert man.replay["init_seed"] == 3 and man.replay["num_denoise_steps"] == 2
+    assert man.capture_spec == source_man["capture_spec"] and man.model_config == TINY.describe()
     assert plan.episodes == ((0, 0),) and plan.preset.param_seed == 3 and plan.checkpoint is None
 
 

@@ -24,6 +24,7 @@ import tqdm
 from openpi.latents import store as _store
 from openpi.latents.recording.records import base_record, counterfactual_fields
 from openpi.latents.recording.reruns import Inference, check_teacher_forced, rerun_with_prompt, teacher_forced_rerun
+from openpi.latents.store.manifest import RunManifest
 from openpi.models.capture import CaptureSpec
 from openpi.policies.policy import Policy
 
@@ -74,13 +75,14 @@ class SyntheticCollection:
         return self.prompts[(task_id + 1) % len(self.prompts)]
 
 
-def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run manifest, with the keys the analysis reads (capture_spec, checkpoint, model_config, layout)."""
+def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | None = None) -> RunManifest:
+    """The run manifest, with the keys the analysis reads (capture_spec, checkpoint, model_config, layout); ``extra``
+    sets further entries (a field's name sets the field)."""
     config = policy.model.config
     meta = policy.metadata
-    return {
-        "kind": "pi0 synthetic-observation latent collection",
-        "arguments": {
+    return RunManifest(
+        kind="pi0 synthetic-observation latent collection",
+        arguments={
             "prompts": list(spec.prompts),
             "n_episodes": spec.n_episodes,
             "n_steps": spec.n_steps,
@@ -90,17 +92,16 @@ def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | 
             "counterfactual_teacher_forced": spec.teacher_forced,
             "store_images": spec.store_images,
         },
-        "capture_spec": spec.capture.to_dict(),
-        "checkpoint": meta.get("checkpoint"),
-        "preset": meta.get("preset"),
-        "model_config": config.describe(),
-        "suite": "synthetic",
-        "max_steps": spec.n_steps,
-        "text_start": config.text_start,
-        "segment_names": list(config.segment_names),
-        "suffix_segment_names": list(config.suffix_segment_names),
-        **(extra or {}),
-    }
+        capture_spec=spec.capture.to_dict(),
+        checkpoint=meta.get("checkpoint"),
+        preset=meta.get("preset"),
+        model_config=config.describe(),
+        suite="synthetic",
+        max_steps=spec.n_steps,
+        text_start=config.text_start,
+        segment_names=tuple(config.segment_names),
+        suffix_segment_names=tuple(config.suffix_segment_names),
+    ).updated(extra or {})
 
 
 def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_id: int, k: int, writer) -> bool | list:

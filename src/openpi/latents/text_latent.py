@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from openpi.latents.store.manifest import RunManifest
+
 if TYPE_CHECKING:
     from openpi.models.pi0_config import Pi0Config
 
@@ -86,11 +88,14 @@ def load(path: str | pathlib.Path) -> TextLatents:
         )
 
 
-def _layer_ids(manifest: dict[str, Any], n_stored: int) -> tuple[int, ...]:
-    layers = (manifest.get("capture_spec") or {}).get("layers")
+def _layer_ids(manifest: RunManifest, n_stored: int) -> tuple[int, ...]:
+    """Model layer ids of the stored layers: the capture spec's (negative ids resolved with the model's depth)."""
+    from openpi.latents.analysis.labels import model_depth
+
+    layers = manifest.capture("layers")
     if layers is None:
         return tuple(range(n_stored))
-    depth = (manifest.get("model_config") or {}).get("depth")
+    depth = model_depth(manifest)[0] if any(int(x) < 0 for x in layers) else None
     return tuple(int(x) % depth if depth else int(x) for x in layers)
 
 
@@ -133,14 +138,14 @@ def build_text_latents(root: str | pathlib.Path, task_ids: list[int] | None = No
     masks = np.stack([r[1] for r in rows])
     num_valid = masks.sum(-1)
     token_means = (latents.sum(2) / np.maximum(num_valid, 1)[:, None, None]).astype(np.float32)
-    manifest = store.manifest
+    manifest = store.run_manifest
     metadata = {
         "source": str(root),
-        "preset": manifest.get("preset"),
-        "checkpoint": manifest.get("checkpoint"),
-        "suite": manifest.get("suite"),
-        "condition": manifest.get("condition"),
-        "text_start": manifest.get("text_start"),
+        "preset": manifest.preset,
+        "checkpoint": manifest.checkpoint,
+        "suite": manifest.suite,
+        "condition": manifest.condition,
+        "text_start": manifest.text_start,
         "prompts": {str(t): r[4] for t, r in zip(tasks, rows, strict=True)},
         "definition": "mean over every rollout step of every complete episode of the task of expert 0's residual "
         "stream entering each captured layer at each valid text token (per token, per layer; float64 average)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, Literal
+from typing import Literal
 
 from openpi import envs
 from openpi.envs import base as env_base
@@ -106,7 +106,7 @@ def make_plan(args: ServeArgs) -> ServePlan:
     return ServePlan(args, preset, sim, seed, intervention)
 
 
-def build_manifest(plan: ServePlan) -> dict[str, Any]:
+def build_manifest(plan: ServePlan) -> manifest_lib.RunManifest:
     """The store manifest (the collection's keys, so the analysis reads a served store the same way)."""
     args, preset = plan.args, plan.preset
     arguments = dataclasses.asdict(args)
@@ -114,17 +114,17 @@ def build_manifest(plan: ServePlan) -> dict[str, Any]:
     arguments["intervention"] = None if args.intervention is None else str(args.intervention)
     arguments["output_dir"] = str(args.output_dir)
     arguments["seed"] = plan.seed
-    return {
-        "kind": "pi0 latent policy server",
-        "arguments": arguments,
-        "capture_spec": args.capture.to_dict(),
-        "checkpoint": args.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
-        "preset": preset.name,
-        "model_config": preset.model_config.describe(),
-        "intervention": iv.describe(plan.intervention),
-        "record_fields": dict(protocol.RECORD_FIELDS),
-        "connections_task_id": protocol.CONNECTIONS_TASK_ID,
-        "text_start": preset.model_config.text_start,
-        "segment_names": list(preset.model_config.segment_names),
-        "suffix_segment_names": list(preset.model_config.suffix_segment_names),
-    }
+    return manifest_lib.RunManifest(
+        kind="pi0 latent policy server",
+        arguments=arguments,
+        capture_spec=args.capture.to_dict(),
+        checkpoint=args.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
+        preset=preset.name,
+        model_config=preset.model_config.describe(),
+        intervention=iv.describe(plan.intervention),
+        record_fields=dict(protocol.RECORD_FIELDS),
+        connections_task_id=protocol.CONNECTIONS_TASK_ID,
+        text_start=preset.model_config.text_start,
+        segment_names=tuple(preset.model_config.segment_names),
+        suffix_segment_names=tuple(preset.model_config.suffix_segment_names),
+    )

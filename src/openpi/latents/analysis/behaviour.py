@@ -170,7 +170,7 @@ class BehaviourAnalysis:
 
 def _condition_of(store) -> dict[str, Any]:
     """The manifest's condition; a store from before conditions existed ran the baseline."""
-    return store.manifest.get("condition") or {"name": "baseline", "prompt_mode": "task", "intervention": None}
+    return dict(store.run_manifest.condition or {"name": "baseline", "prompt_mode": "task", "intervention": None})
 
 
 def _is_baseline(cond: dict[str, Any]) -> bool:

@@ -35,6 +35,7 @@ from openpi.latents.analysis import step_metrics as SM
 from openpi.latents.analysis import streams as S
 from openpi.latents.analysis.embedding import TokenEmbedding, token_embedding_for_manifest
 from openpi.latents.analysis.result import WINDOWS, CollectionAnalysis, EpisodeRef
+from openpi.latents.store.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def _analyze_control(res: CollectionAnalysis, control, label: str | None, embedd
     res.control = analyze_collection(
         control, embedding=embedding, pooled_steps_per_episode=st["pooled_steps_per_episode"], **kw
     )
-    res.control_label = label or str(res.control.source["manifest"].get("checkpoint") or "control")
+    res.control_label = label or str(RunManifest.of(res.control.source["manifest"]).checkpoint or "control")
 
 
 def _pooled_settings(pooled: bool, split: str, steps_per_episode: int) -> dict[str, Any]:

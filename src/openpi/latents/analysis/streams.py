@@ -27,6 +27,7 @@ import numpy as np
 from openpi.latents import schema
 from openpi.latents.analysis import metrics as M
 from openpi.latents.analysis.labels import resolve_layers
+from openpi.latents.store.manifest import RunManifest
 
 STREAMS = ("text_only", "expert_0", "expert_1")
 
@@ -79,7 +80,7 @@ def _text_stream(fields, manifest, spec, streams, missing) -> None:
         streams["text_only"] = _make("text_only", "text_only_hidden_states", "text", fields, manifest, n_text=n_text)
     elif "expert_0_hidden_states" in fields and n_text:
         tp = fields["expert_0_hidden_states"][0][-2]
-        start = int(manifest.get("text_start", tp - n_text))
+        start = int(tp - n_text if manifest.text_start is None else manifest.text_start)
         streams["text_only"] = _make(
             "text_only", "expert_0_hidden_states", "text_from_full", fields, manifest, text_start=start, n_text=n_text
         )
@@ -103,7 +104,7 @@ def _camera_count(fields, cam_names, notes: list[str]) -> int:
 def _expert0_stream(fields, manifest, spec, streams, missing) -> None:
     seg_stored = "segment_mask" in fields
     notes: list[str] = []
-    cam_names = [s for s in (manifest.get("segment_names") or []) if s != "text"]
+    cam_names = [s for s in (manifest.segment_names or ()) if s != "text"]
     n_cams = _camera_count(fields, cam_names, notes)
     if not seg_stored:
         notes.append(
@@ -113,7 +114,7 @@ def _expert0_stream(fields, manifest, spec, streams, missing) -> None:
     if "expert_0_hidden_states" in fields:
         n_text = fields["text_mask"][0][-1] if "text_mask" in fields else 0
         tp = fields["expert_0_hidden_states"][0][-2]
-        start = int(manifest.get("text_start", tp - max(n_text, 0)))
+        start = int(tp - max(n_text, 0) if manifest.text_start is None else manifest.text_start)
         if start % n_cams:
             notes.append(f"text_start {start} is not a multiple of {n_cams} cameras: the image tokens form one segment")
             n_cams = 1
@@ -137,14 +138,15 @@ def _expert0_stream(fields, manifest, spec, streams, missing) -> None:
     )
 
 
-def suffix_roles(manifest: Mapping[str, Any]) -> tuple[bool, str]:
+def suffix_roles(manifest: RunManifest | Mapping[str, Any]) -> tuple[bool, str]:
     """(whether expert-1 token 0 is pi0's state token, where that was read): the manifest's
     ``suffix_segment_names`` (pi0: ["state", "actions"], pi0.5: ["action_0", "actions_1:"]), else its
     ``model_config`` (``pi05=True``), else pi0 is assumed."""
-    names = manifest.get("suffix_segment_names")
+    manifest = RunManifest.of(manifest)
+    names = manifest.suffix_segment_names
     if names:
         return names[0] == "state", f"manifest suffix_segment_names {list(names)}"
-    config = manifest.get("model_config")
+    config = manifest.model_config
     if isinstance(config, str) and config:
         return "pi05=True" not in config, "manifest model_config"
     return True, "assumed pi0 (the manifest names no suffix layout): query 0 taken as the state token"
@@ -171,11 +173,14 @@ def _expert1_stream(fields, manifest, spec, streams, missing) -> None:
     missing["expert_1_hidden"] = f"expert 1 hidden states not captured (CaptureSpec.expert_1={spec.get('expert_1')!r})"
 
 
-def discover_streams(fields: Mapping[str, tuple], manifest: Mapping[str, Any]) -> tuple[dict[str, Stream], dict]:
+def discover_streams(
+    fields: Mapping[str, tuple], manifest: RunManifest | Mapping[str, Any]
+) -> tuple[dict[str, Stream], dict]:
     """Streams present in an episode's ``fields`` ({key: (shape, dims)}), and {stream: reason} for those missing."""
     streams: dict[str, Stream] = {}
     missing: dict[str, str] = {}
-    spec = manifest.get("capture_spec") or {}
+    manifest = RunManifest.of(manifest)
+    spec = manifest.capture_spec or {}
     for add in (_text_stream, _expert0_stream, _expert1_stream):
         add(fields, manifest, spec, streams, missing)
     return streams, missing

@@ -1,8 +1,9 @@
 """The latent collection: run a policy preset in its simulator and record its latents at every inference.
 
 Modules: `args` (CollectionArgs, make_plan, SetupError), `outputs` (the zarr store or pickle files, check_output),
-`sizes` (what is captured, size estimates), `episode` (one recorded episode), `policy` (the run's policy), `run` (collect, the summary table), `conditions` (closed-loop conditions: prompt
-modes, interventions, layer sweeps, text latents), `sweep` (several conditions in one command, one store each),
+`sizes` (what is captured, size estimates), `episode` (one recorded episode), `policy` (the run's policy), `run`
+(collect, the summary table), `conditions` (closed-loop conditions: prompt modes, interventions, layer sweeps, text
+latents), `sweep` (several conditions in one command, one store each),
 `malloc` (glibc arena cap). What the collection shares with the server, the replay and the synthetic collection
 (records, counterfactual reruns, noise, full disk, stopping on a signal) is in `openpi.latents.recording`.
 `scripts/inference_latent_collection.py` is the CLI.

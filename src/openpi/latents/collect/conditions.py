@@ -1,8 +1,9 @@
 """Closed-loop conditions: what a run changes against the plain policy (its prompt, an intervention, a text latent).
 
 A condition is paired with its baseline (the task's own instruction, no intervention) by (task, initial state, seed):
-the episode's noise is drawn from ``default_rng([seed, task_id, k])`` (`openpi.latents.recording.records.episode_noise`), so inference i of a
-condition's episode k gets exactly the noise of inference i of the baseline's episode k, whatever the condition.
+the episode's noise is drawn from ``default_rng([seed, task_id, k])``
+(`openpi.latents.recording.records.episode_noise`), so inference i of a condition's episode k gets exactly the noise
+of inference i of the baseline's episode k, whatever the condition.
 
 * Prompt modes (`--condition.prompt`): ``task`` (the task's instruction, default), ``blank`` (""), ``other-task``
   (the instruction of task ``(id + other_task_offset) mod n`` of the suite: task A's scene, task B's words) and

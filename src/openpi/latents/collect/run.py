@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import pathlib
 import sys
-from typing import Any
 
 import tqdm
 
@@ -42,23 +41,23 @@ from openpi.shared.cli import cli_message
 logger = logging.getLogger(__name__)
 
 
-def build_manifest(plan: Plan) -> dict[str, Any]:
+def build_manifest(plan: Plan) -> manifest_lib.RunManifest:
     """The run manifest (before `manifest_lib.complete_manifest` adds the code version and content hash)."""
     args, preset = plan.args, plan.preset
-    return {
-        "kind": "pi0 LIBERO latent collection",
-        "arguments": dataclasses.asdict(args),
-        "capture_spec": args.capture.to_dict(),
-        "checkpoint": args.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
-        "preset": preset.name,
-        "model_config": preset.model_config.describe(),
-        "suite": plan.tasks[0].suite,
-        "max_steps": plan.max_steps,
-        "text_start": preset.model_config.text_start,
-        "segment_names": list(preset.model_config.segment_names),
-        "suffix_segment_names": list(preset.model_config.suffix_segment_names),
-        "condition": plan.condition.describe(),
-    }
+    return manifest_lib.RunManifest(
+        kind="pi0 LIBERO latent collection",
+        arguments=dataclasses.asdict(args),
+        capture_spec=args.capture.to_dict(),
+        checkpoint=args.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
+        preset=preset.name,
+        model_config=preset.model_config.describe(),
+        suite=plan.tasks[0].suite,
+        max_steps=plan.max_steps,
+        text_start=preset.model_config.text_start,
+        segment_names=tuple(preset.model_config.segment_names),
+        suffix_segment_names=tuple(preset.model_config.suffix_segment_names),
+        condition=plan.condition.describe(),
+    )
 
 
 def _setup(args: CollectionArgs, policy: Policy | None) -> tuple[Plan, Policy, Output]:

@@ -34,6 +34,7 @@ class LatentStore(Protocol):
     def episode_indices(self, task_id: int, *, include_incomplete: bool = False) -> list[int]: ...
     def task_data(self, task_id: int, *, include_incomplete: bool = False) -> Mapping[str, Any]: ...
 
+
 _TASK_SCALAR_KEYS = ("task_id", "task_name", "language", "suite")
 
 
