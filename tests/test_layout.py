@@ -197,9 +197,31 @@ def test_store_writer_imports_no_reader():
         assert not graph[writer] & readers, f"{writer} imports {sorted(graph[writer] & readers)}"
 
     tree = ast.parse((OPENPI / "latents" / "schema.py").read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"__future__", "dataclasses", "math", "collections", "typing", "numpy", "ml_dtypes"}, imported
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    light = {"__future__", "dataclasses", "math", "collections.abc", "typing", "numpy", "ml_dtypes"}
+    assert imported <= light | {"openpi.shared.record_keys"}, imported
+
+
+def test_the_record_keys_have_one_home_that_the_model_the_store_and_the_analysis_import():
+    """openpi.shared.record_keys names every record key (stdlib only); the model's capture (sampling), the store's
+    schema and the analysis's streams import it rather than spelling the keys themselves."""
+    tree = ast.parse((OPENPI / "shared" / "record_keys.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported <= {"__future__", "dataclasses", "typing"}, imported
+    graph = import_graph()
+    for user in ("openpi.models.sampling", "openpi.latents.schema", "openpi.latents.analysis.streams"):
+        assert "openpi.shared.record_keys" in graph[user], user
+    from openpi.latents import schema
+    from openpi.models import sampling
+    from openpi.shared import record_keys
+
+    assert schema.RECORD_KEYS is record_keys.RECORD_KEYS and sampling.STEP_KEYS is record_keys.STEP_KEYS
+    assert set(record_keys.STEP_KEYS) <= set(record_keys.RECORD_KEYS)
+    assert all(k.meaning for k in record_keys.RECORD_KEYS.values())
+    # the stored attention keys are the model's key groups, each once
+    assert record_keys.ATTENTION_KEYS == tuple(f"attention_to_{g}" for g in sampling.ATTENTION_KEY_GROUPS)
 
 
 _READ_SCRIPT = """
