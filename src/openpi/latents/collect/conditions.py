@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from openpi.envs import base as env_base
+from openpi.latents.recording.args import check_intervention
 from openpi.models import intervention as iv
 from openpi.models import intervention_file
 
@@ -247,7 +248,7 @@ def resolve(
     for i in (0, 1):  # a schedule may change values, never the structure: checking two inferences suffices
         edit = intervention_at(i)
         if edit is not None:
-            edit.validate(config, num_steps=num_steps, batch=1)
+            check_intervention(edit, config, num_steps=num_steps)
     first = intervention_at(0)
     details["intervention"] = None if first is None else {"spec": c.intervention, **iv.describe(first)}
     if c.intervention in RECIPES:

@@ -9,6 +9,7 @@ import pathlib
 from openpi import envs
 from openpi.envs import base as env_base
 from openpi.latents import store as _store
+from openpi.latents.recording.args import STORE_RESUME_IGNORE, StoreArgs
 from openpi.latents.recording.disk import check_not_full
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
@@ -22,16 +23,15 @@ logger = logging.getLogger(__name__)
 KIND = "pi0 latent replay (matched control)"
 # Record streams copied from the source: what the scene and the rollout loop produced, not the model.
 COPIED_STREAMS = ("rollout", "env")
-RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
-    "arguments.task_ids",
-    "arguments.queue_size",
-    "arguments.break_stale_lock",
-}
+RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | STORE_RESUME_IGNORE | {"arguments.task_ids"}
 
 
-@dataclasses.dataclass(frozen=True)
-class ReplayArgs:
-    """Re-run a latent store's recorded observations through a control model and write the matched control store."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReplayArgs(StoreArgs):
+    """Re-run a latent store's recorded observations through a control model and write the matched control store.
+
+    The store flags are the shared group of `openpi.latents.recording.args`; the model, capture and number of
+    denoising steps come from the source."""
 
     # The collection to replay: a latent store (directory, s3:// or gs://) recorded with images (the collection's
     # and the server's default; --no-store-images leaves them out and cannot be replayed).
@@ -49,12 +49,6 @@ class ReplayArgs:
     task_ids: tuple[int, ...] = ()
     # Allow the source's own model (the reproduction check: the stored actions and latents come back).
     allow_same_model: bool = False
-    # Continue a replay in --output-dir: finished episodes are kept, an unfinished one is re-run.
-    resume: bool = False
-    # Take over the writer lock of a replay that was killed (see the collection's --break-stale-lock).
-    break_stale_lock: bool = False
-    # Writer queue length (steps).
-    queue_size: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +184,7 @@ def _same_model(a: str | None, b: str | None) -> bool:
 
 def make_plan(args: ReplayArgs) -> ReplayPlan:
     """Every check that needs neither the model nor a write; raises ValueError / FileNotFoundError naming the fix."""
-    if args.queue_size < 1:
-        raise ValueError(f"--queue-size must be >= 1, got {args.queue_size}.")
+    args.check_store()
     source = _source_store(args)
     if _same_model(str(args.output_dir), str(source.root)):  # the same path
         raise ValueError(f"--output-dir {args.output_dir} is the --source store; write the control elsewhere.")
