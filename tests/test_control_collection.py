@@ -202,9 +202,16 @@ def test_synthetic_organism_store_replayed_with_a_second_checkpoint(tmp_path):
     spec = sc.SyntheticCollection(co.PROMPTS, n_episodes=2, n_steps=2, capture=capture, seed=3, store_images=True)
     src = sc.collect_synthetic(positive, tmp_path / "positive", spec, _observe, progress=False)
     assert store.open_store(src).manifest["arguments"]["num_steps"] is None  # replay reads 10 steps off x_t
-    neg = R.replay(R.ReplayArgs(str(src), str(tmp_path / "negative"), checkpoint=str(ORGANISMS / "negative")))
-    same = R.replay(R.ReplayArgs(str(src), str(tmp_path / "same"), checkpoint=str(ORGANISMS / "positive"),
-                                 allow_same_model=True), policy=positive)  # fmt: skip
+    neg = R.replay(
+        R.ReplayArgs(source=str(src), output_dir=str(tmp_path / "negative"), checkpoint=str(ORGANISMS / "negative"))
+    )
+    same_args = R.ReplayArgs(
+        source=str(src),
+        output_dir=str(tmp_path / "same"),
+        checkpoint=str(ORGANISMS / "positive"),
+        allow_same_model=True,
+    )
+    same = R.replay(same_args, policy=positive)
     assert neg.steps == same.steps == 4 * 2 * 2
     man = store.open_store(tmp_path / "negative").manifest
     assert man["replay"]["num_denoise_steps"] == 10 and man["checkpoint"] == str((ORGANISMS / "negative").resolve())
@@ -265,7 +272,9 @@ def runs(tmp_path_factory) -> Runs:
     with contextlib.redirect_stdout(io.StringIO()):
         collection.collect(args)
     summaries = {}
-    same = R.ReplayArgs(args.output_dir, str(root / "same"), checkpoint=str(TINY_CHECKPOINT), allow_same_model=True)
+    same = R.ReplayArgs(
+        source=args.output_dir, output_dir=str(root / "same"), checkpoint=str(TINY_CHECKPOINT), allow_same_model=True
+    )
     summaries["same"] = R.replay(same)
     with contextlib.redirect_stdout(io.StringIO()):
         summaries["random"] = _script().main(R.ReplayArgs(source=args.output_dir, output_dir=str(root / "random")))
