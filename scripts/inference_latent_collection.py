@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import tyro
 
 from openpi.latents import collect
-from openpi.shared import cli
+from openpi.shared import cli, jax_cache
 
 
 def resume_command(argv: Sequence[str]) -> str:
@@ -42,9 +42,10 @@ def main(args: collect.CollectionArgs, argv: Sequence[str] | None = None) -> Non
     """Runs the collection; `argv` (default `sys.argv`) is the command line, repeated in the hint to resume."""
     cli.configure_logging()
     try:
+        jax_cache.configure(args.jax_cache_dir)
         with collect.StopOnSignal() as stop:
             runs = collect.collect_conditions(args, stop=stop)
-    except collect.SetupError as e:
+    except (collect.SetupError, jax_cache.CacheDirError) as e:
         # Bad input, found before any rollout: a clear message, no traceback, nothing written.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -22,7 +22,7 @@ from openpi.latents import replay as replay_lib
 from openpi.latents.recording.interrupt import Interrupted, StopOnSignal
 from openpi.latents.store import StoreLockedError
 from openpi.latents.store.location import ObjectStoreError
-from openpi.shared import cli
+from openpi.shared import cli, jax_cache
 
 # Bad input found before the model loads (OSError covers a missing path, an existing output, permissions, a full disk).
 SETUP_ERRORS = (ValueError, OSError, ImportError, ObjectStoreError, StoreLockedError)
@@ -31,6 +31,7 @@ SETUP_ERRORS = (ValueError, OSError, ImportError, ObjectStoreError, StoreLockedE
 def main(args: replay_lib.ReplayArgs) -> replay_lib.ReplaySummary:
     cli.configure_logging()
     try:
+        jax_cache.configure(args.jax_cache_dir)
         plan = replay_lib.make_plan(args)
         replay_lib.check_output(plan)
     except SETUP_ERRORS as e:  # bad input, found before the model loads: a message naming the fix, nothing written

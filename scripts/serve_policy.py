@@ -21,7 +21,7 @@ import sys
 import tyro
 
 from openpi import serving
-from openpi.shared import cli
+from openpi.shared import cli, jax_cache
 
 SETUP_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ImportError)
 CLI_FLAGS = {"asset_id": "--asset-id", "checkpoint_dir": "--checkpoint"}
@@ -41,6 +41,7 @@ async def _serve(server: serving.PolicyServer) -> None:
 def main(args: serving.ServeArgs) -> None:
     cli.configure_logging()
     try:
+        jax_cache.configure(args.jax_cache_dir)
         server = serving.create_server(args)
     except SETUP_ERRORS as e:
         print(f"error: {cli.cli_message(str(e), CLI_FLAGS)}", file=sys.stderr)

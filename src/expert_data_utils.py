@@ -15,7 +15,8 @@ One layer (``expert_type``: "text_only", "expert_0", "expert_1", or a stored key
     edu.get_hidden_states_for_dimensions(task_data, 0, 15, 3, "expert_1")  # step_15, layer 3: [S, B, tokens, W]
     edu.get_layer_across_steps(task_data, 0, 3, "text_only")               # layer 3 over all steps: [steps, B, T, W]
 
-Language loss (definitions in ``openpi.latents.analysis.language_loss`` / ``openpi.latents.analysis.registry``)::
+Language loss (definitions in ``openpi.latents.analysis.run.language_loss`` /
+``openpi.latents.analysis.metrics.registry``)::
 
     edu.analyze_language_loss_across_rollout_steps(task_data)   # per episode: [steps, layers] per stream slot
     edu.analyze_inference_language_loss(task_data)              # per layer, mean over episodes; overall_loss
@@ -29,18 +30,18 @@ Pickles (the original format) execute code when loaded: pass ``allow_pickle=True
 from __future__ import annotations
 
 from openpi.latents.analysis import CollectionAnalysis, analyze_collection
-from openpi.latents.analysis.accessors import (
+from openpi.latents.analysis.data.accessors import (
     get_hidden_states_for_dimensions,
     get_layer_across_steps,
     rollout_steps,
 )
-from openpi.latents.analysis.embedding import (
+from openpi.latents.analysis.data.embedding import (
     TokenEmbedding,
     read_checkpoint_leaves,
     token_embedding_for_manifest,
     token_embedding_from_model_config,
 )
-from openpi.latents.analysis.language_loss import (
+from openpi.latents.analysis.run.language_loss import (
     analyze_inference_language_loss,
     analyze_language_loss_across_rollout_steps,
     analyze_rollout_step,

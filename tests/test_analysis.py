@@ -17,11 +17,11 @@ import pytest
 
 from openpi.latents import analysis as A
 from openpi.latents import report, schema
-from openpi.latents.analysis import embedding as CL
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis.labels import resolve_denoise_steps
-from openpi.latents.analysis.language_loss import analyze_rollout_step
-from openpi.latents.analysis.source import make_source
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.data import embedding as CL
+from openpi.latents.analysis.data.labels import resolve_denoise_steps
+from openpi.latents.analysis.data.source import make_source
+from openpi.latents.analysis.run.language_loss import analyze_rollout_step
 from openpi.latents.report import plots as P
 from openpi.latents.store import LatentStoreWriter, export_pickle
 
@@ -552,7 +552,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     matplotlib.use("Agg")
     import matplotlib.pyplot, sklearn.linear_model, scipy.stats
     from openpi.latents import analysis, report
-    from openpi.latents.analysis.embedding import TokenEmbedding
+    from openpi.latents.analysis.data.embedding import TokenEmbedding
     import expert_data_utils as edu
 
     small, big, out = sys.argv[1:4]
@@ -811,7 +811,7 @@ def test_masked_camera_is_left_out_of_expert0_sensitivity_drift_and_probe(tmp_pa
 
 
 def test_pooled_probe_features_drop_the_masked_camera():
-    from openpi.latents.analysis import streams as src
+    from openpi.latents.analysis.data import streams as src
 
     stream = src.Stream("expert_0", "expert_0_segment_means", "pooled", 1, (0,), False, n_cams=3)
     x = np.arange(2 * 1 * 3 * 2, dtype=np.float32).reshape(2, 1, 3, 2) + 1  # [steps, B, cams, W]

@@ -87,8 +87,8 @@ def test_final_norm_capture_never_changes_actions(tiny_a):
 # --------------------------------------------------------------------------------------------------------------------
 # Geometry: linear CKA and effective rank
 
-from openpi.latents.analysis import geometry as G  # noqa: E402
-from openpi.latents.analysis import token_probe as TP  # noqa: E402
+from openpi.latents.analysis.measures import geometry as G  # noqa: E402
+from openpi.latents.analysis.measures import token_probe as TP  # noqa: E402
 
 
 def _orthogonal(d: int, rng) -> np.ndarray:
@@ -250,7 +250,7 @@ def test_vocab_scores_match_a_dense_softmax():
 
 from openpi.latents import analysis as A  # noqa: E402
 from openpi.latents import report  # noqa: E402
-from openpi.latents.analysis.result import pooled_values  # noqa: E402
+from openpi.latents.analysis.run.result import pooled_values  # noqa: E402
 
 N_TASKS, VOCAB = 6, 12
 

@@ -20,8 +20,8 @@ from test_analysis import build_store
 
 from openpi.latents import analysis as A
 from openpi.latents import report, schema
-from openpi.latents.analysis import attention as ATT
-from openpi.latents.analysis import metrics as M
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.measures import attention as ATT
 from openpi.latents.store import LatentStoreWriter
 from openpi.latents.store.reader import open_store
 from openpi.models import intervention as iv

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import logging
-import pathlib
-import subprocess
-import sys
+
+import pytest
 
 from openpi.shared import cli
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_cli_message_rewrites_only_the_named_parameters():
@@ -44,18 +41,14 @@ def test_configure_logging_overrides_a_root_handler_installed_before():
         openpi_logger.setLevel(saved_openpi_level)
 
 
-def test_analysis_cli_names_the_allow_pickle_flag(tmp_path):
+def test_analysis_cli_names_the_allow_pickle_flag(tmp_path, load_script, capsys):
+    """The analysis command line in-process (argument parsing and the refusal only need the script, not a new JAX)."""
     pickles = tmp_path / "inference_latents"
     pickles.mkdir()
     (pickles / "task_0_t.pkl").write_bytes(b"not opened")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "expert_language_analysis.py"), "--collection", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "--allow-pickle" in proc.stderr and "allow_pickle=True" not in proc.stderr
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as info:
+        load_script("expert_language_analysis").cli_main(["--collection", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err[-3000:]
+    assert "--allow-pickle" in err and "allow_pickle=True" not in err
+    assert "Traceback" not in err

@@ -31,6 +31,7 @@ from typing import ClassVar
 import ml_dtypes
 import numpy as np
 import pytest
+import tyro
 from store_kill_helper import sigkill_once_committed
 
 from openpi.envs import libero as L
@@ -226,6 +227,13 @@ SETUP_ERROR_CASES = {
         ["--counterfactual-teacher-forced reruns each counterfactual inference", "add --counterfactual blank"],
         False,
     ),
+    "dangling symlink output": ({}, "dangling_symlink", ["is a symbolic link to", "which does not exist"], False),
+    "resume with a damaged finished episode": (
+        {"resume": True},
+        "damaged_store",
+        ["Cannot resume: these episodes are damaged and may hold finished episodes", "commit.json"],
+        False,
+    ),
     "full disk": ({}, "full_disk", ["No space left for --output-dir", "0 B free", "Free some space"], False),
 }
 
@@ -245,6 +253,11 @@ def test_setup_errors_exit_2_before_any_rollout_and_write_nothing(case, tmp_path
     elif prepare == "under_file":
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "out"
+    elif prepare == "dangling_symlink":
+        out.symlink_to(tmp_path / "deleted_target")
+    elif prepare == "damaged_store":
+        _write_store_with_one_episode(out)
+        (out / "task_000" / "episode_0" / "commit.json").write_text("{garbage")
     elif prepare == "full_disk":
         monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, 0))
     if overrides.get("checkpoint") == "MISSING":
@@ -271,8 +284,9 @@ def test_setup_errors_exit_2_before_any_rollout_and_write_nothing(case, tmp_path
         script.main(args)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    # The error is the last line (INFO lines such as "Loading policy" may come before it).
-    assert err.rstrip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    # The error ends the output (INFO lines such as "Loading policy" may come before it; it may span lines).
+    assert "\nerror: " in "\n" + err and "Traceback" not in err
+    assert not [line for line in err[err.rindex("error: ") :].splitlines() if line.startswith(("INFO", "WARNING"))]
     assert "asset_id=" not in err and "checkpoint_dir=" not in err  # the flags the user types, not Python names
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
@@ -294,16 +308,20 @@ def test_setup_error_type_and_cause():
         (["--capture.layers", "0", "7"], ["Capture layer(s) [7] do not exist", "valid indices 0..3"]),
     ],
 )
-def test_cli_setup_errors(tmp_path, extra, fragments):
-    """The real CLI (tyro parsing included): exit code 2, the message, no traceback, no output, seconds not minutes."""
+def test_cli_setup_errors(tmp_path, extra, fragments, load_script, capsys):
+    """The CLI's parsing (tyro, the script's own argument type) and main, in-process: exit code 2, the message, no
+    traceback, no output, seconds not minutes."""
     out = tmp_path / "out"
     start = time.monotonic()
-    proc = cli(*cli_args(out, *extra), timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
+    args = tyro.cli(collection.CollectionArgs, args=cli_args(out, *extra))
+    with pytest.raises(SystemExit) as info:
+        load_script("inference_latent_collection").main(args, [str(SCRIPT), *cli_args(out, *extra)])
+    captured = capsys.readouterr()
+    assert info.value.code == 2, captured.err
+    assert "Traceback" not in captured.err
     for fragment in fragments:
-        assert fragment in proc.stderr
-    assert "Capture per inference" not in proc.stdout  # printed once the policy is loaded
+        assert fragment in captured.err
+    assert "Capture per inference" not in captured.out  # printed once the policy is loaded
     assert not out.exists()
     assert time.monotonic() - start < 60
 

@@ -22,7 +22,7 @@ import pytest
 from openpi.envs import libero as L
 from openpi.latents import collect as collection
 from openpi.latents import store, text_latent
-from openpi.latents.analysis import behaviour as B
+from openpi.latents.analysis.compare import behaviour as B
 from openpi.latents.collect import conditions as C
 from openpi.policies import policy_config, presets
 

@@ -17,7 +17,9 @@ import importlib.util
 import io
 import json
 import pathlib
+import re
 import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -371,3 +373,19 @@ def test_report_with_the_replayed_control(runs, tmp_path):
     for metric, stream in (("language_loss", "text_only"), ("prompt_sensitivity", "expert_1")):
         model = [c.estimate for c in res_same.per_layer(stream, metric)]
         np.testing.assert_array_equal([c.estimate for c in res_same.control.per_layer(stream, metric)], model)
+
+
+def test_replay_refusal_of_a_damaged_source_names_only_flags_the_replay_cli_has(tmp_path, capsys):
+    """Issue 19 item 12: the refusal said "Pass --skip-damaged", which replay_collection.py rejects."""
+    src = _fake_source(tmp_path / "src")
+    (src / "task_000" / "episode_0" / "state" / "c" / "1" / "0").unlink()
+    with pytest.raises(SystemExit) as e:
+        _script().main(R.ReplayArgs(source=str(src), output_dir=str(tmp_path / "out")))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "state/c/1/0" in err, err
+    assert "--skip-damaged" not in err and "--resume" in err
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", err))
+    help_text = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "replay_collection.py"), "--help"], capture_output=True, text=True
+    ).stdout
+    assert flags - {"--resume"} <= set(re.findall(r"(--[a-z][a-z.-]+)", help_text)), flags  # --resume: the collection's

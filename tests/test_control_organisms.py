@@ -18,7 +18,7 @@ import pytest
 from openpi import transforms as _transforms
 from openpi.latents import synthetic_collection as sc
 from openpi.latents.analysis import analyze_collection
-from openpi.latents.analysis.prompt_decoding import matched_prompt_decoding
+from openpi.latents.analysis.metrics.prompt_decoding import matched_prompt_decoding
 from openpi.models import intervention as iv
 from openpi.models import tokenizer as _tokenizer
 from openpi.models.capture import CaptureSpec

@@ -303,3 +303,100 @@ def test_policy_entry_points(policy, tiny_a_inputs):
         policy.infer(obs, intervention=iv.patch(0, "text", (0,), np.zeros((1, 2, 48, 64))))
     with pytest.raises(ValueError, match="must not contain 'noise', 'capture' or 'intervention'"):
         type(policy)(policy.model, sample_kwargs={"intervention": knockout})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Language knockouts, step-restricted knockouts, own-mean over valid tokens, patch precision
+
+
+@pytest.fixture(scope="module")
+def obs_short(tiny_a_inputs):
+    """The fixture's prompt one token shorter (its last valid token dropped): a different prompt length."""
+    mask = np.array(tiny_a_inputs["tokenized_prompt_mask"])
+    last = np.flatnonzero(mask[0])[-1]
+    mask[0, last] = False
+    tokens = np.where(mask, tiny_a_inputs["tokenized_prompt"], 0).astype(np.int32)
+    return fixture_observation({**tiny_a_inputs, "tokenized_prompt": tokens, "tokenized_prompt_mask": mask})
+
+
+def test_language_knockout_removes_the_prompt_length_too(model, obs, obs_b, obs_short, noise):
+    keys_only = iv.knockout_attention("all", "text")
+    full = iv.knockout_language()
+    keys_diff = _maxdiff(_actions(model, obs, noise, keys_only), _actions(model, obs_short, noise, keys_only))
+    full_diff = _maxdiff(_actions(model, obs, noise, full), _actions(model, obs_short, noise, full))
+    content_diff = _maxdiff(_actions(model, obs, noise, full), _actions(model, obs_b, noise, full))
+    print(f"different-length prompts: text-keys knockout {keys_diff:.3g}, language knockout {full_diff}")
+    assert keys_diff > 1e-2  # the positions still carry the length (measured 0.22)
+    assert full_diff == 0.0 and content_diff == 0.0
+
+
+def test_knockout_restricted_to_a_denoising_step_changes_only_later_steps(model, obs, noise, plain_latents):
+    k = 1
+    knock = iv.knockout_attention("suffix", "text", denoise_steps=(k,))
+    out = _latents(model, obs, noise, knock)
+    # x_t[s] is the input of step s: steps before k and step k's input are bit-identical, step k's velocity is not.
+    np.testing.assert_array_equal(out["x_t"][: k + 1], plain_latents["x_t"][: k + 1])
+    np.testing.assert_array_equal(out["v_t"][:k], plain_latents["v_t"][:k])
+    assert _maxdiff(out["v_t"][k], plain_latents["v_t"][k]) > 1e-4
+    assert _maxdiff(out["actions"], plain_latents["actions"]) > 1e-4
+    assert "denoising step 0" in iv.describe(knock)["notes"][0]
+    with pytest.raises(ValueError, match=r"include prefix tokens.*Fix: knock out expert-1 queries only"):
+        _actions(model, obs, noise, iv.knockout_attention("all", "text", denoise_steps=(0,)))
+    with pytest.raises(ValueError, match=r"denoise_steps \[3\] do not exist: sampling runs 3 steps"):
+        _actions(model, obs, noise, iv.knockout_attention("suffix", "text", denoise_steps=(3,)))
+
+
+def test_knockout_denoise_steps_in_the_json_file(tmp_path):
+    from openpi.models import intervention_file
+
+    path = tmp_path / "ko.json"
+    path.write_text('{"ops": [{"op": "knockout", "queries": "suffix", "keys": "text", "denoise_steps": [2]}, '
+                    '{"op": "knockout_language"}]}')  # fmt: skip
+    loaded = intervention_file.load_intervention(path)
+    want = iv.knockout_attention("suffix", "text", denoise_steps=(2,)) + iv.knockout_language()
+    assert iv.describe(loaded) == iv.describe(want)
+    assert iv.describe(loaded)["ops"][0]["denoise_steps"] == [2]
+
+
+def test_own_mean_ablation_averages_valid_tokens_only(model, obs, noise, plain_latents):
+    """The own mean of the text span (48 positions, most of them padding) is the mean over the valid ones."""
+    layer, ts = 1, model.config.text_start
+    valid = np.asarray(plain_latents["text_mask"][0])
+    assert 0 < valid.sum() < valid.size  # the fixture's prompt leaves padding
+    out = _latents(model, obs, noise, iv.ablate(0, "text", (layer,), "mean"))
+    text_in = plain_latents["expert_0_hidden_states"][layer, 0, ts:]  # [48, W0]: layer 1's input, unchanged before it
+    by_hand = text_in[valid].astype(np.float64).mean(axis=0)
+    with_padding = text_in.astype(np.float64).mean(axis=0)
+    edited = out["expert_0_hidden_states"][layer, 0, ts:]
+    np.testing.assert_allclose(edited, np.broadcast_to(by_hand, edited.shape), rtol=0, atol=1e-5)
+    gap = np.linalg.norm(with_padding - by_hand) / np.linalg.norm(by_hand)
+    print(f"own mean with padding lies {gap:.2f} x its norm from the valid-token mean")
+    assert gap > 0.1  # the definitions differ: the test can tell them apart
+
+
+def test_float32_captures_patch_exactly_bf16_ones_do_not(model, obs, noise, plain):
+    f32 = _latents(model, obs, noise, capture=CaptureSpec(expert_0="full", expert_1="full", dtype="float32"))
+    bf16 = _latents(model, obs, noise, capture=CaptureSpec(expert_0="full", expert_1="full"))  # the default dtype
+    exact = iv.patch(0, "all", None, f32["expert_0_hidden_states"]) + iv.patch(
+        1, "all", None, f32["expert_1_hidden_states"]
+    )
+    assert "notes" not in iv.describe(exact)
+    with pytest.warns(UserWarning, match="bfloat16.*CaptureSpec\\(dtype='float32'\\)"):
+        rounded = iv.patch(0, "all", None, bf16["expert_0_hidden_states"]) + iv.patch(
+            1, "all", None, bf16["expert_1_hidden_states"]
+        )
+    assert "bfloat16" in iv.describe(rounded)["notes"][0]
+    exact_diff = _maxdiff(_actions(model, obs, noise, exact), plain)
+    rounded_diff = _maxdiff(_actions(model, obs, noise, rounded), plain)
+    print(f"own-value patch of every layer and token: float32 captures {exact_diff}, bf16 captures {rounded_diff:.3g}")
+    assert exact_diff == 0.0
+    assert rounded_diff > 1e-5
+
+
+def test_post_attention_residual_is_editable(model, obs, noise, plain):
+    """The fourth editable stream point: alpha 0 is bit-identical, alpha 1 an edit (same program: alpha is a leaf)."""
+    v = np.random.default_rng(3).normal(size=64).astype(np.float32)
+    zero = _actions(model, obs, noise, iv.steer(0, "text", (1,), v, alpha=0.0, stream="post_attn_residual"))
+    one = _actions(model, obs, noise, iv.steer(0, "text", (1,), v, alpha=1.0, stream="post_attn_residual"))
+    np.testing.assert_array_equal(zero, plain)
+    assert _maxdiff(one, plain) > 1e-4

@@ -351,9 +351,10 @@ def test_analysis_and_report_import_nothing_from_policies_or_envs():
 
 
 def test_metric_registry_entries_are_complete_and_the_report_covers_them():
-    from openpi.latents.analysis import analyze_collection, registry
-    from openpi.latents.analysis.embedding import TokenEmbedding
-    from openpi.latents.analysis.streams import STREAMS
+    from openpi.latents.analysis import analyze_collection
+    from openpi.latents.analysis.data.embedding import TokenEmbedding
+    from openpi.latents.analysis.data.streams import STREAMS
+    from openpi.latents.analysis.metrics import registry
     from openpi.latents.report import json_report, markdown, plots
 
     names = [m.name for m in registry.REGISTRY]

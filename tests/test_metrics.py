@@ -1,4 +1,4 @@
-"""Known-answer tests for openpi.latents.analysis.metrics / stats (small synthetic data, no model, fast)."""
+"""Known-answer tests for openpi.latents.analysis.measures / stats (small synthetic data, no model, fast)."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from openpi.latents.analysis import metrics
+from openpi.latents.analysis import measures as metrics
 
 BF16 = ml_dtypes.bfloat16
 
@@ -331,7 +331,7 @@ def test_attention_to_language_summary():
 
 
 def test_normalised_attention_by_hand():
-    from openpi.latents.analysis import attention
+    from openpi.latents.analysis.measures import attention
 
     # [visible, text, text_content, bos] keys of three queries: a normal one, one with no content key, one with none.
     counts = np.array([[10, 5, 3, 1], [8, 2, 0, 1], [0, 0, 0, 0]], np.float32)

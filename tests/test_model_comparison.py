@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from openpi.latents import store
-from openpi.latents.analysis import model_matching as MM
-from openpi.latents.analysis.model_comparison import paired_success
-from openpi.latents.analysis.model_matching import CollectionMismatchError, PairedOutcome, match_collections
+from openpi.latents.analysis.compare import model_matching as MM
+from openpi.latents.analysis.compare.model_comparison import paired_success
+from openpi.latents.analysis.compare.model_matching import CollectionMismatchError, PairedOutcome, match_collections
 from openpi.policies import presets
 
 PI0, PI05 = presets.get_preset("pi0_libero_tiny"), presets.get_preset("pi05_libero_tiny")
@@ -139,7 +139,7 @@ def test_unmatched_stores_are_refused_naming_the_mismatch_and_the_fix(tmp_path, 
 
 def test_models_of_different_depths_are_drawn_at_relative_depth(tmp_path):
     from openpi.latents.analysis import analyze_collection
-    from openpi.latents.analysis.model_comparison import compare_models
+    from openpi.latents.analysis.compare.model_comparison import compare_models
     from openpi.latents.report.model_comparison import comparison_section
 
     full05 = presets.get_preset("pi05_libero")  # gemma_2b + gemma_300m: 18 layers, against the tiny pi0's 4
@@ -224,7 +224,7 @@ def test_report_gains_the_model_comparison_section(collections, tmp_path):
         assert {t: [st.episode(t, k).metadata["success"] for k in range(3)] for t in (0, 1)} == flags
     # The package path the CLI takes after its checks (the CLI itself: the LIBERO test below).
     from openpi.latents.analysis import analyze_collection
-    from openpi.latents.analysis.model_comparison import compare_models
+    from openpi.latents.analysis.compare.model_comparison import compare_models
     from openpi.latents.report import model_comparison as report_cmp
     from openpi.latents.report.json_report import clean
 

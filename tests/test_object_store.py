@@ -216,6 +216,53 @@ def test_writer_lock_is_a_conditional_put(s3):
     assert not s3.exists(f"{BUCKET}/runs/locked/writer.lock")
 
 
+_TAKEOVER_RACER = """
+import sys, time
+from openpi.latents.store import location
+from openpi.latents.store.lock import ObjectLock, StoreLockedError
+url, t0, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+for r in range(rounds):
+    lock = ObjectLock(location.as_path(f"{url}/round_{r}/writer.lock"), what="race")
+    while time.time() < t0 + 2.0 * r:
+        pass  # spin: start each round as close to the others as possible
+    try:
+        lock.acquire(break_stale=True)
+        print(f"ACQUIRED {r} {lock.holder.token}", flush=True)
+    except StoreLockedError:
+        print(f"REFUSED {r}", flush=True)
+"""
+
+
+def test_concurrent_stale_lock_takeover_gives_exactly_one_writer(s3):
+    """Issue 19 item 2: several processes breaking the same stale lock at once; one wins each round."""
+    url, rounds, n_procs = f"s3://{BUCKET}/runs/race", 4, 4
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for r in range(rounds):  # a stale lock per round: a process of this host that has exited
+        holder = {"host": socket.gethostname(), "pid": dead.pid, "pid_start": None, "token": f"stale{r}"}
+        s3.pipe_file(f"{BUCKET}/runs/race/round_{r}/writer.lock", json.dumps(holder).encode())
+    t0 = time.time() + 12.0  # after every racer has imported the store
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TAKEOVER_RACER, url, str(t0), str(rounds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n_procs)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    lines = [line.split() for out, _ in outs for line in out.splitlines()]
+    for r in range(rounds):
+        winners = [w[2] for w in lines if w[:2] == ["ACQUIRED", str(r)]]
+        assert len(winners) == 1, f"round {r}: {len(winners)} processes hold the lock: {lines}"
+        held = json.loads(s3.cat_file(f"{BUCKET}/runs/race/round_{r}/writer.lock"))
+        assert held["token"] == winners[0]  # the lock object is the winner's
+        assert sum(w[:2] == ["REFUSED", str(r)] for w in lines) == n_procs - 1
+    assert not [p for p in s3.find(f"{BUCKET}/runs/race") if "takeover" in p]  # no takeover record left behind
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Clear errors before anything is written
 

@@ -90,6 +90,7 @@ def assert_infer_equal(policy, element: dict, noise: np.ndarray, actions: np.nda
     np.testing.assert_array_equal(actions, expected)
 
 
+@pytest.mark.libero
 def test_libero_episode_through_openpi_client(policy, served):
     """openpi's LIBERO example loop, unchanged, against the server: actions = in-process infer, store = the episode."""
     sim = envs.get("libero")

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from openpi.latents.analysis import clustered as C
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis.probe import task_probe
-from openpi.latents.analysis.probe_permutation import group_folds, ridge_permutation_test
-from openpi.latents.analysis.result import progress_bins
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.measures.probe import task_probe
+from openpi.latents.analysis.measures.probe_permutation import group_folds, ridge_permutation_test
+from openpi.latents.analysis.run.result import progress_bins
+from openpi.latents.analysis.stats import clustered as C
 
 
 def _task_only(n_tasks=10, n_eps=50, seed=0):

@@ -95,7 +95,7 @@ def test_missing_chunk_is_an_error_naming_the_file_not_zeros(tmp_path, capsys):
 
 
 def test_analysis_source_refuses_a_damaged_collection_unless_skipping(tmp_path):
-    from openpi.latents.analysis import source as analysis_source
+    from openpi.latents.analysis.data import source as analysis_source
 
     root = write_store(tmp_path / "run")
     (root / EP0 / "state" / "c" / "2" / "0").unlink()
@@ -224,6 +224,24 @@ def test_second_writer_is_refused_and_a_stale_lock_is_broken_only_with_the_flag(
         write_episode(writer, 2)
     assert not (root / "writer.lock").exists()
     assert store.completed_episodes(root) == {(3, 0), (3, 1), (3, 2)}
+
+
+def test_lock_from_another_pid_namespace_is_never_judged_stale(tmp_path):
+    """Issue 19 item 3: a live writer in another container on this host: its pid means nothing here."""
+    root = write_store(tmp_path / "run", episodes=(0,))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    own_ns = os.readlink("/proc/self/ns/pid")
+    holder = {"host": os.uname().nodename, "pid": dead.pid, "token": "other", "started": "x", "pid_ns": "pid:[1]"}
+    assert holder["pid_ns"] != own_ns
+    (root / "writer.lock").write_text(json.dumps(holder))
+    with pytest.raises(store.StoreLockedError, match=r"another PID namespace \(pid:\[1\]\).*never breaks"):
+        store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True, break_stale_lock=True)
+    assert json.loads((root / "writer.lock").read_text())["token"] == "other"  # not broken
+    holder["pid_ns"] = own_ns  # the same holder in this namespace is stale, and broken with the flag
+    (root / "writer.lock").write_text(json.dumps(holder))
+    with store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True, break_stale_lock=True):
+        assert json.loads((root / "writer.lock").read_text())["pid_ns"] == own_ns
 
 
 def test_second_writer_in_the_same_process_is_refused(tmp_path):
@@ -355,3 +373,156 @@ def test_analysis_cli_refuses_a_damaged_collection_unless_skip_damaged(tmp_path)
         cli.main(cli.Args(**args, output_dir=tmp_path / "r2"))
     cli.main(cli.Args(**args, output_dir=tmp_path / "r3", skip_damaged=True))
     assert (tmp_path / "r3" / "report.md").is_file()
+
+
+# --- issue 19: checksums that bind content and place; metadata and commit records checked ----------------------------
+LEGACY_V2_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "legacy_store_v2.tar.gz"
+
+
+def test_chunk_swapped_with_another_rows_or_episodes_is_flagged_and_reads_raise(tmp_path, capsys):
+    root = write_store(tmp_path / "run")
+    ep0, ep1 = root / EP0, root / "task_003" / "episode_1"
+    # Unsharded: two valid chunk files of actions swapped within episode 0; state of row 2 copied from episode 1.
+    a2, a3 = ep0 / "actions" / "c" / "2" / "0" / "0", ep0 / "actions" / "c" / "3" / "0" / "0"
+    a2_bytes, a3_bytes = a2.read_bytes(), a3.read_bytes()
+    a2.write_bytes(a3_bytes)
+    a3.write_bytes(a2_bytes)
+    s2 = ep0 / "state" / "c" / "2" / "0"
+    s2.write_bytes((ep1 / "state" / "c" / "2" / "0").read_bytes())
+    # Sharded: the shard of row 1 replaced by row 4's.
+    shard = ep0 / "expert_0_hidden_states" / "c" / "1" / "0" / "0" / "0" / "0"
+    shard.write_bytes((ep0 / "expert_0_hidden_states" / "c" / "4" / "0" / "0" / "0" / "0").read_bytes())
+
+    assert store_cli(["verify", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    for path, key, row in ((a2, "actions", 2), (a3, "actions", 3), (s2, "state", 2), (shard, "expert_0_hidden_states", 1)):
+        assert f"{path}: checksum mismatch of key {key!r} row {row}" in out, out
+    assert "episode 1" not in out
+    reader = store.open_store(root).episode(3, 0)
+    for key, step in (("actions", 2), ("actions", 3), ("state", 2), ("expert_0_hidden_states", 1)):
+        with pytest.raises(store.StoreCorruptionError, match="does not match the checksum"):
+            reader.read(key, steps=step)
+    np.testing.assert_array_equal(reader.read("actions", steps=4), make_record(0, 4)["actions"])  # others still read
+
+
+def test_commit_record_bit_flip_or_copy_from_another_episode_is_damage(tmp_path, capsys):
+    root = write_store(tmp_path / "run")
+    commit = root / EP0 / "commit.json"
+    raw = commit.read_bytes()
+    i = raw.index(b"put the bowl") + 4
+    flipped = raw[:i] + bytes([raw[i] ^ 0x01]) + raw[i + 1 :]  # "put uhe bowl": still valid JSON
+    json.loads(flipped)
+    commit.write_bytes(flipped)
+    with pytest.raises(store.DamagedEpisodeError, match="body checksum mismatch"):
+        store.open_store(root).episode(3, 0)
+    assert store_cli(["verify", str(root), "--quiet"]) == 1
+    assert f"task 3 episode 0: {root / EP0}:" in capsys.readouterr().out
+    commit.write_bytes((root / "task_003" / "episode_1" / "commit.json").read_bytes())  # another episode's record
+    with pytest.raises(store.DamagedEpisodeError, match="another episode"):
+        store.open_store(root).episode(3, 0)
+    commit.write_bytes(raw)
+    assert store_cli(["verify", str(root), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("data_type", "int32", "dtype int32"),
+        ("endian", "big", "byte order"),
+        ("shape", [6, 5, 8], "per-step shape"),
+    ],
+)
+def test_array_metadata_edited_to_valid_but_wrong_values_is_refused(tmp_path, capsys, edit):
+    root = write_store(tmp_path / "run")
+    meta_path = root / EP0 / "actions" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    field, value, message = edit
+    if field == "endian":
+        meta["codecs"][0]["configuration"]["endian"] = value
+    elif field == "shape":
+        meta["shape"] = value
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = [1, 5, 8]
+    else:
+        meta[field] = value
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(store.StoreCorruptionError, match=message):
+        store.open_store(root).episode(3, 0).read("actions", steps=0)
+    assert store_cli(["verify", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{meta_path}: the array metadata of key 'actions' (task 3 episode 0) disagrees with its commit record: " + (
+        message
+    ) in out, out
+
+
+def test_format_2_store_verifies_and_reads_and_is_not_called_damaged(tmp_path, capsys):
+    """A format-2 store written by the code of commit c6624e1 (write_store of store_kill_helper, episode 0 only)."""
+    with tarfile.open(LEGACY_V2_FIXTURE) as tar:
+        tar.extractall(tmp_path, filter="data")
+    root = tmp_path / "legacy_store_v2"
+    assert json.loads((root / EP0 / "commit.json").read_text())["format_version"] == 2
+    assert store_cli(["verify", str(root), "--quiet", "--decode"]) == 0
+    out = capsys.readouterr().out
+    assert "1 episodes (1 complete, 0 incomplete)" in out and "intact." in out
+    assert "note: 1 episodes were written in an earlier format" in out and "(not damage)" in out
+    for i in range(STEPS_PER_EPISODE):
+        assert_record(steps_of(root)[f"step_{5 * i}"], 0, i)
+    chunk = root / EP0 / "actions" / "c" / "2" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[20] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    assert store_cli(["verify", str(root), "--quiet"]) == 1  # a flipped bit is still caught in format 2
+    assert f"{chunk}: checksum mismatch of key 'actions' row 2" in capsys.readouterr().out
+
+
+def test_episode_with_data_but_no_commit_record_is_damage_and_resume_keeps_it_aside(tmp_path, capsys):
+    """Issue 19 item 7: a finished episode whose commit.json was lost (an interrupted copy)."""
+    root = write_store(tmp_path / "run")
+    (root / EP0 / "commit.json").unlink()
+    assert store_cli(["verify", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "task 3 episode 0" in out and "missing, but the episode folder holds data of 19 keys" in out, out
+    assert "--resume moves the folder aside" in out
+    with pytest.raises(store.StoreCorruptionError, match="missing, but the episode folder holds data"):
+        store.open_store(root).require_intact()  # the analysis refuses rather than run on fewer episodes
+    with store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=True) as writer:
+        assert writer.completed == {(3, 1)}
+        write_episode(writer, 0)
+    aside = root / "task_003" / "episode_0.kept-aside-0"
+    assert (aside / "actions" / "c" / "2" / "0" / "0").is_file()  # not deleted
+    assert store.completed_episodes(root) == {(3, 0), (3, 1)}
+    assert store_cli(["verify", str(root), "--quiet"]) == 0
+    assert json.loads((root / "zarr.json").read_text())["attributes"]["resumes"][-1]["kept_aside"] == [str(aside)]
+
+
+def test_resume_check_refuses_a_damaged_finished_episode_and_a_dangling_symlink(tmp_path):
+    """Issue 19 items 14-15 at the store level (the collection CLI: test_collection's setup-error cases)."""
+    root = write_store(tmp_path / "run", episodes=(0,))
+    (root / EP0 / "commit.json").write_text("{garbage")
+    with pytest.raises(store.DamagedEpisodeError, match="Cannot resume"):
+        store.LatentStoreWriter.check_can_open(root, MANIFEST, resume=True)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(NotADirectoryError, match="is a symbolic link to .*gone, which does not exist"):
+        store.check_writable(link / "sub")
+
+
+@pytest.mark.parametrize("where", ["a file", "the collection", "inside the collection"])
+def test_analysis_output_dir_that_is_a_file_or_the_collection_is_refused_before_work(tmp_path, capsys, where):
+    """Issue 19 item 13: it was a traceback after the whole analysis, or report files in the store's root."""
+    root = write_store(tmp_path / "run", episodes=(0,))
+    out = {"a file": tmp_path / "report.txt", "the collection": root, "inside the collection": root / "report"}[where]
+    if where == "a file":
+        out.write_text("x")
+    script = pathlib.Path(__file__).parent.parent / "scripts" / "expert_language_analysis.py"
+    spec = importlib.util.spec_from_file_location("ela", script)
+    cli = importlib.util.module_from_spec(spec)
+    sys.modules["ela"] = cli
+    spec.loader.exec_module(cli)
+    before = sorted(p.name for p in root.iterdir())
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        cli.cli_main(["--collection", str(root), "--output-dir", str(out), "--no-text-decoding"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--output-dir" in err and "Traceback" not in err, err
+    assert ("is a file" in err) if where == "a file" else ("the report would be written into the store" in err)
+    assert sorted(p.name for p in root.iterdir()) == before and time.monotonic() - start < 10

@@ -21,7 +21,7 @@ from openpi.latents import collect as collection
 from openpi.latents import schema, store
 from openpi.latents import synthetic_collection as sc
 from openpi.latents.analysis import analyze_collection
-from openpi.latents.analysis.denoise_sensitivity import METRIC
+from openpi.latents.analysis.run.denoise_sensitivity import METRIC
 from openpi.latents.recording.reruns import check_teacher_forced
 from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config

@@ -98,9 +98,7 @@ def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | 
         model_config=config.describe(),
         suite="synthetic",
         max_steps=spec.n_steps,
-        text_start=config.text_start,
-        segment_names=tuple(config.segment_names),
-        suffix_segment_names=tuple(config.suffix_segment_names),
+        **config.layout.manifest_fields(),  # text_start, segment_names, suffix_segment_names
     ).updated(extra or {})
 
 

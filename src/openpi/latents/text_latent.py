@@ -213,7 +213,7 @@ def injection(c: InjectionSettings, config: Pi0Config):
     else:
         n = int(min(tl.num_valid[a_idx], tl.num_valid[b_idx]))
         pa, pb = tl.latents[a_idx, :, None, :n], tl.latents[b_idx, :, None, :n]  # [L', 1, n, W]
-        span = (config.text_start, config.text_start + n)
+        span = (config.layout.text_start, config.layout.text_start + n)
 
         def at(i: int):
             w = blend_weight(c, i)

@@ -51,7 +51,8 @@ class CaptureSpec:
     layers: tuple[int, ...] | None = None
     # Denoising steps to keep for the expert-1 streams (None = all). Step 0 is t = 1.0 (pure noise).
     denoise_steps: tuple[int, ...] | None = None
-    # Storage dtype of hidden states (attention masses and the trajectory stay float32).
+    # Storage dtype of hidden states (attention masses and the trajectory stay float32). "float32" keeps a float32
+    # model's states exactly, so they can be patched back as an exact no-op (bf16 captures are off by ~1e-3).
     dtype: StorageDtype = "bfloat16"
     # pi0.5 only: each action-expert layer's adaRMS (scale, shift, gate) per denoising step, plus `adarms_cond`.
     modulation: bool = False

@@ -232,6 +232,7 @@ class Block(nn.Module):
         tap("attn_out", attn_outs)
         tap("head_out", heads)
         xs = [None if x is None else gated_residual(x, a, gate_of(m)) for x, a, m in zip(xs, attn_outs, mods_attn)]
+        xs = _edits.edit_streams(edits, "post_attn_residual", xs, layer)
         tap("post_attn_residual", xs)
         if mass is not None:
             captures["attention_mass"], captures["attention_key_counts"] = mass

@@ -2,8 +2,9 @@
 ``--intervention``).
 
 Format: ``{"ops": [{"op": <name>, ...keyword arguments of that constructor...}, ...]}`` with the names and
-arguments of `openpi.models.intervention` (`knockout_attention` (alias ``knockout``), `patch`, `ablate`, `steer`);
-the ops are combined in order. Token spans are a segment name or ``[start, stop]``. Array arguments (``values``,
+arguments of `openpi.models.intervention` (`knockout_attention` (alias ``knockout``; ``denoise_steps`` for expert-1
+queries), `knockout_language` (no arguments: language removed entirely), `patch`, `ablate`, `steer`); the ops are
+combined in order. Token spans are a segment name or ``[start, stop]``. Array arguments (``values``,
 ``mean``, ``vector``) are nested lists, ``{"npy": "<path>"}`` or a ``"<path>.npy"`` string (relative to the JSON
 file). Example::
 
@@ -26,6 +27,7 @@ from openpi.models import intervention as iv
 OPS = {
     "knockout_attention": iv.knockout_attention,
     "knockout": iv.knockout_attention,
+    "knockout_language": iv.knockout_language,
     "patch": iv.patch,
     "ablate": iv.ablate,
     "steer": iv.steer,

@@ -1,148 +1,54 @@
 """An `Intervention` resolved for one call of the Gemma layer stack, and the hooks the layer body calls.
 
-`for_prefix` / `for_denoise_step` turn an `intervention.Intervention` into the `LayerEdits` of one pass (inside the
+`for_prefix` / `for_denoise_step` resolve each operation of an `intervention.Intervention` for one pass (inside the
 jitted program: token spans become static slices, layers and denoising steps become masks on the scanned layer index
-and the step index). The layer body calls three hooks, each the identity when `edits` is None:
-`edit_streams` (residual entering a layer), `edit_stream` (attention / per-head output) and `knock_out` (the mask).
+and the step index); each kind's `resolve` / `apply` is its own (`intervention_kinds`). The layer body calls three
+hooks, each the identity when `edits` is None: `edit_streams` (a stream point of every expert), `edit_stream` (one
+expert's) and `knock_out` (the attention mask). `position_mask` gives the tokens that advance the positions.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from openpi.models.intervention import (
-    Ablate,
-    Intervention,
-    Knockout,
-    Patch,
-    StreamEdit,
-    expert_span,
-    joint_span,
-    layer_tuple,
-    pytree_dataclass,
-)
-
-if TYPE_CHECKING:
-    from openpi.models.pi0_config import Pi0Config
-
-
-def for_prefix(iv: Intervention, config: Pi0Config) -> LayerEdits:
-    """The edits of the prefix pass: expert-0 edits and knockouts of prefix queries."""
-    return _resolve(iv, config, expert=0, step=None, num_steps=None)
-
-
-def for_denoise_step(iv: Intervention, config: Pi0Config, step: jax.Array, num_steps: int) -> LayerEdits:
-    """The edits of denoising step `step` (may be traced): expert-1 edits and knockouts of suffix queries."""
-    return _resolve(iv, config, expert=1, step=step, num_steps=num_steps)
-
-
-@pytree_dataclass("expert", "stream", "start", "stop", "layers", "kind", data=("payload", "alpha", "step_active"))
-class _Edit:
-    expert: int
-    stream: str
-    start: int
-    stop: int
-    layers: tuple[int, ...]
-    kind: str  # "patch" | "zero" | "own_mean" | "mean" | "steer"
-    payload: jax.Array | None  # indexed by layer slot
-    alpha: jax.Array | None
-    step_active: jax.Array | None
-
-
-@pytree_dataclass("layers", data=("block",))
-class _Knock:
-    layers: tuple[int, ...]
-    block: np.ndarray  # [heads | 1, queries, keys] bool: True where attention is removed
+from openpi.models.intervention import Intervention
+from openpi.models.intervention_kinds import PassContext, ResolvedEdit, ResolvedKnockout, pytree_dataclass
+from openpi.models.layout import TokenLayout, layout_of
 
 
 @pytree_dataclass(data=("edits", "knockouts"))
 class LayerEdits:
     """What one call of the layer stack changes; passed to `gemma.Module(..., edits=)`."""
 
-    edits: tuple[_Edit, ...]
-    knockouts: tuple[_Knock, ...]
+    edits: tuple[ResolvedEdit, ...]
+    knockouts: tuple[ResolvedKnockout, ...]
 
 
-def _slot(layers: tuple[int, ...], layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-    hit = jnp.asarray(layers) == layer
-    return jnp.any(hit), jnp.argmax(hit)
+def for_prefix(iv: Intervention, model_or_config, token_mask: jax.Array | None = None) -> LayerEdits:
+    """The edits of the prefix pass: expert-0 edits and knockouts of prefix queries. `token_mask` [B, Tp]: the valid
+    prefix tokens (own-mean ablations average those only)."""
+    return _resolve(iv, PassContext(layout_of(model_or_config), expert=0, token_mask=token_mask))
 
 
-def _resolve(iv: Intervention, config: Pi0Config, *, expert: int, step, num_steps) -> LayerEdits:
-    depth = config.depth
-    edits, knocks = [], []
-    for op in iv.ops:
-        if isinstance(op, Knockout):
-            knock = _knock_block(op, config, expert)
-            if knock is not None:
-                knocks.append(_Knock(layer_tuple(op.layers, depth), knock))
-        elif op.expert == expert:
-            edits.append(_resolve_edit(op, config, step=step, num_steps=num_steps))
-    return LayerEdits(tuple(edits), tuple(knocks))
+def for_denoise_step(
+    iv: Intervention, model_or_config, step: jax.Array, num_steps: int, token_mask: jax.Array | None = None
+) -> LayerEdits:
+    """The edits of denoising step `step` (may be traced): expert-1 edits and knockouts of suffix queries."""
+    ctx = PassContext(layout_of(model_or_config), expert=1, step=step, num_steps=num_steps, token_mask=token_mask)
+    return _resolve(iv, ctx)
 
 
-def _knock_block(op: Knockout, config: Pi0Config, expert: int) -> np.ndarray | None:
-    tp, ts = config.prefix_len, config.suffix_len
-    q_pos = np.arange(tp) if expert == 0 else tp + np.arange(ts)
-    k_pos = np.arange(tp) if expert == 0 else np.arange(tp + ts)
-    (qa, qb), (ka, kb) = joint_span(config, op.queries), joint_span(config, op.keys)
-    block = ((q_pos >= qa) & (q_pos < qb))[:, None] & ((k_pos >= ka) & (k_pos < kb))[None, :]
-    if not block.any():
-        return None  # none of this pass's queries are knocked out
-    if op.heads is None:
-        return block[None]
-    heads = np.zeros(config.paligemma_config.num_heads, bool)
-    heads[list(op.heads)] = True
-    return heads[:, None, None] & block[None]
+def _resolve(iv: Intervention, ctx: PassContext) -> LayerEdits:
+    resolved = [r for r in (op.resolve(ctx) for op in iv.ops) if r is not None]
+    edits = tuple(r for r in resolved if isinstance(r, ResolvedEdit))
+    return LayerEdits(edits, tuple(r for r in resolved if isinstance(r, ResolvedKnockout)))
 
 
-def _resolve_edit(op: StreamEdit, config: Pi0Config, *, step, num_steps) -> _Edit:
-    start, stop = expert_span(config, op.expert, op.tokens)
-    layers = layer_tuple(op.layers, config.depth)
-    rank = _feature_rank(op.stream)
-    step_active, step_slot, payload, alpha = None, None, None, None
-    if op.expert == 1:
-        steps = tuple(range(num_steps)) if op.denoise_steps is None else tuple(s % num_steps for s in op.denoise_steps)
-        active, step_slot = _slot(steps, step)
-        step_active = None if op.denoise_steps is None else active
-    if isinstance(op, Patch):
-        kind, payload = "patch", op.values
-        if payload.ndim == 4 + rank:  # expert 1 with a leading denoising-step axis: this step's values
-            payload = payload[step_slot]
-    elif isinstance(op, Ablate):
-        kind = "zero" if op.mode == "zero" else ("own_mean" if op.mean is None else "mean")
-        if kind == "mean":  # [L', *f] or [L', B, *f] -> [L', B | 1, *f]
-            payload = op.mean if op.mean.ndim == 2 + rank else op.mean[:, None]
-    else:
-        kind, alpha = "steer", op.alpha
-        payload = jnp.broadcast_to(op.vector, (len(layers), *op.vector.shape[op.vector.ndim - rank :]))
-    return _Edit(op.expert, op.stream, start, stop, layers, kind, payload, alpha, step_active)
-
-
-def _feature_rank(stream: str) -> int:
-    return 2 if stream == "head_out" else 1
-
-
-def _apply_edit(e: _Edit, x: jax.Array, layer: jax.Array) -> jax.Array:
-    active, slot = _slot(e.layers, layer)
-    if e.step_active is not None:
-        active = active & e.step_active
-    seg = x[:, e.start : e.stop]
-    if e.kind == "patch":
-        new = e.payload[slot]
-    elif e.kind == "zero":
-        new = jnp.zeros_like(seg)
-    elif e.kind == "own_mean":
-        new = jnp.broadcast_to(jnp.mean(seg, axis=1, keepdims=True), seg.shape)
-    elif e.kind == "mean":
-        new = jnp.broadcast_to(e.payload[slot][:, None], seg.shape)
-    else:
-        new = seg + (e.alpha * e.payload[slot]).astype(seg.dtype)
-    return x.at[:, e.start : e.stop].set(jnp.where(active, new.astype(seg.dtype), seg))
+def position_mask(iv: Intervention | None, layout: TokenLayout, prefix_mask: jax.Array) -> jax.Array:
+    """The prefix tokens that advance the token positions (the valid ones unless an operation says otherwise)."""
+    for op in () if iv is None else iv.ops:
+        prefix_mask = op.position_mask(layout, prefix_mask)
+    return prefix_mask
 
 
 def edit_stream(edits: LayerEdits | None, stream: str, expert: int, x: jax.Array | None, layer: jax.Array):
@@ -151,7 +57,7 @@ def edit_stream(edits: LayerEdits | None, stream: str, expert: int, x: jax.Array
         return x
     for e in edits.edits:
         if e.stream == stream and e.expert == expert:
-            x = _apply_edit(e, x, layer)
+            x = e.apply(x, layer)
     return x
 
 
@@ -166,8 +72,5 @@ def knock_out(edits: LayerEdits | None, mask: jax.Array, layer: jax.Array, num_k
     if edits is None:
         return mask
     for k in edits.knockouts:
-        active, _ = _slot(k.layers, layer)
-        block = jnp.asarray(k.block)
-        block = block.reshape(num_kv_heads, -1, *block.shape[1:]) if block.shape[0] > 1 else block[None]
-        mask = mask & ~(active & block)[None]
+        mask = k.apply(mask, layer, num_kv_heads)
     return mask

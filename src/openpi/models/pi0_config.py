@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from openpi.models import gemma, siglip
 from openpi.models import lora as _lora
 from openpi.models import model as _model
+from openpi.models.layout import ExpertSizes, TokenLayout
+from openpi.models.pi0_model import Pi0
 
 if TYPE_CHECKING:
-    from openpi.models.pi0 import Pi0
     from openpi.models.taps import Tap
 
 logger = logging.getLogger(__name__)
@@ -78,38 +79,43 @@ class Pi0Config:
         return self.paligemma_config.depth
 
     @property
+    def layout(self) -> TokenLayout:
+        """The token-segment layout (`layout.TokenLayout`): what capture, interventions and the manifest read."""
+        return _layout(self)
+
+    @property
     def num_cameras(self) -> int:
-        return len(_model.IMAGE_KEYS)
+        return self.layout.num_cameras
 
     @property
     def tokens_per_camera(self) -> int:
-        return siglip.num_patches(self.siglip_variant, _model.IMAGE_RESOLUTION)
+        return self.layout.tokens_per_camera
 
     @property
     def text_start(self) -> int:
         """First text position in the prefix: the image tokens of every camera come first."""
-        return self.num_cameras * self.tokens_per_camera
+        return self.layout.text_start
 
     @property
     def prefix_len(self) -> int:
-        return self.text_start + self.max_token_len
+        return self.layout.prefix_len
 
     @property
     def suffix_len(self) -> int:
         # pi0: state token + action tokens; pi0.5: the action tokens only.
-        return self.action_horizon if self.pi05 else 1 + self.action_horizon
+        return self.layout.suffix_len
 
     @property
     def suffix_segment_names(self) -> tuple[str, str]:
         """The two pooled groups of the suffix (the `expert_1_segment_means` axis): suffix token 0, then the mean of
         the remaining tokens. pi0: the state token and the action tokens; pi0.5 (no state token): the first action
         token and the other H - 1 action tokens."""
-        return ("action_0", "actions_1:") if self.pi05 else ("state", "actions")
+        return self.layout.suffix_segment_names
 
     @property
     def segment_names(self) -> tuple[str, ...]:
         """Token groups of the prefix, in order (the `expert_0_segment_means` axis)."""
-        return (*_model.IMAGE_KEYS, "text")
+        return self.layout.segment_names
 
     # ---------------------------------------------------------------- modules
     def llm(self, taps: tuple[Tap, ...] = (), capture_dtype: str | None = None) -> gemma.Module:
@@ -167,8 +173,6 @@ class Pi0Config:
 
     def create(self, rng: jax.Array) -> Pi0:
         """A randomly initialised model (works under `jax.eval_shape` without allocating weights)."""
-        from openpi.models.pi0 import Pi0
-
         return Pi0(params=_init_params(self, rng), config=self)
 
     def param_shapes(self) -> dict[str, Any]:
@@ -182,8 +186,6 @@ class Pi0Config:
         never silently: LoRA leaves raise (the checkpoint is a LoRA fine-tune; the error names the variants to use),
         any other dropped leaf is named in a logged warning.
         """
-        from openpi.models.pi0 import Pi0
-
         expected = self.param_shapes()
         dropped: dict[str, tuple[int, ...]] = {}
         params = _intersect(params, expected, dropped)
@@ -243,6 +245,27 @@ class Pi0Config:
             action_horizon=int(m.group("horizon")),
             pi05=m.group("pi05") is not None,
         )
+
+
+@functools.cache
+def _layout(config: Pi0Config) -> TokenLayout:
+    h = config.action_horizon
+    # pi0: [state | H actions]; pi0.5: no state token, the suffix is the action tokens alone.
+    suffix = (("actions", 0, h),) if config.pi05 else (("state", 0, 1), ("actions", 1, 1 + h))
+    experts = (config.paligemma_config, config.action_expert_config)
+    sizes = [ExpertSizes(c.width, c.num_heads, c.head_dim) for c in experts]
+    return TokenLayout(
+        cameras=tuple(_model.IMAGE_KEYS),
+        tokens_per_camera=siglip.num_patches(config.siglip_variant, _model.IMAGE_RESOLUTION),
+        max_token_len=config.max_token_len,
+        suffix_segments=suffix,
+        suffix_len=h if config.pi05 else 1 + h,
+        suffix_segment_names=("action_0", "actions_1:") if config.pi05 else ("state", "actions"),
+        experts=tuple(sizes),
+        depth=config.paligemma_config.depth,
+        action_horizon=h,
+        action_dim=config.action_dim,
+    )
 
 
 @functools.cache

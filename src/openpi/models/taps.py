@@ -14,14 +14,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-Stream = Literal["residual", "post_attn_residual", "attn_out", "head_out", "modulation"]
+from openpi.models.stream_points import StreamPoint
+
+Stream = StreamPoint  # the vocabulary shared with interventions (`stream_points`)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tap:
     """One per-layer capture: a stream of one expert, reduced over its tokens.
 
-    streams:
+    streams (`stream_points`, the vocabulary interventions edit too):
       residual           — the expert's residual stream entering the layer (layer 0: the embedded input).
       post_attn_residual — the residual stream after the attention block's residual add (before the FFN).
       attn_out           — the attention block's output (after the output projection, before the residual add).

@@ -37,6 +37,9 @@ def _batch(tree: Any) -> Any:
 
 
 def _model_dims(model: Any) -> tuple[int, int]:
+    layout = getattr(model, "layout", None)  # a `family.Model` states its sizes in its token layout
+    if layout is not None:
+        return int(layout.action_horizon), int(layout.action_dim)
     config = getattr(model, "config", model)
     try:
         return int(config.action_horizon), int(config.action_dim)

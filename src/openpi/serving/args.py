@@ -57,6 +57,9 @@ class ServeArgs(StoreArgs, CaptureArgs, PolicyArgs):
     max_batch: int = 8
     # How long the first waiting request waits for others to join its batch (milliseconds).
     batch_wait_ms: float = 2.0
+    # Persistent JAX compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR; neither: compile every run). A
+    # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
+    jax_cache_dir: str | None = None
 
     def resolved_api_key(self) -> str | None:
         return self.api_key if self.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
@@ -108,7 +111,5 @@ def build_manifest(plan: ServePlan) -> manifest_lib.RunManifest:
         intervention=iv.describe(plan.intervention),
         record_fields=dict(protocol.RECORD_FIELDS),
         connections_task_id=protocol.CONNECTIONS_TASK_ID,
-        text_start=preset.model_config.text_start,
-        segment_names=tuple(preset.model_config.segment_names),
-        suffix_segment_names=tuple(preset.model_config.suffix_segment_names),
+        **preset.model_config.layout.manifest_fields(),  # text_start, segment_names, suffix_segment_names
     )

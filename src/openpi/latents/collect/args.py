@@ -109,6 +109,9 @@ class CollectionArgs(StoreArgs, CaptureArgs, PolicyArgs):
     backend: Literal["local", "ray"] = "local"
     # Ray cluster address for --backend ray (default: $RAY_ADDRESS, else a local Ray instance on this machine).
     ray_address: str | None = None
+    # Persistent JAX compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR; neither: compile every run). A
+    # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
+    jax_cache_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,13 +38,23 @@ if TYPE_CHECKING:
     from openpi.models.pi0_config import Pi0Config
 
 PromptMode = Literal["task", "blank", "other-task", "text"]
-# Named interventions. Every recipe addresses the text window of expert 0 ("text") at `layers` (None = all).
+# Named interventions, at `layers` (None = all). The knockouts are named by the path they cut; the old names stay as
+# aliases (`RECIPE_ALIASES`) so older commands and stores read the same.
 RECIPES: dict[str, str] = {
-    "knockout-text": "every query's attention onto the text keys removed (masked before the softmax)",
-    "knockout-text-expert1": "the action expert's (expert-1) attention onto the text keys removed",
+    "knockout-language": "language removed entirely: no query of either expert reads the text keys, and positions "
+    "are counted as if the prompt were absent (no --condition.layers: every layer)",
+    "knockout-text-keys": "every query's attention onto the text keys removed (masked before the softmax); the "
+    "prompt's length still sets the positions of every later token",
+    "knockout-text-direct": "the direct path cut: the action expert's (expert-1) attention onto the text keys "
+    "removed; language still reaches it through the image tokens, which read the text in expert 0",
     "ablate-text": "expert 0's residual stream at the text tokens set to zero entering each listed layer",
     "steer": "alpha * vector (--condition.steer-vector, [W] or [L', W]) added to expert 0's text tokens",
 }
+RECIPE_ALIASES: dict[str, str] = {
+    "knockout-text": "knockout-text-keys",
+    "knockout-text-expert1": "knockout-text-direct",
+}
+RECIPES |= {old: f"alias of {new}: {RECIPES[new]}" for old, new in RECIPE_ALIASES.items()}
 BASELINE = "baseline"
 
 
@@ -59,7 +69,8 @@ class ConditionArgs:
     prompt_text: str | None = None
     # --condition.prompt other-task uses the instruction of task (id + offset) mod (tasks in the suite).
     other_task_offset: int = 1
-    # An intervention: "none", a recipe (knockout-text, knockout-text-expert1, ablate-text, steer) or a JSON file.
+    # An intervention: "none", a recipe (knockout-language, knockout-text-keys, knockout-text-direct, ablate-text,
+    # steer; aliases knockout-text = knockout-text-keys, knockout-text-expert1 = knockout-text-direct) or a JSON file.
     intervention: str = "none"
     # Layers of the recipe (default: every layer).
     layers: tuple[int, ...] | None = None
@@ -187,9 +198,17 @@ def prompt_function(c: ConditionArgs, list_tasks: Callable[[str], tuple[env_base
 
 def recipe(name: str, layers: tuple[int, ...] | None, *, vector: Any = None, alpha: float = 1.0) -> iv.Intervention:
     """The named intervention (`RECIPES`) at `layers` (None: every layer)."""
-    if name == "knockout-text":
+    name = RECIPE_ALIASES.get(name, name)
+    if name == "knockout-language":
+        if layers is not None:
+            raise ValueError(
+                "The knockout-language recipe removes language at every layer (its positions are global): drop "
+                "--condition.layers, or use knockout-text-keys / knockout-text-direct for a per-layer knockout."
+            )
+        return iv.knockout_language()
+    if name == "knockout-text-keys":
         return iv.knockout_attention("all", "text", layers=layers)
-    if name == "knockout-text-expert1":
+    if name == "knockout-text-direct":
         return iv.knockout_attention("suffix", "text", layers=layers)
     if name == "ablate-text":
         return iv.ablate(0, "text", layers, mode="zero")

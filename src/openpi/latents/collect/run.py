@@ -53,9 +53,7 @@ def build_manifest(plan: Plan) -> manifest_lib.RunManifest:
         model_config=preset.model_config.describe(),
         suite=plan.tasks[0].suite,
         max_steps=plan.max_steps,
-        text_start=preset.model_config.text_start,
-        segment_names=tuple(preset.model_config.segment_names),
-        suffix_segment_names=tuple(preset.model_config.suffix_segment_names),
+        **preset.model_config.layout.manifest_fields(),  # text_start, segment_names, suffix_segment_names
         condition=plan.condition.describe(),
     )
 

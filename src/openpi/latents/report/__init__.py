@@ -9,7 +9,7 @@
 * :mod:`~openpi.latents.report.markdown`: report.md; :mod:`~openpi.latents.report.readings`: its one-line readings;
   :mod:`~openpi.latents.report.notes`: the method notes both state.
 
-The metric list, definitions and labels come from :data:`openpi.latents.analysis.registry.REGISTRY`.
+The metric list, definitions and labels come from :data:`openpi.latents.analysis.metrics.registry.REGISTRY`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import pathlib
 from typing import Any
 
-from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.analysis.run.result import CollectionAnalysis
 from openpi.latents.report.attention_report import attention_figure
 from openpi.latents.report.denoise_report import DENOISE_FIGURES
 from openpi.latents.report.json_report import clean, metrics_json

@@ -1,5 +1,5 @@
 """Attention to language in the report: the figure, the metrics.json section (``attention_by_denoise_step``) and the
-tables ``attention.csv`` / ``attention_heads.csv`` (definitions: :mod:`openpi.latents.analysis.attention`).
+tables ``attention.csv`` / ``attention_heads.csv`` (definitions: :mod:`openpi.latents.analysis.measures.attention`).
 
 Three series, each a mean over rollout steps: the mass on the text content keys (BOS and the trailing newline left
 out), that mass normalised by the text share of the keys the query may attend to (uniform attention = 1), and the mass
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.result import CollectionAnalysis, attention_means, quiet_nan_warnings
+from openpi.latents.analysis.run.result import CollectionAnalysis, attention_means, quiet_nan_warnings
 from openpi.latents.report import control as C
 from openpi.latents.report.plots import _figure, _layer_label, _note
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE

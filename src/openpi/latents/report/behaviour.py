@@ -2,7 +2,7 @@
 
 `behaviour_section(beh, out_dir)` writes ``behaviour.csv`` and the figures and returns the markdown lines;
 `write_report(..., behaviour=beh)` appends them to report.md, `write_behaviour_report` writes a report.md of this
-section alone. Definitions: `openpi.latents.analysis.behaviour`.
+section alone. Definitions: `openpi.latents.analysis.compare.behaviour`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from openpi.latents.analysis.behaviour import BehaviourAnalysis
+from openpi.latents.analysis.compare.behaviour import BehaviourAnalysis
 from openpi.latents.report.notes import fmt
 from openpi.latents.report.plots import DPI, PANEL_IN, _plt
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.result import CollectionAnalysis, attention_means, pooled_values, quiet_nan_warnings
+from openpi.latents.analysis.metrics import registry as R
+from openpi.latents.analysis.run.result import CollectionAnalysis, attention_means, pooled_values, quiet_nan_warnings
 from openpi.latents.report.notes import fmt
 from openpi.latents.store.manifest import RunManifest
 

@@ -1,6 +1,6 @@
 """Expert-1 prompt sensitivity per denoising step in the report: the metrics.json entry, the figure (free-running and
 teacher-forced layer × denoising-step heatmaps on one colour scale, and per-step curves at the first and last stored
-layer) and the report.md section. Definition: :mod:`openpi.latents.analysis.denoise_sensitivity`."""
+layer) and the report.md section. Definition: :mod:`openpi.latents.analysis.run.denoise_sensitivity`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.denoise_sensitivity import DEFINITION, METRIC, DenoiseSensitivity
-from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.analysis.run.denoise_sensitivity import DEFINITION, METRIC, DenoiseSensitivity
+from openpi.latents.analysis.run.result import CollectionAnalysis
 from openpi.latents.report.notes import fmt
 from openpi.latents.report.plots import _figure, _layer_label, _note
 from openpi.latents.report.statistics import figure_statistics, statistics_line

@@ -18,7 +18,7 @@
   ``action_divergence``, ``prompt_sensitivity_by_denoise_step`` (expert 1, [S][L] per variant: free-running
   ``cf_`` and teacher-forced ``cf_tf_``, with task-bootstrap intervals, or the reason a variant is missing).
 * ``language_loss``: the per-layer ``expert_0`` / ``expert_1`` / ``text_only`` language loss of the original notebook
-  API, ``overall_loss`` and which measure fills each slot (:mod:`openpi.latents.analysis.language_loss`).
+  API, ``overall_loss`` and which measure fills each slot (:mod:`openpi.latents.analysis.run.language_loss`).
 * ``control``: the control collection (``--control``): label, how it matches this collection, its checkpoint and
   ``control_of``; its values sit under ``control`` in each metric's entry (``report.control``) and in ``statistics``.
 * ``definitions``: one line per metric; ``figures``: file, grid, panel titles and pixel size of every PNG.
@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.clustered import cluster_bootstrap_ci, pooled_split_by_task
-from openpi.latents.analysis.denoise_sensitivity import DEFINITION as DENOISE_DEFINITION
-from openpi.latents.analysis.denoise_sensitivity import METRIC as DENOISE_METRIC
-from openpi.latents.analysis.language_loss import language_loss_summary
-from openpi.latents.analysis.result import CollectionAnalysis, summary_value
-from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.analysis.data.streams import STREAMS
+from openpi.latents.analysis.metrics import registry as R
+from openpi.latents.analysis.run.denoise_sensitivity import DEFINITION as DENOISE_DEFINITION
+from openpi.latents.analysis.run.denoise_sensitivity import METRIC as DENOISE_METRIC
+from openpi.latents.analysis.run.language_loss import language_loss_summary
+from openpi.latents.analysis.run.result import CollectionAnalysis, summary_value
+from openpi.latents.analysis.stats.clustered import cluster_bootstrap_ci, pooled_split_by_task
 from openpi.latents.report import control
 from openpi.latents.report.attention_report import attention_json
 from openpi.latents.report.denoise_report import denoise_json

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.result import CollectionAnalysis
-from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.analysis.data.streams import STREAMS
+from openpi.latents.analysis.metrics import registry as R
+from openpi.latents.analysis.run.result import CollectionAnalysis
 from openpi.latents.report.denoise_report import denoise_section
 from openpi.latents.report.notes import DRIFT_NOTE, SPLIT_NOTE, TEXT_CF_NOTE
 from openpi.latents.report.notes import fmt as _fmt

@@ -3,7 +3,7 @@
 `comparison_section(cmp, out_dir)` writes ``model_comparison_success.csv``, ``model_comparison_layers.csv`` and
 ``model_comparison.png`` and returns the markdown lines; `comparison_json(cmp)` is metrics.json's
 ``model_comparison``; `write_report(..., comparison=cmp)` adds both. Definitions:
-`openpi.latents.analysis.model_comparison`.
+`openpi.latents.analysis.compare.model_comparison`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.model_comparison import LayerComparison, ModelComparison, SideLayers
-from openpi.latents.analysis.model_matching import ModelSide
-from openpi.latents.analysis.registry import BY_NAME
-from openpi.latents.analysis.stats import BootstrapCI
+from openpi.latents.analysis.compare.model_comparison import LayerComparison, ModelComparison, SideLayers
+from openpi.latents.analysis.compare.model_matching import ModelSide
+from openpi.latents.analysis.metrics.registry import BY_NAME
+from openpi.latents.analysis.stats.bootstrap import BootstrapCI
 from openpi.latents.report.notes import fmt
 from openpi.latents.report.plots import _figure, _note
 from openpi.latents.report.statistics import statistics_line

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.analysis.run.result import CollectionAnalysis
 
 SPLIT_NOTE = (
     "success vs failure is compared within task (per task, success mean − failure mean, combined with weights ∝ the "

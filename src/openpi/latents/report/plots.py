@@ -1,4 +1,4 @@
-"""PNG figures of a :class:`~openpi.latents.analysis.result.CollectionAnalysis` (matplotlib, Agg backend).
+"""PNG figures of a :class:`~openpi.latents.analysis.run.result.CollectionAnalysis` (matplotlib, Agg backend).
 
 Every figure is a grid of equally sized panels (``PANEL_IN`` inches at ``DPI``, no tight bbox), so a figure with
 ``rows × cols`` panels is exactly ``cols·PANEL_IN[0]·DPI × rows·PANEL_IN[1]·DPI`` pixels; each plot function returns
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.result import CollectionAnalysis, quiet_nan_warnings
+from openpi.latents.analysis.metrics import registry as R
+from openpi.latents.analysis.run.result import CollectionAnalysis, quiet_nan_warnings
 from openpi.latents.report import control as C
 from openpi.latents.store.manifest import RunManifest
 

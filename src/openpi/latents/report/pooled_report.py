@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.result import CollectionAnalysis, pooled_values
-from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.analysis.data.streams import STREAMS
+from openpi.latents.analysis.metrics import registry as R
+from openpi.latents.analysis.run.result import CollectionAnalysis, pooled_values
 from openpi.latents.report.control import CONTROL_STYLE
 from openpi.latents.report.plots import STREAM_COLORS, _figure, _layer_label, _note
 from openpi.latents.report.statistics import figure_statistics, statistics_line

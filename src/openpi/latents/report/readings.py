@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from openpi.latents.analysis.result import CollectionAnalysis, quiet_nan_warnings
-from openpi.latents.analysis.streams import STREAMS
+from openpi.latents.analysis.data.streams import STREAMS
+from openpi.latents.analysis.run.result import CollectionAnalysis, quiet_nan_warnings
 from openpi.latents.report.notes import cf_text_positions
 from openpi.latents.report.notes import fmt as _fmt
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis.denoise_sensitivity import METRIC
-from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.analysis.run.denoise_sensitivity import METRIC
+from openpi.latents.analysis.run.result import CollectionAnalysis
 from openpi.latents.report.control import figure_controls
 from openpi.latents.report.notes import fmt
 

@@ -1,4 +1,5 @@
-"""CSV tables of a :class:`~openpi.latents.analysis.result.CollectionAnalysis` (one row per stream/metric/layer/...).
+"""CSV tables of a :class:`~openpi.latents.analysis.run.result.CollectionAnalysis` (one row per
+stream/metric/layer/...).
 
 * ``episodes.csv``: task, episode, success, rollout steps, prompt, counterfactual prompt, error.
 * ``per_layer.csv``: per stream, metric and layer, the mean over episodes with its 95% bootstrap interval
@@ -24,8 +25,8 @@ import pathlib
 
 import numpy as np
 
-from openpi.latents.analysis import registry as R
-from openpi.latents.analysis.result import CollectionAnalysis
+from openpi.latents.analysis.metrics import registry as R
+from openpi.latents.analysis.run.result import CollectionAnalysis
 from openpi.latents.report.attention_report import attention_rows
 
 TABLES = (

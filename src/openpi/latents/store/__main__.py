@@ -24,8 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "verify",
         help="check every committed row of a store and list what is damaged",
-        description="Check every committed row of a latent store: chunk files present and (format 2) matching the "
-        "crc32c of the commit record; format-1 stores are decoded row by row. Exit 0 intact, 1 damaged, 2 not a store.",
+        description="Check every committed row of a latent store: commit records intact, array metadata matching "
+        "them, chunk files present and matching the checksums of the commit record (format 3: crc32 bound to each "
+        "file's place; format 2: crc32c of the file); format-1 stores are decoded row by row. Exit 0 intact, "
+        "1 damaged, 2 not a store.",
     )
     v.add_argument("store", help="the store: a directory, s3://bucket/prefix or gs://bucket/prefix (--output-dir)")
     v.add_argument("--decode", action="store_true", help="also decode every row of format-2 stores (slower)")
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
     for damage in report.damages:
         print("DAMAGED " + damage.describe())
+    if report.legacy_unbound:
+        print(
+            f"note: {report.legacy_unbound} episodes were written in an earlier format (commit format 1 or 2): "
+            "their files were checked for presence, truncation and flipped bits, but they carry no checksums that "
+            "bind a chunk to its row and episode, nor a checksum of commit.json itself (not damage)."
+        )
     print(
         f"{report.root}: {report.episodes} episodes ({report.complete} complete, {len(report.incomplete)} incomplete), "
         f"{report.rows} committed rows checked; "

@@ -3,7 +3,8 @@
 :class:`EpisodeWriter` (returned by ``LatentStoreWriter.begin_episode``) validates each record in the caller's
 thread, so a wrong key/shape/dtype is raised where it was made, then queues it. :class:`EpisodeSink` lives on the
 writer thread and does the zarr writes: per step, each array is grown by one row and the row written (through a
-:class:`ChecksumStore` / :class:`ChecksumFsspecStore`, which note the crc32c of every file written), then the
+:class:`ChecksumStore` / :class:`ChecksumFsspecStore`, which note the bound checksum of every file written: its
+content and its place, see ``checksums``), then the
 episode's commit record (``commit.json``: committed_steps, step_t, fields, sparse_steps, string_tables, attrs,
 checksums) is replaced in one atomic write (see ``commit``).
 
@@ -21,13 +22,13 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from openpi.latents.store import checksums as checksums_lib
 from openpi.latents.store import commit as commit_lib
 from openpi.latents.store import format as sf
 from openpi.latents.store import location
@@ -37,15 +38,15 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 class _ChecksumMixin:
-    """Notes the crc32c of every file the zarr store writes in ``written`` (key -> crc), so the sink can put the
-    checksums of a step's chunk files into its commit record without reading them back; ``put_atomic`` is the
+    """Notes the bound checksum (``checksums``: content + path in the store) of every file the zarr store writes in
+    ``written`` (key -> checksum), so the sink can put the checksums of a step's chunk files into its commit record without reading them back; ``put_atomic`` is the
     commit point."""
 
     written: dict[str, int]
 
     async def set(self, key: str, value) -> None:
         if getattr(self, "written", None) is not None:
-            self.written[key] = google_crc32c.value(value.as_numpy_array())
+            self.written[key] = checksums_lib.bound_checksum(key, value.as_numpy_array())
         await super().set(key, value)  # type: ignore[misc]
 
     def put_atomic(self, key: str, data: bytes) -> None:
@@ -124,7 +125,7 @@ class EpisodeSink:
             attrs=self.commit_attrs,
             checksums=self.checksums,
         )
-        self._store.put_atomic(f"{self._prefix}/{sf.COMMIT_FILE}", record.to_json_bytes())
+        self._store.put_atomic(f"{self._prefix}/{sf.COMMIT_FILE}", record.to_json_bytes(self._prefix))
 
     def _write_row(self, key: str, row: int, data: np.ndarray) -> None:
         spec = self.fields[key]

@@ -110,11 +110,19 @@ class DamagedEpisodeError(StoreFormatError):
 
     ``may_be_complete`` is False when the episode is known not to have finished (``--resume`` deletes and re-runs
     it); True when it may hold a finished episode (resume refuses and names the folder to inspect or delete).
+    ``kept_aside_by_resume``: array data without any commit record (an interrupted copy), which cannot be judged;
+    ``--resume`` moves the folder aside (``kept_aside_name``) and re-runs the episode instead of refusing.
     """
 
-    def __init__(self, message: str, *, may_be_complete: bool):
+    def __init__(self, message: str, *, may_be_complete: bool, kept_aside_by_resume: bool = False):
         super().__init__(message)
         self.may_be_complete = may_be_complete
+        self.kept_aside_by_resume = kept_aside_by_resume
+
+
+def kept_aside_name(episode_dir_name: str, n: int) -> str:
+    """Name of an episode folder that ``--resume`` moved aside (not matched by the episode scan)."""
+    return f"{episode_dir_name}.kept-aside-{n}"
 
 
 def write_group_json(path: StorePath, attrs: dict[str, Any]) -> None:

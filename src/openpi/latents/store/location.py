@@ -268,6 +268,14 @@ def remove_tree(path: StorePath) -> None:
     shutil.rmtree(path)
 
 
+def move_tree(src: StorePath, dst: StorePath) -> None:
+    """Moves the folder (or every object under the prefix) ``src`` to ``dst``, which must not exist."""
+    if isinstance(src, ObjectPath):
+        src.fs.mv(src.path, dst.path, recursive=True)
+        return
+    os.rename(src, dst)
+
+
 def missing_files(base: StorePath, relative: list[str]) -> list[str]:
     """The entries of ``relative`` (paths under ``base``) that do not exist: one stat each locally; on object
     storage one request each for a few files, else one listing of their common folder under ``base``."""

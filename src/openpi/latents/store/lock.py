@@ -4,11 +4,12 @@ A lock is a small JSON file created exclusively (written to a temp file, then ``
 appears complete or not at all; on object storage :class:`ObjectLock` uses a conditional PUT instead)::
 
     {"host": "node-3", "pid": 12345, "pid_start": 98765432, "boot_id": "...", "started": "2025-01-01T10:00:00+00:00",
-     "token": "<uuid4 hex>", "purpose": "writer"}
+     "token": "<uuid4 hex>", "purpose": "writer", "pid_ns": "pid:[4026531836]"}
 
 The store writer holds ``<root>/writer.lock`` from ``create_or_open`` to ``close``. A lock is *stale* when its holder
-ran on this host and is gone: no process with that pid, or one started at another time (pid reused), or the machine
-rebooted since (``boot_id``). A live lock refuses the second writer; a stale one is broken only when asked
+ran on this host, in this PID namespace, and is gone: no process with that pid, or one started at another time (pid
+reused), or the machine rebooted since (``boot_id``). A lock from another PID namespace (``pid_ns``: another
+container on the same host, whose pids mean other processes) cannot be judged, like one from another host. A live lock refuses the second writer; a stale one is broken only when asked
 (``break_stale_lock=True``, the collection's ``--break-stale-lock``); a lock from another host is never judged (its
 message says which file to delete once that host's writer is known to be gone). Many workers later: each takes the
 store lock only briefly to update shared files (manifest, root attrs) and holds one lock per episode it writes
@@ -19,8 +20,11 @@ a *conditional* PUT that fails if the object exists (S3 ``If-None-Match: *``, s3
 ``ifGenerationMatch=0`` where gcsfs implements ``mode="create"``), which is as exclusive as ``os.link``. Where the
 filesystem has no conditional create (fsspec's generic fallback checks, then writes), the lock is *best effort*: two
 writers starting within the same second may both get it; a warning says so. Breaking a stale lock on object storage
-has no guard file: it re-reads the lock just before deleting it and deletes it only if it still holds the same stale
-token, which leaves a window of one request between the read and the delete.
+is itself exclusive: the breaker first creates a *takeover record* ``.writer.lock.takeover-<crc32 of the stale lock's
+bytes>`` with the same conditional PUT, so of several processes breaking the same stale lock only one may delete it;
+that one re-reads the lock after creating the record and deletes it only if it still has the judged bytes (so a
+breaker that comes late, after the record was removed, finds the new lock and stops). The others are refused with
+"another process is taking over". A takeover record left by a breaker that died is named in that message.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import os
 import pathlib
 import socket
 import uuid
+import zlib
 from typing import Any
 
 from openpi.latents.store import location
@@ -54,6 +59,7 @@ class LockHolder:
     started: str
     token: str
     purpose: str
+    pid_ns: str | None = None  # the holder's PID namespace (/proc/self/ns/pid); None in locks written before
 
     def describe(self) -> str:
         return f"pid {self.pid} on host {self.host!r} (started {self.started})"
@@ -75,6 +81,13 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _me(purpose: str) -> LockHolder:
     return LockHolder(
         host=socket.gethostname(),
@@ -84,6 +97,7 @@ def _me(purpose: str) -> LockHolder:
         started=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         token=uuid.uuid4().hex,
         purpose=purpose,
+        pid_ns=_pid_namespace(),
     )
 
 
@@ -102,15 +116,19 @@ def read_holder(path: location.StorePath) -> LockHolder | None:
             str(data.get("started", "?")),
             str(data["token"]),
             str(data.get("purpose", "writer")),
+            data.get("pid_ns"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a lock file ({e})") from e
 
 
 def holder_is_stale(holder: LockHolder) -> bool | None:
-    """True: the holder ran on this host and is gone. False: it is alive. None: another host, cannot tell."""
+    """True: the holder ran on this host and is gone. False: it is alive. None: another host or PID namespace,
+    cannot tell."""
     if holder.host != socket.gethostname():
         return None
+    if holder.pid_ns and _pid_namespace() and holder.pid_ns != _pid_namespace():
+        return None  # its pid names another process here (containers sharing the host network)
     if holder.boot_id and _boot_id() and holder.boot_id != _boot_id():
         return True
     try:
@@ -153,9 +171,11 @@ class FileLock:
                 "use a store: wait for it to finish, or write to another --output-dir."
             )
         if stale is None:
+            where = "another host" if holder.host != socket.gethostname() else f"another PID namespace ({holder.pid_ns})"
             raise StoreLockedError(
-                f"{self.what} is locked by {holder.describe()}, another host, whose process cannot be checked from "
-                f"here. If no writer runs there any more, delete {self.path} and retry."
+                f"{self.what} is locked by {holder.describe()}, {where}, whose process cannot be checked from "
+                f"here (--break-stale-lock never breaks such a lock). If no writer runs there any more, delete "
+                f"{self.path} and retry."
             )
         if not break_stale:
             raise StoreLockedError(
@@ -231,18 +251,38 @@ class ObjectLock(FileLock):
             return me
         raise StoreLockedError(f"{self.what}: another writer took the lock {self.path} while this one broke it.")
 
+    def _raw(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
     def _break_stale(self) -> None:
+        judged = self._raw()
+        if judged is None:
+            return  # gone already: the acquire loop retries the conditional create
+        self.check(break_stale=True)  # raises unless the lock (as now) is stale
+        if self._raw() != judged:
+            return  # replaced meanwhile: the acquire loop finds the new lock
+        record = self.path.with_name(f".{self.path.name}.takeover-{zlib.crc32(judged):08x}")
+        me = _me(f"takeover of {self.path.name}")
         try:
-            before = read_holder(self.path)
-        except ValueError:
-            before = None
-        self.check(break_stale=True)
+            self.path.fs.pipe_file(record.path, json.dumps(dataclasses.asdict(me)).encode(), mode="create")
+        except FileExistsError:
+            try:
+                taker = read_holder(record)
+            except ValueError:
+                taker = None
+            raise StoreLockedError(
+                f"{self.what}: another process ({taker.describe() if taker else 'unknown'}) is taking over the stale "
+                f"writer lock {self.path} at the same time (takeover record {record}); only one may. If that "
+                f"process is gone too, delete {record} and retry."
+            ) from None
         try:
-            now = read_holder(self.path)
-        except ValueError:
-            now = None
-        if before is None or now is None or now.token == before.token:  # still the stale lock we judged
-            self.path.unlink(missing_ok=True)
+            if self._raw() == judged:  # still the lock we judged stale: no other breaker got here first
+                self.path.unlink(missing_ok=True)
+        finally:
+            record.unlink(missing_ok=True)
 
 
 def conditional_put_supported(fs) -> bool:

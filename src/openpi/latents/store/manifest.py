@@ -30,7 +30,16 @@ import numpy as np
 # Fields that may differ between the original run and a resumed one (dotted paths). A store of an earlier manifest
 # version resumes under the same settings: the version says how the JSON is spelled, not what the run does.
 DEFAULT_RESUME_IGNORE: frozenset[str] = frozenset(
-    {"created", "content_hash", "code_version", "manifest_version", "arguments.resume", "arguments.output_dir"}
+    # arguments.jax_cache_dir: where compiled programs are cached changes nothing that is recorded.
+    {
+        "created",
+        "content_hash",
+        "code_version",
+        "manifest_version",
+        "arguments.resume",
+        "arguments.output_dir",
+        "arguments.jax_cache_dir",
+    }
 )
 _HASH_EXCLUDE = ("created", "content_hash")
 

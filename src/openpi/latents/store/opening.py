@@ -33,6 +33,11 @@ def check_writable(root: str | pathlib.Path | location.ObjectPath) -> location.S
     root = root.expanduser().absolute()
     probe_dir = root
     while not probe_dir.exists():
+        if probe_dir.is_symlink():  # dangling: creating the directory would fail with "File exists"
+            raise NotADirectoryError(
+                f"Output path {root}: {probe_dir} is a symbolic link to {os.readlink(probe_dir)}, which does not "
+                "exist; create the link's target directory, remove the link, or choose another --output-dir."
+            )
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
         raise NotADirectoryError(f"Output path {root}: {probe_dir} is not a directory; choose another --output-dir.")
@@ -107,6 +112,7 @@ def _check_content(
         )
     if n_episodes:
         stored, _ = sf.read_store_manifest(root)  # validates root attrs and manifest.json
+        incomplete_episodes(root)  # raises for a damaged episode that may have finished (resume would refuse)
         diffs = manifest_lib.manifest_differences(stored, manifest, ignore=resume_ignore)
         if diffs:
             raise ValueError(
@@ -117,14 +123,20 @@ def _check_content(
     return n_episodes
 
 
+KEPT_ASIDE = "kept aside"  # the start of incomplete_episodes' why for data it cannot judge: move it, do not delete
+
+
 def incomplete_episodes(root: location.StorePath) -> dict[tuple[int, int], str]:
-    """(task, episode) -> why, for every episode resume must delete; raises if a damaged one may be complete."""
+    """(task, episode) -> why, for every episode resume must delete (or, why starting with KEPT_ASIDE, move aside);
+    raises if a damaged one may be complete."""
     out: dict[tuple[int, int], str] = {}
     suspect = []
     for task_id, episodes in scan_episode_dirs(root).items():
         for k, path in sorted(episodes.items()):
             state = episode_state(path)
-            if isinstance(state, DamagedEpisodeError):
+            if isinstance(state, DamagedEpisodeError) and state.kept_aside_by_resume:
+                out[(task_id, k)] = f"{KEPT_ASIDE}: {state}"
+            elif isinstance(state, DamagedEpisodeError):
                 if state.may_be_complete:
                     suspect.append(str(state))
                 out[(task_id, k)] = f"damaged: {state}"

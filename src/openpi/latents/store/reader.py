@@ -5,9 +5,13 @@ returns a :class:`LatentStore`. Arrays are opened on first use and read one roll
 Readers trust the episode's commit record (``commit``), never the array shapes: after a crash mid-step an array
 already counts the half-written step. Every read checks that the chunk file of each row it reads exists (a missing
 file would otherwise read back as zeros) and raises :class:`MissingChunkError` naming it; codec and metadata errors
-are raised as :class:`StoreCorruptionError` naming the array, task and episode. Episodes whose metadata is damaged
-are left out of the listings (with a warning) and reported by :meth:`LatentStore.damaged_episodes`; full checks
-(checksums) are ``verify``'s.
+are raised as :class:`StoreCorruptionError` naming the array, task and episode. Opening an array compares its
+``zarr.json`` (dtype, byte order, per-step shape) with the commit record's field and refuses a mismatch. In format-3
+episodes every whole chunk file a read loads (all unsharded keys; whole rows of sharded keys) is checked against its
+bound checksum (``checksums``: content and place), so a chunk swapped with another row's or episode's raises
+:class:`~openpi.latents.store.checksums.ChunkChecksumError`; a one-layer read of a sharded key reads part of a file
+and relies on zarr's CRC-32C (bit flips), ``verify`` checks the whole file. Episodes whose metadata is damaged are
+left out of the listings (with a warning) and reported by :meth:`LatentStore.damaged_episodes`.
 
 The store is read as a snapshot taken at ``open_store``; reopen it to see episodes written since.
 """
@@ -26,7 +30,9 @@ from openpi.latents.store import (
     bf16,  # noqa: F401 - registers bfloat16 with zarr
     location,
 )
+from openpi.latents.store import checksums as checksums_lib
 from openpi.latents.store import format as sf
+from openpi.latents.store.array_checks import metadata_mismatch
 from openpi.latents.store.commit import read_commit
 from openpi.latents.store.format import (
     DamagedEpisodeError,
@@ -104,7 +110,11 @@ class EpisodeReader:
         arr = self._arrays.get(key)
         if arr is None:
             try:
-                store = location.zarr_store(self.path / key, read_only=True)
+                if self.record.checksums_bind_place:
+                    place = f"{checksums_lib.episode_place(self.path)}/{key}"
+                    store = checksums_lib.checked_store(self.path / key, place, self.record.checksums[key])
+                else:
+                    store = location.zarr_store(self.path / key, read_only=True)
                 arr = zarr.open_array(store=store, mode="r", zarr_format=3)
             except FileNotFoundError:
                 raise StoreCorruptionError(
@@ -112,6 +122,13 @@ class EpisodeReader:
                 ) from None
             except Exception as e:
                 raise self._corrupt(key, "opening", e) from e
+            problem = metadata_mismatch(self._spec(key), arr, len(self.present_steps(key)))
+            if problem:
+                raise StoreCorruptionError(
+                    f"{self.path / key / 'zarr.json'}: the array metadata of key {key!r} ({self.where}) disagrees with "
+                    f"its commit record: {problem}. The zarr.json was edited or replaced; restore it or delete the "
+                    "episode folder and --resume."
+                )
             self._arrays[key] = arr
         return arr
 
@@ -314,16 +331,19 @@ class LatentStore:
                     problems[(t, k)] = f"{ep.where}: missing chunk file {missing[0]}{more}"
         return problems
 
-    def require_intact(self, *, skip_damaged: bool = False) -> dict[tuple[int, int | None], str]:
+    def require_intact(
+        self, *, skip_damaged: bool = False, fix: str | None = None
+    ) -> dict[tuple[int, int | None], str]:
         """Raises StoreCorruptionError listing :meth:`integrity_problems` unless there are none; with
-        ``skip_damaged`` leaves the damaged episodes out of this store's listings instead (and returns them)."""
+        ``skip_damaged`` leaves the damaged episodes out of this store's listings instead (and returns them).
+        ``fix``: the caller's advice in the message (default: the analysis CLI's ``--skip-damaged``)."""
         problems = self.integrity_problems()
         if problems and not skip_damaged:
+            fix = fix or "Pass --skip-damaged (skip_damaged=True) to analyse the rest"
             raise StoreCorruptionError(
                 f"{self.root} is damaged ({len(problems)} episodes or tasks):\n  "
                 + "\n  ".join(problems.values())
-                + "\nPass --skip-damaged (skip_damaged=True) to analyse the rest, or see `python -m "
-                f"openpi.latents.store verify {self.root}`."
+                + f"\n{fix}, or see `python -m openpi.latents.store verify {self.root}`."
             )
         for t, k in problems:
             if k is not None:

@@ -3,13 +3,19 @@
 ``python -m openpi.latents.store verify <store>`` (see ``__main__``) or :func:`verify_store`. Per episode:
 
 * the task group and the episode's commit record are readable and consistent (``commit.read_commit``);
-* every key's array metadata opens;
-* format 2: the chunk file of every committed row exists and its crc32c equals the one in the commit record
-  (catches deleted, truncated and bit-flipped files without decoding); ``decode=True`` also decodes every row;
+* the commit record's body checksum matches (format 3: a flipped bit or a record copied from another episode);
+* every key's array metadata opens and agrees with the commit record (dtype, byte order, per-step shape);
+* format 3: the chunk file of every committed row exists and its bound checksum (content and place, see
+  ``checksums``) equals the commit record's (catches deleted, truncated, bit-flipped files and files swapped with
+  another row's or episode's, without decoding); ``decode=True`` also decodes every row;
+* format 2 (stores written before format 3): the same with the whole-file crc32c, which catches deleted, truncated
+  and bit-flipped files but not a chunk moved from another place, and no body checksum: such episodes are counted in
+  ``VerifyReport.legacy_unbound`` and said so, never called damaged for that alone;
 * format 1 (no checksums): every committed row is decoded (catches truncated / corrupt chunks), and an absent chunk
   file is reported where the format allows (``format.legacy_row_checkable``: zarr wrote no file for all-zero rows).
 
-Incomplete episodes are checked like complete ones (their committed rows must be intact too) and listed separately;
+An episode folder holding array data but no commit record (an interrupted copy) is damage: ``--resume`` moves it
+aside rather than deleting data it cannot judge. Incomplete episodes are checked like complete ones (their committed rows must be intact too) and listed separately;
 ``--resume`` deletes and re-runs them, and any damaged episode known not to have finished.
 """
 
@@ -21,6 +27,7 @@ from collections.abc import Callable
 
 import google_crc32c
 
+from openpi.latents.store import checksums as checksums_lib
 from openpi.latents.store import format as sf
 from openpi.latents.store import location
 from openpi.latents.store.format import DamagedEpisodeError, StoreFormatError, scan_episode_dirs
@@ -36,10 +43,16 @@ class Damage:
     path: location.StorePath
     problem: str
     repaired_by_resume: bool
+    kept_aside_by_resume: bool = False
 
     def describe(self) -> str:
         where = f"task {self.task_id}" + ("" if self.episode_index is None else f" episode {self.episode_index}")
-        fix = "--resume deletes and re-runs it" if self.repaired_by_resume else "delete the episode folder, --resume"
+        if self.kept_aside_by_resume:
+            fix = "--resume moves the folder aside (not deleted) and re-runs it"
+        elif self.repaired_by_resume:
+            fix = "--resume deletes and re-runs it"
+        else:
+            fix = "delete the episode folder, --resume"
         return f"{where}: {self.path}: {self.problem} [{fix}]"
 
 
@@ -51,6 +64,7 @@ class VerifyReport:
     rows: int = 0
     damages: list[Damage] = dataclasses.field(default_factory=list)
     incomplete: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    legacy_unbound: int = 0  # episodes of format 1/2: checksums (if any) that cannot catch a chunk moved elsewhere
 
     @property
     def ok(self) -> bool:
@@ -71,6 +85,8 @@ def _crc32c_file(path: location.StorePath) -> int:
 def _check_rows(ep: EpisodeReader, key: str, decode: bool, report: VerifyReport, add) -> None:
     spec = ep.fields[key]
     checksums = None if ep.record.checksums is None else ep.record.checksums[key]
+    bound = ep.record.checksums_bind_place
+    place = checksums_lib.episode_place(ep.path)
     steps = ep.present_steps(key)
     missing = {row for row, _ in ep.missing_chunks(key)}  # one listing per key on object storage
     for row, step in enumerate(steps):
@@ -82,9 +98,12 @@ def _check_rows(ep: EpisodeReader, key: str, decode: bool, report: VerifyReport,
             if row in missing:
                 add(path, f"missing chunk file of {where}")
                 continue
-            if checksums[row] is not None and _crc32c_file(path) != checksums[row]:
-                add(path, f"checksum mismatch of {where} (truncated or corrupt file)")
-                continue
+            if checksums[row] is not None:
+                got = checksums_lib.bound_checksum_file(f"{place}/{chunk}", path) if bound else _crc32c_file(path)
+                if got != checksums[row]:
+                    what = "truncated, corrupt or another row's/episode's file" if bound else "truncated or corrupt"
+                    add(path, f"checksum mismatch of {where} ({what})")
+                    continue
         elif chunk is not None and row in missing:  # format 1: only where legacy_row_checkable
             add(ep.path / chunk, f"missing chunk file of {where}")
             continue
@@ -100,8 +119,9 @@ def _verify_episode(path: location.StorePath, t: int, k: int, decode: bool, repo
     try:
         ep = EpisodeReader(path, t, k)
     except DamagedEpisodeError as e:
-        report.damages.append(Damage(t, k, path, str(e), not e.may_be_complete))
+        report.damages.append(Damage(t, k, path, str(e), not e.may_be_complete, e.kept_aside_by_resume))
         return
+    report.legacy_unbound += not ep.record.checksums_bind_place
     repaired = not ep.complete
 
     def add(file: pathlib.Path, problem: str) -> None:
@@ -112,7 +132,7 @@ def _verify_episode(path: location.StorePath, t: int, k: int, decode: bool, repo
         report.incomplete.append((t, k))
     for key in ep.keys():
         try:
-            ep.open_array(key)
+            ep.open_array(key)  # also compares the array metadata with the commit record (array_checks)
         except StoreFormatError as e:
             add(path / key, str(e))
             continue

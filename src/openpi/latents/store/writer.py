@@ -48,7 +48,13 @@ from openpi.latents.store.episode_writer import (
 )
 from openpi.latents.store.format import read_group_attrs, scan_episode_dirs
 from openpi.latents.store.lock import FileLock, make_lock
-from openpi.latents.store.opening import check_can_open, check_writable, episode_state, incomplete_episodes
+from openpi.latents.store.opening import (
+    KEPT_ASIDE,
+    check_can_open,
+    check_writable,
+    episode_state,
+    incomplete_episodes,
+)
 
 logger = logging.getLogger(__name__)
 _STOP = object()
@@ -161,9 +167,17 @@ class LatentStoreWriter:
                 requested.get("code_version"),
                 stored.get("code_version"),
             )
-        deleted = []
+        deleted, kept_aside = [], []
         for (task_id, k), why in incomplete_episodes(root).items():
             path = root / sf.task_group_name(task_id) / sf.episode_group_name(k)
+            if why.startswith(KEPT_ASIDE):  # data it cannot judge: moved out of the store's view, not deleted
+                n = 0
+                while (aside := path.with_name(sf.kept_aside_name(path.name, n))).exists():
+                    n += 1
+                location.move_tree(path, aside)
+                kept_aside.append(str(aside))
+                logger.warning("Resume: task %d episode %d moved aside to %s, to re-run it (%s)", task_id, k, aside, why)
+                continue
             location.remove_tree(path)
             deleted.append([task_id, k])
             if why != "incomplete":
@@ -177,6 +191,7 @@ class LatentStoreWriter:
                 "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "code_version": requested.get("code_version"),
                 "deleted_incomplete": deleted,
+                **({"kept_aside": kept_aside} if kept_aside else {}),
             }
         )
         group.attrs.update({"resumes": resumes})

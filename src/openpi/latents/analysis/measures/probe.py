@@ -1,7 +1,7 @@
 """The task-decoding probe: cross-validated multinomial logistic regression of a label (the task id) from features,
 folds grouped by episode, with chance levels, a group-level shuffled-label control and a permutation p-value.
 
-Pure numpy / scikit-learn, deterministic given ``seed``. Re-exported by :mod:`openpi.latents.analysis.metrics`.
+Pure numpy / scikit-learn, deterministic given ``seed``. Re-exported by :mod:`openpi.latents.analysis.measures`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class ProbeResult:
         shuffled_ci: central ``ci`` percentile interval of the shuffled accuracies.
         shuffled_accuracies: [n_shuffles] the mean-over-folds accuracy of each permutation.
         p_value: the permutation p-value of decodability. With ``n_permutations > 0`` (default 1000): from
-            :func:`openpi.latents.analysis.probe_permutation.ridge_permutation_test`, a ridge classifier refit in
+            :func:`~openpi.latents.analysis.measures.probe_permutation.ridge_permutation_test`,
+            a ridge classifier refit in
             closed form under each group-label permutation on the same folds (exact for its own statistic, cheap).
             With ``n_permutations=0``: the shuffled logistic control's ``shuffled_p_value``.
         p_floor: the smallest p-value the test could give, ``1 / (1 + permutations)``.
@@ -196,7 +197,7 @@ def task_probe(
 
 def _permutation(x, y, group_index, splits, n_permutations: int, seed: int, notes: set[str]):
     """The ridge permutation test behind ``p_value``, or None when not run (0 permutations, mixed-label groups)."""
-    from openpi.latents.analysis.probe_permutation import group_folds, ridge_permutation_test
+    from openpi.latents.analysis.measures.probe_permutation import group_folds, ridge_permutation_test
 
     if n_permutations <= 0:
         return None

@@ -1,8 +1,8 @@
 """The metrics of the analysis: :data:`REGISTRY`, the one list of them, and what a compute function sees.
 
-Adding a metric is one compute function (per-step: :mod:`~openpi.latents.analysis.step_metrics`; pooled:
-:mod:`~openpi.latents.analysis.pooled_metrics`) plus one :class:`Metric` entry in :data:`REGISTRY`: the per-layer driver
-(:mod:`openpi.latents.analysis.driver`) calls every entry that applies to a stream, and the report (metrics.json,
+Adding a metric is one compute function (per-step: :mod:`~openpi.latents.analysis.metrics.step`; pooled:
+:mod:`~openpi.latents.analysis.metrics.pooled`) plus one :class:`Metric` entry in :data:`REGISTRY`: the per-layer driver
+(:mod:`openpi.latents.analysis.run.driver`) calls every entry that applies to a stream, and the report (metrics.json,
 tables, figures, definitions) and the openpi-style language-loss view take the list, definitions and labels from here.
 
 A ``"block"`` metric sees one :class:`LayerBlock` (a block of rollout steps of one layer of one stream of one episode,
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from openpi.latents.analysis import pooled_metrics as PM
-from openpi.latents.analysis import prompt_decoding as PD
-from openpi.latents.analysis import step_metrics as SM
-from openpi.latents.analysis import streams as S
+from openpi.latents.analysis.data import streams as S
+from openpi.latents.analysis.metrics import pooled as PM
+from openpi.latents.analysis.metrics import prompt_decoding as PD
+from openpi.latents.analysis.metrics import step as SM
 
 if TYPE_CHECKING:
-    from openpi.latents.analysis.embedding import TokenEmbedding
-    from openpi.latents.analysis.result import CollectionAnalysis, EpisodeRef
+    from openpi.latents.analysis.data.embedding import TokenEmbedding
+    from openpi.latents.analysis.run.result import CollectionAnalysis, EpisodeRef
 
 Rows = Sequence[int] | slice
 Values = tuple[Rows, np.ndarray]
@@ -80,7 +80,7 @@ class Metric:
     label: str  # axis label of its figures
     higher_means: str  # what a higher value says (the openpi-style language-loss view)
     scope: str = "block"  # "block": per block of rollout steps; "episode": once per episode and layer; "pooled":
-    # once per layer on rows pooled over a sample of the collection (openpi.latents.analysis.pooled)
+    # once per layer on rows pooled over a sample of the collection (openpi.latents.analysis.metrics.pooled_rows)
     needs_embedding: bool = False  # skipped (with the reason) without a token embedding
     curves: bool = False  # drawn in the per-layer curves
     heatmaps: bool = False  # drawn as layer × rollout-step heatmaps and split by success
@@ -253,7 +253,8 @@ REGISTRY: tuple[Metric, ...] = (
         curves=True,
     ),
     # ---- pooled metrics (issue 10: information, geometry): one value per layer over a sample of the collection,
-    # computed by openpi.latents.analysis.pooled; unit of resampling / held-out unit: the task (settings.pooled_split)
+    # computed by openpi.latents.analysis.metrics.pooled_rows; unit of resampling / held-out unit: the task
+    # (settings.pooled_split)
     Metric(
         "token_probe",
         _TEXT,

@@ -1,5 +1,5 @@
 """Notebook accessors: one layer or one rollout step of a stream at a time, over any source
-(:func:`openpi.latents.analysis.source.make_source`: a store, lazy task views, pickles or in-memory task dicts)."""
+(:func:`openpi.latents.analysis.data.source.make_source`: a store, lazy task views, pickles or in-memory task dicts)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from openpi.latents import schema
-from openpi.latents.analysis.source import make_source
+from openpi.latents.analysis.data.source import make_source
 
 _STREAM_KEYS = {
     "text_only": ("text_only_hidden_states",),

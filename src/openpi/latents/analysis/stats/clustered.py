@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from openpi.latents.analysis.stats import BootstrapCI, SuccessSplit, split_by_success
+from openpi.latents.analysis.stats.bootstrap import BootstrapCI, SuccessSplit, split_by_success
 
 __all__ = [
     "WithinTaskDifference",
@@ -122,7 +122,7 @@ def within_task_difference(
 
     ``values`` [n] (NaN dropped), ``success`` [n] bool, ``tasks`` [n] task ids. A metric that depends only on the task
     gives exactly 0 here (every within-task difference is 0) however the success rates differ between tasks, where
-    the pooled difference (:func:`openpi.latents.analysis.stats.split_by_success`) would not.
+    the pooled difference (:func:`openpi.latents.analysis.stats.bootstrap.split_by_success`) would not.
     """
     v = np.asarray(values, np.float64)
     f = np.asarray(success).astype(bool)

@@ -13,7 +13,7 @@
 * ``expert_1``: the action expert, ``expert_1_segment_means`` [S, L, B, 2, W] (state token, mean of the action
   tokens) or ``expert_1_hidden_states`` [S, L, B, Ts, W]; plus ``attention_to_text`` [S, L, B, heads, Ts].
 
-Layer labels come from :mod:`openpi.latents.analysis.labels`.
+Layer labels come from :mod:`openpi.latents.analysis.data.labels`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from openpi.latents import schema
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis.labels import resolve_layers
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.data.labels import resolve_layers
 from openpi.latents.store.manifest import RunManifest
 from openpi.shared import record_keys as rk
 

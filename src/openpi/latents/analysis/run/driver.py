@@ -3,13 +3,13 @@
 It walks streams → layers → episodes → blocks of rollout steps and reads, per block, one layer of one stream
 (``read(task, episode, key, layer=l, steps=block)``), so memory is bounded by a block of one layer
 (``max_block_bytes``), never a whole episode. Each block goes to every metric of
-:data:`openpi.latents.analysis.registry.REGISTRY` that applies to the stream; this module only reads, feeds the
-metrics and keeps their small per-step results (:class:`openpi.latents.analysis.result.CollectionAnalysis`), plus the
-task probe's features, the action-chunk divergence and expert 1 per denoising step (``denoise_sensitivity``).
+:data:`openpi.latents.analysis.metrics.registry.REGISTRY` that applies to the stream; this module only reads, feeds the
+metrics and keeps their small per-step results (:class:`openpi.latents.analysis.run.result.CollectionAnalysis`), plus
+the task probe's features, the action-chunk divergence and expert 1 per denoising step (``denoise_sensitivity``).
 
-expert_0 counts valid cameras only (``segment_mask``; see :mod:`openpi.latents.analysis.streams`): a masked camera's
-image positions are left out of prompt sensitivity and drift, and its block out of the probe features. expert_1 drift
-is taken at the last captured denoising step (see the registry's ``drift``).
+expert_0 counts valid cameras only (``segment_mask``; see :mod:`openpi.latents.analysis.data.streams`): a masked
+camera's image positions are left out of prompt sensitivity and drift, and its block out of the probe features. expert_1
+drift is taken at the last captured denoising step (see the registry's ``drift``).
 
 Episodes with no rollout step (env.reset failed: stored with an error and no steps) get empty rows and are skipped;
 streams are discovered from the first episode with steps; both are reported (``source["episodes_without_steps"]``).
@@ -25,16 +25,16 @@ from typing import Any
 import numpy as np
 
 from openpi.latents import schema
-from openpi.latents.analysis import denoise_sensitivity as DS
-from openpi.latents.analysis import labels
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis import pooled as P
-from openpi.latents.analysis import registry as R
-from openpi.latents.analysis import source as src
-from openpi.latents.analysis import step_metrics as SM
-from openpi.latents.analysis import streams as S
-from openpi.latents.analysis.embedding import TokenEmbedding, token_embedding_for_manifest
-from openpi.latents.analysis.result import WINDOWS, CollectionAnalysis, EpisodeRef
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.data import labels
+from openpi.latents.analysis.data import source as src
+from openpi.latents.analysis.data import streams as S
+from openpi.latents.analysis.data.embedding import TokenEmbedding, token_embedding_for_manifest
+from openpi.latents.analysis.metrics import pooled_rows as P
+from openpi.latents.analysis.metrics import registry as R
+from openpi.latents.analysis.metrics import step as SM
+from openpi.latents.analysis.run import denoise_sensitivity as DS
+from openpi.latents.analysis.run.result import WINDOWS, CollectionAnalysis, EpisodeRef
 from openpi.latents.store.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def _analyze_control(res: CollectionAnalysis, control, label: str | None, embedd
 
 
 def _pooled_settings(pooled: bool, split: str, steps_per_episode: int) -> dict[str, Any]:
-    """The pooled metrics' settings (openpi.latents.analysis.pooled): sample, held-out unit, row caps."""
+    """The pooled metrics' settings (openpi.latents.analysis.metrics.pooled_rows): sample, held-out unit, row caps."""
     return dict(
         pooled=pooled,
         pooled_split=split,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from openpi.latents import schema
-from openpi.latents.analysis import streams as S
+from openpi.latents.analysis.data import streams as S
 
 
 @dataclasses.dataclass(frozen=True)

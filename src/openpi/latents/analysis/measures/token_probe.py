@@ -35,8 +35,8 @@ import dataclasses
 
 import numpy as np
 
-from openpi.latents.analysis.arrays import ROW_BLOCK
-from openpi.latents.analysis.text_metrics import final_rms_norm
+from openpi.latents.analysis.measures.arrays import ROW_BLOCK
+from openpi.latents.analysis.measures.text_decoding import final_rms_norm
 
 __all__ = ["LensResult", "TokenProbeResult", "control_labels", "token_identity_probe", "tuned_lens", "vocab_scores"]
 

@@ -13,11 +13,11 @@ right-aligned rules (``text_mask`` [B, T] against [L, B, T]).
 
 Metrics (name: definition):
 
-* Text reconstruction (:func:`text_reconstruction`, in :mod:`openpi.latents.analysis.text_metrics`): each valid text
-  position's state h is decoded to ``argmax_v cos(h, E[v])`` over the token-embedding matrix E [V, W] (ties: lowest
-  id; zero rows of E never win; a zero state decodes to -1, counted wrong). ``accuracy`` = fraction of valid positions
-  decoded to their own token id; ``language_loss = 1 − accuracy``. At layer 0 the text stream is ``E[id]·sqrt(W)``
-  (cast to bf16), so the accuracy is 1 there by construction.
+* Text reconstruction (:func:`text_reconstruction`, in :mod:`~openpi.latents.analysis.measures.text_decoding`):
+  each valid text position's state h is decoded to ``argmax_v cos(h, E[v])`` over the token-embedding matrix E [V, W]
+  (ties: lowest id; zero rows of E never win; a zero state decodes to -1, counted wrong). ``accuracy`` = fraction of
+  valid positions decoded to their own token id; ``language_loss = 1 − accuracy``. At layer 0 the text stream is
+  ``E[id]·sqrt(W)`` (cast to bf16), so the accuracy is 1 there by construction.
 * Logit lens (:func:`logit_lens`): at the *same* position, ``z = E · RMSNorm_final(h)`` with Gemma's final norm
   ``x / sqrt(mean(x²) + eps) · (1 + scale)`` and the tied embedding; ``NLL = logsumexp(z) − z[id]`` (nats) and
   ``rank = #{v ≠ id : z[v] > z[id]}`` (0 = top). Not next-token prediction: pi0's prefix attention is bidirectional,
@@ -25,13 +25,13 @@ Metrics (name: definition):
 * Prompt sensitivity (:func:`prompt_sensitivity`): same observation and noise, original vs counterfactual prompt;
   ``‖a − b‖_F / ‖a‖_F`` over the reduced axes (valid positions only). :func:`action_divergence`: mean over the chunk's
   H steps of the per-step L2 distance, and the max absolute difference.
-* Task decodability (:func:`task_probe`, in :mod:`openpi.latents.analysis.probe`): grouped cross-validated
+* Task decodability (:func:`task_probe`, in :mod:`openpi.latents.analysis.measures.probe`): grouped cross-validated
   logistic-regression accuracy of the task id, with chance levels and a shuffled-label control.
 * Drift (:func:`rollout_drift`): ``1 − cos(x_t, x_0)`` between rollout step t and the first rollout step of the same
   episode, over the flattened valid features; in [0, 2], 0 = same direction.
 * Centred drift (:func:`centred_drift`): per position ``1 − cos(x_t − μ, x_0 − μ)`` with μ the collection mean of the
   layer, averaged over the positions valid at both steps (the headline drift; :func:`rollout_drift` is uncentred).
-* Attention to language (:func:`attention_to_language`, in :mod:`openpi.latents.analysis.attention`): attention
+* Attention to language (:func:`attention_to_language`, in :mod:`openpi.latents.analysis.measures.attention`): attention
   probability mass from expert-1 queries onto a key group (:func:`attention_mass_onto_keys`; the text content keys by
   default, BOS separately), raw and normalised by the group's share of the keys the query may attend to (uniform
   attention = 1), per layer, per head, per denoising step (action queries) and for pi0's state query once.
@@ -45,43 +45,7 @@ import dataclasses
 
 import numpy as np
 
-from openpi.latents.analysis.arrays import informative_text_mask, masked_mean, norm_axes, scalar_or, text_positions
-from openpi.latents.analysis.attention import AttentionToLanguage, attention_to_language
-from openpi.latents.analysis.probe import ProbeResult, task_probe
-from openpi.latents.analysis.stats import BootstrapCI, SuccessSplit, bootstrap_ci, split_by_success
-from openpi.latents.analysis.text_metrics import (
-    LogitLens,
-    TextReconstruction,
-    final_rms_norm,
-    logit_lens,
-    text_reconstruction,
-)
-
-__all__ = [
-    "ActionDivergence",
-    "AttentionToLanguage",
-    "BootstrapCI",
-    "LogitLens",
-    "ProbeResult",
-    "SuccessSplit",
-    "TextReconstruction",
-    "action_divergence",
-    "attention_mass_onto_keys",
-    "attention_to_language",
-    "bootstrap_ci",
-    "centred_drift",
-    "final_rms_norm",
-    "informative_text_mask",
-    "logit_lens",
-    "masked_mean",
-    "prompt_sensitivity",
-    "rollout_drift",
-    "split_by_success",
-    "task_probe",
-    "text_positions",
-    "text_reconstruction",
-]
-
+from openpi.latents.analysis.measures.arrays import norm_axes, scalar_or
 
 # --------------------------------------------------------------------------------------------------------------------
 # 2. Prompt sensitivity

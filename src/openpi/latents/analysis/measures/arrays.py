@@ -1,6 +1,6 @@
 """Array helpers shared by the metrics: valid-position masks and reductions over every axis but the kept ones.
 
-The axis convention (``keep_axes``) is the one of :mod:`openpi.latents.analysis.metrics`.
+The axis convention (``keep_axes``) is the one of :mod:`openpi.latents.analysis.measures`.
 """
 
 from __future__ import annotations

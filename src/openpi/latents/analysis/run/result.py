@@ -1,7 +1,7 @@
 """What :func:`openpi.latents.analysis.analyze_collection` returns, and its summaries over episodes.
 
 * ``step_values[(stream, metric)]``: one float array [rollout steps, layers] per episode (NaN where undefined), for
-  every metric of :data:`openpi.latents.analysis.registry.REGISTRY` that applies.
+  every metric of :data:`openpi.latents.analysis.metrics.registry.REGISTRY` that applies.
 * ``probes[stream]``: one :class:`ProbeResult` per layer (task id from the stream's pooled features, folds grouped
   by episode, chance and shuffled control).
 * ``attention``: NaN-aware sums over all rollout steps of the attention summaries (action queries per denoising step,
@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis import streams as S
-from openpi.latents.analysis.clustered import (
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.data import streams as S
+from openpi.latents.analysis.metrics.registry import BY_NAME, NOT_APPLICABLE
+from openpi.latents.analysis.stats.clustered import (
     WithinTaskDifference,
     cluster_bootstrap_ci,
     holm,
     pooled_split_by_task,
     within_task_difference,
 )
-from openpi.latents.analysis.registry import BY_NAME, NOT_APPLICABLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ class CollectionAnalysis:
     # text_only counterfactual reruns: positions compared per rerun (same token under both prompts)
     cf_text_positions: list[int] = dataclasses.field(default_factory=list)
     # pooled metrics (registry scope "pooled"): (stream, metric) -> one PooledValue (or None) per stored layer, and
-    # the sample they were computed on (openpi.latents.analysis.pooled)
+    # the sample they were computed on (openpi.latents.analysis.metrics.pooled_rows)
     pooled: dict[tuple[str, str], list] = dataclasses.field(default_factory=dict)
     pooled_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     # the same analysis of a control collection (random-initialised model / second checkpoint), and what it is
@@ -83,7 +83,7 @@ class CollectionAnalysis:
     # work shared by one metric across the episodes of a layer (collection-level fits such as prompt decoding)
     shared: dict[Any, Any] = dataclasses.field(default_factory=dict)
     # expert-1 prompt sensitivity per denoising step × layer, {"free", "teacher_forced"} ->
-    # openpi.latents.analysis.denoise_sensitivity.DenoiseSensitivity
+    # openpi.latents.analysis.run.denoise_sensitivity.DenoiseSensitivity
     denoise_sensitivity: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def has(self, stream: str, metric: str) -> bool:

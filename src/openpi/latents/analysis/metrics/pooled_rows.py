@@ -15,7 +15,7 @@ at those steps become rows (:class:`PooledLayer`):
 * ``per_inference``: one row per sampled inference, the task probe's features (``streams.probe_features``), which
   line up across streams (expert-to-expert CKA).
 
-Every pooled metric is a :class:`openpi.latents.analysis.registry.Metric` with ``scope="pooled"``: its compute
+Every pooled metric is a :class:`openpi.latents.analysis.metrics.registry.Metric` with ``scope="pooled"``: its compute
 takes one :class:`PooledLayer` and returns a :class:`PooledValue` (one number per layer, plus named extras such as
 the control task's accuracy or a CKA matrix row). Rows over ``max_rows`` are subsampled (fixed seed, the same rows
 for every layer); CKA uses at most ``cka_rows`` of them.
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from openpi.latents.analysis import streams as S
+from openpi.latents.analysis.data import streams as S
 
 if TYPE_CHECKING:
-    from openpi.latents.analysis.embedding import TokenEmbedding
-    from openpi.latents.analysis.result import CollectionAnalysis
+    from openpi.latents.analysis.data.embedding import TokenEmbedding
+    from openpi.latents.analysis.run.result import CollectionAnalysis
 
 FINAL_KEY = "text_only_final_norm"
 
@@ -176,7 +176,7 @@ def analyze_pooled(
     source, res: CollectionAnalysis, emb: TokenEmbedding | None, metrics, say: Callable[[str], None]
 ) -> None:
     """Every pooled metric of every stream and layer into ``res.pooled[(stream, metric)]`` (one value per layer)."""
-    from openpi.latents.analysis.pooled_metrics import inference_gram  # (pooled_metrics imports this module)
+    from openpi.latents.analysis.metrics.pooled import inference_gram  # (pooled_metrics imports this module)
 
     s = res.settings
     sample = sample_steps(res, s["pooled_steps_per_episode"])

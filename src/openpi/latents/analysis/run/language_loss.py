@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 
 from openpi.latents import schema
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis import streams as src
-from openpi.latents.analysis.driver import analyze_collection
-from openpi.latents.analysis.embedding import TokenEmbedding, token_embedding_for_manifest
-from openpi.latents.analysis.registry import BY_NAME
-from openpi.latents.analysis.result import CollectionAnalysis, quiet_nan_warnings
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.data import streams as src
+from openpi.latents.analysis.data.embedding import TokenEmbedding, token_embedding_for_manifest
+from openpi.latents.analysis.metrics.registry import BY_NAME
+from openpi.latents.analysis.run.driver import analyze_collection
+from openpi.latents.analysis.run.result import CollectionAnalysis, quiet_nan_warnings
 
 SLOTS = {
     "text_only": "text_only_language_loss",

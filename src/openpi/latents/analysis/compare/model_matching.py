@@ -7,7 +7,7 @@ episodes, and every episode k of task t has the same initial-state index, seed, 
 (:func:`match_collections`, reading manifests and episode attrs only; anything else is refused before any analysis,
 naming each mismatch and its fix). Episode (t, k) of model A is then **paired** with episode (t, k) of model B: both
 start from the same initial state with the same seed, so their first observation is the same; after it each model's
-own actions drive the scene. What is compared: :mod:`openpi.latents.analysis.model_comparison`.
+own actions drive the scene. What is compared: :mod:`openpi.latents.analysis.compare.model_comparison`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from openpi.latents.analysis.behaviour import _condition_of
-from openpi.latents.analysis.labels import model_depth
+from openpi.latents.analysis.compare.behaviour import _condition_of
+from openpi.latents.analysis.data.labels import model_depth
 from openpi.latents.store.manifest import RunManifest
 
 # Episode attrs that must agree between paired episodes (when either run recorded them).
@@ -266,7 +266,7 @@ def find_comparison(
     than two models, or the other model has no single baseline store.
     """
     from openpi.latents import store as store_lib
-    from openpi.latents.analysis.behaviour import _is_baseline, find_stores
+    from openpi.latents.analysis.compare.behaviour import _is_baseline, find_stores
 
     paths = find_stores(conditions)
     manifests = {p: store_lib.open_store(p).run_manifest for p in paths}

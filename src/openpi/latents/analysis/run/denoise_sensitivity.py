@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from openpi.latents import schema
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis.clustered import cluster_bootstrap_ci
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.stats.clustered import cluster_bootstrap_ci
 from openpi.latents.store.manifest import RunManifest
 
 if TYPE_CHECKING:
-    from openpi.latents.analysis.result import CollectionAnalysis
+    from openpi.latents.analysis.run.result import CollectionAnalysis
 
 METRIC = "prompt_sensitivity_by_denoise_step"  # its name in metrics.json and res.missing
 DEFINITION = (

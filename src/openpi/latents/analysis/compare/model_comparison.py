@@ -1,7 +1,7 @@
 """Two models on the same episodes (pi0 vs pi0.5, or two checkpoints): paired success and per-layer metrics.
 
 The collections are matched and their episodes paired (same task, initial state and seed) by
-:func:`openpi.latents.analysis.model_matching.match_collections`; A is the report's collection, B the one it is
+:func:`openpi.latents.analysis.compare.model_matching.match_collections`; A is the report's collection, B the one it is
 compared with.
 
 Definitions (also written into the report):
@@ -9,13 +9,13 @@ Definitions (also written into the report):
 * success rate per task and overall: fraction of the paired episodes that succeeded (episodes that ended with an error
   in either run are left out, with a note);
 * Δ success = mean over tasks of (B rate − A rate); 95% percentile interval from a cluster bootstrap resampling tasks
-  (:func:`openpi.latents.analysis.behaviour.task_cluster_bootstrap`); n/a below two tasks;
-* McNemar's exact test over the paired episodes (:func:`openpi.latents.analysis.behaviour.mcnemar_exact`):
+  (:func:`openpi.latents.analysis.compare.behaviour.task_cluster_bootstrap`); n/a below two tasks;
+* McNemar's exact test over the paired episodes (:func:`openpi.latents.analysis.compare.behaviour.mcnemar_exact`):
   b = A success & B failure, c = A failure & B success, p = min(1, 2·P[Bin(b + c, ½) ≤ min(b, c)]);
 * per layer, each model's value of a registered metric is its own analysis' summary (mean over episodes of per-episode
   means, task-cluster bootstrap: :meth:`CollectionAnalysis.per_layer`); the **paired difference** is, per paired
   episode, B's episode mean minus A's, averaged over the pairs with a task-cluster bootstrap
-  (:func:`openpi.latents.analysis.clustered.cluster_bootstrap_ci`), computed only where both models store the same
+  (:func:`openpi.latents.analysis.stats.clustered.cluster_bootstrap_ci`), computed only where both models store the same
   model layer ids of models of the same depth. Models of different depths are drawn against relative depth
   (layer id / depth: the residual stream entering layer l of L) and get no per-layer paired difference.
 """
@@ -27,12 +27,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from openpi.latents.analysis.behaviour import mcnemar_exact, paired_mcnemar, paired_rates, task_cluster_bootstrap
-from openpi.latents.analysis.clustered import cluster_bootstrap_ci
-from openpi.latents.analysis.model_matching import MatchedCollections, ModelSide, PairedOutcome
-from openpi.latents.analysis.registry import BY_NAME
-from openpi.latents.analysis.result import CollectionAnalysis
-from openpi.latents.analysis.stats import BootstrapCI
+from openpi.latents.analysis.compare.behaviour import (
+    mcnemar_exact,
+    paired_mcnemar,
+    paired_rates,
+    task_cluster_bootstrap,
+)
+from openpi.latents.analysis.compare.model_matching import MatchedCollections, ModelSide, PairedOutcome
+from openpi.latents.analysis.metrics.registry import BY_NAME
+from openpi.latents.analysis.run.result import CollectionAnalysis
+from openpi.latents.analysis.stats.bootstrap import BootstrapCI
+from openpi.latents.analysis.stats.clustered import cluster_bootstrap_ci
 
 # (metric, stream) shown side by side: prompt sensitivity per stream, matched-observation prompt decoding, expert-1
 # attention to text and text decoding (registry definitions).

@@ -1,8 +1,8 @@
 """Compute functions of the per-step metrics (``Metric(scope="block" | "episode")`` entries of the registry).
 
-Each takes one :class:`~openpi.latents.analysis.registry.LayerBlock` and returns ``(rows, values)`` or None (see
-:mod:`~openpi.latents.analysis.registry`, which lists them with their definitions). Shared work (text reconstruction
-feeds two metrics, the logit lens three) is computed once per block through :meth:`LayerBlock.cached`.
+Each takes one :class:`~openpi.latents.analysis.metrics.registry.LayerBlock` and returns ``(rows, values)`` or None (see
+:mod:`~openpi.latents.analysis.metrics.registry`, which lists them with their definitions). Shared work (text
+reconstruction feeds two metrics, the logit lens three) is computed once per block through :meth:`LayerBlock.cached`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from openpi.latents import schema
-from openpi.latents.analysis import attention as ATT
-from openpi.latents.analysis import metrics as M
-from openpi.latents.analysis import streams as S
+from openpi.latents.analysis import measures as M
+from openpi.latents.analysis.data import streams as S
+from openpi.latents.analysis.measures import attention as ATT
 
 if TYPE_CHECKING:
-    from openpi.latents.analysis.registry import LayerBlock, Values
+    from openpi.latents.analysis.metrics.registry import LayerBlock, Values
 
 
 def _decoded_rows(b: LayerBlock) -> list[int]:

@@ -1,17 +1,18 @@
 """Compute functions of the pooled metrics (``Metric(scope="pooled")`` entries of the registry).
 
-Each takes one :class:`~openpi.latents.analysis.pooled.PooledLayer` and returns a
-:class:`~openpi.latents.analysis.pooled.PooledValue` (or None: nothing for this stream). Definitions: the registry
-entries, :mod:`~openpi.latents.analysis.geometry` and :mod:`~openpi.latents.analysis.token_probe`.
+Each takes one :class:`~openpi.latents.analysis.metrics.pooled_rows.PooledLayer` and returns a
+:class:`~openpi.latents.analysis.metrics.pooled_rows.PooledValue` (or None: nothing for this stream).
+Definitions: the registry entries, :mod:`~openpi.latents.analysis.measures.geometry` and
+:mod:`~openpi.latents.analysis.measures.token_probe`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from openpi.latents.analysis import geometry as G
-from openpi.latents.analysis import token_probe as TP
-from openpi.latents.analysis.pooled import PooledLayer, PooledValue
+from openpi.latents.analysis.measures import geometry as G
+from openpi.latents.analysis.measures import token_probe as TP
+from openpi.latents.analysis.metrics.pooled_rows import PooledLayer, PooledValue
 
 NAN = float("nan")
 

@@ -1,7 +1,7 @@
 """Bootstrap confidence intervals for the language-loss analysis.
 
-Pure numpy, deterministic given ``seed``. The representation metrics live in :mod:`openpi.latents.analysis.metrics`
-(which re-exports everything here), the task-decoding probe in :mod:`openpi.latents.analysis.probe`.
+Pure numpy, deterministic given ``seed``. The representation metrics live in :mod:`openpi.latents.analysis.measures`
+(which re-exports everything here), the task-decoding probe in :mod:`openpi.latents.analysis.measures.probe`.
 
 * :func:`bootstrap_ci`: percentile bootstrap interval of a statistic of one sample.
 * :func:`split_by_success`: a per-episode metric split by episode success, with a bootstrap interval for each side and
@@ -29,7 +29,7 @@ class BootstrapCI:
         n: number of non-NaN values used.
         ci: the coverage asked for.
         unit: what was resampled: "episode" (the values), or "task" (clusters of episodes:
-            :func:`openpi.latents.analysis.clustered.cluster_bootstrap_ci`).
+            :func:`openpi.latents.analysis.stats.clustered.cluster_bootstrap_ci`).
         n_clusters: number of clusters (tasks) behind a clustered interval; None for an episode bootstrap.
     """
 

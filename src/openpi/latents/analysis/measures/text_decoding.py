@@ -1,6 +1,6 @@
 """Text decoding metrics: text reconstruction (nearest token embedding) and the same-position logit lens.
 
-Definitions in :mod:`openpi.latents.analysis.metrics` (which re-exports everything here). Plain numpy.
+Definitions in :mod:`openpi.latents.analysis.measures` (which re-exports everything here). Plain numpy.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from openpi.latents.analysis.arrays import ROW_BLOCK, norm_axes, reduce_valid, scatter, valid_rows
+from openpi.latents.analysis.measures.arrays import ROW_BLOCK, norm_axes, reduce_valid, scatter, valid_rows
 
 # --------------------------------------------------------------------------------------------------------------------
 # 1. Text reconstruction and logit lens
