@@ -211,7 +211,7 @@ def test_the_record_keys_have_one_home_that_the_model_the_store_and_the_analysis
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert imported <= {"__future__", "dataclasses", "typing"}, imported
     graph = import_graph()
-    for user in ("openpi.models.sampling", "openpi.latents.schema", "openpi.latents.analysis.streams"):
+    for user in ("openpi.models.sampling", "openpi.latents.schema", "openpi.latents.analysis.data.streams"):
         assert "openpi.shared.record_keys" in graph[user], user
     from openpi.latents import schema
     from openpi.models import sampling

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from openpi.latents import store, text_latent
-from openpi.latents.analysis import behaviour, labels, streams
+from openpi.latents.analysis.compare import behaviour
+from openpi.latents.analysis.data import labels, streams
 from openpi.latents.store import manifest as manifest_lib
 from openpi.latents.store.manifest import MANIFEST_VERSION, RunManifest
 

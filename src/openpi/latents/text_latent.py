@@ -90,7 +90,7 @@ def load(path: str | pathlib.Path) -> TextLatents:
 
 def _layer_ids(manifest: RunManifest, n_stored: int) -> tuple[int, ...]:
     """Model layer ids of the stored layers: the capture spec's (negative ids resolved with the model's depth)."""
-    from openpi.latents.analysis.labels import model_depth
+    from openpi.latents.analysis.data.labels import model_depth
 
     layers = manifest.capture("layers")
     if layers is None:

@@ -2,7 +2,7 @@
 
 The model names what it captures with these (`openpi.models.sampling`), the store describes how it keeps them
 (`openpi.latents.schema`: axes, dtype, stream; byte sizes) and the analysis finds its streams by them
-(`openpi.latents.analysis.streams`). Pure stdlib, so the model, the store and the analysis all import it: the model
+(`openpi.latents.analysis.data.streams`). Pure stdlib, so the model, the store and the analysis all import it: the model
 imports nothing from `openpi.latents`, and reading a store imports no model code.
 
 A counterfactual rerun of the same step with another prompt stores its values under ``cf_<key>`` (:data:`CF_PREFIX`),
