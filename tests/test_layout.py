@@ -190,6 +190,28 @@ def test_no_circles_through_deferred_or_type_only_imports_on_the_producer_side()
     assert cycle is None, "import cycle (deferred and type-only imports included): " + " -> ".join(cycle or [])
 
 
+def test_no_producer_imports_another_producers_internals():
+    """The collection, the server, the replay and the synthetic collection share `openpi.latents.recording` (and the
+    store); none imports another's package, deferred and type-only imports included."""
+    producers = {
+        "collection": ("openpi.latents.collect",),
+        "server": ("openpi.serving",),
+        "replay": ("openpi.latents.replay",),
+        "synthetic": ("openpi.latents.synthetic_collection",),
+    }
+    graph = import_graph_all()
+    bad = [
+        f"{module} ({name}) imports {target}"
+        for name, own in producers.items()
+        for module, targets in graph.items()
+        if module.startswith(own)
+        for target in targets
+        if any(target.startswith(other) for n, o in producers.items() if n != name for other in o)
+    ]
+    assert not bad, bad
+    assert "openpi.latents.recording.records" in graph["openpi.serving.recording"]
+
+
 def test_store_writer_imports_no_reader():
     graph = import_graph()
     readers = {f"openpi.latents.store.{m}" for m in ("reader", "views", "loading", "pickle_format")}
