@@ -12,7 +12,8 @@ The real job (openpi's released pi0_libero checkpoint; needs the `gcs` extra for
 
 Closed-loop conditions (each recorded in the manifest and every episode; paired with the baseline by task, initial
 state, seed and inference index): `--condition.prompt blank|other-task|text`, `--condition.intervention
-knockout-text|knockout-text-expert1|ablate-text|steer|file.json`, `--condition.sweep-layers` (one store per layer
+knockout-language|knockout-text-keys|knockout-text-direct|ablate-text|steer|file.json` (old names knockout-text,
+knockout-text-expert1 kept as aliases), `--condition.sweep-layers` (one store per layer
 under --output-dir), `--condition.text-latent latents.npz --condition.text-latent-task K`. LIBERO-PRO suites:
 `--task-suite libero_goal_task` etc. (prompted with the BDDL's perturbed instruction).
 

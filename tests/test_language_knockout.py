@@ -118,3 +118,23 @@ def test_recipes_and_aliases():
     assert iv.describe(conditions.recipe("knockout-language", None)) == {"ops": [{"op": "knockout_language"}]}
     with pytest.raises(ValueError, match=r"every layer.*drop --condition.layers"):
         conditions.recipe("knockout-language", (2,))
+
+
+def test_knockout_language_is_a_condition_by_name():
+    config = policy_config.get_preset("pi0_organism_tiny").model_config
+    cond = conditions.resolve(
+        conditions.ConditionArgs(intervention="knockout-language"), config, num_steps=10, list_tasks=lambda s: ()
+    )
+    assert cond.name == "knockout-language" and cond.details["recipe"] == "knockout-language"
+    assert cond.details["intervention"]["ops"] == [{"op": "knockout_language"}]
+    old = conditions.resolve(
+        conditions.ConditionArgs(intervention="knockout-text-expert1", layers=(1,)), config, num_steps=10,
+        list_tasks=lambda s: (),
+    )  # fmt: skip
+    assert old.name == "knockout-text-expert1@L1"  # an alias keeps its name: older stores and commands read the same
+    assert old.details["intervention"]["ops"][0] == {
+        "op": "knockout", "queries": "suffix", "keys": "text", "layers": [1], "heads": None,
+    }  # fmt: skip
+    sweep = conditions.expand(conditions.ConditionArgs(intervention="knockout-language", sweep_layers=True), depth=4)
+    with pytest.raises(ValueError, match=r"every layer.*drop --condition.layers"):
+        conditions.resolve(sweep[0], config, num_steps=10, list_tasks=lambda s: ())
