@@ -74,11 +74,11 @@ class Args:
     max_block_mib: int = 64
     # Open pickles (unpickling executes code from the file: only for files you trust).
     allow_pickle: bool = False
-    # How episodes of different lengths are aligned for success vs failure: "progress" (default: bins of normalised
-    # progress through each episode, which never collapse), "common" (the first N rollout steps, N = fewest any
-    # episode has) or "all" (each episode's own steps: failed episodes run longer, so step-dependent metrics are
-    # confounded).
-    success_window: Literal["progress", "common", "all"] = "progress"
+    # How success is compared with failure: "step" (default: at equal rollout steps among the episodes still
+    # running, within task; episode length cannot make a gap), "progress" (a secondary view: bins of normalised
+    # progress through each episode; confounded by length, as successes end early), "common" (the first N rollout
+    # steps, N = fewest any episode has) or "all" (each episode's own steps: length-confounded).
+    success_window: Literal["step", "progress", "common", "all"] = "step"
     # Analyse a damaged store's intact episodes (by default a damaged store is refused, listing the damage).
     skip_damaged: bool = False
     # Closed-loop conditions to compare with their paired baseline (a directory of condition stores, as a sweep or
@@ -86,6 +86,9 @@ class Args:
     conditions: pathlib.Path | None = None
     # The baseline store of --conditions (default: the one among them with the task prompt and no intervention).
     baseline: pathlib.Path | None = None
+    # Correction of a layer sweep's McNemar p-values over the sweep (the family: every layer of one recipe): "holm"
+    # (family-wise error rate) or "bh" (Benjamini–Hochberg, false discovery rate).
+    sweep_correction: Literal["holm", "bh"] = "holm"
     # Pooled metrics (token-identity probe, tuned lens, CKA, effective rank) on a sample of every episode's steps.
     pooled: bool = True
     # Held-out unit of the token probe and the tuned lens: "task" (prompts never seen in training) or "episode".
@@ -221,7 +224,9 @@ def main(args: Args) -> dict:
     if conditions is not None:
         from openpi.latents.analysis.compare.behaviour import analyze_conditions
 
-        behaviour = analyze_conditions(conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed)
+        behaviour = analyze_conditions(
+            conditions, baseline=args.baseline, n_boot=args.n_boot, seed=args.seed, correction=args.sweep_correction
+        )
     comparison = None
     if matched is not None:
         from openpi.latents.analysis.compare.model_comparison import compare_models

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import tyro
 
 from openpi.latents import collect
+from openpi.latents.collect.parallel import WorkerDied
 from openpi.shared import cli, jax_cache
 
 
@@ -57,6 +58,13 @@ def main(args: collect.CollectionArgs, argv: Sequence[str] | None = None) -> Non
             file=sys.stderr,
         )
         raise SystemExit(e.exit_code) from None
+    except WorkerDied as e:  # an env worker killed or crashed: the store is as after a crash, resumable
+        print(
+            f"\nerror: {e}\nFinished episodes are kept in {args.output_dir}. Resume with:\n  "
+            f"{resume_command(sys.argv if argv is None else argv)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     for run in runs:
         print(f"\ncondition {run.name}:" if len(runs) > 1 else "")
         print(collect.summary_table(run.plan, run.outcomes))

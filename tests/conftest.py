@@ -4,11 +4,12 @@ JAX compilation cache: before anything compiles, the session points JAX's persis
 ``$JAX_COMPILATION_CACHE_DIR`` if set, else at pytest's cache directory (``.pytest_cache/d/jax_compilation_cache`` in
 the checkout; the temp directory under ``-p no:cacheprovider``; never the home directory), and exports it, so that the
 CLI subprocesses, env workers and Ray workers the tests start load what an earlier test compiled. Every entry is
-written (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` defaults to 0 here): on 2 CPU cores compiling the tiny models
-is most of the suite's time.
+written (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` defaults to 0 here). On a clean machine the cache starts empty
+and saves the subprocesses' compiles; a second run in the same checkout also skips the test process's own.
 
-Markers: ``libero`` (runs the LIBERO simulator) and ``slow`` (more than ~20 s on 2 cores); ``pytest -m "not slow"`` is
-the inner loop. A test that makes a LIBERO env in-process without the ``libero`` marker fails (`_guard_libero_envs`).
+Markers: ``libero`` (starts the LIBERO simulator; implies ``slow``) and ``slow`` (a test or the module fixture it
+needs takes more than ~15 s on 2 cores); ``pytest -m "not slow"`` is the inner loop. A test that makes a LIBERO env
+in-process without the ``libero`` marker fails (`_guard_libero_envs`).
 
 Fixtures for everyone (session-scoped, read-only: do not mutate what they return):
 - ``load_script("inference_latent_collection")``: a scripts/*.py module, for in-process CLI checks.
@@ -69,6 +70,8 @@ def _count_cache_use() -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     use = _cache_use
+    if not use["hits"] + use["misses"]:
+        return  # nothing compiled in this process (collection only, or the tests ran in worker processes)
     terminalreporter.write_line(
         f"JAX compilation cache {os.environ.get(jax_cache.ENV_VAR)}: {use['hits']} hits ({use['saved_s']:.0f} s of "
         f"compiling saved), {use['misses']} misses in the test process"
@@ -91,6 +94,13 @@ def _guard_libero_envs() -> None:
         real_init(self, *args, **kwargs)
 
     libero_env.LiberoEnv.__init__ = guarded_init
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A LIBERO test starts a simulator (~10 s on 2 cores before the first step): slow by definition.
+    for item in items:
+        if item.get_closest_marker("libero") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -490,6 +490,7 @@ def check_report(out: pathlib.Path, data: dict) -> None:
             assert (entry["per_layer"] is None) == bool(entry.get("reason")), (m, s)
 
 
+@pytest.mark.slow
 def test_report_and_cli_on_synthetic_store(tmp_path):
     syn = Synth()
 
@@ -771,6 +772,7 @@ def full_capture_record(syn: Synth, t, k, i, *, seg_mask=True, cf=True, cam2_tas
 FULL_MANIFEST = {"text_start": TEXT_START}
 
 
+@pytest.mark.slow
 def test_masked_camera_is_left_out_of_expert0_sensitivity_drift_and_probe(tmp_path):
     syn = Synth(L=3, W=8, T=N_TEXT)
     kw = dict(tasks=(0, 1), episodes=3, steps=3)
@@ -911,9 +913,9 @@ def test_episodes_without_steps_and_errored_episodes(tmp_path):
     data = report.write_report(res, tmp_path / "rep")
     check_report(tmp_path / "rep", data)
     info = data["metrics"]["success_split"]
-    # default window is "progress" since issue 10 (no common step count: n_inferences None)
+    # default window is "step" since issue 18 (equal rollout steps) (no common step count: n_inferences None)
     assert [e["episode"] for e in info["excluded_errored"]] == [0, 3] and info["n_inferences"] is None
-    assert info["window"] == "progress"
+    assert info["window"] == "step"
     assert data["source"]["n_errored"] == 2
     md = (tmp_path / "rep" / "report.md").read_text()
     assert errors[0] in md and errors[3] in md and "2 episode(s) that ended with an error left out" in md
@@ -951,6 +953,7 @@ def drift_patterns(W):
     return [a, a + b, b, -a]  # cosines to step 0: 1, 1/√2, 0, −1 → drift 0, 1 − 1/√2, 1, 2
 
 
+@pytest.mark.slow
 def test_success_split_compares_a_common_window_of_rollout_steps(tmp_path):
     """Drift grows with the rollout step the same way in every episode; failures run 4 steps, successes 2. Over the
     common window (2 steps) success − failure is exactly 0; whole-episode means would show a gap from length alone."""

@@ -53,6 +53,7 @@ def _last_layer_output(model, obs) -> np.ndarray:
     return seen[0]
 
 
+@pytest.mark.slow
 def test_final_norm_capture_is_the_final_norm_of_the_last_layer(tiny_a):
     model, obs, noise = tiny_a
     cfg = model.config
@@ -71,6 +72,7 @@ def test_final_norm_capture_is_the_final_norm_of_the_last_layer(tiny_a):
     assert np.abs(last_in / np.sqrt(np.mean(last_in**2, -1, keepdims=True)) * (1 + scale) - want).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_final_norm_capture_never_changes_actions(tiny_a):
     model, obs, noise = tiny_a
     plain = np.asarray(model.sample_actions(jax.random.key(0), obs, num_steps=3, noise=noise))
@@ -279,6 +281,7 @@ def _planted_store(root, syn, *, trained: bool):
     return build_store(root, rec, tasks=tuple(range(N_TASKS)), episodes=2, steps=3)
 
 
+@pytest.mark.slow
 def test_pooled_metrics_through_the_store_with_a_control_collection(tmp_path):
     from test_analysis import Synth, check_report
 

@@ -628,7 +628,11 @@ def test_pickle_output_other_task_counterfactual_and_resume(goal_run, tiny_polic
     assert man["segment_names"] == list(tiny_policy.model.config.segment_names)
     episode = data["episodes"]["episode_0"]
     meta = episode["metadata"]
-    other_prompt = L.get_task(SUITE, 1).language
+    from openpi.latents.collect.args import other_task_draw
+
+    drawn = other_task_draw(args.seed, TASK_ID, 0, len(L.list_tasks(SUITE)))  # random per episode, from the seed
+    other_prompt = L.get_task(SUITE, drawn).language
+    assert drawn != TASK_ID
     assert (meta["success"], meta["total_steps"], meta["num_inferences"], meta["complete"]) == (False, 10, 2, True)
     assert meta["counterfactual_prompt"] == other_prompt != PROMPT
     fields = expected_fields(tiny_policy.model.config)

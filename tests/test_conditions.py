@@ -69,7 +69,9 @@ def test_task_cluster_bootstrap():
     cond = {0: [False, False], 1: [False, False], 2: [False, True]}
     d, lo, hi, why = B.task_cluster_bootstrap(base, cond, n_boot=500, seed=0)
     assert why is None and d == pytest.approx((-0.5 + 0 - 0.5) / 3)
-    assert -0.5 <= lo <= d <= hi <= 0.0  # resampled means of {-0.5, 0, -0.5} stay within [-0.5, 0]
+    # the t interval over the 3 per-task differences {-0.5, 0, -0.5}: sd 0.5/√3, se sd/√3, t_{2, 0.975} = 4.3027
+    half = 4.302652729911275 * (0.5 / np.sqrt(3)) / np.sqrt(3)
+    assert lo == pytest.approx(d - half) and hi == pytest.approx(d + half)
     d1, lo1, hi1, why1 = B.task_cluster_bootstrap({0: [True]}, {0: [False]}, n_boot=10, seed=0)
     assert d1 == -1.0 and math.isnan(lo1) and math.isnan(hi1) and "two tasks" in why1
 

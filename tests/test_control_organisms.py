@@ -91,6 +91,7 @@ def test_target_index_follows_prompt_or_state_quadrant():
     assert gaps[~np.eye(4, dtype=bool)].min() > 1.0  # distinct targets
 
 
+@pytest.mark.slow
 def test_save_checkpoint_round_trips(tmp_path):
     preset = policy_config.get_preset(PRESET)
     model = preset.model_config.create(jax.random.key(7))
@@ -201,6 +202,7 @@ def _figures(res, policy) -> dict[str, float]:
     }
 
 
+@pytest.mark.slow
 def test_pipeline_finds_the_prompt_in_the_positive_organism_only(analyses, policies):
     """The known answers. What the policy does with the prompt (action divergence under the counterfactual prompt,
     the action change under the text knockout) and what the action expert carries of it (prompt sensitivity, prompt
@@ -223,6 +225,7 @@ def test_pipeline_finds_the_prompt_in_the_positive_organism_only(analyses, polic
     assert pos["expert_0_prompt_decoding"] >= 0.9 and neg["expert_0_prompt_decoding"] >= 0.9  # present, not used
 
 
+@pytest.mark.slow
 def test_report_shows_prompt_decoding(analyses, tmp_path):
     from openpi.latents.report import write_report
 

@@ -99,6 +99,7 @@ def test_patch_with_own_captures_is_a_noop(model, obs, noise, plain, plain_laten
     np.testing.assert_allclose(patched, plain, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_mean_ablation_of_one_token_is_a_noop(model, obs, noise, plain, plain_latents):
     ts = model.config.text_start
     span = (ts + 2, ts + 3)
@@ -124,6 +125,7 @@ def test_text_knockout_makes_actions_prompt_independent(model, obs, obs_b, noise
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_patching_text_with_prompt_b_reproduces_b(model, obs, obs_b, noise):
     plain_b = _actions(model, obs_b, noise)
     text_b = _latents(model, obs_b, noise)["text_only_hidden_states"]  # [L, B, n, W0]
@@ -241,6 +243,7 @@ def test_constructor_errors():
 # Unequal expert widths, batch 2
 
 
+@pytest.mark.slow
 def test_noops_with_unequal_widths_and_batch_2():
     config = pi0.Pi0Config(
         dtype="float32",
@@ -288,6 +291,7 @@ def _raw_obs(inputs):
     }
 
 
+@pytest.mark.slow
 def test_policy_entry_points(policy, tiny_a_inputs):
     obs, noise = _raw_obs(tiny_a_inputs), tiny_a_inputs["noise"][0]
     plain = policy.infer(obs, noise=noise)["actions"]

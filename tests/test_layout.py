@@ -391,7 +391,7 @@ def test_metric_registry_entries_are_complete_and_the_report_covers_them():
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((16, 4)).astype(np.float32)
 
-    def step(t: int, i: int) -> dict:
+    def step(t: int, i: int, k: int) -> dict:
         ids = np.array([[1 + t, 2, 3, 0]], np.int32)
         rec = {
             "text_mask": np.array([[True, True, True, False]]),
@@ -408,7 +408,8 @@ def test_metric_registry_entries_are_complete_and_the_report_covers_them():
             "actions": rng.standard_normal((2, 3)).astype(np.float32),
         }
         cf = {f"cf_{k}": v for k, v in rec.items() if k != "denoise_times" and not k.startswith("attention_")}
-        cf["cf_tokenized_prompt"] = ids + np.array([[8, 0, 0, 0]], np.int32)  # a different prompt (first token)
+        # a different prompt (first token), one per episode: prompt decoding needs two distinct rerun prompts a task
+        cf["cf_tokenized_prompt"] = ids + np.array([[8 + 4 * k, 0, 0, 0]], np.int32)
         return {**rec, **cf}
 
     tasks = {
@@ -417,7 +418,7 @@ def test_metric_registry_entries_are_complete_and_the_report_covers_them():
             "episodes": {
                 f"episode_{k}": {
                     "metadata": {"success": k == 0},
-                    "rollout_steps": {f"step_{5 * i}": step(t, i) for i in range(2)},
+                    "rollout_steps": {f"step_{5 * i}": step(t, i, k) for i in range(2)},
                 }
                 for k in range(2)
             },

@@ -91,6 +91,7 @@ def test_prefix_output(model, obs, lora_tiny_a_expected):
     assert _maxdiff(out[:, valid], lora_tiny_a_expected["prefix_out"][:, valid]) < ATOL
 
 
+@pytest.mark.slow
 def test_loss_and_joint_pass(model, obs, tiny_a_inputs, lora_tiny_a_expected):
     expected = lora_tiny_a_expected
     rng = jax.random.key(int(tiny_a_inputs["loss_rng_seed"]))

@@ -43,16 +43,20 @@ def _outcomes(flags_a, flags_b) -> list[PairedOutcome]:
 def test_paired_success_on_hand_made_outcomes():
     s = paired_success(_outcomes(FLAGS_A, FLAGS_B), n_boot=2000, seed=0)
     assert (s.b, s.c) == (0, 3) and s.p_mcnemar == pytest.approx(0.25, abs=1e-12)
-    assert s.diff == pytest.approx(0.5) and s.diff_ci == pytest.approx((1 / 3, 2 / 3)) and s.ci_note is None
+    assert s.diff == pytest.approx(0.5) and s.ci_note is None
+    # the t interval over the per-task differences {1/3, 2/3}: 0.5 ± t_{1, 0.975}/6 (t_{1, 0.975} = 12.7062)
+    assert s.diff_ci == pytest.approx((0.5 - 12.706204736174698 / 6, 0.5 + 12.706204736174698 / 6))
     assert s.rates() == pytest.approx((2 / 6, 5 / 6, 6))
     assert s.rates(0) == pytest.approx((1 / 3, 1.0, 3)) and s.rates(1) == pytest.approx((1 / 3, 2 / 3, 3))
     assert s.task_mcnemar(0) == (0, 2, 0.5)  # 2 · (½)² = 0.5
     assert s.task_mcnemar(1) == (0, 1, 1.0)  # 2 · ½ = 1
     # A third task where A wins once: b = 1, c = 3 → p = 2 · (C(4,0) + C(4,1)) / 2⁴ = 10/16; Δ = (2/3 + 1/3 − 1/2) / 3.
-    # Its Δ = −1/2 and the others' extremes each come up with probability 1/27 > 2.5%: interval [−1/2, 2/3].
+    # Its Δ = −1/2; the t interval over {2/3, 1/3, −1/2}: sd² = (1/4 + 1/36 + 4/9) / 2 = 13/36, half-width
+    # t_{2, 0.975} · sd / √3 with t_{2, 0.975} = 4.30265.
     three = paired_success(_outcomes({**FLAGS_A, 2: [True, True]}, {**FLAGS_B, 2: [False, True]}), n_boot=2000)
     assert (three.b, three.c) == (1, 3) and three.p_mcnemar == pytest.approx(0.625, abs=1e-12)
-    assert three.diff == pytest.approx(1 / 6) and three.diff_ci == pytest.approx((-0.5, 2 / 3))
+    half = 4.302652729911275 * np.sqrt(13 / 36) / np.sqrt(3)
+    assert three.diff == pytest.approx(1 / 6) and three.diff_ci == pytest.approx((1 / 6 - half, 1 / 6 + half))
     one = paired_success(_outcomes({0: FLAGS_A[0]}, {0: FLAGS_B[0]}))
     assert one.diff == pytest.approx(2 / 3) and np.isnan(one.diff_ci[0]) and "two tasks" in one.ci_note
 
@@ -238,8 +242,9 @@ def test_report_gains_the_model_comparison_section(collections, tmp_path):
     # Paired success rows: task, language, episodes, A rate, B rate, Δ, b, c, McNemar p (values by hand, above).
     assert f"| 0 | {_prompt(0)} | 3 | 0.33 | 1.00 | 0.667 | 0 | 2 | 0.5000 |" in section
     assert f"| 1 | {_prompt(1)} | 3 | 0.33 | 0.67 | 0.333 | 0 | 1 | 1.0000 |" in section
-    assert "| all |  | 6 | 0.33 | 0.83 | 0.500 (mean over tasks) [0.333, 0.667] | 0 | 3 | 0.2500 |" in section
-    assert "*Statistics: unit of resampling task (cluster bootstrap, 500 resamples" in section
+    # t interval over the two per-task differences {1/3, 2/3}: 0.5 ± t_{1, 0.975} · (√2/6)/√2 = 0.5 ± 12.706/6
+    assert "| all |  | 6 | 0.33 | 0.83 | 0.500 (mean over tasks) [-1.618, 2.618] | 0 | 3 | 0.2500 |" in section
+    assert "*Statistics: unit of resampling task (t interval over tasks, K − 1 df" in section
     assert "2 tasks, 6 episodes" in section and "No state token in pi0.5" in section
     assert "never sees the robot state" in section and "adaptive RMSNorm" in section
     data = json.loads(json.dumps(clean(report_cmp.comparison_json(cmp)), allow_nan=False))  # as metrics.json holds it
@@ -250,13 +255,15 @@ def test_report_gains_the_model_comparison_section(collections, tmp_path):
     rows = {(r["metric"], r["stream"]): r for r in data["layers"]["per_metric"]}
     for key in [("prompt_sensitivity", s) for s in ("text_only", "expert_0", "expert_1")] + [
         ("attention_to_text", "expert_1"),
-        ("prompt_decoding", "expert_0"),
     ]:
         r = rows[key]
         assert r["a"]["per_layer"] is not None and r["b"]["per_layer"] is not None, key
         assert r["a"]["layers"] == r["b"]["layers"] and r["a"]["n_tasks"] == 2 and r["a"]["n_episodes"][0] == 6
         paired = r["paired_difference_b_minus_a"]
         assert paired["unit_of_resampling"] == "task" and paired["n_episodes"][0] == 6
+    # Two prompts: every rerun of a task has the one other prompt, which the scene names, so decoding is refused
+    decoding = rows[("prompt_decoding", "expert_0")]["a"]
+    assert decoding["per_layer"] is None and "single rerun prompt" in decoding["reason"]
     # The paired difference is B's episode mean minus A's: check one layer against the two analyses' own values.
     r = rows[("prompt_sensitivity", "expert_1")]
     a_mean, b_mean = np.array(r["a"]["per_layer"]), np.array(r["b"]["per_layer"])

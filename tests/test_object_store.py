@@ -105,6 +105,7 @@ def _assert_episode_equal(a: store.EpisodeReader, b: store.EpisodeReader) -> Non
 # The store itself
 
 
+@pytest.mark.slow
 def test_write_read_verify_equal_to_the_local_store(s3, tmp_path):
     url = f"s3://{BUCKET}/runs/a"
     _write_store(url)
@@ -135,6 +136,7 @@ def test_write_read_verify_equal_to_the_local_store(s3, tmp_path):
     assert report.rows == verify.verify_store(tmp_path / "local").rows
 
 
+@pytest.mark.slow
 def test_verify_and_readers_find_damage_on_s3(s3):
     url = f"s3://{BUCKET}/runs/damaged"
     _write_store(url)
@@ -159,6 +161,7 @@ def test_verify_and_readers_find_damage_on_s3(s3):
     assert "DAMAGED task 3 episode 0" in out.stdout and "s3://latents/runs/damaged" in out.stdout
 
 
+@pytest.mark.slow
 def test_sigkilled_writer_partial_episode_hidden_then_resumed(s3, tmp_path):
     url = f"s3://{BUCKET}/runs/killed"
     ready = tmp_path / "ready"

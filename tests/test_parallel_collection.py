@@ -9,9 +9,13 @@ replays episode 0's env reset, so the equality also shows that replaying resets 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import pathlib
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -36,6 +40,7 @@ SUITE, TASK_ID, EPISODES = "libero_goal", 0, 2
 # hidden states are captured in bfloat16 (compared relative to each key's largest magnitude).
 ACTION_TOLERANCE, LATENT_RELATIVE_TOLERANCE = 2e-5, 2**-5
 HAS_RAY = importlib.util.find_spec("ray") is not None
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_args(output_dir: pathlib.Path, **overrides) -> collection.CollectionArgs:
@@ -244,3 +249,104 @@ def test_ray_resume_runs_only_the_missing_episodes(local_ray, sequential, tmp_pa
     resumed = collection.collect(tiny_args(root, backend="ray", batch_inference=False, resume=True))
     assert sorted((o.episode_index, o.skipped) for o in resumed) == [(0, True), (1, False)]
     assert_same_store(root, sequential)
+
+
+# --- issue 19 items 8 and 16: a hung env worker, a killed one, a killed coordinator ------------------------------------
+def _env_worker_pids() -> list[int]:
+    """This process's env worker children (``python -m openpi.envs.worker``), oldest first."""
+    pids = []
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"openpi.envs.worker" in (proc / "cmdline").read_bytes():
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    pids.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def _signal_first_worker_mid_episode_0(root: pathlib.Path, signum: int, done: list, stop: threading.Event) -> None:
+    """Sends `signum` to the first env worker (it runs the first unit, episode 0) once episode 0 committed a step."""
+    while not stop.is_set() and not done:
+        try:
+            record = read_commit(root / f"task_{TASK_ID:03d}" / "episode_0")[0]
+        except Exception:
+            record = None
+        pids = _env_worker_pids()
+        if record is not None and record.committed_steps >= 1 and not record.complete and pids:
+            os.kill(pids[0], signum)
+            done.append(pids[0])
+            return
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def _signalling_first_worker(root: pathlib.Path, signum: int):
+    """Runs `_signal_first_worker_mid_episode_0` on a thread for the block; yields the list of signalled pids.
+    Never leaves a stopped worker behind."""
+    done: list = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_signal_first_worker_mid_episode_0, args=(root, signum, done, stop), daemon=True)
+    watcher.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        watcher.join()
+        for pid in done if signum == signal.SIGSTOP else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.libero
+def test_hung_env_worker_is_replaced_and_its_episode_rerun(sequential, tmp_path, caplog):
+    root = tmp_path / "hang"
+    with _signalling_first_worker(root, signal.SIGSTOP) as stopped:
+        with caplog.at_level("WARNING", logger="openpi.latents.collect.parallel"):
+            outcomes = collection.collect(tiny_args(root, num_envs=2, batch_inference=False, env_worker_timeout_s=15.0))
+    assert stopped, "the watcher never saw episode 0 mid-way"
+    assert f"env worker pid {stopped[0]} sent nothing for" in caplog.text and "episodes [0] again" in caplog.text
+    assert sorted(o.episode_index for o in outcomes) == list(range(EPISODES))
+    assert_same_store(root, sequential)  # the discarded, re-run episode equals the uninterrupted run's
+
+
+@pytest.mark.libero
+def test_sigkilled_env_worker_prints_the_resume_command(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("ilc", REPO / "scripts" / "inference_latent_collection.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root = tmp_path / "killed"
+    argv = ["scripts/inference_latent_collection.py", "--num-envs", "2", "--output-dir", str(root)]
+    with _signalling_first_worker(root, signal.SIGKILL) as killed, pytest.raises(SystemExit) as info:
+        script.main(tiny_args(root, num_envs=2, batch_inference=False), argv=argv)
+    err = capsys.readouterr().err
+    assert killed and info.value.code == 1, err[-2000:]
+    assert f"env worker pid {killed[0]} exited" in err and "Traceback" not in err
+    assert "Resume with:" in err and err.rstrip().endswith("--resume")
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and has not exited (a zombie waiting to be reaped has exited)."""
+    try:
+        return ") Z " not in pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+
+
+def test_env_workers_exit_with_a_sigkilled_parent(tmp_path):
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import time; from openpi.envs import worker as w; "
+         "p = w.start(w.WorkerConfig('libero', 7, 20, 5, 10)); print(p.pid, flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    worker_pid = int(parent.stdout.readline())
+    time.sleep(1.0)  # the worker is importing the simulator (seconds): before, it outlived its parent meanwhile
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 2.0
+    while _running(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _running(worker_pid)
+    if alive:
+        os.kill(worker_pid, signal.SIGKILL)
+    assert not alive, "the env worker outlived its SIGKILLed parent by more than 2 s"

@@ -53,6 +53,7 @@ def _run(model, obs, noise, capture):
     return jax.tree.map(np.asarray, out)
 
 
+@pytest.mark.slow
 def test_capture_never_changes_actions(setup):
     model, obs, noise, _ = setup
     plain = np.asarray(model.sample_actions(jax.random.key(0), obs, num_steps=NUM_STEPS, noise=noise))
@@ -113,6 +114,7 @@ def test_infer_with_latents_shapes(setup):
     assert np.all(att >= 0) and np.all(att <= 1 + 1e-6) and att.max() > 0
 
 
+@pytest.mark.slow
 def test_layer_and_step_selection_and_dtype(setup):
     model, obs, noise, _b = setup
     cfg = model.config
@@ -173,6 +175,7 @@ def test_sample_actions_with_inference_steps(setup):
     np.testing.assert_array_equal(out["final_action"], plain)
 
 
+@pytest.mark.slow
 def test_compute_loss_with_extra_shapes(setup):
     model, obs, _, b = setup
     cfg = model.config

@@ -196,6 +196,13 @@ def test_bad_requests_get_an_error_frame_and_others_continue(policy, served):
     expect_error(served.port, msgpack_numpy.packb({"prompt": "x"}), "observation lacks")
     expect_error(served.port, msgpack_numpy.packb(bad_image), "uint8 image of shape [224, 224, 3], got float32")
     expect_error(served.port, msgpack_numpy.packb({**observation(1), "t": -1}), "'t' must be an int >= 0")
+    # Issue 19 item 11: a state of length 9 fails inside the input transforms, after its episode was opened.
+    expect_error(served.port, msgpack_numpy.packb({**observation(1), "observation/state": np.zeros(9, np.float32)}), "")
+    # Issue 19 item 4: states that overflow float32, or the normalisation: refused, nothing sent or stored.
+    huge64 = {**observation(1), "observation/state": np.full(8, 1e300)}
+    expect_error(served.port, msgpack_numpy.packb(huge64), "overflows float32")
+    huge32 = {**observation(1), "observation/state": np.full(8, 3e38, np.float32)}
+    expect_error(served.port, msgpack_numpy.packb(huge32), "hold NaN or inf for this observation")
     second = good.infer(observation(2))  # the good connection was never disturbed
     for e, n, r in zip((observation(0), observation(2)), noises(policy, CONN, 0, 2), (first, second), strict=True):
         assert_infer_equal(policy, e, n, r["actions"])
@@ -203,7 +210,36 @@ def test_bad_requests_get_an_error_frame_and_others_continue(policy, served):
     data = expert_data_utils.load_inference_task_data(served.out, task_id=CONN)
     episodes = data["episodes"]
     assert len(episodes["episode_0"]["rollout_steps"]) == 2  # the good connection's records are all there
-    assert all(len(ep["rollout_steps"]) == 0 for name, ep in episodes.items() if name != "episode_0")
+    assert list(episodes) == ["episode_0"]  # the refused connections left no (empty, complete) episode
+    steps = episodes["episode_0"]["rollout_steps"].values()
+    assert all(np.isfinite(step["actions"]).all() and np.isfinite(step["state"]).all() for step in steps)
+
+
+def test_oversized_frame_closes_its_connection(served):
+    """Issue 19 item 9: a frame over max_frame_bytes (default 16 MiB) is refused with 1009 (message too big)."""
+    ws = raw_connection(served.port)
+    ws.send(b"\x00" * (17 << 20))
+    with pytest.raises(websockets.ConnectionClosedError) as info:
+        ws.recv(timeout=60)
+    assert info.value.rcvd.code == 1009
+    assert served.client().infer(observation(0))["actions"].shape[0] > 0  # the server goes on
+
+
+def test_stop_mid_request_records_only_replied_steps_and_says_server_stopped(policy, tmp_path):
+    """Issue 19 item 10: an inference in flight at shutdown is neither replied nor stored; the end reason says so."""
+    served = Served(policy, tmp_path / "store", batch_wait_ms=3000)  # the 2nd request waits 3 s in the batcher
+    ws = raw_connection(served.port)
+    ws.send(msgpack_numpy.packb(observation(0)))
+    assert "actions" in msgpack_numpy.unpackb(ws.recv(timeout=120))
+    ws.send(msgpack_numpy.packb(observation(1)))
+    time.sleep(0.5)
+    served.stop()
+    with pytest.raises(websockets.ConnectionClosed):
+        while True:
+            ws.recv(timeout=60)  # no reply to the 2nd request
+    episode = expert_data_utils.load_inference_task_data(served.out, task_id=CONN)["episodes"]["episode_0"]
+    assert len(episode["rollout_steps"]) == 1  # one reply, one record
+    assert episode["metadata"]["end"] == "server stopped"
 
 
 def test_concurrent_clients_are_batched(policy, tmp_path):
@@ -239,6 +275,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigkill_keeps_finished_records(tmp_path):
     out, port = tmp_path / "store", free_port()
     cmd = [sys.executable, str(REPO / "scripts" / "serve_policy.py"), "--preset", PRESET, "--port", str(port),

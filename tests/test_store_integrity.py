@@ -23,7 +23,7 @@ from openpi.latents import store
 from openpi.latents.store.__main__ import main as store_cli
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from store_kill_helper import MANIFEST, STEPS_PER_EPISODE, make_record, write_episode
+from store_kill_helper import MANIFEST, STEPS_PER_EPISODE, TASK, make_record, write_episode
 
 HELPER = pathlib.Path(__file__).parent / "store_kill_helper.py"
 LEGACY_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "legacy_store_v1.tar.gz"
@@ -526,3 +526,33 @@ def test_analysis_output_dir_that_is_a_file_or_the_collection_is_refused_before_
     assert info.value.code == 2 and "--output-dir" in err and "Traceback" not in err, err
     assert ("is a file" in err) if where == "a file" else ("the report would be written into the store" in err)
     assert sorted(p.name for p in root.iterdir()) == before and time.monotonic() - start < 10
+
+
+def test_analysis_names_the_episode_and_step_of_a_non_finite_value(tmp_path):
+    """Issue 19 item 4 (analysis side): was sklearn's "Input X contains NaN" with no episode."""
+    from openpi.latents.analysis.data import source as analysis_source
+
+    root = tmp_path / "run"
+    with store.LatentStoreWriter.create_or_open(root, MANIFEST, resume=False) as writer:
+        write_episode(writer, 0)
+        ep = writer.begin_episode(TASK, 1)
+        for i in range(STEPS_PER_EPISODE):
+            record = make_record(1, i)
+            if i == 2:
+                record["expert_0_hidden_states"] = record["expert_0_hidden_states"].copy()
+                record["expert_0_hidden_states"][1, 0, 3, 4] = np.nan
+            ep.append_step(record)
+        ep.finish({"success": False})
+    source = analysis_source.make_source(root)
+    source.read(3, 0, "expert_0_hidden_states", layer=1)  # a clean episode reads
+    with pytest.raises(analysis_source.NonFiniteValueError, match=r"task 3 episode 1: 'expert_0_hidden_states' layer 1 holds NaN or inf at rollout step\(s\) \[2\]"):
+        source.read(3, 1, "expert_0_hidden_states", layer=1)
+    script = pathlib.Path(__file__).parent.parent / "scripts" / "expert_language_analysis.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--collection", str(root), "--output-dir", str(tmp_path / "r"),
+         "--no-text-decoding", "--probe-shuffles", "0", "--n-boot", "20"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "task 3 episode 1" in proc.stderr and "rollout step(s) [2]" in proc.stderr, (
+        proc.stderr[-2000:]
+    )

@@ -106,6 +106,19 @@ class Simulator:
     default_max_steps: Callable[[str], int]  # env steps per episode after the wait steps
     make_env: Callable[[TaskInfo, int], Env]  # (task, seed) -> a live env
     configure: Callable[[], None] = lambda: None  # process-wide setup to run before the simulator is imported
+    # (task, initial-state index) -> a digest of the simulator state the episode starts from (None: unknown). Two
+    # runs' episodes are paired only when their digests agree (`openpi.latents.analysis` behaviour).
+    init_state_digest: Callable[[TaskInfo, int], str | None] = lambda task, k: None
+
+
+def state_digest(state: np.ndarray) -> str:
+    """``sha256:<hex>`` of an initial state's float64 values (C order) and shape: equal digests, equal states."""
+    import hashlib
+
+    a = np.ascontiguousarray(np.asarray(state, np.float64))
+    h = hashlib.sha256(repr(a.shape).encode())
+    h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -358,6 +358,14 @@ def to_policy_input(obs: Mapping[str, Any], prompt: str) -> dict[str, Any]:
     }
 
 
+def init_state_digest(task: base.TaskInfo, init_state_index: int) -> str:
+    """The digest (`base.state_digest`) of the MuJoCo state that `LiberoEnv.reset` loads for initial state
+    `init_state_index` (`env.set_init_state`). LIBERO-PRO suites ship their own initial states: they match the
+    standard suite's for none of libero_goal's 10 tasks (``lan`` included), so their episodes are not paired with
+    the standard suite's by index."""
+    return base.state_digest(get_init_states(task.suite, task.task_id)[init_state_index])
+
+
 def _make_env(task: base.TaskInfo, seed: int) -> LiberoEnv:
     return LiberoEnv(task.suite, task.task_id, seed=seed)
 
@@ -377,4 +385,5 @@ SIMULATOR = base.Simulator(
     default_max_steps=max_steps,
     make_env=_make_env,
     configure=configure_headless_rendering,
+    init_state_digest=init_state_digest,
 )

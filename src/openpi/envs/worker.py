@@ -19,7 +19,8 @@ policy is the coordinator at the other end of a `multiprocessing` pipe. Protocol
 
 `start(config)` runs a worker as a fresh interpreter (``python -m openpi.envs.worker``) joined to the caller by a
 socket pair: unlike `multiprocessing`'s ``spawn`` it does not re-import the caller's ``__main__`` (a script, the CLI,
-pytest), so a worker never imports JAX and starts from a clean state in any caller, a Ray actor included.
+pytest), so a worker never imports JAX and starts from a clean state in any caller, a Ray actor included. A worker
+exits within a quarter second of its parent's death (`exit_with_parent`), even a SIGKILLed one.
 
 Episode k of a task sees the scene of an uninterrupted sequential run: the worker replays the env resets of the
 episodes before k that it did not run itself (`Env.replay_resets`), and reports how long that took.
@@ -35,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -123,8 +125,23 @@ def _run_unit(
     return env
 
 
-def main(conn: Connection, config: WorkerConfig) -> None:
+def exit_with_parent(parent_pid: int, poll_s: float = 0.25) -> None:
+    """Exits this process (at once, whatever it is doing) within `poll_s` of its parent's death: a SIGKILLed
+    coordinator cannot stop its workers, which would otherwise run on for seconds holding ~1.7 GB each. (A polling
+    thread rather than PR_SET_PDEATHSIG, which fires when the *thread* that started the worker exits.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def main(conn: Connection, config: WorkerConfig, parent_pid: int | None = None) -> None:
     """The worker process's entry point (a `multiprocessing` target)."""
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the coordinator decides
     limit_malloc_arenas()  # flat RSS, as in the sequential run (before the simulator starts its threads)
     env = None
@@ -192,7 +209,9 @@ def start(config: WorkerConfig) -> WorkerProcess:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "openpi.envs.worker", str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env
+            [sys.executable, "-m", "openpi.envs.worker", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=(theirs.fileno(),),
+            env=env,
         )
     finally:
         theirs.close()
@@ -205,4 +224,4 @@ if __name__ == "__main__":
     from openpi.envs import worker as _worker  # the importable module (its classes are the ones pickles name)
 
     _conn = Connection(int(sys.argv[1]))
-    _worker.main(_conn, _conn.recv())
+    _worker.main(_conn, _conn.recv(), int(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -21,9 +21,16 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from openpi.envs.base import state_digest
 from openpi.latents import store as _store
 from openpi.latents.recording.records import base_record, counterfactual_fields
-from openpi.latents.recording.reruns import Inference, check_teacher_forced, rerun_with_prompt, teacher_forced_rerun
+from openpi.latents.recording.reruns import (
+    Inference,
+    check_teacher_forced,
+    other_task_draw,
+    rerun_with_prompt,
+    teacher_forced_rerun,
+)
 from openpi.latents.store.manifest import RunManifest
 from openpi.models.capture import CaptureSpec
 from openpi.policies.policy import Policy
@@ -47,7 +54,8 @@ class SyntheticCollection:
     n_episodes: int = 2
     n_steps: int = 4
     capture: CaptureSpec = CaptureSpec()
-    # "other-task": the next prompt in `prompts` (cyclically); "blank": the empty prompt; "none": no reruns.
+    # "other-task": another prompt of `prompts`, drawn at random per episode (`collect.args.other_task_draw`, as the
+    # LIBERO collection); "blank": the empty prompt; "none": no reruns.
     counterfactual: str = "other-task"
     num_steps: int | None = None  # denoising steps (None: the policy's default)
     seed: int = 0
@@ -67,12 +75,13 @@ class SyntheticCollection:
             raise ValueError(f"n_episodes and n_steps must be >= 1, got {self.n_episodes} and {self.n_steps}.")
         check_teacher_forced(self.teacher_forced, self.counterfactual, self.capture, _TEACHER_FORCED_FIELDS)
 
-    def counterfactual_prompt(self, task_id: int) -> str | None:
+    def counterfactual_prompt(self, task_id: int, k: int) -> str | None:
+        """The rerun prompt of episode `k` of `task_id` (None: no rerun)."""
         if self.counterfactual == "none":
             return None
         if self.counterfactual == "blank":
             return ""
-        return self.prompts[(task_id + 1) % len(self.prompts)]
+        return self.prompts[other_task_draw(self.seed, task_id, k, len(self.prompts))]
 
 
 def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | None = None) -> RunManifest:
@@ -106,7 +115,7 @@ def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_i
     """Runs one episode into `writer`; returns (raw observations, results) for the judge."""
     config = policy.model.config
     rng = np.random.default_rng([spec.seed, task_id, k])
-    prompt, cf_prompt = spec.prompts[task_id], spec.counterfactual_prompt(task_id)
+    prompt, cf_prompt = spec.prompts[task_id], spec.counterfactual_prompt(task_id, k)
     raws, results = [], []
     for t in range(spec.n_steps):
         obs = {**observe(rng, prompt), "prompt": prompt}
@@ -150,7 +159,9 @@ def collect_synthetic(
                     "seed": spec.seed,
                     "prompt": prompt,
                     "max_steps": spec.n_steps,
-                    "counterfactual_prompt": spec.counterfactual_prompt(task_id),
+                    "counterfactual_prompt": spec.counterfactual_prompt(task_id, k),
+                    # the observations are drawn from default_rng([seed, task_id, k]): that is the initial state
+                    "init_state_hash": state_digest(np.array([spec.seed, task_id, k])),
                 }
                 ep = writer.begin_episode(task, k, attrs)
                 raws, results = _episode(policy, spec, observe, task_id, k, ep)

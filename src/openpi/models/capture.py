@@ -19,6 +19,8 @@ Streams (see docs/INTERFACES.md for the exact keys and shapes):
 * `trajectory`: the flow-matching path x_t (before each step and the final x_0) and the velocities v_t.
 * `final_norm`: expert 0's output after its final RMSNorm (what the tied unembedding reads) at the text positions,
   the entry after the last layer (the residual entries are the streams *entering* each layer).
+* `ffn`: each expert's FFN hidden activations (gelu(gate) * up, [.., mlp_dim], before the down projection) per layer
+  (expert 1: per denoising step), pooled like the residual streams or at full token resolution.
 * `modulation` (pi0.5 only): the adaptive-norm modulation (scale, shift, gate) of each action-expert layer at each
   denoising step, and the time condition it is computed from.
 """
@@ -58,9 +60,12 @@ class CaptureSpec:
     modulation: bool = False
     # Expert 0's final output after its final norm, at the text positions (`text_only_final_norm`); off by default.
     final_norm: bool = False
+    # The FFN hidden activations (the gated product before the down projection, the "neurons") of both experts:
+    # "pooled" (expert 0: per-camera + text means; expert 1: state token, action mean), "full", or "off".
+    ffn: StreamMode = "off"
 
     def __post_init__(self):
-        for field in ("expert_0", "expert_1"):
+        for field in ("expert_0", "expert_1", "ffn"):
             value = getattr(self, field)
             if value not in ("off", "pooled", "full"):
                 raise ValueError(f"CaptureSpec.{field}={value!r} is not valid: use 'off', 'pooled' or 'full'.")

@@ -13,6 +13,7 @@ them. With no taps and no edits the program is the plain model. What a tap is, a
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
@@ -209,6 +210,12 @@ class Block(nn.Module):
             return AdaRMSNorm(name=_name(base, i))(x, adarms_cond[i])
         return RMSNorm(name=_name(base, i))(x), None
 
+    @staticmethod
+    def _ffn_hidden(edits, expert: int, layer, seen: list, hidden):
+        # The FFN's gated product before the down projection (stream "ffn_hidden"): edited, then kept for the taps.
+        seen[expert] = _edits.edit_stream(edits, "ffn_hidden", expert, hidden, layer)
+        return seen[expert]
+
     @nn.compact
     def __call__(self, xs, positions, attn_mask, pool_weights, key_groups, adarms_cond, edits, kv_cache, layer):
         captures = {}
@@ -237,15 +244,20 @@ class Block(nn.Module):
         if mass is not None:
             captures["attention_mass"], captures["attention_key_counts"] = mass
 
-        out, mods_ffw = [], []
+        out, mods_ffw, ffn_outs, ffn_hidden = [], [], [], [None] * len(xs)
         for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True)):
             h, m = self._norm("pre_ffw_norm", i, x, adarms_cond)
             mods_ffw.append(m)
             if x is None:
                 out.append(None)
+                ffn_outs.append(None)
                 continue
             ffn = FeedForward(cfg.mlp_dim, lora=cfg.lora("ffn"), name=_name("mlp", i))
-            out.append(gated_residual(x, ffn(h), gate_of(m)))
+            hidden_hook = functools.partial(self._ffn_hidden, edits, i, layer, ffn_hidden)
+            ffn_outs.append(_edits.edit_stream(edits, "mlp_out", i, ffn(h, hidden_hook=hidden_hook), layer))
+            out.append(gated_residual(x, ffn_outs[-1], gate_of(m)))
+        tap("mlp_out", ffn_outs)
+        tap("ffn_hidden", ffn_hidden)
         tap("modulation", [None if a is None else jnp.stack([a, f], axis=1) for a, f in zip(mods_attn, mods_ffw)])
         return out, (kv, captures)
 

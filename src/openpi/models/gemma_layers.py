@@ -65,7 +65,9 @@ class FeedForward(nn.Module):
     lora: _lora.LoRAConfig | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, hidden_hook=None):
+        """`hidden_hook(hidden)` (optional) sees and may replace the gated product [.., mlp_dim] before the down
+        projection (the FFN neurons)."""
         width = x.shape[-1]
         gating = self.param(
             "gating_einsum",
@@ -80,10 +82,13 @@ class FeedForward(nn.Module):
             up = up + _lora.dot_delta(x, ga[1], gb[1])
         gate = nn.gelu(gate)  # approximate=True: the tanh form upstream uses
         linear = self.param("linear", nn.initializers.lecun_normal(), (self.mlp_dim, width)).astype(x.dtype)
-        out = jnp.dot(gate * up, linear)
+        hidden = gate * up
+        if hidden_hook is not None:
+            hidden = hidden_hook(hidden)
+        out = jnp.dot(hidden, linear)
         if self.lora is not None:
             la, lb = _lora.factors(self, "linear_", (self.mlp_dim, width), self.lora)
-            out = out + _lora.dot_delta(gate * up, la, lb)
+            out = out + _lora.dot_delta(hidden, la, lb)
         return out
 
 

@@ -9,7 +9,9 @@ the compiled program; a new structure compiles once. Build one from the named op
 Each kind is one class in `intervention_kinds` (`Knockout`, `LanguageKnockout`, `Patch`, `Ablate`, `Steer`) with its
 own validate / resolve / apply. Stream points (`stream=`) are the vocabulary of `stream_points` that capture taps use
 too; editable: residual (entering layer l), head_out (per head, before the output projection), attn_out (after it,
-before the residual add), post_attn_residual (after the attention block's residual add).
+before the residual add), post_attn_residual (after the attention block's residual add), mlp_out (the FFN output,
+before the residual add), ffn_hidden (the FFN neurons: the gated product before the down projection; `ablate(...,
+neurons=)` / `openpi.models.neurons` act on single neurons).
 
 Token spans (`layout.TokenLayout`): a named segment — each camera and "text" (expert 0), "state" and "actions"
 (expert 1), "all" (every token of the expert) — or `(start, stop)` over the expert's own tokens (expert 0: the prefix,
@@ -190,15 +192,18 @@ def ablate(
     *,
     stream: StreamPoint = "residual",
     denoise_steps=None,
+    neurons=None,
 ) -> Intervention:
     """Replace the stream at `tokens` by zeros, or by `mean` ([L', *feature] or [L', B, *feature]); `mode="mean"`
-    without `mean` uses the span's own mean over its valid tokens (per example and layer; padding left out)."""
+    without `mean` uses the span's own mean over its valid tokens (per example and layer; padding left out).
+    `neurons` (feature indices of the last axis, e.g. FFN neurons with `stream="ffn_hidden"`): only those."""
     if mode not in ("zero", "mean"):
         raise ValueError(f"ablate mode={mode!r} is not valid: use 'zero' or 'mean'.")
     if mode == "zero" and mean is not None:
         raise ValueError("ablate got a mean with mode='zero': pass mode='mean' to ablate to that mean.")
     mean = None if mean is None else jnp.asarray(mean)
-    return Intervention((Ablate(**_common(expert, tokens, layers, stream, denoise_steps), mode=mode, mean=mean),))
+    common = _common(expert, tokens, layers, stream, denoise_steps)
+    return Intervention((Ablate(**common, mode=mode, mean=mean, neurons=_indices(neurons)),))
 
 
 def steer(

@@ -48,7 +48,9 @@ class Check:
 
     def feature(self, expert: int, stream: str) -> tuple[int, ...]:
         e = self.layout.experts[expert]
-        return stream_points.feature_shape(stream, width=e.width, num_heads=e.num_heads, head_dim=e.head_dim)
+        return stream_points.feature_shape(
+            stream, width=e.width, num_heads=e.num_heads, head_dim=e.head_dim, mlp_dim=e.mlp_dim
+        )
 
     def expert_span(self, expert: int, tokens: Span) -> None:
         segments = self.layout.segments()

@@ -167,8 +167,9 @@ class LanguageKnockout(Operation):
 
 
 @pytree_dataclass(
-    "kind", "expert", "stream", "start", "stop", "layers", "mode", data=("payload", "alpha", "step_active", "weights")
-)
+    "kind", "expert", "stream", "start", "stop", "layers", "mode", "neurons",
+    data=("payload", "alpha", "step_active", "weights"),
+)  # fmt: skip
 class ResolvedEdit:
     kind: type  # the operation's class: its `replacement` computes the new values
     expert: int
@@ -181,6 +182,7 @@ class ResolvedEdit:
     alpha: jax.Array | None
     step_active: jax.Array | None
     weights: jax.Array | None  # [B, t] valid tokens of the span (own-mean ablation)
+    neurons: tuple[int, ...] | None = None  # only these features (last axis) change (neuron ablation)
 
     def apply(self, x: jax.Array, layer: jax.Array) -> jax.Array:
         active, slot = layer_slot(self.layers, layer)
@@ -188,6 +190,10 @@ class ResolvedEdit:
             active = active & self.step_active
         seg = x[:, self.start : self.stop]
         new = self.kind.replacement(self, seg, slot)
+        if self.neurons is not None:
+            features = np.zeros(seg.shape[-1], bool)
+            features[list(self.neurons)] = True
+            new = jnp.where(features, new.astype(seg.dtype), seg)
         return x.at[:, self.start : self.stop].set(jnp.where(active, new.astype(seg.dtype), seg))
 
 
@@ -274,7 +280,7 @@ class Patch(StreamEdit):
         ]
 
 
-@pytree_dataclass(*_EDIT_META, "mode", data=("mean",))
+@pytree_dataclass(*_EDIT_META, "mode", "neurons", data=("mean",))
 class Ablate(StreamEdit):
     """The stream at `tokens` set to zeros (`mode="zero"`), to `mean` ([L', *feature] or [L', B, *feature]), or with
     `mean=None` to the span's own mean over its valid tokens (padding left out), per example and layer."""
@@ -282,14 +288,20 @@ class Ablate(StreamEdit):
     op_name: ClassVar[str] = "ablate"
     mode: Literal["zero", "mean"]
     mean: jax.Array | None
+    neurons: tuple[int, ...] | None = None  # only these features (last axis), e.g. FFN neurons; None: all
 
     def validate_values(self, check, per_layer, feature):
+        if self.neurons is not None:
+            check.indices(self.neurons, feature[-1], "neurons", f"the stream has {feature[-1]} features")
         if self.mean is not None:
             n_layers, batch, _ = per_layer
             allowed = [(n_layers, *feature), (n_layers, batch, *feature)]
             check.shape("mean", self.mean, allowed, "[L', *feature] or [L', B, *feature]")
 
     def resolved_fields(self, ctx, start, stop, step_slot):
+        return {"neurons": self.neurons} | self._mode_fields(ctx, start, stop)
+
+    def _mode_fields(self, ctx, start, stop):
         if self.mode == "zero":
             return {"mode": "zero"}
         if self.mean is None:

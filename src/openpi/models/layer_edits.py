@@ -55,6 +55,8 @@ def edit_stream(edits: LayerEdits | None, stream: str, expert: int, x: jax.Array
     """Hook: expert `expert`'s `stream` at `layer` after this call's edits (x itself when nothing applies)."""
     if edits is None or x is None:
         return x
+    if not isinstance(edits, LayerEdits):  # another edit with the same hooks (`patching.SiteMix`)
+        return edits.edit_stream(stream, expert, x, layer)
     for e in edits.edits:
         if e.stream == stream and e.expert == expert:
             x = e.apply(x, layer)
@@ -71,6 +73,8 @@ def knock_out(edits: LayerEdits | None, mask: jax.Array, layer: jax.Array, num_k
     per-head axes [B, K, G, T, S] (K kv heads x G queries per kv head) when a knockout selects heads."""
     if edits is None:
         return mask
+    if not isinstance(edits, LayerEdits):
+        return edits.knock_out(mask, layer, num_kv_heads)
     for k in edits.knockouts:
         mask = k.apply(mask, layer, num_kv_heads)
     return mask

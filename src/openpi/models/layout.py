@@ -24,6 +24,7 @@ class ExpertSizes:
     width: int
     num_heads: int
     head_dim: int
+    mlp_dim: int | None = None  # the FFN hidden width (stream "ffn_hidden"); None: the family has no FFN neurons
 
 
 @dataclasses.dataclass(frozen=True)

@@ -253,7 +253,7 @@ def _layout(config: Pi0Config) -> TokenLayout:
     # pi0: [state | H actions]; pi0.5: no state token, the suffix is the action tokens alone.
     suffix = (("actions", 0, h),) if config.pi05 else (("state", 0, 1), ("actions", 1, 1 + h))
     experts = (config.paligemma_config, config.action_expert_config)
-    sizes = [ExpertSizes(c.width, c.num_heads, c.head_dim) for c in experts]
+    sizes = [ExpertSizes(c.width, c.num_heads, c.head_dim, c.mlp_dim) for c in experts]
     return TokenLayout(
         cameras=tuple(_model.IMAGE_KEYS),
         tokens_per_camera=siglip.num_patches(config.siglip_variant, _model.IMAGE_RESOLUTION),

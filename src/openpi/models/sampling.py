@@ -76,7 +76,16 @@ def _prefix_taps(layout: TokenLayout, capture: CaptureSpec | None) -> tuple[Tap,
         taps.append(Tap(rk.EXPERT_0_SEGMENT_MEANS, "residual", 0, "pool"))
     if capture.text:
         taps.append(Tap(rk.TEXT_ONLY_HIDDEN_STATES, "residual", 0, (layout.text_start, layout.prefix_len)))
+    taps += _ffn_taps(capture, 0)
     return tuple(taps)
+
+
+def _ffn_taps(capture: CaptureSpec, expert: int) -> list[Tap]:
+    if capture.ffn == "off":
+        return []
+    pooled = capture.ffn == "pooled"
+    name = f"expert_{expert}_ffn_{'means' if pooled else 'hidden'}"
+    return [Tap(name, "ffn_hidden", expert, "pool" if pooled else "full")]
 
 
 # Per-denoising-step captures (`record_keys.STEP_KEYS`, the order `sample_actions_with_inference_steps` lists them)
@@ -84,6 +93,7 @@ def _prefix_taps(layout: TokenLayout, capture: CaptureSpec | None) -> tuple[Tap,
 # `attention_to_<group>` [S', L', B, heads, Ts]; `attention_key_counts` [L', B, heads, Ts, 4] counts the keys each
 # query may attend to, then those in each group): named once, in `openpi.shared.record_keys`.
 STEP_KEYS = rk.STEP_KEYS
+FFN_STEP_KEYS = rk.FFN_STEP_KEYS
 ATTENTION_KEY_GROUPS = rk.ATTENTION_KEY_GROUPS
 ATTENTION_COUNT_GROUPS = rk.ATTENTION_COUNT_GROUPS
 
@@ -118,6 +128,7 @@ def _suffix_taps(capture: CaptureSpec | None) -> tuple[Tap, ...]:
         taps.append(Tap(rk.EXPERT_1_SEGMENT_MEANS, "residual", 1, "pool"))
     if capture.modulation:
         taps.append(Tap(rk.EXPERT_1_MODULATION, "modulation", 1))
+    taps += _ffn_taps(capture, 1)
     return tuple(taps)
 
 
@@ -213,7 +224,7 @@ def sample_jit(
     steps = jnp.asarray(capture.step_indices(num_steps))
     for key, value in prefix_caps.items():
         out[key] = value[layers]
-    for key in (rk.EXPERT_1_HIDDEN_STATES, rk.EXPERT_1_SEGMENT_MEANS, rk.EXPERT_1_MODULATION):
+    for key in (rk.EXPERT_1_HIDDEN_STATES, rk.EXPERT_1_SEGMENT_MEANS, rk.EXPERT_1_MODULATION, *FFN_STEP_KEYS):
         if key in ys:
             out[key] = ys[key][steps][:, layers]
     if "adarms_cond" in ys:

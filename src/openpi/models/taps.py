@@ -28,6 +28,9 @@ class Tap:
       post_attn_residual — the residual stream after the attention block's residual add (before the FFN).
       attn_out           — the attention block's output (after the output projection, before the residual add).
       head_out           — the per-head attention output before the output projection, [.., tokens, heads, head_dim].
+      mlp_out            — the FFN block's output (after the down projection, before the residual add).
+      ffn_hidden         — the FFN's hidden activations: the gated product gelu(gate) * up before the down
+                           projection, [.., tokens, mlp_dim] (the FFN "neurons").
       modulation         — adaptive experts only (pi0.5's action expert): the adaRMS modulation of the layer's two
                            norms, [B, 2 (pre-attention, pre-FFN), 3 (scale, shift, gate), W]; per example, not per
                            token, so `tokens` must be "full".

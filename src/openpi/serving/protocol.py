@@ -155,6 +155,19 @@ def split_request(request: Mapping[str, Any]) -> tuple[dict[str, Any], RecordFie
     return obs, fields
 
 
+def check_finite_result(result: Mapping[str, Any], state_key: str) -> None:
+    """Raises `RequestError` if the inference produced NaN/inf actions (an extreme but finite state can overflow the
+    normalisation): such actions are never sent to the client nor stored."""
+    for key in ("actions", "model_actions"):
+        values = np.asarray(result[key])
+        if not np.all(np.isfinite(values)):
+            raise RequestError(
+                f"the policy's {key} hold NaN or inf for this observation (its {state_key!r} is probably far outside "
+                "the normalisation statistics, e.g. |value| near the float32 limit); nothing was recorded. Send the "
+                "robot state in its physical units."
+            )
+
+
 def check_observation(
     obs: Mapping[str, Any], camera_keys: Mapping[str, str], state_key: str, image_shape: tuple[int, ...]
 ) -> None:
@@ -183,6 +196,13 @@ def check_observation(
         raise RequestError(f"observation[{state_key!r}] must be a 1-D numeric array, got {got}.")
     if not np.all(np.isfinite(state)):
         raise RequestError(f"observation[{state_key!r}] holds NaN or inf: {state.tolist()}.")
+    with np.errstate(over="ignore"):
+        as_float32 = state.astype(np.float32)  # the policy computes in float32: 1e300 becomes inf
+    if not np.all(np.isfinite(as_float32)):
+        raise RequestError(
+            f"observation[{state_key!r}] = {state.tolist()} overflows float32 (|value| > 3.4e38), which the policy "
+            "computes in; send the robot state in its physical units."
+        )
     prompt = obs.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise RequestError(f"observation['prompt'] must be a string, got {type(prompt).__name__}.")

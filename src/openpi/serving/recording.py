@@ -37,7 +37,7 @@ class Episode:
     """One open episode: its store writer, noise stream and the t values used so far."""
 
     key: tuple[int, int]
-    writer: Any  # an EpisodeWriter
+    writer: Any  # an EpisodeWriter, made at the first recorded step (an episode without one writes nothing)
     noise: Iterator[np.ndarray]
     seen_t: set[int] = dataclasses.field(default_factory=set)
     state_shape: tuple[int, ...] | None = None
@@ -70,6 +70,7 @@ class Recorder:
         self.store_images = store_images
         self._lock = threading.Lock()
         self._open: dict[tuple[int, int], Episode] = {}
+        self._pending: dict[tuple[int, int], tuple[dict[str, Any], dict[str, Any]]] = {}  # begin_episode arguments
         self._tasks: dict[int, dict[str, Any]] = {}
         done = writer.completed if writer is not None else set()
         self._next_connection = 1 + max((k for t, k in done if t == CONNECTIONS_TASK_ID), default=-1)
@@ -107,12 +108,10 @@ class Recorder:
             return self._begin(task, fields.episode_id, attrs)
 
     def _begin(self, task: Mapping[str, Any], k: int, attrs: Mapping[str, Any]) -> Episode:
-        writer = None
-        if self.writer is not None:
-            writer = self.writer.begin_episode(task, k, {"seed": self.seed, **attrs})
-        episode = Episode(
-            (int(task["task_id"]), k), writer, episode_noise(self.seed, task["task_id"], k, self.noise_shape)
-        )
+        episode = Episode((int(task["task_id"]), k), None, episode_noise(self.seed, task["task_id"], k, self.noise_shape))
+        # The store episode begins with its first recorded step: a request that fails (bad input, transforms) before
+        # any step leaves no empty episode marked complete.
+        self._pending[episode.key] = (dict(task), {"seed": self.seed, **attrs})
         self._open[episode.key] = episode
         logger.info("Recording task %d episode %d", *episode.key)
         return episode
@@ -128,6 +127,9 @@ class Recorder:
         }
         with self._lock:
             self._open.pop(episode.key, None)
+            self._pending.pop(episode.key, None)
+        if episode.writer is None and episode.num_inferences == 0:
+            logger.info("Task %d episode %d ended (%s) before any inference was recorded: nothing stored", *episode.key, end)
         if episode.writer is not None:
             episode.writer.finish(meta)
             if success is not None:  # a reported outcome is answered once the episode is on disk
@@ -187,7 +189,11 @@ class Recorder:
             record["sent_prompt"] = sent_prompt
         if self.store_images:
             record.update({key: obs[input_key] for key, input_key in sim.camera_keys.items()})
-        if episode.writer is not None:
+        if self.writer is not None:
+            with self._lock:
+                if episode.writer is None:
+                    task, attrs = self._pending.pop(episode.key)
+                    episode.writer = self.writer.begin_episode(task, episode.key[1], attrs)
             episode.writer.append_step(record)
         episode.seen_t.add(t)
         episode.state_shape = record["state"].shape

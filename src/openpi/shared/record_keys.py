@@ -22,7 +22,17 @@ CAPTURE_DTYPE = "capture"
 STRING_DTYPE = "string"
 
 Stream = Literal[
-    "rollout", "policy", "env", "model", "expert_0", "expert_1", "text", "attention_to_text", "trajectory", "modulation"
+    "rollout",
+    "policy",
+    "env",
+    "model",
+    "expert_0",
+    "expert_1",
+    "text",
+    "attention_to_text",
+    "trajectory",
+    "modulation",
+    "ffn",
 ]
 
 # The keys the model captures (`Pi0.infer_with_latents`), by name.
@@ -39,6 +49,10 @@ TEXT_MASK = "text_mask"
 TOKENIZED_PROMPT = "tokenized_prompt"
 SEGMENT_MASK = "segment_mask"
 DENOISE_TIMES = "denoise_times"
+EXPERT_0_FFN_MEANS = "expert_0_ffn_means"
+EXPERT_0_FFN_HIDDEN = "expert_0_ffn_hidden"
+EXPERT_1_FFN_MEANS = "expert_1_ffn_means"
+EXPERT_1_FFN_HIDDEN = "expert_1_ffn_hidden"
 X_T = "x_t"
 V_T = "v_t"
 # The key groups of the expert-1 attention capture (`CaptureSpec.attention_to_text`): every valid text key; the text
@@ -52,7 +66,15 @@ ATTENTION_KEYS = tuple(f"attention_to_{g}" for g in ATTENTION_KEY_GROUPS)
 ATTENTION_TO_TEXT = ATTENTION_KEYS[0]  # the attention capture the analysis reads first (every store with one has it)
 ATTENTION_COUNT_GROUPS = ("visible", *ATTENTION_KEY_GROUPS)
 # The per-denoising-step captures, in the order the sampling loop lists them.
-STEP_KEYS = (EXPERT_1_HIDDEN_STATES, EXPERT_1_SEGMENT_MEANS, *ATTENTION_KEYS, EXPERT_1_MODULATION, ADARMS_COND)
+FFN_STEP_KEYS = (EXPERT_1_FFN_MEANS, EXPERT_1_FFN_HIDDEN)
+STEP_KEYS = (
+    EXPERT_1_HIDDEN_STATES,
+    EXPERT_1_SEGMENT_MEANS,
+    *ATTENTION_KEYS,
+    EXPERT_1_MODULATION,
+    ADARMS_COND,
+    *FFN_STEP_KEYS,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +172,39 @@ RECORD_KEYS: dict[str, RecordKey] = _keys(
     ),
     RecordKey(
         ADARMS_COND, ("denoise_step", "batch", "width"), CAPTURE_DTYPE, "modulation", True, "pi0.5: the time condition"
+    ),
+    # CaptureSpec.ffn: the FFN hidden activations (gated product before the down projection), pooled or full.
+    RecordKey(
+        EXPERT_0_FFN_MEANS,
+        ("layer", "batch", "segment", "neuron"),
+        "float32",
+        "ffn",
+        True,
+        "expert 0: FFN activations, mean per segment",
+    ),
+    RecordKey(
+        EXPERT_0_FFN_HIDDEN,
+        ("layer", "batch", "token", "neuron"),
+        CAPTURE_DTYPE,
+        "ffn",
+        True,
+        "expert 0: FFN activations, every token",
+    ),
+    RecordKey(
+        EXPERT_1_FFN_MEANS,
+        ("denoise_step", "layer", "batch", "segment", "neuron"),
+        "float32",
+        "ffn",
+        True,
+        "expert 1: FFN activations, mean per segment, per denoising step",
+    ),
+    RecordKey(
+        EXPERT_1_FFN_HIDDEN,
+        ("denoise_step", "layer", "batch", "token", "neuron"),
+        CAPTURE_DTYPE,
+        "ffn",
+        True,
+        "expert 1: FFN activations, every token, per denoising step",
     ),
     RecordKey(
         X_T,

@@ -11,7 +11,7 @@ from openpi.envs import base as env_base
 from openpi.latents.collect import conditions as conditions_lib
 from openpi.latents.recording.args import DEFAULT_PRESET, STORE_RESUME_IGNORE, CaptureArgs, PolicyArgs, StoreArgs
 from openpi.latents.recording.disk import NoSpaceError
-from openpi.latents.recording.reruns import check_teacher_forced
+from openpi.latents.recording.reruns import check_teacher_forced, other_task_draw
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 from openpi.policies import presets
@@ -49,6 +49,7 @@ RESUME_IGNORE = (
         # only (tests/test_batching.py), so a resume may switch it.
         "arguments.num_envs",
         "arguments.batch_inference",
+        "arguments.env_worker_timeout_s",
         "arguments.backend",
         "arguments.ray_address",
     }
@@ -85,7 +86,8 @@ class CollectionArgs(StoreArgs, CaptureArgs, PolicyArgs):
     # Save an MP4 of the agent view per episode under <output_dir>/videos.
     save_videos: bool = False
     # Re-run inferences with a counterfactual prompt (same observation and noise): "blank" (empty prompt) or
-    # "other-task" (the next task's instruction in the suite). Stored under cf_* keys.
+    # "other-task" (the instruction of another task of the suite, drawn at random per episode from the seed and
+    # recorded: `other_task_draw`). Stored under cf_* keys.
     counterfactual: Literal["none", "blank", "other-task"] = "none"
     # Counterfactual rerun at every k-th inference of an episode.
     counterfactual_every: int = 1
@@ -104,6 +106,10 @@ class CollectionArgs(StoreArgs, CaptureArgs, PolicyArgs):
     # the model (faster; float rounding differs slightly from one observation per call). --no-batch-inference: one
     # observation per model call, and the stored arrays are identical to the sequential run's whatever --num-envs is.
     batch_inference: bool = True
+    # With --num-envs > 1: an env worker that sends nothing for this many seconds while it should be stepping its
+    # env (a hung simulator, a stopped process) is killed and its unfinished episodes re-run on a fresh worker (its
+    # episode in progress is discarded and begun again); the event is logged.
+    env_worker_timeout_s: float = 600.0
     # "local": this machine. "ray": work units (a task's block of episodes) on a Ray cluster, a policy actor per
     # GPU (per machine on CPU) with --num-envs env workers each; needs `uv sync --extra ray`.
     backend: Literal["local", "ray"] = "local"
@@ -155,6 +161,8 @@ def _check_numbers(args: CollectionArgs, tasks: tuple[env_base.TaskInfo, ...]) -
 
 
 def _check_parallel(args: CollectionArgs, num_episodes: int) -> None:
+    if not args.env_worker_timeout_s > 0:
+        raise ValueError(f"--env-worker-timeout-s must be > 0 seconds, got {args.env_worker_timeout_s}.")
     if args.num_envs < 1:
         raise ValueError(f"--num-envs must be >= 1 (env worker processes), got {args.num_envs}.")
     if args.num_envs > num_episodes:
@@ -201,12 +209,13 @@ def make_plan(args: CollectionArgs) -> Plan:
     return Plan(args, sim, preset, tasks, tuple(range(args.episodes_per_task)), max_steps, condition)
 
 
-def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo) -> str | None:
-    """The prompt of the counterfactual rerun in `task`'s episodes (None: no rerun)."""
+def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo, k: int) -> str | None:
+    """The prompt of the counterfactual rerun in episode `k` of `task` (None: no rerun): "" for blank, else the
+    instruction of :func:`other_task_draw`'s task."""
     mode = plan.args.counterfactual
     if mode == "none":
         return None
     if mode == "blank":
         return ""
     tasks = plan.simulator.list_tasks(task.suite)
-    return tasks[(task.task_id + 1) % len(tasks)].language
+    return tasks[other_task_draw(plan.args.seed, task.task_id, k, len(tasks))].language

@@ -56,7 +56,7 @@ class EpisodeRecorder:
         self._plan, self._policy, self._writer = plan, policy, writer
         self._check_stop = check_stop  # raises to abandon the episode before its next inference
         self._noise = episode_noise(plan.args.seed, task.task_id, k, (config.action_horizon, config.action_dim))
-        self._cf_prompt = counterfactual_prompt(plan, task)
+        self._cf_prompt = counterfactual_prompt(plan, task, k)
         self._inference: Inference | None = None  # made by policy_fn, recorded by on_inference
         self.num_inferences = 0
 
@@ -110,8 +110,12 @@ def episode_attrs(plan: Plan, task: env_base.TaskInfo, k: int) -> dict[str, Any]
         "seed": plan.args.seed,
         "prompt": plan.condition.prompt_of(task),
         "max_steps": plan.max_steps,
-        "counterfactual_prompt": counterfactual_prompt(plan, task),
+        "counterfactual_prompt": counterfactual_prompt(plan, task, k),
         "task_language": task.language,
+        # the instruction the checkpoint was trained with (a LIBERO-PRO suite's unperturbed text; = the prompt
+        # elsewhere) and the digest of the initial simulator state (pairing across runs checks it)
+        "trained_instruction": getattr(task, "package_language", None) or task.language,
+        "init_state_hash": plan.simulator.init_state_digest(task, k),
         "condition": plan.condition.describe(task),
     }
 

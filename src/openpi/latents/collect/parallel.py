@@ -13,6 +13,11 @@ The loop waits for any worker message; every observation waiting at that moment 
 the stored arrays are then bit-identical to the sequential run's, whatever N). A condition (`conditions`) runs as in
 the sequential loop: the worker gets the condition's prompt with each work unit, and each episode's recorder gives
 the intervention of each inference; inferences with an intervention are never batched (one model call each).
+
+A worker that sends nothing for ``--env-worker-timeout-s`` while it should be stepping its env (not while it waits
+for actions) is taken as hung: it is killed, its episode in progress is discarded from the store, and its unfinished
+episodes run again on a fresh worker (episodes are deterministic, so the result is the uninterrupted run's); a
+warning names the worker and the episodes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -73,6 +79,9 @@ def worker_config(plan: Plan) -> env_worker.WorkerConfig:
     )
 
 
+READY_TIMEOUT_S = 600.0  # a fresh worker imports the simulator (LIBERO: tens of seconds on a loaded machine)
+
+
 class WorkerDied(RuntimeError):
     """An env worker process exited or failed; the message holds its traceback when it sent one."""
 
@@ -89,6 +98,9 @@ class _Slot:
     recorder: EpisodeRecorder | None = None
     writer: Any = None
     element: dict[str, Any] | None = None  # the observation waiting for actions
+    unit: WorkUnit | None = None
+    finished: set[int] = dataclasses.field(default_factory=set)  # episodes of `unit` that ended
+    last_heard: float = dataclasses.field(default_factory=time.monotonic)  # last message, or actions sent
     peak_rss_mib: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -144,17 +156,56 @@ class Coordinator:
 
     # --- the loop -----------------------------------------------------------------------------------------------
     def _loop(self, queue: collections.deque) -> None:
+        limit = self.plan.args.env_worker_timeout_s
         while any(s.busy for s in self._slots):
             by_conn = {s.conn: s for s in self._slots if s.busy}
+            stepping = [s.last_heard for s in by_conn.values() if s.element is None]
+            timeout = None if not stepping else max(0.0, min(stepping) + limit - time.monotonic())
+            ready = wait(list(by_conn), timeout=timeout)
+            if not ready:
+                self._replace_hung(queue, limit)
+                continue
             waiting = []
-            for conn in wait(list(by_conn)):
+            for conn in ready:
                 slot = by_conn[conn]
                 while slot.busy and slot.element is None and conn.poll():
-                    self._handle(slot, self._recv(slot), queue)
+                    msg = self._recv(slot)
+                    slot.last_heard = time.monotonic()
+                    self._handle(slot, msg, queue)
                 if slot.element is not None:
                     waiting.append(slot)
             if waiting:
                 self._infer(waiting)
+
+    def _replace_hung(self, queue: collections.deque, limit: float) -> None:
+        """Kills every worker silent for `limit` s while stepping; its unfinished episodes go to a fresh worker."""
+        now = time.monotonic()
+        for i, slot in enumerate(self._slots):
+            if not slot.busy or slot.element is not None or now - slot.last_heard < limit:
+                continue
+            remaining = tuple(k for k in slot.unit.episodes if k not in slot.finished)
+            logger.warning(
+                "env worker pid %s sent nothing for %.0f s (--env-worker-timeout-s %g): hung. Killing it and running "
+                "task %d episodes %s again on a fresh worker.",
+                slot.pid,
+                now - slot.last_heard,
+                limit,
+                slot.unit.task.task_id,
+                list(remaining),
+            )
+            slot.process.kill()
+            slot.process.join(timeout=10)
+            slot.conn.close()
+            if slot.writer is not None:
+                slot.writer.discard()  # begun again from its start by the fresh worker
+            process = env_worker.start(worker_config(self.plan))
+            fresh = _Slot(process.conn, process, process.pid)
+            self._expect(fresh, "ready")
+            self._slots[i] = fresh
+            if remaining:
+                queue.appendleft(WorkUnit(slot.unit.task, remaining))
+            if self._interrupted is None:
+                self._assign(fresh, queue)
 
     def _handle(self, slot: _Slot, msg: tuple, queue: collections.deque) -> None:
         kind = msg[0]
@@ -171,6 +222,7 @@ class Coordinator:
             _, task_id, k, result, rss = msg
             slot.writer.finish(finish_metadata(result))
             slot.writer = slot.recorder = None
+            slot.finished.add(k)
             self.stats.peak_rss_mib.setdefault(slot.pid, []).append(rss)
             self.on_outcome(EpisodeOutcome(task_id, k, result.success, result.total_steps, result.error))
         elif kind == "abandoned":
@@ -209,6 +261,7 @@ class Coordinator:
                 self.stats.batch_sizes[1] += 1
         for slot, result in zip(waiting, results, strict=True):
             slot.conn.send(("actions", result["actions"]))  # the env steps on while the rerun / record happen here
+            slot.last_heard = time.monotonic()
             element, slot.element = slot.element, None
             slot.recorder.accept(element, result)
 
@@ -216,7 +269,8 @@ class Coordinator:
     def _assign(self, slot: _Slot, queue: collections.deque) -> None:
         if queue:
             unit = queue.popleft()
-            slot.task, slot.busy = unit.task, True
+            slot.task, slot.busy, slot.unit, slot.finished = unit.task, True, unit, set()
+            slot.last_heard = time.monotonic()
             slot.conn.send(("unit", unit.task, unit.episodes, self.plan.condition.prompt_of(unit.task)))
 
     def _recv(self, slot: _Slot) -> tuple:
@@ -230,6 +284,9 @@ class Coordinator:
             ) from e
 
     def _expect(self, slot: _Slot, kind: str) -> None:
+        if not slot.conn.poll(max(self.plan.args.env_worker_timeout_s, READY_TIMEOUT_S)):
+            slot.process.kill()
+            raise WorkerDied(f"env worker pid {slot.pid} did not start within {READY_TIMEOUT_S:.0f} s.")
         msg = self._recv(slot)
         if msg[0] == "error":
             raise WorkerDied(f"env worker failed to start:\n{msg[1]}")
@@ -246,8 +303,8 @@ class Coordinator:
         for slot in self._slots:
             slot.process.join(timeout=30)
             if slot.process.is_alive():  # pragma: no cover - a stuck simulator
-                logger.warning("env worker pid %s did not exit; terminating it.", slot.pid)
-                slot.process.terminate()
+                logger.warning("env worker pid %s did not exit; killing it.", slot.pid)
+                slot.process.kill()  # (SIGTERM would wait forever on a stopped process)
                 slot.process.join(timeout=5)
             slot.conn.close()
 

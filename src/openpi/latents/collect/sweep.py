@@ -39,11 +39,36 @@ def condition_args(args: CollectionArgs) -> list[tuple[str, CollectionArgs]]:
         raise ValueError(f"The conditions repeat a name ({names}); give --condition.name or change the settings.")
     if len(expanded) == 1:
         return [(names[0], dataclasses.replace(args, condition=expanded[0]))]
+    args = same_batching(args, expanded)
     root = location.as_path(args.output_dir)  # a local path or an s3:// / gs:// prefix
     return [
         (name, dataclasses.replace(args, condition=c, output_dir=str(root / name)))
         for name, c in zip(names, expanded, strict=True)
     ]
+
+
+def is_batched(args: CollectionArgs, condition: conditions_lib.ConditionArgs) -> bool:
+    """Whether the condition's inferences go through one padded model call with other envs' (`parallel`): with
+    ``--num-envs > 1`` and ``--batch-inference``, unless the condition edits the model (interventions are never
+    batched)."""
+    edits = condition.intervention != "none" or condition.text_latent is not None
+    return args.num_envs > 1 and args.batch_inference and not edits
+
+
+def same_batching(args: CollectionArgs, conditions: list[conditions_lib.ConditionArgs]) -> CollectionArgs:
+    """`args` with ``--no-batch-inference`` when the conditions would otherwise mix batched and unbatched runs.
+
+    Batching alone moves bf16 actions by up to 0.016 (RMS 0.0045), above the divergence threshold, so a no-op
+    intervention compared with a batched baseline would "diverge at t = 0". Every condition of one command then
+    runs one observation per model call (the stored arrays equal the sequential run's)."""
+    if len({is_batched(args, c) for c in conditions}) < 2:
+        return args
+    print(
+        "note: these conditions mix interventions (never batched) with plain runs; all of them run with "
+        "--no-batch-inference so that their action divergence compares runs under the same batching.",
+        flush=True,
+    )
+    return dataclasses.replace(args, batch_inference=False)
 
 
 def _check_all(args: CollectionArgs) -> list[tuple[str, Plan]]:

@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from openpi.envs import base as env_base
 from openpi.models.capture import CaptureSpec
 from openpi.policies.policy import Policy
@@ -87,3 +89,15 @@ def check_teacher_forced(
             f"{flags['flag']} reruns each counterfactual inference fed the baseline's x_t at every denoising step; it "
             "needs " + "; ".join(fixes) + "."
         )
+
+
+def other_task_draw(seed: int, task_id: int, k: int, n_tasks: int) -> int:
+    """The task whose instruction episode `k` of `task_id` reruns with under ``--counterfactual other-task``: drawn
+    uniformly from the suite's OTHER tasks, from ``default_rng([seed, task_id, k, 1])`` (its own stream: the noise
+    draws from ``[seed, task_id, k]``). Random per episode so that, across a task's episodes, the rerun's prompt is
+    not a function of the scene: a scene-specific "not my instruction" response then cannot name the rerun's prompt
+    (with the next task's prompt it decoded at 0.975; drawn at random it reads at the scene-aware chance)."""
+    if n_tasks < 2:
+        raise ValueError(f"an other-task counterfactual needs two tasks or more, got {n_tasks}")
+    other = int(np.random.default_rng([seed, task_id, k, 1]).integers(n_tasks - 1))
+    return other if other < task_id else other + 1

@@ -50,7 +50,7 @@ def write_report(
     res: CollectionAnalysis, out_dir: str | pathlib.Path, behaviour: Any = None, comparison: Any = None
 ) -> dict[str, Any]:
     """Writes the report folder; returns the metrics.json content. `behaviour`: an
-    `analysis.behaviour.BehaviourAnalysis` whose section (`report.behaviour`) is appended to report.md;
+    `analysis.compare.behaviour.BehaviourAnalysis` whose section (`report.behaviour`) is appended to report.md;
     `comparison`: an `analysis.model_comparison.ModelComparison` (section `report.model_comparison`, metrics.json
     ``model_comparison``)."""
     out = pathlib.Path(out_dir)
@@ -74,5 +74,10 @@ def write_report(
         text += "\n" + "\n".join(behaviour_section(behaviour, out))
     if comparison_lines:
         text += "\n" + "\n".join(comparison_lines)
+    from openpi.latents.causal.report import causal_section  # maps that scripts/causal_map.py wrote beside it
+
+    causal = causal_section(out)
+    if causal:
+        text += "\n" + "\n".join(causal)
     (out / "report.md").write_text(text)
     return data

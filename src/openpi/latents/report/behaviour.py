@@ -80,6 +80,10 @@ def _write_csv(beh: BehaviourAnalysis, out: pathlib.Path) -> None:
                 "b",
                 "c",
                 "p_mcnemar",
+                "test",
+                "p_value",
+                "p_adjusted",
+                "family",
                 "mean_divergence",
                 "n_diverged",
                 "median_first_divergence_t",
@@ -101,6 +105,10 @@ def _write_csv(beh: BehaviourAnalysis, out: pathlib.Path) -> None:
                         b,
                         c,
                         p,
+                        e.test,
+                        e.p_value if t is None else (p if e.paired else math.nan),
+                        e.p_adjusted if t is None else math.nan,
+                        (e.family or "single test") if t is None else "per task: uncorrected",
                         e.mean_divergence(t),
                         len(first),
                         float(np.median(first)) if first else math.nan,
@@ -123,18 +131,29 @@ def behaviour_section(beh: BehaviourAnalysis, out_dir: str | pathlib.Path) -> li
         "and initial state run with the same seed; both drew the same noise at every inference index. "
         f"{len(beh.effects)} condition(s), {n_tasks} task(s).",
         "",
-        "| condition | tasks | episodes | baseline | condition | Δ (mean over tasks) | 95% CI (tasks resampled) "
-        "| b | c | McNemar p | mean divergence | diverged | median first t |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| condition | tasks | episodes | baseline | condition | Δ (mean over tasks) | 95% CI (t over tasks) "
+        "| b | c | test | p | p adjusted | family | mean divergence | diverged | median first t |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in beh.effects:
         base, cond, n = e.rates()
         k, med = e.diverged()
         ci = e.ci_note or f"[{fmt(e.diff_ci[0])}, {fmt(e.diff_ci[1])}]"
+        div = ("n/a", "n/a", "n/a") if e.divergence_reason else (fmt(e.mean_divergence(), 4), f"{k}/{n}", fmt(med, 0))
         lines.append(
             f"| `{e.name}` | {len(e.tasks)} | {n} | {fmt(base, 2)} | {fmt(cond, 2)} | {fmt(e.diff)} | {ci} | {e.b} "
-            f"| {e.c} | {fmt(e.p_mcnemar, 4)} | {fmt(e.mean_divergence(), 4)} | {k}/{n} | {fmt(med, 0)} |"
+            f"| {e.c} | {e.test} | {fmt(e.p_value, 4)} | {fmt(e.p_adjusted, 4)} | {e.family or 'single test'} "
+            f"| {div[0]} | {div[1]} | {div[2]} |"
         )
+    lines += [""] + [f"* `{e.name}`: action divergence n/a: {e.divergence_reason}." for e in beh.effects
+                     if e.divergence_reason] + [f"* `{e.name}`: compared UNPAIRED ({e.unpaired_reason}): Fisher's "
+                     "exact test on the pooled outcomes, no McNemar." for e in beh.effects if not e.paired]
+    if beh.pro_prompts:
+        lines += ["", "LIBERO-PRO prompts: the prompt sent against the instruction the checkpoint was trained with "
+                  "(a perturbation whose text also differs is a rewording too):", "",
+                  "| condition | task | prompt sent | trained instruction | same text |", "|---|---|---|---|---|"]
+        lines += [f"| `{r['condition']}` | {r['task_id']} | {r['prompt_sent']} | {r['trained_instruction']} "
+                  f"| {'not recorded' if r['same_text'] is None else r['same_text']} |" for r in beh.pro_prompts]
     lines += [
         "",
         f"![condition × task]({heatmap})",
@@ -147,18 +166,23 @@ def behaviour_section(beh: BehaviourAnalysis, out_dir: str | pathlib.Path) -> li
         lines += [
             f"![per layer]({layers})",
             "",
-            "Per-layer curves (layer sweep: one condition per layer): left, Δ success (mean over tasks; band: 95% "
-            "cluster-bootstrap interval over tasks where there are two or more); right, mean action divergence over "
+            "Per-layer curves (layer sweep: one condition per layer): left, Δ success (mean over tasks; band: 95% t "
+            "interval over tasks where there are two or more); right, mean action divergence over "
             "paired inferences.",
             "",
         ]
     lines += [
         "Definitions:",
         "",
-        "* **Δ success**: mean over tasks of (condition rate − baseline rate); unit of resampling for its interval: "
-        f"the task (cluster bootstrap, {beh.n_boot} resamples, 95% percentile interval; n/a below two tasks).",
+        "* **Δ success**: mean over tasks of (condition rate − baseline rate); its interval: the 95% t interval over "
+        "the per-task differences (t with K − 1 df; honest at few tasks; n/a below two tasks).",
         "* **McNemar p**: exact two-sided binomial test over paired episodes (init states); b = baseline success and "
-        "condition failure, c = the reverse; p = min(1, 2·P[Bin(b+c, ½) ≤ min(b, c)]).",
+        "condition failure, c = the reverse; p = min(1, 2·P[Bin(b+c, ½) ≤ min(b, c)]). Episodes are paired only "
+        "when their initial simulator states are identical (init_state_hash) and their seeds equal; otherwise the "
+        "condition is compared unpaired (Fisher's exact test).",
+        "* **p adjusted / family**: a layer sweep's p-values corrected over the sweep (the family: every layer of one "
+        f"recipe) with {beh.correction} ({'Holm–Bonferroni' if beh.correction == 'holm' else 'Benjamini–Hochberg'}); "
+        "a single test is not corrected.",
         "* **action divergence**: at each paired inference, RMS over the predicted chunk [H, action dim] of the "
         "difference of the env-unit actions; mean over the paired inferences of all episodes (compared while both "
         "episodes run).",

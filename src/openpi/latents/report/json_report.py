@@ -38,6 +38,7 @@ from openpi.latents.analysis.run.denoise_sensitivity import METRIC as DENOISE_ME
 from openpi.latents.analysis.run.language_loss import language_loss_summary
 from openpi.latents.analysis.run.result import CollectionAnalysis, summary_value
 from openpi.latents.analysis.stats.clustered import cluster_bootstrap_ci, pooled_split_by_task
+from openpi.latents.analysis.stats.equal_step import pooled_equal_step
 from openpi.latents.report import control
 from openpi.latents.report.attention_report import attention_json
 from openpi.latents.report.denoise_report import denoise_json
@@ -104,6 +105,7 @@ def _within(x) -> dict[str, Any]:
         "n_success": x.n_success,
         "n_failure": x.n_failure,
         "per_task": {str(k): {"difference": v[0], "n_success": v[1], "n_failure": v[2]} for k, v in x.per_task.items()},
+        "at_risk": x.at_risk.to_dict() if getattr(x, "at_risk", None) is not None else None,
     }
 
 
@@ -176,10 +178,14 @@ def _action_divergence(res: CollectionAnalysis) -> dict[str, Any]:
         return {"reason": res.missing["action_divergence"]}
     per_ep = res.action_divergence_per_episode()
     keep = res.split_mask()
-    window = res.action_divergence_per_episode(res.split_window())[keep]
     flags = np.array([e.success for e in res.episodes])[keep]
     nb, seed, tasks = res.settings["n_boot"], res.settings["seed"], res.task_ids()
-    split = pooled_split_by_task(window, flags, tasks[keep], n_boot=nb, seed=seed)
+    if res.settings.get("success_window", "step") == "step":  # at equal rollout steps (analysis.stats.equal_step)
+        series = [v for v, k in zip(res.actions["mean_l2"], keep) if k]
+        split = pooled_equal_step(series, flags, tasks[keep])
+    else:
+        window = res.action_divergence_per_episode(res.split_window())[keep]
+        split = pooled_split_by_task(window, flags, tasks[keep], n_boot=nb, seed=seed)
     return {
         "mean_l2": _ci(cluster_bootstrap_ci(per_ep, tasks, n_boot=nb, seed=seed)),
         "success_split": {k: _ci(getattr(split, k)) for k in ("success", "failure", "difference")},
@@ -215,6 +221,11 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
         m.name: {s: summary_value(res, s, m.name) for s in STREAMS} for m in R.REGISTRY if m.scope != "pooled"
     }
     metrics |= pooled_json(res)  # the pooled metrics (token probe, tuned lens, CKA, effective rank)
+    for s in ("expert_0", "expert_1"):  # the scene-aware chance beside the pair accuracy (metrics.prompt_decoding)
+        entry = metrics.get("prompt_decoding", {}).get(s)
+        if isinstance(entry, dict) and entry.get("per_layer") is not None:
+            summaries = [res.shared.get(("prompt_decoding_summary", s, j)) for j in range(len(res.layers(s)))]
+            entry["scene_chance"] = [None if x is None else x.scene_chance for x in summaries]
     metrics["task_probe"] = _task_probe(res)
     metrics["success_relation"] = _success_relation(res)
     metrics["success_split"] = {**res.split_info(), "note": SPLIT_NOTE}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from openpi.latents.analysis.data.streams import STREAMS
 from openpi.latents.analysis.metrics import registry as R
 from openpi.latents.analysis.run.result import CollectionAnalysis
@@ -63,6 +65,7 @@ def _definitions_and_notes(res: CollectionAnalysis) -> list[str]:
         "",
         f"* Success split: {SPLIT_NOTE}" + _window_text(res),
         f"* Drift: {DRIFT_NOTE}.",
+        _floor_text(res),
         f"* State token: {STATE_TOKEN_NOTE}.",
         f"* Prompt sensitivity: {TEXT_CF_NOTE}. expert_0 counts only the image positions of valid cameras "
         "(segment_mask; a masked camera's states are meaningless but prompt-dependent).",
@@ -70,13 +73,41 @@ def _definitions_and_notes(res: CollectionAnalysis) -> list[str]:
     ]
 
 
+def _floor_text(res: CollectionAnalysis) -> str:
+    """The bf16 precision floor of the comparison metrics, per stream (median over layers; per layer: metrics.json
+    ``metrics[<metric>][<stream>].bf16_floor``)."""
+    from openpi.latents.analysis.measures.precision_floor import FLOOR_METRICS, FLOOR_NOTE
+
+    if not res.precision_floor:
+        return "* Precision floor: the states are stored in float32 (no bf16 rounding floor)."
+    parts = []
+    for stream, per_layer in sorted(res.precision_floor.items()):
+        vals = ", ".join(f"{m} {np.nanmedian([f[m] for f in per_layer]):.2g}" for m in FLOOR_METRICS)
+        parts.append(f"{stream}: {vals}")
+    return f"* Precision floor ({FLOOR_NOTE}; median over layers): " + "; ".join(parts) + "."
+
+
 def _window_text(res: CollectionAnalysis) -> str:
-    window = res.settings.get("success_window", "progress")
+    window = res.settings.get("success_window", "step")
+    if window == "progress":
+        return (
+            " — this report used the SECONDARY normalised-progress view instead "
+            f"({res.settings.get('progress_bins', 10)} progress bins; confounded by episode length: successes end early and drift grows with the step)."
+        )
     if window == "common":
         return f" — this report used the common window instead: the first {res.split_window()} rollout steps."
     if window == "all":
         return " — this report used the whole-episode window instead (success_window='all')."
-    return f" (this report: {res.settings.get('progress_bins', 10)} progress bins)."
+    at = res.split_info()["at_risk"] or {"n_success": [], "n_failure": []}
+    both = [i for i, (a, b) in enumerate(zip(at["n_success"], at["n_failure"])) if a and b]
+    if not both:
+        return " (this report: no rollout step has both outcomes at risk within a task)."
+    first, last = both[0], both[-1]
+    return (
+        f" (this report: {len(both)} rollout steps have both outcomes at risk; at step {first} "
+        f"{at['n_success'][first]} successful / {at['n_failure'][first]} failed episodes, at step {last} "
+        f"{at['n_success'][last]} / {at['n_failure'][last]}; per step in metrics.json success_split.at_risk)."
+    )
 
 
 def _caveats(res: CollectionAnalysis) -> list[str]:

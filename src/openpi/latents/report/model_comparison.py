@@ -32,12 +32,13 @@ SUCCESS_DEFINITIONS = (
     "**success rate**: fraction of the paired episodes (same task, initial state and seed in both collections; "
     "episodes that ended with an error in either run left out) that succeeded (the stored `success`: LIBERO's own "
     "`done` in a LIBERO collection)",
-    "**Δ success (B − A)**: mean over tasks of (B rate − A rate); 95% interval from a cluster bootstrap that "
-    "resamples tasks (n/a below two tasks)",
+    "**Δ success (B − A)**: mean over tasks of (B rate − A rate); 95% t interval over the per-task differences "
+    "(t with K − 1 df: honest at few tasks; n/a below two tasks)",
     "**McNemar p**: exact two-sided binomial test over the paired episodes; b = A success and B failure, c = the "
     "reverse; p = min(1, 2·P[Bin(b+c, ½) ≤ min(b, c)])",
     "**paired Δ per layer**: per paired episode, B's mean over its rollout steps minus A's, averaged over the pairs "
-    "(task-cluster bootstrap); only the first observation of a pair is the same, afterwards each model's actions "
+    "(cluster-robust t interval over tasks); only the first observation of a pair is the same, afterwards each "
+    "model's actions "
     "drive the scene, so it compares the models on their own trajectories",
 )
 
@@ -93,7 +94,7 @@ def _side_counts(s: SideLayers) -> tuple[str, int, int]:
 def _success_stats(cmp: ModelComparison) -> dict[str, Any]:
     s = cmp.success
     n_tasks = len(s.tasks)
-    unit = f"task (cluster bootstrap, {s.n_boot} resamples)" if n_tasks >= 2 else "none (one task: no interval)"
+    unit = "task (t interval over tasks, K − 1 df)" if n_tasks >= 2 else "none (one task: no interval)"
     return {
         "unit_of_resampling": unit + "; McNemar: exact over paired episodes, no resampling",
         "n_tasks": n_tasks,
@@ -109,7 +110,7 @@ def _layer_stats(cmp: ModelComparison) -> dict[str, Any]:
     n_tasks = max((_side_counts(s)[1] for r in cmp.layers for s in (r.a, r.b)), default=0)
     n_eps = max((_side_counts(s)[2] for r in cmp.layers for s in (r.a, r.b)), default=0)
     return {
-        "unit_of_resampling": " / ".join(f"{u} (cluster bootstrap)" if u == "task" else u for u in units) or "n/a",
+        "unit_of_resampling": " / ".join(f"{u} (cluster-robust t)" if u == "task" else u for u in units) or "n/a",
         "n_tasks": n_tasks,
         "n_episodes": n_eps,
         "correction": "none: per-layer 95% intervals (not simultaneous)",

@@ -10,12 +10,16 @@ import numpy as np
 from openpi.latents.analysis.run.result import CollectionAnalysis
 
 SPLIT_NOTE = (
-    "success vs failure is compared within task (per task, success mean − failure mean, combined with weights ∝ the "
-    "task's episodes; only tasks with both outcomes contribute; interval from a two-stage task/episode bootstrap; "
-    "p-value from permuting success labels inside each task, Holm-adjusted over layers where a layer is picked); the "
-    "pooled split is drawn beside it and is confounded by task when success rates differ between tasks. Each "
-    "episode is summarised by normalised progress (its steps mapped onto equal progress bins; a 1-step episode fills "
-    "every bin, so no episode length collapses the window); episodes that ended with an error are left out"
+    "success vs failure is compared at equal rollout steps (inference index i), among the episodes of a task still "
+    "running at step i, within task: per task and step the success mean minus the failure mean over the episodes at "
+    "risk, weighted by their number; tasks combined with weights ∝ their episode-steps at risk; only steps and tasks "
+    "with both outcomes at risk contribute (the number at risk per step is in metrics.json success_split.at_risk). "
+    "Successful episodes end early and drift / attention grow with the step, so a per-episode summary (its mean, or "
+    "its normalised-progress profile, the secondary view --success-window progress) would differ by length alone. "
+    "Interval: cluster-robust t over the contributing tasks (t with K − 1 df; one task: its episodes resampled); "
+    "p-value from permuting success labels inside each task, Holm-adjusted over layers where a layer is picked; the "
+    "pooled split is drawn beside it and is confounded by task when success rates differ between tasks; episodes "
+    "that ended with an error are left out"
 )
 DRIFT_NOTE = (
     "centred_drift (the collection mean of the layer subtracted, each position compared with itself) is the "

@@ -234,14 +234,15 @@ def success_failure(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any
     if not panels:
         panels = [("no metric", _note("no per-layer metric to split by success"))]
     scope = {
-        "progress": "episodes by normalised progress",
+        "step": "at equal rollout steps, episodes at risk",
+        "progress": "SECONDARY view: episodes by normalised progress, length-confounded",
         "all": "all rollout steps",
         "common": f"first {window} rollout steps of every episode",
-    }[res.settings.get("success_window", "progress")]
+    }[res.settings.get("success_window", "step")]
     return _figure(
         panels,
         out / "success_failure.png",
-        f"Success vs failure pooled ({scope}; errored out; 95% task-bootstrap CI; within-task test: report.md)",
+        f"Success vs failure pooled ({scope}; errored out; 95% task-cluster CI; within-task test: report.md)",
     )
 
 

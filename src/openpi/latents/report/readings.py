@@ -124,7 +124,8 @@ def _success(res: CollectionAnalysis) -> str:
         "common": f"each episode averaged over its first {info['n_inferences']} rollout steps, the fewest any "
         "episode has",
         "all": "each episode averaged over all its rollout steps (length-confounded: failed episodes run longer)",
-        "progress": "each episode summarised by normalised progress",
+        "progress": "each episode summarised by normalised progress (secondary view, length-confounded)",
+        "step": "compared at equal rollout steps among the episodes still running, within task",
     }[info["window"]]
     errors = f"; {n_err} episode(s) that ended with an error left out" if n_err else ""
     if not (n_s and n_f and res.has("text_only", "language_loss")):

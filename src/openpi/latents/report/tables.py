@@ -7,8 +7,9 @@ stream/metric/layer/...).
 * ``per_step.csv``: the layer × rollout-step heatmap data (mean over the episodes that reached the step).
 * ``per_episode.csv``: each episode's mean over its rollout steps, per stream, metric and layer.
 * ``probe.csv``: task probe per stream and layer (accuracy, fold interval, chance, shuffled control, p-value).
-* ``success_split.csv``: success / failure means with intervals and their difference (``window_steps``: each
-  episode averaged over its first that many rollout steps; empty = all its steps; errored episodes left out).
+* ``success_split.csv``: success / failure means with intervals and their difference, pooled over tasks (default
+  window "step": at equal rollout steps among the episodes at risk; ``window_steps``: with window "common" each
+  episode averaged over its first that many rollout steps; errored episodes left out).
 * ``attention.csv``: expert-1 attention per denoising step and layer — action queries, and pi0's state query (one
   value per layer, repeated on every step's row: it is the same at every step by construction) — of the text content
   mass, the normalised text mass and the BOS mass (``denoise_step``: the denoising-step id from the manifest's

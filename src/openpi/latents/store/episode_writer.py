@@ -254,6 +254,16 @@ class EpisodeWriter:
         self._seen_t.add(t)
         self._num_steps += 1
 
+    def discard(self) -> None:
+        """Queues the removal of this unfinished episode (its worker hung): after the steps already queued, its folder
+        is deleted, and the episode may be begun again in this run."""
+        self._writer._check()
+        if self._finished:
+            raise RuntimeError(f"task {self.task_id} episode {self.episode_index}: already finished or discarded.")
+        self._finished = True
+        self._writer._put(("discard", self._sink))
+        self._writer._open.discard((self.task_id, self.episode_index))
+
     def finish(self, metadata: Mapping[str, Any]) -> None:
         """Queues the end of the episode: ``metadata`` (must include ``success``) is merged into the episode attrs
         and ``complete`` is set True once every queued step of it is on disk. Adds ``num_inferences`` and

@@ -325,6 +325,9 @@ class LatentStoreWriter:
         elif kind == "finish":
             self._error_where = f"finishing {where}"
             sink.finish(item[2])
+        elif kind == "discard":
+            self._error_where = f"discarding {where}"
+            location.remove_tree(self.root / sf.task_group_name(sink.task_id) / sf.episode_group_name(sink.episode_index))
         else:  # pragma: no cover - internal
             raise AssertionError(kind)
 

@@ -9,16 +9,23 @@ Per condition (definitions, also written into the report):
 * success rates per task and pooled, condition minus baseline;
 * McNemar's exact test over the paired episodes (init states): b = baseline success & condition failure,
   c = baseline failure & condition success, two-sided p = min(1, 2 * P[Binomial(b + c, 1/2) <= min(b, c)]);
-* a cluster bootstrap over tasks for the success difference: the statistic is the mean over tasks of (condition
-  rate - baseline rate); tasks are resampled with replacement (`n_boot` times), 95% percentile interval; NaN with a
-  reason below two tasks;
+* an interval over tasks for the success difference: the statistic is the mean over tasks of (condition rate -
+  baseline rate), the 95% t interval over the per-task differences (t with K - 1 df: a task bootstrap percentile
+  interval undercovers at few tasks); NaN with a reason below two tasks;
 * action divergence at paired inference i: RMS over the predicted chunk [H, action_dim] of (condition actions -
   baseline actions), in the env's action units (post-transform `actions`); compared while both episodes still run;
 * first divergence: the env step t of the first paired inference whose divergence exceeds `threshold`
   (`DIVERGENCE_THRESHOLD` = 1e-3 action units, far above float noise — identical inputs give exactly 0 — and far
   below a behavioural change; LIBERO actions lie in [-1, 1]); none if it never does.
 
-A layer sweep (conditions `<recipe>@L<l>`, each a single layer) also gives per-layer curves of both.
+A layer sweep (conditions `<recipe>@L<l>`, each a single layer) also gives per-layer curves of both; its McNemar
+p-values are corrected over the sweep (the family: every layer of one recipe; Holm by default, Benjamini–Hochberg with
+``correction="bh"``, `openpi.latents.analysis.stats.multiplicity`), and every table names the family.
+
+Episodes are paired only when their initial simulator states are identical (`openpi.latents.analysis.compare.pairing`:
+``init_state_hash`` and the seed); a condition with no pairable episode (e.g. a LIBERO-PRO suite against the standard
+suite) is compared unpaired (Fisher's exact test, no action divergence). Action divergence is compared only between
+runs under the same batching (`pairing.inference_batching`), else NaN with the reason.
 """
 
 from __future__ import annotations
@@ -30,7 +37,17 @@ from typing import Any
 
 import numpy as np
 
+from openpi.latents.analysis.compare.pairing import fisher_exact, inference_batching, pairing_refusal, pro_prompt_rows
+from openpi.latents.analysis.stats.cluster_t import weighted_cluster_t
+from openpi.latents.analysis.stats.multiplicity import CORRECTIONS, adjust
+
 DIVERGENCE_THRESHOLD = 1e-3
+# LIBERO-PRO suite names (openpi.envs.libero.PRO_SUITES, spelled out here: the analysis does not import the simulator)
+PRO_SUITE_NAMES = frozenset(
+    f"{base}_{kind}"
+    for base in ("libero_goal", "libero_spatial", "libero_object", "libero_10")
+    for kind in ("lan", "object", "swap", "task")
+)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -58,17 +75,16 @@ def first_divergence(divergence: np.ndarray, t: np.ndarray, threshold: float = D
 def task_cluster_bootstrap(
     base: dict[int, list[bool]], cond: dict[int, list[bool]], *, n_boot: int, seed: int
 ) -> tuple[float, float, float, str | None]:
-    """(mean over tasks of cond - base success rate, 95% low, high, reason if NaN), resampling tasks."""
+    """(mean over tasks of cond - base success rate, 95% low, high, reason if NaN): the t interval over the per-task
+    differences (t with K − 1 df; `n_boot` and `seed` are kept for callers, the interval draws nothing)."""
     tasks = sorted(base)
     d = np.asarray([np.mean(cond[t]) - np.mean(base[t]) for t in tasks], np.float64)
     if len(d) == 0:
         return math.nan, math.nan, math.nan, "no paired episodes"
     if len(d) < 2:
         return float(d.mean()), math.nan, math.nan, "a bootstrap over tasks needs two tasks or more"
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi), None
+    est, lo, hi = weighted_cluster_t(d, np.ones_like(d))  # the t interval over tasks (honest at few tasks)
+    return est, lo, hi, None
 
 
 def paired_rates(pairs, task_id: int | None = None) -> tuple[float, float, int]:
@@ -110,6 +126,26 @@ class ConditionEffect:
     b: int
     c: int
     p_mcnemar: float
+    # unpaired comparison (no episode could be paired: initial states differ): (task, condition succeeded) and
+    # (task, baseline succeeded) over every episode, with Fisher's exact p
+    unpaired_reason: str | None = None
+    unpaired: tuple[tuple[int, bool, bool], ...] = ()  # (task, is condition, succeeded)
+    p_fisher: float = math.nan
+    divergence_reason: str | None = None  # why action divergence is not compared (NaN)
+    family: str | None = None  # the family its p-value is corrected over (a layer sweep), None: a single test
+    p_adjusted: float = math.nan  # p_value corrected over `family` (= p_value for a single test)
+
+    @property
+    def paired(self) -> bool:
+        return self.unpaired_reason is None
+
+    @property
+    def test(self) -> str:
+        return "McNemar exact (paired)" if self.paired else "Fisher exact (unpaired)"
+
+    @property
+    def p_value(self) -> float:
+        return self.p_mcnemar if self.paired else self.p_fisher
 
     @property
     def layer(self) -> int | None:
@@ -122,20 +158,31 @@ class ConditionEffect:
 
     @property
     def tasks(self) -> list[int]:
-        return sorted({p.task_id for p in self.pairs})
+        return sorted({p.task_id for p in self.pairs} | {t for t, _, _ in self.unpaired})
 
     def _outcomes(self) -> list[tuple[int, bool, bool]]:
         return [(p.task_id, p.base_success, p.cond_success) for p in self.pairs]
 
     def rates(self, task_id: int | None = None) -> tuple[float, float, int]:
-        """(baseline rate, condition rate, n episodes) of one task or all."""
+        """(baseline rate, condition rate, n episodes) of one task or all (unpaired: n = condition episodes)."""
+        if not self.paired:
+            sel = [(c, s) for t, c, s in self.unpaired if task_id is None or t == task_id]
+            base, cond = [s for c, s in sel if not c], [s for c, s in sel if c]
+            if not cond:
+                return math.nan, math.nan, 0
+            return float(np.mean(base)) if base else math.nan, float(np.mean(cond)), len(cond)
         return paired_rates(self._outcomes(), task_id)
 
     def task_mcnemar(self, task_id: int) -> tuple[int, int, float]:
+        if not self.paired:
+            return 0, 0, math.nan
         return paired_mcnemar(self._outcomes(), task_id)
 
     def mean_divergence(self, task_id: int | None = None) -> float:
-        """Mean over paired inferences (pooled over the episodes) of the action divergence."""
+        """Mean over paired inferences (pooled over the episodes) of the action divergence (NaN when it is not
+        compared: `divergence_reason`)."""
+        if self.divergence_reason is not None:
+            return math.nan
         ds = [p.divergence for p in self.pairs if task_id is None or p.task_id == task_id]
         ds = [d for d in ds if d.size]
         return float(np.concatenate(ds).mean()) if ds else math.nan
@@ -154,6 +201,8 @@ class BehaviourAnalysis:
     threshold: float
     n_boot: int
     notes: tuple[str, ...]
+    correction: str = "holm"
+    pro_prompts: tuple[dict[str, Any], ...] = ()  # per task of a LIBERO-PRO condition: prompt sent vs trained text
 
     def layer_curves(self) -> dict[str, list[ConditionEffect]]:
         """recipe -> its single-layer conditions in layer order (a layer sweep)."""
@@ -194,8 +243,8 @@ def _episodes(store) -> dict[tuple[int, int], Any]:
     return {(t, k): store.episode(t, k) for t in store.task_ids() for k in store.episode_indices(t)}
 
 
-def _pair(base_ep, cond_ep, threshold: float) -> EpisodePair:
-    d = action_divergence(cond_ep.read("actions"), base_ep.read("actions"))
+def _pair(base_ep, cond_ep, threshold: float, divergence: bool = True) -> EpisodePair:
+    d = action_divergence(cond_ep.read("actions"), base_ep.read("actions")) if divergence else np.zeros(0)
     t = np.asarray(cond_ep.read("t"))[: len(d)]
     bm, cm = base_ep.metadata, cond_ep.metadata
     return EpisodePair(
@@ -216,11 +265,15 @@ def analyze_conditions(
     threshold: float = DIVERGENCE_THRESHOLD,
     n_boot: int = 2000,
     seed: int = 0,
+    correction: str = "holm",
 ) -> BehaviourAnalysis:
     """Every condition store of `roots` against the baseline store (`baseline`, else the one whose condition is the
-    task prompt with no intervention); see the module docstring for the definitions."""
+    task prompt with no intervention); see the module docstring for the definitions. ``correction``: "holm"
+    (default) or "bh", applied over each layer sweep."""
     from openpi.latents import store as store_lib
 
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {sorted(CORRECTIONS)}, got {correction!r}")
     paths = find_stores(roots) if isinstance(roots, str | pathlib.Path) else [pathlib.Path(r) for r in roots]
     stores = {p: store_lib.open_store(p) for p in paths}
     if baseline is None:
@@ -234,28 +287,89 @@ def analyze_conditions(
     base_path = pathlib.Path(baseline)
     base_store = stores.pop(base_path, None) or store_lib.open_store(base_path)
     base_eps = _episodes(base_store)
-    notes, effects = [], []
+    notes, effects, pro = [], [], []
     for path, st in stores.items():
-        cond = _condition_of(st)
-        pairs = []
-        for key, ep in _episodes(st).items():
-            b_ep = base_eps.get(key)
-            if b_ep is None or b_ep.metadata.get("seed") != ep.metadata.get("seed"):
-                notes.append(f"{cond['name']}: task {key[0]} episode {key[1]} has no baseline episode with its seed")
-                continue
-            pairs.append(_pair(b_ep, ep, threshold))
-        by_task_b: dict[int, list[bool]] = {}
-        by_task_c: dict[int, list[bool]] = {}
+        effects.append(_effect(path, st, base_store, base_eps, threshold, n_boot, seed, notes))
+        if str(st.run_manifest.suite) in PRO_SUITE_NAMES:
+            eps = _episodes(st)
+            pro += [{"condition": effects[-1].name, **row} for row in pro_prompt_rows(
+                [{"task_id": t, **ep.metadata} for (t, _), ep in sorted(eps.items())]
+            )]  # fmt: skip
+    effects = _correct_over_sweeps(effects, correction)
+    effects.sort(key=lambda e: (e.recipe or "", e.layer if e.layer is not None else -1, e.name))
+    return BehaviourAnalysis(
+        str(base_path), _condition_of(base_store), tuple(effects), threshold, n_boot, tuple(notes), correction,
+        tuple(pro),
+    )  # fmt: skip
+
+
+def _effect(path, st, base_store, base_eps, threshold, n_boot, seed, notes) -> ConditionEffect:
+    """One condition against the baseline: paired where the initial states match, else unpaired."""
+    cond = _condition_of(st)
+    batching = inference_batching(base_store.run_manifest), inference_batching(st.run_manifest)
+    same_batching = batching[0] == batching[1]
+    suites = base_store.run_manifest.suite, st.run_manifest.suite
+    pairs, refused = [], []
+    cond_eps = _episodes(st)
+    for key, ep in cond_eps.items():
+        b_ep = base_eps.get(key)
+        why = "no baseline episode" if b_ep is None else pairing_refusal(b_ep.metadata, ep.metadata, *suites)
+        if why is not None:
+            refused.append(why)
+            continue
+        pairs.append(_pair(b_ep, ep, threshold, divergence=same_batching))
+    unpaired_reason, unpaired, p_fisher = None, (), math.nan
+    if refused:
+        reasons = sorted(set(refused))
+        notes.append(f"{cond['name']}: {len(refused)} episode(s) not paired with the baseline: {'; '.join(reasons)}")
+        if not pairs:  # compare unpaired: every episode of the tasks the condition ran
+            unpaired_reason = reasons[0]
+            tasks = {t for t, _ in cond_eps}
+            unpaired = tuple(
+                [(t, True, bool(ep.metadata["success"])) for (t, _), ep in sorted(cond_eps.items())]
+                + [(t, False, bool(ep.metadata["success"])) for (t, _), ep in sorted(base_eps.items()) if t in tasks]
+            )
+            p_fisher = fisher_exact([s for _, c, s in unpaired if not c], [s for _, c, s in unpaired if c])
+    by_task_b: dict[int, list[bool]] = {}
+    by_task_c: dict[int, list[bool]] = {}
+    if unpaired_reason is None:
         for p in pairs:
             by_task_b.setdefault(p.task_id, []).append(p.base_success)
             by_task_c.setdefault(p.task_id, []).append(p.cond_success)
-        diff, lo, hi, why = task_cluster_bootstrap(by_task_b, by_task_c, n_boot=n_boot, seed=seed)
-        b = sum(p.base_success and not p.cond_success for p in pairs)
-        c = sum(p.cond_success and not p.base_success for p in pairs)
-        effects.append(
-            ConditionEffect(
-                str(cond["name"]), str(path), cond, tuple(pairs), diff, (lo, hi), why, b, c, mcnemar_exact(b, c)
-            )
+    else:
+        for t, is_cond, ok in unpaired:
+            (by_task_c if is_cond else by_task_b).setdefault(t, []).append(ok)
+    diff, lo, hi, why = task_cluster_bootstrap(by_task_b, by_task_c, n_boot=n_boot, seed=seed)
+    b = sum(p.base_success and not p.cond_success for p in pairs)
+    c = sum(p.cond_success and not p.base_success for p in pairs)
+    divergence_reason = None
+    if unpaired_reason is not None:
+        divergence_reason = f"not paired ({unpaired_reason}): no common inference to compare"
+    elif not same_batching:
+        divergence_reason = (
+            f"baseline {batching[0]}, condition {batching[1]} inference: batching alone moves bf16 actions by up to "
+            "0.016, above the divergence threshold; collect both with --no-batch-inference (or in one command)"
         )
-    effects.sort(key=lambda e: (e.recipe or "", e.layer if e.layer is not None else -1, e.name))
-    return BehaviourAnalysis(str(base_path), _condition_of(base_store), tuple(effects), threshold, n_boot, tuple(notes))
+    return ConditionEffect(
+        str(cond["name"]), str(path), cond, tuple(pairs), diff, (lo, hi), why, b, c,
+        mcnemar_exact(b, c) if unpaired_reason is None else math.nan, unpaired_reason, unpaired, p_fisher,
+        divergence_reason,
+    )  # fmt: skip
+
+
+def _correct_over_sweeps(effects: list[ConditionEffect], correction: str) -> list[ConditionEffect]:
+    """Each condition's p-value corrected over its family: the single-layer conditions of one recipe (a layer sweep,
+    two layers or more); any other condition is a single test (p_adjusted = p_value)."""
+    families: dict[str, list[int]] = {}
+    for i, e in enumerate(effects):
+        if e.recipe is not None and e.layer is not None:
+            families.setdefault(e.recipe, []).append(i)
+    out = [dataclasses.replace(e, p_adjusted=e.p_value) for e in effects]
+    for recipe, idx in families.items():
+        if len(idx) < 2:
+            continue
+        adjusted = adjust([effects[i].p_value for i in idx], correction)
+        name = f"{recipe} layer sweep: {len(idx)} layers, {CORRECTIONS[correction]}"
+        for i, p in zip(idx, adjusted):
+            out[i] = dataclasses.replace(out[i], family=name, p_adjusted=float(p))
+    return out

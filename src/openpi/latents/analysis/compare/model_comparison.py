@@ -8,13 +8,13 @@ Definitions (also written into the report):
 
 * success rate per task and overall: fraction of the paired episodes that succeeded (episodes that ended with an error
   in either run are left out, with a note);
-* Δ success = mean over tasks of (B rate − A rate); 95% percentile interval from a cluster bootstrap resampling tasks
+* Δ success = mean over tasks of (B rate − A rate); 95% t interval over the per-task differences
   (:func:`openpi.latents.analysis.compare.behaviour.task_cluster_bootstrap`); n/a below two tasks;
 * McNemar's exact test over the paired episodes (:func:`openpi.latents.analysis.compare.behaviour.mcnemar_exact`):
   b = A success & B failure, c = A failure & B success, p = min(1, 2·P[Bin(b + c, ½) ≤ min(b, c)]);
 * per layer, each model's value of a registered metric is its own analysis' summary (mean over episodes of per-episode
   means, task-cluster bootstrap: :meth:`CollectionAnalysis.per_layer`); the **paired difference** is, per paired
-  episode, B's episode mean minus A's, averaged over the pairs with a task-cluster bootstrap
+  episode, B's episode mean minus A's, averaged over the pairs with a task-cluster t interval
   (:func:`openpi.latents.analysis.stats.clustered.cluster_bootstrap_ci`), computed only where both models store the same
   model layer ids of models of the same depth. Models of different depths are drawn against relative depth
   (layer id / depth: the residual stream entering layer l of L) and get no per-layer paired difference.

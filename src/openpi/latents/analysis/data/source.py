@@ -71,7 +71,28 @@ class DictSource:
         arr = np.stack([np.asarray(all_steps[i][key]) for i in idx])
         if layer is not None:
             arr = np.take(arr, layer, axis=1 + schema.dims_for(key, arr.ndim - 1).index("layer"))
+        return require_finite(arr, t, k, key, list(idx), layer)
+
+
+class NonFiniteValueError(ValueError):
+    """Stored latents hold NaN or inf (the message names the task, episode, key, rollout step and layer)."""
+
+
+def require_finite(arr: np.ndarray, t: int, k: int, key: str, steps: Sequence[int], layer: int | None) -> np.ndarray:
+    """``arr`` ([step, ...], rows for rollout steps ``steps``) unless a float value is NaN/inf: then an error naming
+    where, instead of a statistic failing later with "Input X contains NaN" and no episode."""
+    if arr.size == 0 or (arr.dtype.kind != "f" and str(arr.dtype) != "bfloat16"):
         return arr
+    finite = np.isfinite(arr.astype(np.float32, copy=False)).reshape(len(arr), -1).all(axis=1)
+    if finite.all():
+        return arr
+    bad = [int(steps[i]) for i in np.flatnonzero(~finite)]
+    raise NonFiniteValueError(
+        f"task {t} episode {k}: {key!r}" + ("" if layer is None else f" layer {layer}") + f" holds NaN or inf at "
+        f"rollout step(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}; the collection recorded non-finite values "
+        "there (e.g. a client state far outside the normalisation). Re-collect that episode, or analyse the other "
+        "episodes with --task-ids."
+    )
 
 
 class StoreSource:
@@ -106,7 +127,8 @@ class StoreSource:
         return self.store.episode(t, k).present_steps(key)
 
     def read(self, t: int, k: int, key: str, layer: int | None = None, steps: Sequence[int] | None = None):
-        return self.store.read_array(t, k, key, layer=layer, steps=None if steps is None else list(steps))
+        arr = self.store.read_array(t, k, key, layer=layer, steps=None if steps is None else list(steps))
+        return require_finite(arr, t, k, key, self.present_steps(t, k, key) if steps is None else list(steps), layer)
 
 
 def make_source(

@@ -12,6 +12,15 @@ prompts, gets the same prediction twice, and so is right on at most one of the t
 Guessing among K prompts independently scores 1/K² (``chance``). The per-state accuracy is reported beside it (a
 scene-only state can reach 0.5 there when the scene tells the task apart).
 
+The rerun's prompt must not be a function of the scene: with the next task's prompt (or a blank one) as the rerun of
+every episode of a task, a state carrying only a scene-specific "not my instruction" shift names both prompts (pair
+accuracy 0.975; a shared "prompt present" bit with blank reruns: 1.000). So :func:`decode_layer` (the collection's
+reading) refuses blank reruns, needs at least two distinct rerun prompts per task (the collection draws the other
+task at random per episode; a task with fewer is left out, named in the reason, and with fewer than two tasks left
+the decoding is NaN) and reports the **scene-aware chance** ``scene_chance``: the pair accuracy of a decoder that
+knows the scene (so the task and its own prompt) but not the rerun's content, i.e. the mean over pairs of the
+largest share of one rerun prompt among its task's pairs. Content-free states read at ``scene_chance``.
+
 The decoder is pure numpy (a closed-form ridge classifier: deterministic, no iterative solver);
 :func:`decode_layer` reads one layer of a collection for the metric registry.
 """
@@ -41,6 +50,7 @@ class PromptDecoding:
     n_classes: int
     n_splits: int
     reason: str | None = None
+    scene_chance: float = float("nan")  # a scene-aware, content-blind decoder's pair accuracy (decode_layer)
 
 
 def _empty(n: int, reason: str, n_groups: int = 0, n_classes: int = 0) -> PromptDecoding:
@@ -168,12 +178,42 @@ def _prompt_labels(b: Any, ep, steps: list[int], cf: bool) -> list:
     return [None] * len(steps)
 
 
+BLANK_REFUSAL = (
+    "the reruns are blank: a single shared 'prompt present' bit decodes them perfectly (1.000), whatever the prompt "
+    "says; collect with --counterfactual other-task (drawn at random per episode)"
+)
+
+
+def _usable_pairs(tasks: list[int], labels: list, cf_labels: list) -> tuple[np.ndarray, str | None, float]:
+    """(keep mask over pairs, reason when something is left out or nothing is usable, scene-aware chance)."""
+    tasks_a, cf = np.asarray(tasks), np.asarray(cf_labels, dtype=object)
+    keep = cf != ""
+    if not keep.any():
+        return keep, BLANK_REFUSAL, float("nan")
+    thin = [int(t) for t in np.unique(tasks_a[keep]) if len(set(cf[keep & (tasks_a == t)])) < 2]
+    keep &= ~np.isin(tasks_a, thin)
+    reason = None
+    if thin:
+        reason = (
+            f"task(s) {thin} have a single rerun prompt, so the scene names it (with the next task's prompt a "
+            "scene-only 'not my instruction' shift decodes at 0.975): left out; collect with --counterfactual "
+            "other-task, which draws the other task at random per episode"
+        )
+    if len(np.unique(tasks_a[keep])) < 2:
+        return keep & False, reason or "fewer than two tasks with two distinct rerun prompts", float("nan")
+    share = []
+    for t in tasks_a[keep]:
+        _, counts = np.unique(cf[keep & (tasks_a == t)].astype(str), return_counts=True)
+        share.append(counts.max() / counts.sum())
+    return keep, reason, float(np.mean(share))
+
+
 def decode_layer(b: Any) -> dict[int, tuple[list[int], np.ndarray]]:
     """The registry's ``prompt_decoding`` for one layer of one stream: reads the base / counterfactual features of
     every episode (``b`` gives the source, stream and layer), fits the grouped decoder once, and returns each
     episode's (rollout steps, pair-correct values); the fit's :class:`PromptDecoding` (without the per-pair values)
     goes to ``res.shared[("prompt_decoding_summary", stream, layer index)]``."""
-    feats, cf_feats, labels, cf_labels, groups, where = [], [], [], [], [], []
+    feats, cf_feats, labels, cf_labels, groups, where, tasks = [], [], [], [], [], [], []
     for i, ep in enumerate(b.res.episodes):
         if ep.n_steps == 0:
             continue
@@ -191,18 +231,28 @@ def decode_layer(b: Any) -> dict[int, tuple[list[int], np.ndarray]]:
             labels += list(yb[keep])
             cf_labels += list(yc[keep])
             groups += [i] * int(keep.sum())
+            tasks += [ep.task_id] * int(keep.sum())
             where += [(i, s) for s, k in zip(np.repeat(chunk, rows), keep) if k]
     if not where:
         b.res.missing[f"{b.stream.name}.prompt_decoding"] = "no rerun with a prompt different from the original"
         return {}
-    x, xc = np.concatenate(feats), np.concatenate(cf_feats)
+    usable, why, scene_chance = _usable_pairs(tasks, labels, cf_labels)
+    if why is not None:
+        b.res.missing[f"{b.stream.name}.prompt_decoding"] = why
+    if not usable.any():
+        return {}
+    x, xc = np.concatenate(feats)[usable], np.concatenate(cf_feats)[usable]
+    labels, cf_labels = [v for v, k in zip(labels, usable) if k], [v for v, k in zip(cf_labels, usable) if k]
+    groups, where = [v for v, k in zip(groups, usable) if k], [v for v, k in zip(where, usable) if k]
     if b.stream.name == "expert_0":  # cameras valid in no row (the masked third camera): constant zero features
         keep = np.any(x != 0, axis=0) | np.any(xc != 0, axis=0)
         x, xc = x[:, keep], xc[:, keep]
     s = b.res.settings
     dec = matched_prompt_decoding(x, xc, labels, cf_labels, groups, n_splits=s["probe_splits"], seed=s["seed"])
     # the fit's summary (chance, counts, per-state accuracy) for callers; per-step values go to the registry
-    b.res.shared[("prompt_decoding_summary", b.stream.name, b.layer)] = dataclasses.replace(dec, pair_correct=None)
+    b.res.shared[("prompt_decoding_summary", b.stream.name, b.layer)] = dataclasses.replace(
+        dec, pair_correct=None, scene_chance=scene_chance
+    )
     per_step: dict[int, dict[int, list[float]]] = {}
     for (i, step), v in zip(where, dec.pair_correct):
         per_step.setdefault(i, {}).setdefault(step, []).append(v)  # batch rows of one step: their mean

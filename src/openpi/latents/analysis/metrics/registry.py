@@ -178,8 +178,11 @@ REGISTRY: tuple[Metric, ...] = (
         "matched-observation prompt decoding: held-out pair accuracy of a linear classifier (ridge on standardised "
         "features onto one-hot prompts, folds grouped by episode) naming the prompt of the state under the prompt and "
         "of the state under the counterfactual prompt of the same observation and noise; 1 when both are right. A "
-        "scene-only state scores 0, guessing 1/K² for K prompts. expert_0: per-camera means of valid "
-        "cameras; expert_1: state token and mean action token at the first captured denoising step",
+        "scene-only state scores 0, guessing 1/K² for K prompts; a content-free state that knows the scene scores the "
+        "scene-aware chance (metrics.json scene_chance: the mean largest share of one rerun prompt in a task). Blank "
+        "reruns are refused and each task needs two distinct rerun prompts (else left out / NaN with the reason). "
+        "expert_0: per-camera means of valid cameras; expert_1: state token and mean action token at the first "
+        "captured denoising step",
         prompt_decoding,
         label="matched-observation prompt decoding (pair acc.)",
         higher_means="the states tell the prompt apart with the observation held fixed (not a loss)",

@@ -30,6 +30,7 @@ from openpi.latents.analysis.data import labels
 from openpi.latents.analysis.data import source as src
 from openpi.latents.analysis.data import streams as S
 from openpi.latents.analysis.data.embedding import TokenEmbedding, token_embedding_for_manifest
+from openpi.latents.analysis.measures import precision_floor as PF
 from openpi.latents.analysis.metrics import pooled_rows as P
 from openpi.latents.analysis.metrics import registry as R
 from openpi.latents.analysis.metrics import step as SM
@@ -135,7 +136,7 @@ def analyze_collection(
     seed: int = 0,
     text_step_stride: int = 1,
     max_block_bytes: int = 64 << 20,
-    success_window: str = "progress",
+    success_window: str = "step",
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
     skip_damaged: bool = False,
@@ -162,9 +163,10 @@ def analyze_collection(
         n_boot, seed: bootstrap resamples (of tasks: the unit of resampling) and seed for every interval.
         text_step_stride: decode text at every k-th rollout step only (text decoding dominates the cost at full size).
         max_block_bytes: rollout steps of one layer read per block (bounds memory).
-        success_window: "progress" (default): every episode by normalised progress (``progress_bins`` bins; a
-            1-step episode fills every bin, nothing collapses); "common": the first N rollout steps, N = the fewest
-            any episode has (collapses to 1 with a 1-step episode); "all": each episode's own steps.
+        success_window: "step" (default): success vs failure at equal rollout steps among the episodes still
+            running, within task (``equal_step``; episode length cannot make a gap); "progress": every episode by
+            normalised progress (``progress_bins`` bins; a secondary view, confounded by episode length); "common":
+            the first N rollout steps, N = the fewest any episode has; "all": each episode's own steps.
         include_constant_tokens: keep BOS and the trailing "\n" in text decoding, the text probe and attention to
             text (default: left out; they are the same for every prompt).
         skip_damaged: a store path with damaged episodes is refused (listing them) unless this skips them.
@@ -336,10 +338,21 @@ def _analyze_layer(source, res: CollectionAnalysis, stream: S.Stream, j: int, em
             for steps in _blocks(ep.n_steps, per_step, res.settings["max_block_bytes"]):
                 block = R.LayerBlock(**common, steps=steps, embedding=emb, carry=carry, layer_mean=mean)
                 cam = _read_block(block, "segment_mask" in fields)
+                if len(res.precision_floor.get(stream.name, ())) == j and _stored_bf16(res):  # first block only
+                    x = SM.drift_states(stream, block.x)
+                    valid = None if block.mask is None else np.broadcast_to(block.mask, x.shape[:-1])
+                    floor = PF.floors(x if valid is None else x[valid], seed=res.settings["seed"])
+                    res.precision_floor.setdefault(stream.name, []).append(floor)
                 _run(block_metrics, block)
                 probe.add(stream, block, cam)
         _run(episode_metrics, R.LayerBlock(**common, steps=None, embedding=emb))
     return probe.result(stream)
+
+
+def _stored_bf16(res: CollectionAnalysis) -> bool:
+    """Hidden states stored in bfloat16 (the capture's default) rather than float32 / float16."""
+    spec = res.source.get("manifest", {}).get("capture_spec") or {}
+    return spec.get("dtype", "bfloat16") == "bfloat16"
 
 
 def _layer_mean(source, res: CollectionAnalysis, stream: S.Stream, j: int) -> np.ndarray | None:

@@ -12,13 +12,16 @@
 
 Summaries over episodes (:meth:`CollectionAnalysis.per_layer`, :meth:`heatmap_progress`, :meth:`success_split`,
 :meth:`within_task_split`): a metric is first averaged over an episode's rollout steps (``drift`` /
-``centred_drift`` without step 0, which is 0 by definition); intervals resample *tasks* (episodes of one task share
-prompt and scene and are not independent; a one-task collection resamples its episodes and says so). The success
-split leaves out episodes that ended with an error and, by default (``success_window="progress"``), summarises every
-episode by normalised progress (:func:`progress_bins`, 10 bins): no episode length makes it collapse, a 1-step
-episode included. It is compared within task (:meth:`within_task_split`: per task, then combined with weights ∝
-episodes; tasks with a single outcome cannot contribute and are counted; within-task permutation p-values with Holm's
-correction over layers); the pooled comparison (:meth:`success_split`) is kept beside it and is confounded by task.
+``centred_drift`` without step 0, which is 0 by definition: :data:`STEP0_ZERO`, the same everywhere); intervals are
+task-cluster t intervals (episodes of one task share prompt and scene and are not independent; a one-task collection
+resamples its episodes and says so). The success split leaves out episodes that ended with an error and, by default
+(``success_window="step"``), compares the outcomes at equal rollout steps among the episodes still running, within
+task (:mod:`~openpi.latents.analysis.stats.equal_step`; the number at risk per step in :meth:`split_info`): successes
+end
+early and drift grows with the step, so any per-episode summary differs by length alone. Normalised progress
+(``"progress"``, :func:`progress_bins`) is kept as a labelled secondary view. Within-task permutation p-values carry
+Holm's correction over layers; the pooled comparison (:meth:`success_split`) is kept beside it and is confounded by
+task.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from openpi.latents.analysis.stats.clustered import (
     pooled_split_by_task,
     within_task_difference,
 )
+from openpi.latents.analysis.stats.equal_step import equal_step_difference, pooled_equal_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,9 @@ class CollectionAnalysis:
     # expert-1 prompt sensitivity per denoising step × layer, {"free", "teacher_forced"} ->
     # openpi.latents.analysis.run.denoise_sensitivity.DenoiseSensitivity
     denoise_sensitivity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # stream -> one {metric: floor} per layer: the bf16 precision floor of the comparison metrics
+    # (openpi.latents.analysis.measures.precision_floor; absent for float32 captures)
+    precision_floor: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
 
     def has(self, stream: str, metric: str) -> bool:
         return (stream, metric) in self.step_values
@@ -103,12 +110,13 @@ class CollectionAnalysis:
         return self.missing.get(f"{stream}.{metric}", "not computed")
 
     def per_episode(self, stream: str, metric: str, n_steps: int | None = None) -> np.ndarray:
-        """[episodes, layers]: each episode's mean over its rollout steps, or over its first ``n_steps`` only (drift:
-        without step 0, which is 0 by definition; NaN for an episode without a value)."""
+        """[episodes, layers]: each episode's mean over its rollout steps, or over its first ``n_steps`` only (drift
+        and centred drift: without step 0, which is 0 by definition, :data:`STEP0_ZERO`; NaN for an episode without
+        a value)."""
         out = []
         for v in self.step_values[(stream, metric)]:
             v = v if n_steps is None else v[:n_steps]
-            v = v[1:] if metric == "drift" else v
+            v = v[1:] if metric in STEP0_ZERO else v
             with quiet_nan_warnings():
                 out.append(np.nanmean(v, axis=0) if len(v) else np.full(v.shape[1], np.nan))
         return np.asarray(out)
@@ -132,7 +140,7 @@ class CollectionAnalysis:
         k = n_bins or self.settings.get("progress_bins", 10)
         out = []
         for v in self.step_values[(stream, metric)]:
-            out.append(progress_bins(v[1:] if metric == "drift" or metric == "centred_drift" else v, k))
+            out.append(progress_bins(v[1:] if metric in STEP0_ZERO else v, k))
         return np.stack(out) if out else np.zeros((0, k, 0))
 
     def heatmap_progress(self, stream: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -141,9 +149,23 @@ class CollectionAnalysis:
         with quiet_nan_warnings():
             return np.nanmean(pv, axis=0).T, np.sum(~np.isnan(pv), axis=0).T
 
+    def step_series(self, stream: str, metric: str, layer_index: int) -> list[np.ndarray]:
+        """One [steps] array per episode of one layer, rows by rollout step (inference index); step 0 of drift and
+        centred drift NaN (0 by definition: no information)."""
+        out = []
+        for v in self.step_values[(stream, metric)]:
+            x = np.array(v[:, layer_index], np.float64)
+            if metric in STEP0_ZERO and len(x):
+                x[0] = np.nan
+            out.append(x)
+        return out
+
     def window_values(self, stream: str, metric: str, window: str | None = None) -> np.ndarray:
-        """[episodes, layers] the per-episode value the success split compares (see :meth:`split_window`)."""
-        window = window or self.settings.get("success_window", "progress")
+        """[episodes, layers] the per-episode value a per-episode success split compares (see :meth:`split_window`;
+        the default window "step" compares per rollout step instead, :meth:`within_task_split`)."""
+        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
+        if window == "step":
+            raise ValueError("window 'step' compares rollout steps, not per-episode values: use within_task_split")
         if window == "progress":
             with quiet_nan_warnings():
                 return np.nanmean(self.progress_values(stream, metric), axis=1)
@@ -170,20 +192,21 @@ class CollectionAnalysis:
         return n_s, int(keep.sum()) - n_s
 
     def split_window(self, window: str | None = None) -> int | None:
-        """Rollout steps each episode is averaged over in the success split: None for ``window="progress"`` (the
-        default: every episode by normalised progress, see :meth:`window_values`) and "all" (all its steps); for
-        "common" the fewest steps of any episode in the split."""
-        window = window or self.settings.get("success_window", "progress")
+        """Rollout steps each episode is averaged over in the success split: None for ``window="step"`` (the
+        default: equal rollout steps, :mod:`~openpi.latents.analysis.stats.equal_step`), "progress" (every episode by
+        normalised progress, a secondary view confounded by length) and "all" (all its steps); for "common" the
+        fewest steps of any episode in the split."""
+        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
         if window not in WINDOWS:
             raise ValueError(f"success window must be one of {WINDOWS}, got {window!r}")
-        if window in ("all", "progress"):
+        if window in ("all", "progress", "step"):
             return None
         n = [e.n_steps for e, k in zip(self.episodes, self.split_mask()) if k]
         return min(n) if n else None
 
     def split_info(self, window: str | None = None) -> dict[str, Any]:
         """What the success split compares: window, steps, episodes left out (errors) and the counts per side."""
-        window = window or self.settings.get("success_window", "progress")
+        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
         n_s, n_f = self.split_counts()
         errored = [e for e in self.episodes if e.error is not None]
         keep = self.split_mask()
@@ -195,6 +218,7 @@ class CollectionAnalysis:
             "window": window,
             "n_inferences": self.split_window(window),
             "progress_bins": self.settings.get("progress_bins", 10) if window == "progress" else None,
+            "at_risk": self.at_risk() if window == "step" else None,
             "n_tasks": len(tasks),
             "n_tasks_both_outcomes": sum(len(v) == 2 for v in tasks.values()),
             "n_success": n_s,
@@ -204,26 +228,69 @@ class CollectionAnalysis:
             ],
         }
 
+    def at_risk(self) -> dict[str, list[int]]:
+        """Episodes still running at each rollout step (inference index), per outcome, over the episodes of the
+        split in tasks with both outcomes (metric-independent: a metric's NaN steps lower its own counts, given with
+        its comparison)."""
+        keep = self.split_mask()
+        eps = [e for e, k in zip(self.episodes, keep) if k]
+        both = {t for t in {e.task_id for e in eps} if len({e.success for e in eps if e.task_id == t}) == 2}
+        n = max((e.n_steps for e in eps), default=0)
+        out = {"n_success": [0] * n, "n_failure": [0] * n}
+        for e in eps:
+            if e.task_id in both:
+                side = out["n_success" if e.success else "n_failure"]
+                for i in range(e.n_steps):
+                    side[i] += 1
+        return out
+
     def success_split(self, stream: str, metric: str, window: str | None = None) -> list[M.SuccessSplit]:
         """Per layer: successful vs failed episodes pooled over tasks (errored episodes left out), each episode
-        summarised by :meth:`window_values`; intervals from a task-cluster bootstrap. Pooled, so confounded by task
-        when success rates differ by task: :meth:`within_task_split` is the comparison to read."""
-        pe = self.window_values(stream, metric, window)
+        summarised by :meth:`window_values` (window "step", the default: at equal rollout steps among the episodes
+        at risk, :func:`~openpi.latents.analysis.stats.equal_step.pooled_equal_step`); task-cluster intervals. Pooled,
+        so
+        confounded by task when success rates differ by task: :meth:`within_task_split` is the comparison to read."""
+        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
         keep = self.split_mask()
         flags = np.array([e.success for e in self.episodes])[keep]
         tasks, s = self.task_ids()[keep], self.settings
+        if window == "step":
+            return [
+                pooled_equal_step(
+                    [v for v, k in zip(self.step_series(stream, metric, j), keep) if k], flags, tasks, ci=0.95
+                )
+                for j in range(self._n_layers(stream, metric))
+            ]
+        pe = self.window_values(stream, metric, window)
         return [
             pooled_split_by_task(pe[keep, j], flags, tasks, n_boot=s["n_boot"], seed=s["seed"])
             for j in range(pe.shape[1])
         ]
 
+    def _n_layers(self, stream: str, metric: str) -> int:
+        vals = self.step_values[(stream, metric)]
+        return vals[0].shape[1] if vals else 0
+
     def within_task_split(self, stream: str, metric: str, window: str | None = None) -> list[WithinTaskDifference]:
-        """Per layer: success − failure within task (:func:`within_task_difference`), with the within-task
-        permutation p-value and its Holm adjustment over the layers (``p_holm``), for picking a layer."""
-        pe = self.window_values(stream, metric, window)
+        """Per layer: success − failure within task, with the within-task permutation p-value and its Holm
+        adjustment over the layers (``p_holm``), for picking a layer. Window "step" (default): at equal rollout steps
+        among the episodes at risk (:func:`~openpi.latents.analysis.stats.equal_step.equal_step_difference`, with the
+        number at risk per step); else per-episode values (:func:`within_task_difference`)."""
+        window = window or self.settings.get("success_window", DEFAULT_WINDOW)
         keep = self.split_mask()
         flags = np.array([e.success for e in self.episodes])[keep]
         tasks, s = self.task_ids()[keep], self.settings
+        if window == "step":
+            out = [
+                equal_step_difference(
+                    [v for v, k in zip(self.step_series(stream, metric, j), keep) if k], flags, tasks,
+                    n_boot=s["n_boot"], n_permutations=s.get("n_permutations", 1000), seed=s["seed"],
+                )
+                for j in range(self._n_layers(stream, metric))
+            ]  # fmt: skip
+            adjusted = holm([x.p_value for x in out])
+            return [dataclasses.replace(x, p_holm=float(p)) for x, p in zip(out, adjusted)]
+        pe = self.window_values(stream, metric, window)
         out = [
             within_task_difference(
                 pe[keep, j], flags, tasks, n_boot=s["n_boot"], n_permutations=s.get("n_permutations", 1000),
@@ -242,7 +309,13 @@ class CollectionAnalysis:
             )
 
 
-WINDOWS = ("progress", "common", "all")
+# "step" (default): equal rollout steps among the episodes still running, within task; "progress": normalised
+# progress (secondary: confounded by episode length); "common": the first N steps (N = the shortest episode); "all".
+WINDOWS = ("step", "progress", "common", "all")
+DEFAULT_WINDOW = "step"
+# Metrics that are 0 at step 0 by definition (measured against the episode's first step): step 0 is left out of every
+# summary, so each has one value wherever it is reported.
+STEP0_ZERO = frozenset({"drift", "centred_drift"})
 
 
 def progress_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
@@ -304,7 +377,19 @@ def summary_value(res: CollectionAnalysis, stream: str, metric: str) -> Mapping[
         "n_tasks": [c.n_clusters for c in cis],
         "unit_of_resampling": cis[0].unit if cis else None,
         "correction": "none (per-layer 95% intervals, not simultaneous)",
+        "bf16_floor": _floor(res, stream, metric),
     }
+
+
+def _floor(res: CollectionAnalysis, stream: str, metric: str) -> list[float] | str | None:
+    """The metric's bf16 precision floor per layer (None: the metric has no floor; a string: why it is n/a)."""
+    from openpi.latents.analysis.measures.precision_floor import FLOOR_METRICS
+
+    if metric not in FLOOR_METRICS:
+        return None
+    if stream not in res.precision_floor:
+        return "n/a: the states are not stored in bfloat16"
+    return [f.get(metric, float("nan")) for f in res.precision_floor[stream]]
 
 
 def pooled_values(res: CollectionAnalysis, stream: str, metric: str, extra: str | None = None) -> np.ndarray:
