@@ -146,11 +146,11 @@ def _discrete_state_input(path: str) -> bool | None:
 
     if not store.is_store(path):
         return None  # match_collections says what is wrong with it
-    manifest = store.open_store(path).manifest
-    if manifest.get("preset") not in presets.list_presets():
+    manifest = store.open_store(path).run_manifest
+    if manifest.preset not in presets.list_presets():
         return None
-    config = presets.get_preset(manifest["preset"]).model_config
-    return config.discrete_state_input if config.describe() == manifest.get("model_config") else None
+    config = presets.get_preset(manifest.preset).model_config
+    return config.discrete_state_input if config.describe() == manifest.model_config else None
 
 
 def _matched_comparison(args: Args):

@@ -19,7 +19,7 @@ import sys
 import tyro
 
 from openpi.latents import replay as replay_lib
-from openpi.latents.collect.interrupt import Interrupted, StopOnSignal
+from openpi.latents.recording.interrupt import Interrupted, StopOnSignal
 from openpi.latents.store import StoreLockedError
 from openpi.latents.store.location import ObjectStoreError
 from openpi.shared import cli, jax_cache
@@ -38,7 +38,7 @@ def main(args: replay_lib.ReplayArgs) -> replay_lib.ReplaySummary:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(
-        f"Replaying {len(plan.episodes)} episodes of {args.source} through {plan.manifest['checkpoint']} "
+        f"Replaying {len(plan.episodes)} episodes of {args.source} through {plan.manifest.checkpoint} "
         f"({plan.num_steps} denoising steps) into {args.output_dir}",
         flush=True,
     )

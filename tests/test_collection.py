@@ -331,7 +331,7 @@ def test_cli_logs_info_lines_and_names_flags(tmp_path):
     the flag the user typed (--asset-id, not asset_id=...)."""
     proc = cli(*cli_args(tmp_path / "out", "--checkpoint", str(TINY_CHECKPOINT)), timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "INFO openpi.latents.collect.run: Loading policy pi0_libero_tiny" in proc.stderr
+    assert "INFO openpi.latents.collect.policy: Loading policy pi0_libero_tiny" in proc.stderr
     assert "Pass --asset-id with one of them." in proc.stderr and "asset_id=" not in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -367,7 +367,7 @@ def test_resume_command_repeats_the_arguments_with_resume():
 
 
 def test_free_space_warning_and_collect_prints_it(tmp_path, monkeypatch, capsys):
-    from openpi.latents.collect import disk
+    from openpi.latents.recording import disk
 
     free = shutil.disk_usage(tmp_path).free
     assert disk.free_space_warning(tmp_path / "new" / "out", 0) is None

@@ -17,8 +17,8 @@ import importlib.util
 import io
 import json
 import pathlib
-import signal
 import re
+import signal
 import subprocess
 import sys
 
@@ -27,7 +27,7 @@ import pytest
 
 from openpi.latents import replay as R
 from openpi.latents import store
-from openpi.latents.collect.interrupt import Interrupted, StopOnSignal
+from openpi.latents.recording.interrupt import Interrupted, StopOnSignal
 from openpi.models.capture import CaptureSpec
 from openpi.policies import presets
 
@@ -110,11 +110,11 @@ def test_replay_plan_records_what_it_is_a_control_of(tmp_path):
     src = _fake_source(tmp_path / "src")
     plan = R.make_plan(R.ReplayArgs(source=str(src), output_dir=str(tmp_path / "out"), init_seed=3))
     man, source_man = plan.manifest, store.open_store(src).manifest
-    assert man["checkpoint"] == "random(seed=3)" and man["kind"] == R.KIND
-    assert man["control_of"]["content_hash"] == source_man["content_hash"]
-    assert man["control_of"]["checkpoint"] == "random(seed=0)"
-    assert man["replay"]["init_seed"] == 3 and man["replay"]["num_denoise_steps"] == 2
-    assert man["capture_spec"] == source_man["capture_spec"] and man["model_config"] == TINY.describe()
+    assert man.checkpoint == "random(seed=3)" and man.kind == R.KIND
+    assert man.control_of["content_hash"] == source_man["content_hash"]
+    assert man.control_of["checkpoint"] == "random(seed=0)"
+    assert man.replay["init_seed"] == 3 and man.replay["num_denoise_steps"] == 2
+    assert man.capture_spec == source_man["capture_spec"] and man.model_config == TINY.describe()
     assert plan.episodes == ((0, 0),) and plan.preset.param_seed == 3 and plan.checkpoint is None
 
 
@@ -204,9 +204,16 @@ def test_synthetic_organism_store_replayed_with_a_second_checkpoint(tmp_path):
     spec = sc.SyntheticCollection(co.PROMPTS, n_episodes=2, n_steps=2, capture=capture, seed=3, store_images=True)
     src = sc.collect_synthetic(positive, tmp_path / "positive", spec, _observe, progress=False)
     assert store.open_store(src).manifest["arguments"]["num_steps"] is None  # replay reads 10 steps off x_t
-    neg = R.replay(R.ReplayArgs(str(src), str(tmp_path / "negative"), checkpoint=str(ORGANISMS / "negative")))
-    same = R.replay(R.ReplayArgs(str(src), str(tmp_path / "same"), checkpoint=str(ORGANISMS / "positive"),
-                                 allow_same_model=True), policy=positive)  # fmt: skip
+    neg = R.replay(
+        R.ReplayArgs(source=str(src), output_dir=str(tmp_path / "negative"), checkpoint=str(ORGANISMS / "negative"))
+    )
+    same_args = R.ReplayArgs(
+        source=str(src),
+        output_dir=str(tmp_path / "same"),
+        checkpoint=str(ORGANISMS / "positive"),
+        allow_same_model=True,
+    )
+    same = R.replay(same_args, policy=positive)
     assert neg.steps == same.steps == 4 * 2 * 2
     man = store.open_store(tmp_path / "negative").manifest
     assert man["replay"]["num_denoise_steps"] == 10 and man["checkpoint"] == str((ORGANISMS / "negative").resolve())
@@ -267,7 +274,9 @@ def runs(tmp_path_factory) -> Runs:
     with contextlib.redirect_stdout(io.StringIO()):
         collection.collect(args)
     summaries = {}
-    same = R.ReplayArgs(args.output_dir, str(root / "same"), checkpoint=str(TINY_CHECKPOINT), allow_same_model=True)
+    same = R.ReplayArgs(
+        source=args.output_dir, output_dir=str(root / "same"), checkpoint=str(TINY_CHECKPOINT), allow_same_model=True
+    )
     summaries["same"] = R.replay(same)
     with contextlib.redirect_stdout(io.StringIO()):
         summaries["random"] = _script().main(R.ReplayArgs(source=args.output_dir, output_dir=str(root / "random")))

@@ -156,13 +156,99 @@ def _assert_kept(contract_id: str) -> None:
     assert kept, f"import-linter contract {contract_id!r} broken (report above)"
 
 
+def import_graph_all() -> dict[str, set[str]]:
+    """The import graph with every import: module level, deferred (in functions) and type-only alike."""
+    modules = _modules()
+    known = set(modules)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges |= _targets(name, path.name == "__init__.py", node, known)
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+# The producer side and the store (issue 17 part 5, outside analysis/ and models/): no circle even through a deferred
+# or a type-only import. The four circles it had: store writer <-> episode_writer, store reader <-> views, collect
+# run <-> ray_backend, text_latent <-> collect.conditions.
+_NO_CIRCLE_PACKAGES = (
+    "openpi.latents.store",
+    "openpi.latents.collect",
+    "openpi.latents.recording",
+    "openpi.latents.replay",
+    "openpi.serving",
+    "openpi.latents.text_latent",
+    "openpi.latents.schema",
+    "openpi.latents.synthetic_collection",
+)
+
+
+def test_no_circles_through_deferred_or_type_only_imports_on_the_producer_side():
+    graph = import_graph_all()
+    # deferred and type-only imports are edges here (the module-level graph skips both)
+    assert "openpi.latents.collect.ray_backend" in graph["openpi.latents.collect.run"]  # imported inside a function
+    assert "openpi.models.pi0_config" in graph["openpi.latents.text_latent"]  # imported under TYPE_CHECKING
+    ours = {m for m in graph if m.startswith(_NO_CIRCLE_PACKAGES)}
+    assert "openpi.latents.store.views" in ours and "openpi.latents.collect.ray_backend" in ours
+    sub = {m: graph[m] & ours for m in ours}
+    cycle = find_cycle(sub)
+    assert cycle is None, "import cycle (deferred and type-only imports included): " + " -> ".join(cycle or [])
+
+
+def test_no_producer_imports_another_producers_internals():
+    """The collection, the server, the replay and the synthetic collection share `openpi.latents.recording` (and the
+    store); none imports another's package, deferred and type-only imports included."""
+    producers = {
+        "collection": ("openpi.latents.collect",),
+        "server": ("openpi.serving",),
+        "replay": ("openpi.latents.replay",),
+        "synthetic": ("openpi.latents.synthetic_collection",),
+    }
+    graph = import_graph_all()
+    bad = [
+        f"{module} ({name}) imports {target}"
+        for name, own in producers.items()
+        for module, targets in graph.items()
+        if module.startswith(own)
+        for target in targets
+        if any(target.startswith(other) for n, o in producers.items() if n != name for other in o)
+    ]
+    assert not bad, bad
+    assert "openpi.latents.recording.records" in graph["openpi.serving.recording"]
+
+
 def test_store_writer_imports_no_reader():
     _assert_kept("store-writer-no-reader")  # direct or indirect, deferred and type-only included
 
     tree = ast.parse((OPENPI / "latents" / "schema.py").read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"__future__", "dataclasses", "math", "collections", "typing", "numpy", "ml_dtypes"}, imported
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    light = {"__future__", "dataclasses", "math", "collections.abc", "typing", "numpy", "ml_dtypes"}
+    assert imported <= light | {"openpi.shared.record_keys"}, imported
+
+
+def test_the_record_keys_have_one_home_that_the_model_the_store_and_the_analysis_import():
+    """openpi.shared.record_keys names every record key (stdlib only); the model's capture (sampling), the store's
+    schema and the analysis's streams import it rather than spelling the keys themselves."""
+    tree = ast.parse((OPENPI / "shared" / "record_keys.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported <= {"__future__", "dataclasses", "typing"}, imported
+    graph = import_graph()
+    for user in ("openpi.models.sampling", "openpi.latents.schema", "openpi.latents.analysis.data.streams"):
+        assert "openpi.shared.record_keys" in graph[user], user
+    from openpi.latents import schema
+    from openpi.models import sampling
+    from openpi.shared import record_keys
+
+    assert schema.RECORD_KEYS is record_keys.RECORD_KEYS and sampling.STEP_KEYS is record_keys.STEP_KEYS
+    assert set(record_keys.STEP_KEYS) <= set(record_keys.RECORD_KEYS)
+    assert all(k.meaning for k in record_keys.RECORD_KEYS.values())
+    # the stored attention keys are the model's key groups, each once
+    assert record_keys.ATTENTION_KEYS == tuple(f"attention_to_{g}" for g in sampling.ATTENTION_KEY_GROUPS)
 
 
 _READ_SCRIPT = """

@@ -22,7 +22,7 @@ from openpi.latents import schema, store
 from openpi.latents import synthetic_collection as sc
 from openpi.latents.analysis import analyze_collection
 from openpi.latents.analysis.run.denoise_sensitivity import METRIC
-from openpi.latents.collect.args import check_teacher_forced
+from openpi.latents.recording.reruns import check_teacher_forced
 from openpi.models.capture import CaptureSpec
 from openpi.policies import policy_config
 

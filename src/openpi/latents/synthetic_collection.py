@@ -3,7 +3,7 @@
 Each "task" is one prompt; each episode is ``n_steps`` independent inferences on fresh observations drawn by an
 ``observe(rng, prompt)`` callable (e.g. :func:`openpi.training.control_organisms.raw_observations`). Records, the
 manifest and the episode attrs follow the LIBERO collection (:mod:`openpi.latents.collect`): the same record keys
-(``collect.episode.base_record``), the same counterfactual reruns (same observation and noise, another prompt, under
+(``recording.records.base_record``), the same counterfactual reruns (same observation and noise, another prompt, under
 ``cf_*`` keys; with ``teacher_forced`` also their twin fed the baseline's x_t, under ``cf_tf_*``) and the same episode
 attrs, so the analysis reads it unchanged. There is no environment: ``t`` is the
 inference index, ``executed_actions`` is the whole chunk and ``success`` is what ``judge`` says (False without one).
@@ -23,14 +23,15 @@ import tqdm
 
 from openpi.envs.base import state_digest
 from openpi.latents import store as _store
-from openpi.latents.collect.args import check_teacher_forced, other_task_draw
-from openpi.latents.collect.episode import (
+from openpi.latents.recording.records import base_record, counterfactual_fields
+from openpi.latents.recording.reruns import (
     Inference,
-    base_record,
-    counterfactual_fields,
+    check_teacher_forced,
+    other_task_draw,
     rerun_with_prompt,
     teacher_forced_rerun,
 )
+from openpi.latents.store.manifest import RunManifest
 from openpi.models.capture import CaptureSpec
 from openpi.policies.policy import Policy
 
@@ -83,13 +84,14 @@ class SyntheticCollection:
         return self.prompts[other_task_draw(self.seed, task_id, k, len(self.prompts))]
 
 
-def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run manifest, with the keys the analysis reads (capture_spec, checkpoint, model_config, layout)."""
+def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | None = None) -> RunManifest:
+    """The run manifest, with the keys the analysis reads (capture_spec, checkpoint, model_config, layout); ``extra``
+    sets further entries (a field's name sets the field)."""
     config = policy.model.config
     meta = policy.metadata
-    return {
-        "kind": "pi0 synthetic-observation latent collection",
-        "arguments": {
+    return RunManifest(
+        kind="pi0 synthetic-observation latent collection",
+        arguments={
             "prompts": list(spec.prompts),
             "n_episodes": spec.n_episodes,
             "n_steps": spec.n_steps,
@@ -99,15 +101,14 @@ def manifest(spec: SyntheticCollection, policy: Policy, extra: dict[str, Any] | 
             "counterfactual_teacher_forced": spec.teacher_forced,
             "store_images": spec.store_images,
         },
-        "capture_spec": spec.capture.to_dict(),
-        "checkpoint": meta.get("checkpoint"),
-        "preset": meta.get("preset"),
-        "model_config": config.describe(),
-        "suite": "synthetic",
-        "max_steps": spec.n_steps,
+        capture_spec=spec.capture.to_dict(),
+        checkpoint=meta.get("checkpoint"),
+        preset=meta.get("preset"),
+        model_config=config.describe(),
+        suite="synthetic",
+        max_steps=spec.n_steps,
         **config.layout.manifest_fields(),  # text_start, segment_names, suffix_segment_names
-        **(extra or {}),
-    }
+    ).updated(extra or {})
 
 
 def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_id: int, k: int, writer) -> bool | list:
@@ -123,7 +124,7 @@ def _episode(policy: Policy, spec: SyntheticCollection, observe: Observe, task_i
         record = base_record(t, obs, result, replan_steps=config.action_horizon, state_key="observation/state")
         if spec.store_images:
             record.update({key: obs[f"observation/{key}"] for key in ("image", "wrist_image")})
-        if cf_prompt is not None:  # the LIBERO collection's reruns (collect.episode), without an intervention
+        if cf_prompt is not None:  # the LIBERO collection's reruns (recording.reruns), without an intervention
             inference = rerun_with_prompt(policy, Inference(obs, result), cf_prompt, spec.capture)
             if spec.teacher_forced:
                 tf = teacher_forced_rerun(policy, inference, cf_prompt, spec.capture)

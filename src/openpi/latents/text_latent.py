@@ -29,12 +29,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from openpi.latents.store.manifest import RunManifest
+
 if TYPE_CHECKING:
-    from openpi.latents.collect.conditions import ConditionArgs
     from openpi.models.pi0_config import Pi0Config
 
 FORMAT = "openpi-text-latents/1"
@@ -87,11 +88,14 @@ def load(path: str | pathlib.Path) -> TextLatents:
         )
 
 
-def _layer_ids(manifest: dict[str, Any], n_stored: int) -> tuple[int, ...]:
-    layers = (manifest.get("capture_spec") or {}).get("layers")
+def _layer_ids(manifest: RunManifest, n_stored: int) -> tuple[int, ...]:
+    """Model layer ids of the stored layers: the capture spec's (negative ids resolved with the model's depth)."""
+    from openpi.latents.analysis.data.labels import model_depth
+
+    layers = manifest.capture("layers")
     if layers is None:
         return tuple(range(n_stored))
-    depth = (manifest.get("model_config") or {}).get("depth")
+    depth = model_depth(manifest)[0] if any(int(x) < 0 for x in layers) else None
     return tuple(int(x) % depth if depth else int(x) for x in layers)
 
 
@@ -134,14 +138,14 @@ def build_text_latents(root: str | pathlib.Path, task_ids: list[int] | None = No
     masks = np.stack([r[1] for r in rows])
     num_valid = masks.sum(-1)
     token_means = (latents.sum(2) / np.maximum(num_valid, 1)[:, None, None]).astype(np.float32)
-    manifest = store.manifest
+    manifest = store.run_manifest
     metadata = {
         "source": str(root),
-        "preset": manifest.get("preset"),
-        "checkpoint": manifest.get("checkpoint"),
-        "suite": manifest.get("suite"),
-        "condition": manifest.get("condition"),
-        "text_start": manifest.get("text_start"),
+        "preset": manifest.preset,
+        "checkpoint": manifest.checkpoint,
+        "suite": manifest.suite,
+        "condition": manifest.condition,
+        "text_start": manifest.text_start,
         "prompts": {str(t): r[4] for t, r in zip(tasks, rows, strict=True)},
         "definition": "mean over every rollout step of every complete episode of the task of expert 0's residual "
         "stream entering each captured layer at each valid text token (per token, per layer; float64 average)",
@@ -159,7 +163,21 @@ def build_text_latents(root: str | pathlib.Path, task_ids: list[int] | None = No
     )
 
 
-def blend_weight(c: ConditionArgs, i: int) -> float:
+class InjectionSettings(Protocol):
+    """The ``text_latent*`` settings of an injection (the collection's `conditions.ConditionArgs` has them; the
+    latents are upstream of the collection, so this names only what it reads)."""
+
+    text_latent: pathlib.Path | None
+    text_latent_task: int | None
+    text_latent_blend_task: int | None
+    text_latent_alpha: float
+    text_latent_schedule: str
+    text_latent_ramp: int
+    text_latent_mode: str
+    text_latent_scale: float
+
+
+def blend_weight(c: InjectionSettings, i: int) -> float:
     """The blend task's weight at inference i (0 without a blend task)."""
     if c.text_latent_blend_task is None:
         return 0.0
@@ -168,7 +186,7 @@ def blend_weight(c: ConditionArgs, i: int) -> float:
     return float(c.text_latent_alpha) * min(1.0, i / max(c.text_latent_ramp, 1))
 
 
-def injection(c: ConditionArgs, config: Pi0Config):
+def injection(c: InjectionSettings, config: Pi0Config):
     """(inference index -> Intervention, details for the manifest) of `c`'s text-latent injection."""
     from openpi.models import intervention as iv
 

@@ -23,6 +23,7 @@ from openpi.models import suffix as _suffix
 from openpi.models.capture import CaptureSpec
 from openpi.models.layout import TokenLayout, layout_of
 from openpi.models.taps import Tap
+from openpi.shared import record_keys as rk
 
 if TYPE_CHECKING:
     from openpi.models.family import Model
@@ -70,11 +71,11 @@ def _prefix_taps(layout: TokenLayout, capture: CaptureSpec | None) -> tuple[Tap,
         return ()
     taps = []
     if capture.expert_0 == "full":
-        taps.append(Tap("expert_0_hidden_states", "residual", 0))
+        taps.append(Tap(rk.EXPERT_0_HIDDEN_STATES, "residual", 0))
     elif capture.expert_0 == "pooled":
-        taps.append(Tap("expert_0_segment_means", "residual", 0, "pool"))
+        taps.append(Tap(rk.EXPERT_0_SEGMENT_MEANS, "residual", 0, "pool"))
     if capture.text:
-        taps.append(Tap("text_only_hidden_states", "residual", 0, (layout.text_start, layout.prefix_len)))
+        taps.append(Tap(rk.TEXT_ONLY_HIDDEN_STATES, "residual", 0, (layout.text_start, layout.prefix_len)))
     taps += _ffn_taps(capture, 0)
     return tuple(taps)
 
@@ -87,28 +88,14 @@ def _ffn_taps(capture: CaptureSpec, expert: int) -> list[Tap]:
     return [Tap(name, "ffn_hidden", expert, "pool" if pooled else "full")]
 
 
-# Per-denoising-step captures, in the order `sample_actions_with_inference_steps` lists them.
-STEP_KEYS = (
-    "expert_1_hidden_states",
-    "expert_1_segment_means",
-    "attention_to_text",
-    "attention_to_text_content",
-    "attention_to_bos",
-    "expert_1_modulation",
-    "adarms_cond",
-    "expert_1_ffn_means",
-    "expert_1_ffn_hidden",
-)
-FFN_STEP_KEYS = ("expert_1_ffn_means", "expert_1_ffn_hidden")
-
-# The key groups of the expert-1 attention capture (`CaptureSpec.attention_to_text`), each stored as
-# `attention_to_<group>` [S', L', B, heads, Ts]: every valid text key; the text *content* keys (the valid text keys
-# without the first and the last: BOS and the "\n" pi0's tokenizer appends, which are the same for every prompt; on
-# pi0.5 the last is the final token of the constant "Action: "; a prompt truncated at max_token_len loses its "\n",
-# and then its last kept token is the one left out); BOS (the first valid text key). `attention_key_counts`
-# [L', B, heads, Ts, 4] counts the keys each query may attend to ("visible"), then those in each group.
-ATTENTION_KEY_GROUPS = ("text", "text_content", "bos")
-ATTENTION_COUNT_GROUPS = ("visible", *ATTENTION_KEY_GROUPS)
+# Per-denoising-step captures (`record_keys.STEP_KEYS`, the order `sample_actions_with_inference_steps` lists them)
+# and the key groups of the expert-1 attention capture (`record_keys.ATTENTION_KEY_GROUPS`, each stored as
+# `attention_to_<group>` [S', L', B, heads, Ts]; `attention_key_counts` [L', B, heads, Ts, 4] counts the keys each
+# query may attend to, then those in each group): named once, in `openpi.shared.record_keys`.
+STEP_KEYS = rk.STEP_KEYS
+FFN_STEP_KEYS = rk.FFN_STEP_KEYS
+ATTENTION_KEY_GROUPS = rk.ATTENTION_KEY_GROUPS
+ATTENTION_COUNT_GROUPS = rk.ATTENTION_COUNT_GROUPS
 
 
 def text_key_groups(model_or_config, prefix_mask: Bool[Array, "b p"]) -> Bool[Array, "b 3 s"]:
@@ -136,11 +123,11 @@ def _suffix_taps(capture: CaptureSpec | None) -> tuple[Tap, ...]:
         return ()
     taps = []
     if capture.expert_1 == "full":
-        taps.append(Tap("expert_1_hidden_states", "residual", 1))
+        taps.append(Tap(rk.EXPERT_1_HIDDEN_STATES, "residual", 1))
     elif capture.expert_1 == "pooled":
-        taps.append(Tap("expert_1_segment_means", "residual", 1, "pool"))
+        taps.append(Tap(rk.EXPERT_1_SEGMENT_MEANS, "residual", 1, "pool"))
     if capture.modulation:
-        taps.append(Tap("expert_1_modulation", "modulation", 1))
+        taps.append(Tap(rk.EXPERT_1_MODULATION, "modulation", 1))
     taps += _ffn_taps(capture, 1)
     return tuple(taps)
 
@@ -237,28 +224,28 @@ def sample_jit(
     steps = jnp.asarray(capture.step_indices(num_steps))
     for key, value in prefix_caps.items():
         out[key] = value[layers]
-    for key in ("expert_1_hidden_states", "expert_1_segment_means", "expert_1_modulation", *FFN_STEP_KEYS):
+    for key in (rk.EXPERT_1_HIDDEN_STATES, rk.EXPERT_1_SEGMENT_MEANS, rk.EXPERT_1_MODULATION, *FFN_STEP_KEYS):
         if key in ys:
             out[key] = ys[key][steps][:, layers]
     if "adarms_cond" in ys:
-        out["adarms_cond"] = ys["adarms_cond"][steps]
+        out[rk.ADARMS_COND] = ys["adarms_cond"][steps]
     if "attention_mass" in ys:
         mass = ys["attention_mass"][steps][:, layers]  # [S', L', B, heads, Ts, groups]
-        for g, group in enumerate(ATTENTION_KEY_GROUPS):
-            out[f"attention_to_{group}"] = mass[..., g]
+        for g in range(len(ATTENTION_KEY_GROUPS)):
+            out[rk.ATTENTION_KEYS[g]] = mass[..., g]
         # Stored once: the mask is the same at every denoising step (a knockout restricted to denoise_steps: step 0's,
         # noted in the intervention's description).
-        out["attention_key_counts"] = ys["attention_key_counts"][0][layers]
+        out[rk.ATTENTION_KEY_COUNTS] = ys["attention_key_counts"][0][layers]
     ts = layout.text_start
-    out["text_mask"] = prefix_mask[:, ts : ts + layout.max_token_len]
+    out[rk.TEXT_MASK] = prefix_mask[:, ts : ts + layout.max_token_len]
     if capture.final_norm:  # the entry after the last layer: expert 0's output after its final norm (text window)
-        out["text_only_final_norm"] = prefix_out[0][:, ts : ts + layout.max_token_len].astype(capture.dtype)
+        out[rk.TEXT_ONLY_FINAL_NORM] = prefix_out[0][:, ts : ts + layout.max_token_len].astype(capture.dtype)
     # Which prefix segments (each camera, then the text) hold any valid token: a masked camera's tokens attend to
     # nothing valid, so their states are meaningless and analyses must leave them out.
-    out["segment_mask"] = model._token_groups(prefix_mask, None).any(axis=-1)
-    out["tokenized_prompt"] = obs.tokenized_prompt
-    out["denoise_times"] = ys["t"][steps]
+    out[rk.SEGMENT_MASK] = model._token_groups(prefix_mask, None).any(axis=-1)
+    out[rk.TOKENIZED_PROMPT] = obs.tokenized_prompt
+    out[rk.DENOISE_TIMES] = ys["t"][steps]
     if capture.trajectory:
-        out["x_t"] = jnp.concatenate([ys["x_t"], x_0[None]], axis=0)
-        out["v_t"] = ys["v_t"]
+        out[rk.X_T] = jnp.concatenate([ys["x_t"], x_0[None]], axis=0)
+        out[rk.V_T] = ys["v_t"]
     return out

@@ -5,22 +5,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, Literal
+from typing import Literal
 
 from openpi import envs
 from openpi.envs import base as env_base
+from openpi.latents.recording.args import STORE_RESUME_IGNORE, CaptureArgs, PolicyArgs, StoreArgs, check_intervention
 from openpi.latents.store import manifest as manifest_lib
 from openpi.models import intervention as iv
-from openpi.models.capture import CaptureSpec
 from openpi.models.intervention_file import load_intervention
 from openpi.policies import batching, presets
 from openpi.serving import protocol
 
 API_KEY_ENV = "OPENPI_SERVER_API_KEY"
 # Arguments a resumed store may change: they change how the server is reached, not what it records.
-RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
-    f"arguments.{k}" for k in ("host", "port", "queue_size", "break_stale_lock", "max_batch", "batch_wait_ms", "resume")
-}
+RESUME_IGNORE = (
+    manifest_lib.DEFAULT_RESUME_IGNORE
+    | STORE_RESUME_IGNORE
+    | {f"arguments.{k}" for k in ("host", "port", "max_batch", "batch_wait_ms", "resume")}
+)
 
 
 DEFAULT_PRESET = "pi0_libero"
@@ -42,20 +44,19 @@ class Default:
 
 
 @dataclasses.dataclass(frozen=True)
-class ServeArgs:
+class ServeArgs(StoreArgs, CaptureArgs, PolicyArgs):
     """Serve pi0 on openpi's websocket protocol and record its latents at every inference.
 
-    openpi's spellings work too: `--env LIBERO`, `--default-prompt TEXT` and `policy:checkpoint --policy.config NAME
-    --policy.dir DIR` (= --preset NAME --checkpoint DIR).
+    The policy, capture and store flags are the shared groups of `openpi.latents.recording.args` (the collection's);
+    the server's own follow. openpi's spellings work too: `--env LIBERO`, `--default-prompt TEXT` and
+    `policy:checkpoint --policy.config NAME --policy.dir DIR` (= --preset NAME --checkpoint DIR).
     """
 
     # Policy preset (as the collection's --preset): pi0_libero, pi05_libero, pi0_libero_tiny, ... Default:
     # policy:checkpoint's --policy.config, else pi0_libero.
     preset: str | None = None
-    # Checkpoint directory (local or gs://). Default: the preset's.
-    checkpoint: str | None = None
-    # Norm-stats asset id inside <checkpoint>/assets (default: the preset's).
-    asset_id: str | None = None
+    # The latent store (a directory, s3:// or gs://).
+    output_dir: str = "data/served"
     # Interface to listen on (0.0.0.0: every interface; then set an API key).
     host: str = "127.0.0.1"
     # Port (openpi's default 8000; 0 picks a free one and prints it).
@@ -67,31 +68,17 @@ class ServeArgs:
     env: str | None = None
     # openpi's --default-prompt: the prompt of a request that carries none (a request's own prompt wins).
     default_prompt: str | None = None
-    # Flow-matching (Euler) steps per inference.
-    num_denoise_steps: int = 10
     # Noise seed: inference i of episode (task, k) uses draw i of numpy default_rng([seed, task, k]).
     # Default: the preset's simulator's seed (the collection's default).
     seed: int | None = None
-    # What to record at each inference.
-    capture: CaptureSpec = CaptureSpec()
     # An intervention applied at every inference: a JSON file (format: openpi.models.intervention_file).
     intervention: pathlib.Path | None = None
     # The prompt the model gets: "as-sent" (the request's), "blank" (empty) or "text" (--prompt-text). With a
     # replaced prompt the request's is stored as sent_prompt.
     prompt: Literal["as-sent", "blank", "text"] = "as-sent"
     prompt_text: str | None = None
-    # The latent store.
-    output_dir: pathlib.Path = pathlib.Path("data/served")
     # Record into --output-dir (--no-record: serve only).
     record: bool = True
-    # Keep recording into an existing store of the same settings (incomplete episodes are deleted).
-    resume: bool = False
-    # Take over the store's writer lock when the process that held it is gone.
-    break_stale_lock: bool = False
-    # Keep the (preprocessed) camera images in each record.
-    store_images: bool = True
-    # Writer queue length (steps).
-    queue_size: int = 8
     # Requests waiting at the same time run as one batched call of at most this many (1, 2, 4, 8, ...; 1: one at a
     # time, bit-exact; with --intervention always one at a time). Batches change float rounding slightly.
     max_batch: int = 8
@@ -135,7 +122,8 @@ class ServePlan:
 def make_plan(args: ServeArgs) -> ServePlan:
     """Checks everything that needs neither the model nor the store; ValueError / FileNotFoundError name the fix."""
     preset_name, checkpoint = resolve_policy(args)
-    preset = presets.get_preset(preset_name)
+    preset = args.check_policy(preset_name)
+    args.check_store()
     sim = envs.get(preset.env)
     if args.env is not None and args.env.lower() != sim.name:
         raise ValueError(
@@ -144,23 +132,19 @@ def make_plan(args: ServeArgs) -> ServePlan:
         )
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}.")
-    if args.num_denoise_steps < 1 or args.queue_size < 1:
-        raise ValueError("--num-denoise-steps and --queue-size must be >= 1.")
     if args.max_batch not in batching.DEFAULT_BUCKETS or args.batch_wait_ms < 0:
         raise ValueError(f"--max-batch must be one of {batching.DEFAULT_BUCKETS} and --batch-wait-ms >= 0.")
     if (args.prompt == "text") != (args.prompt_text is not None):
         raise ValueError("--prompt text needs --prompt-text TEXT, and --prompt-text needs --prompt text.")
     config = preset.model_config
-    args.capture.validate(depth=config.depth, num_steps=args.num_denoise_steps)
-    intervention = None
-    if args.intervention is not None:
-        intervention = load_intervention(args.intervention)
-        intervention.validate(config, num_steps=args.num_denoise_steps, batch=1)
+    args.check_capture(config, args.num_denoise_steps)
+    intervention = None if args.intervention is None else load_intervention(args.intervention)
+    check_intervention(intervention, config, num_steps=args.num_denoise_steps)
     seed = sim.default_seed if args.seed is None else args.seed
     return ServePlan(args, preset, checkpoint, sim, seed, intervention)
 
 
-def build_manifest(plan: ServePlan) -> dict[str, Any]:
+def build_manifest(plan: ServePlan) -> manifest_lib.RunManifest:
     """The store manifest (the collection's keys, so the analysis reads a served store the same way)."""
     args, preset = plan.args, plan.preset
     arguments = dataclasses.asdict(args)
@@ -168,15 +152,15 @@ def build_manifest(plan: ServePlan) -> dict[str, Any]:
     arguments["intervention"] = None if args.intervention is None else str(args.intervention)
     arguments["output_dir"] = str(args.output_dir)
     arguments["seed"] = plan.seed
-    return {
-        "kind": "pi0 latent policy server",
-        "arguments": arguments,
-        "capture_spec": args.capture.to_dict(),
-        "checkpoint": plan.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
-        "preset": preset.name,
-        "model_config": preset.model_config.describe(),
-        "intervention": iv.describe(plan.intervention),
-        "record_fields": dict(protocol.RECORD_FIELDS),
-        "connections_task_id": protocol.CONNECTIONS_TASK_ID,
+    return manifest_lib.RunManifest(
+        kind="pi0 latent policy server",
+        arguments=arguments,
+        capture_spec=args.capture.to_dict(),
+        checkpoint=plan.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
+        preset=preset.name,
+        model_config=preset.model_config.describe(),
+        intervention=iv.describe(plan.intervention),
+        record_fields=dict(protocol.RECORD_FIELDS),
+        connections_task_id=protocol.CONNECTIONS_TASK_ID,
         **preset.model_config.layout.manifest_fields(),  # text_start, segment_names, suffix_segment_names
-    }
+    )

@@ -15,7 +15,7 @@ Two ways an inference finds its episode (request fields: `protocol.RECORD_FIELDS
     A reset before the robot moved away from its first state cannot be seen; send ``episode_id`` to be exact.
 A step's ``t`` is the request's ``t``, else its inference index in the episode; ``received_time`` is the unix time the
 server got the request. The noise of inference i of episode (task, k) is draw i of ``default_rng([seed, task, k])``
-(`openpi.latents.collect.episode.episode_noise`, the collection's), so a harness replaying the collection's episode
+(`openpi.latents.recording.records.episode_noise`, the collection's), so a harness replaying the collection's episode
 ids with its seed gets the collection's noise. Thread-safe: connections are served on several threads.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from openpi.envs import base as env_base
-from openpi.latents.collect.episode import episode_noise
+from openpi.latents.recording.records import episode_noise
 from openpi.serving.protocol import CONNECTIONS_TASK_ID, RecordFields, RequestError
 
 logger = logging.getLogger(__name__)

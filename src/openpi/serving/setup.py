@@ -22,7 +22,8 @@ def create_server(args: ServeArgs, *, policy=None) -> PolicyServer:
     Raises ValueError / FileNotFoundError / FileExistsError / PermissionError naming the flag to fix.
     """
     plan = make_plan(args)
-    manifest = manifest_lib.complete_manifest(build_manifest(plan))
+    run_manifest = build_manifest(plan)
+    manifest = manifest_lib.complete_manifest(run_manifest)
     if args.record:
         _store.LatentStoreWriter.check_can_open(
             args.output_dir,
@@ -62,8 +63,8 @@ def create_server(args: ServeArgs, *, policy=None) -> PolicyServer:
         **policy.metadata,
         "latent_recording": {
             "store": str(writer.root) if writer is not None else None,
-            "record_fields": sorted(manifest["record_fields"]),
-            "connections_task_id": manifest["connections_task_id"],
+            "record_fields": sorted(run_manifest.record_fields or {}),
+            "connections_task_id": run_manifest.connections_task_id,
         },
     }
     prompt = {"as-sent": None, "blank": "", "text": args.prompt_text}[args.prompt]

@@ -60,11 +60,11 @@ def check_args(args: CausalMapArgs) -> None:
 def _plan(args: CausalMapArgs):
     from openpi.latents import replay, store
 
-    src = store.open_store(args.collection).manifest
+    recorded = store.open_store(args.collection).run_manifest.checkpoint
     ckpt, seed = args.checkpoint, 1
     if ckpt is None:
-        m = _RANDOM.fullmatch(str(src.get("checkpoint", "")))
-        ckpt, seed = (None, int(m.group(1))) if m else (src.get("checkpoint"), 1)
+        m = _RANDOM.fullmatch(str(recorded or ""))
+        ckpt, seed = (None, int(m.group(1))) if m else (recorded, 1)
     rargs = replay.ReplayArgs(
         source=args.collection, output_dir=str(pathlib.Path(args.output_dir) / "unused"), checkpoint=ckpt,
         init_seed=seed, allow_same_model=True,
@@ -108,7 +108,7 @@ def run_causal_maps(args: CausalMapArgs) -> dict:
     ]
     meta = {
         "collection": str(args.collection),
-        "model": plan.manifest["checkpoint"],
+        "model": plan.manifest.checkpoint,
         "corrupt": args.corrupt,
         "pairs": [
             {"task_id": o.task_id, "episode": o.episode, "step": o.step, "clean": p.clean_prompt,

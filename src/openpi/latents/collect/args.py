@@ -9,15 +9,14 @@ from typing import Annotated, Literal
 
 import tyro
 
-import numpy as np
-
 from openpi import envs
 from openpi.envs import base as env_base
 from openpi.latents.collect import conditions as conditions_lib
-from openpi.latents.collect.disk import NoSpaceError
+from openpi.latents.recording.args import DEFAULT_PRESET, STORE_RESUME_IGNORE, CaptureArgs, PolicyArgs, StoreArgs
+from openpi.latents.recording.disk import NoSpaceError
+from openpi.latents.recording.reruns import check_teacher_forced, other_task_draw
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
-from openpi.models.capture import CaptureSpec
 from openpi.policies import presets
 
 
@@ -42,23 +41,24 @@ SETUP_ERRORS = (
     ConnectionError,  # --backend ray: an unreachable cluster
 )
 # Arguments a resumed run may change: they add or show work but do not change what an episode records.
-RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
-    "arguments.task_ids",
-    "arguments.episodes_per_task",
-    "arguments.save_videos",
-    "arguments.queue_size",
-    "arguments.break_stale_lock",
-    # How many episodes run at once, and where, does not change what one records; batching changes float rounding
-    # only (tests/test_batching.py), so a resume may switch it.
-    "arguments.num_envs",
-    "arguments.batch_inference",
-    "arguments.env_worker_timeout_s",
-    "arguments.backend",
-    "arguments.ray_address",
-}
+RESUME_IGNORE = (
+    manifest_lib.DEFAULT_RESUME_IGNORE
+    | STORE_RESUME_IGNORE
+    | {
+        "arguments.task_ids",
+        "arguments.episodes_per_task",
+        "arguments.save_videos",
+        # How many episodes run at once, and where, does not change what one records; batching changes float rounding
+        # only (tests/test_batching.py), so a resume may switch it.
+        "arguments.num_envs",
+        "arguments.batch_inference",
+        "arguments.env_worker_timeout_s",
+        "arguments.backend",
+        "arguments.ray_address",
+    }
+)
 # Library parameters whose fix a setup error names, and the flag a command-line user gives it with.
 CLI_FLAGS = {"asset_id": "--asset-id", "checkpoint_dir": "--checkpoint", "allow_pickle": "--allow-pickle"}
-DEFAULT_PRESET = "pi0_libero"
 # The defaults below that belong to a simulator (wait steps, seed) are the default preset's simulator's.
 _DEFAULT_SIMULATOR = envs.get(presets.get_preset(DEFAULT_PRESET).env)
 TASK_SUITE_HELP = (
@@ -73,17 +73,11 @@ OPENPI_FLAG_HINTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class CollectionArgs:
-    """Run pi0 in simulator episodes (LIBERO by default) and record its latents at every inference."""
+class CollectionArgs(StoreArgs, CaptureArgs, PolicyArgs):
+    """Run pi0 in simulator episodes (LIBERO by default) and record its latents at every inference.
 
-    # Policy preset: "pi0_libero" / "pi05_libero" (the released full-size checkpoints), "pi0_libero_low_mem_finetune"
-    # (LoRA; pass --checkpoint) or "pi0_libero_tiny" / "pi05_libero_tiny" (random weights, no download; for smoke
-    # tests). The preset names the simulator.
-    preset: str = DEFAULT_PRESET
-    # Checkpoint directory (local or gs://). Default: the preset's (pi0_libero: gs://openpi-assets/checkpoints/pi0_libero).
-    checkpoint: str | None = None
-    # Norm-stats asset id inside <checkpoint>/assets (default: the preset's, "physical-intelligence/libero").
-    asset_id: str | None = None
+    The policy, capture and store flags are the shared groups of `openpi.latents.recording.args`."""
+
     task_suite: Annotated[str, tyro.conf.arg(help=TASK_SUITE_HELP)] = "libero_goal"
     # Task ids to run (default: every task of the suite).
     task_ids: tuple[int, ...] = ()
@@ -97,22 +91,9 @@ class CollectionArgs:
     num_steps_wait: int = _DEFAULT_SIMULATOR.num_steps_wait
     # env.seed(...) and the noise seed.
     seed: int = _DEFAULT_SIMULATOR.default_seed
-    # Flow-matching (Euler) steps per inference.
-    num_denoise_steps: int = 10
-    # What to record at each inference.
-    capture: CaptureSpec = CaptureSpec()
-    # Where the store (or the pickle files) go: a directory, or s3://bucket/prefix or gs://bucket/prefix (the s3 /
-    # gcs extra; credentials and endpoint from the standard environment variables, e.g. AWS_ENDPOINT_URL_S3).
-    output_dir: str = "data/latents"
-
     # "zarr": the streaming latent store; "pickle": the original pre-store layout,
     # inference_latents/task_{id}_{name}.pkl (whole task in RAM; small captures only).
     output_format: Literal["zarr", "pickle"] = "zarr"
-    # Continue a run in output_dir: finished episodes are kept, an unfinished one is re-run.
-    resume: bool = False
-    # Take over the store's writer lock when the run that held it is no longer running (killed or crashed; checked
-    # by host, pid and process start time). A live writer's lock is never broken.
-    break_stale_lock: bool = False
     # Save an MP4 of the agent view per episode under <output_dir>/videos.
     save_videos: bool = False
     # Re-run inferences with a counterfactual prompt (same observation and noise): "blank" (empty prompt) or
@@ -125,10 +106,6 @@ class CollectionArgs:
     # denoising step, so the two runs differ by the prompt alone (expert-1 prompt sensitivity without trajectory
     # divergence). Stored under cf_tf_* keys; needs the trajectory (x_t) and an expert-1 stream in --capture.
     counterfactual_teacher_forced: bool = False
-    # Keep the preprocessed 224x224 images in each step record.
-    store_images: bool = True
-    # Writer queue length (steps); inference waits on disk only when it is full.
-    queue_size: int = 8
     # The closed-loop condition (prompt mode, intervention, layer sweep, text latent); default: the baseline.
     condition: conditions_lib.ConditionArgs = conditions_lib.ConditionArgs()
     # Env worker processes running episodes at once (1: the sequential loop in this process). Their waiting
@@ -190,14 +167,8 @@ def _check_numbers(args: CollectionArgs, tasks: tuple[env_base.TaskInfo, ...]) -
             )
     if args.replan_steps < 1 or args.num_steps_wait < 0 or args.counterfactual_every < 1:
         raise ValueError("--replan-steps and --counterfactual-every must be >= 1 and --num-steps-wait >= 0.")
-    if args.num_denoise_steps < 1:
-        raise ValueError(
-            f"--num-denoise-steps must be >= 1 (flow-matching Euler steps per inference; openpi uses 10), "
-            f"got {args.num_denoise_steps}."
-        )
     _check_parallel(args, len(tasks) * args.episodes_per_task)
-    if args.queue_size < 1:
-        raise ValueError(f"--queue-size must be >= 1 (steps waiting for the disk; default 8), got {args.queue_size}.")
+    args.check_store()
 
 
 def _check_parallel(args: CollectionArgs, num_episodes: int) -> None:
@@ -222,7 +193,7 @@ def _check_parallel(args: CollectionArgs, num_episodes: int) -> None:
 
 def make_plan(args: CollectionArgs) -> Plan:
     """Validates the arguments that need neither the model nor an env; raises ValueError naming the fix."""
-    preset = presets.get_preset(args.preset)
+    preset = args.check_policy()
     sim = envs.get(preset.env)
     suite = sim.validate_suite(args.task_suite)
     all_tasks = sim.list_tasks(suite)
@@ -236,7 +207,7 @@ def make_plan(args: CollectionArgs) -> Plan:
     if args.counterfactual == "other-task" and len(all_tasks) < 2:
         raise ValueError(f"--counterfactual other-task needs a suite with two tasks or more; {suite} has one.")
     config = preset.model_config
-    args.capture.validate(depth=config.depth, num_steps=args.num_denoise_steps)
+    args.check_capture(config, args.num_denoise_steps)
     if args.replan_steps > config.action_horizon:
         raise ValueError(
             f"--replan-steps {args.replan_steps} exceeds the model's action horizon {config.action_horizon}."
@@ -247,49 +218,6 @@ def make_plan(args: CollectionArgs) -> Plan:
     for task in tasks:
         condition.prompt_of(task)  # a bad prompt setting raises here, before anything expensive
     return Plan(args, sim, preset, tasks, tuple(range(args.episodes_per_task)), max_steps, condition)
-
-
-# The flags `check_teacher_forced` names in its message (the synthetic collection passes its field names).
-TEACHER_FORCED_FLAGS = {
-    "flag": "--counterfactual-teacher-forced",
-    "counterfactual": "add --counterfactual blank (or other-task)",
-    "trajectory": "drop --capture.no-trajectory (the default captures it)",
-    "expert_1": "add --capture.expert-1 pooled (or full)",
-}
-
-
-def check_teacher_forced(
-    enabled: bool, counterfactual: str, capture: CaptureSpec, flags: Mapping[str, str] = TEACHER_FORCED_FLAGS
-) -> None:
-    """Raises ValueError naming each fix when a teacher-forced rerun is asked for but cannot run: it reruns the
-    counterfactual inference (a counterfactual mode), feeds it the baseline's trajectory (``capture.trajectory``) and
-    exists to measure expert 1 (``capture.expert_1`` not "off")."""
-    if not enabled:
-        return
-    fixes = []
-    if counterfactual == "none":
-        fixes.append(f"a counterfactual prompt to rerun with ({flags['counterfactual']})")
-    if not capture.trajectory:
-        fixes.append(f"the baseline's trajectory x_t to feed ({flags['trajectory']})")
-    if capture.expert_1 == "off":
-        fixes.append(f"an expert-1 stream to compare ({flags['expert_1']})")
-    if fixes:
-        raise ValueError(
-            f"{flags['flag']} reruns each counterfactual inference fed the baseline's x_t at every denoising step; it "
-            "needs " + "; ".join(fixes) + "."
-        )
-
-
-def other_task_draw(seed: int, task_id: int, k: int, n_tasks: int) -> int:
-    """The task whose instruction episode `k` of `task_id` reruns with under ``--counterfactual other-task``: drawn
-    uniformly from the suite's OTHER tasks, from ``default_rng([seed, task_id, k, 1])`` (its own stream: the noise
-    draws from ``[seed, task_id, k]``). Random per episode so that, across a task's episodes, the rerun's prompt is
-    not a function of the scene: a scene-specific "not my instruction" response then cannot name the rerun's prompt
-    (with the next task's prompt it decoded at 0.975; drawn at random it reads at the scene-aware chance)."""
-    if n_tasks < 2:
-        raise ValueError(f"an other-task counterfactual needs two tasks or more, got {n_tasks}")
-    other = int(np.random.default_rng([seed, task_id, k, 1]).integers(n_tasks - 1))
-    return other if other < task_id else other + 1
 
 
 def counterfactual_prompt(plan: Plan, task: env_base.TaskInfo, k: int) -> str | None:

@@ -1,8 +1,9 @@
 """Closed-loop conditions: what a run changes against the plain policy (its prompt, an intervention, a text latent).
 
 A condition is paired with its baseline (the task's own instruction, no intervention) by (task, initial state, seed):
-the episode's noise is drawn from ``default_rng([seed, task_id, k])`` (`episode.episode_noise`), so inference i of a
-condition's episode k gets exactly the noise of inference i of the baseline's episode k, whatever the condition.
+the episode's noise is drawn from ``default_rng([seed, task_id, k])``
+(`openpi.latents.recording.records.episode_noise`), so inference i of a condition's episode k gets exactly the noise
+of inference i of the baseline's episode k, whatever the condition.
 
 * Prompt modes (`--condition.prompt`): ``task`` (the task's instruction, default), ``blank`` (""), ``other-task``
   (the instruction of task ``(id + other_task_offset) mod n`` of the suite: task A's scene, task B's words) and
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from openpi.envs import base as env_base
+from openpi.latents.recording.args import check_intervention
 from openpi.models import intervention as iv
 from openpi.models import intervention_file
 
@@ -265,7 +267,7 @@ def resolve(
     for i in (0, 1):  # a schedule may change values, never the structure: checking two inferences suffices
         edit = intervention_at(i)
         if edit is not None:
-            edit.validate(config, num_steps=num_steps, batch=1)
+            check_intervention(edit, config, num_steps=num_steps)
     first = intervention_at(0)
     details["intervention"] = None if first is None else {"spec": c.intervention, **iv.describe(first)}
     if c.intervention in RECIPES:

@@ -11,111 +11,18 @@ step (`teacher_forced_rerun`, ``cf_tf_*`` keys): it differs from the baseline by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from openpi.envs import base as env_base
-from openpi.latents import schema
 from openpi.latents.collect.args import Plan, counterfactual_prompt
 from openpi.latents.collect.outputs import EpisodeSink
-from openpi.models.capture import CaptureSpec
+from openpi.latents.recording.records import base_record, counterfactual_fields, episode_noise
+from openpi.latents.recording.reruns import Inference, infer_one, rerun_with_prompt, teacher_forced_rerun
 from openpi.models.intervention import Intervention
 from openpi.policies.policy import Policy
-
-
-def episode_noise(seed: int, task_id: int, k: int, shape: tuple[int, int]) -> Iterator[np.ndarray]:
-    """The noise of each inference of episode `k`: successive draws from ``default_rng([seed, task_id, k])``."""
-    rng = np.random.default_rng([seed, task_id, k])
-    while True:
-        yield rng.standard_normal(shape, dtype=np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Inference:
-    """One policy call of the rollout, and its counterfactual rerun when this inference has one."""
-
-    element: dict[str, Any]  # the policy input
-    result: dict[str, Any]  # what `Policy.infer_with_latents` returned
-    counterfactual: dict[str, Any] | None = None
-    counterfactual_prompt: str | None = None
-    teacher_forced: dict[str, Any] | None = None  # the counterfactual rerun fed the baseline's x_t
-
-
-def infer_one(policy: Policy, element: dict[str, Any], noise: Any, capture: CaptureSpec, intervention: Any):
-    """`Policy.infer_with_latents`, passing the intervention only when there is one."""
-    extra = {} if intervention is None else {"intervention": intervention}
-    return policy.infer_with_latents(element, noise=noise, capture=capture, **extra)
-
-
-def rerun_with_prompt(
-    policy: Policy, inference: Inference, prompt: str, capture: CaptureSpec, intervention: Any = None
-) -> Inference:
-    """`inference` with its counterfactual: the same observation, noise (and intervention) under another `prompt`."""
-    element = {**inference.element, env_base.PROMPT_KEY: prompt}
-    cf = infer_one(policy, element, inference.result["noise"], capture, intervention)
-    return dataclasses.replace(inference, counterfactual=cf, counterfactual_prompt=prompt)
-
-
-def teacher_forced_rerun(
-    policy: Policy, inference: Inference, prompt: str, capture: CaptureSpec, intervention: Any = None
-) -> dict[str, Any]:
-    """The counterfactual rerun fed the baseline's x_t at every denoising step (needs ``capture.trajectory``): the
-    two runs then differ by the prompt alone, so expert-1 prompt sensitivity is not contaminated by trajectory
-    divergence (its layer 0 is exactly 0). Same observation, noise and intervention as the baseline. Stored under
-    ``cf_tf_<key>`` (`schema.teacher_forced`)."""
-    x_t = inference.result["latents"].get("x_t")
-    if x_t is None:
-        raise ValueError("a teacher-forced rerun needs the baseline's trajectory: capture with trajectory=True")
-    element = {**inference.element, env_base.PROMPT_KEY: prompt}
-    extra = {} if intervention is None else {"intervention": intervention}
-    return policy.infer_with_latents(
-        element, noise=inference.result["noise"], capture=capture, x_t_sequence=x_t[:-1], **extra
-    )
-
-
-def teacher_forced_fields(cf_tf: dict[str, Any]) -> dict[str, Any]:
-    """The store fields of a :func:`teacher_forced_rerun`."""
-    return {
-        schema.teacher_forced("actions"): np.asarray(cf_tf["actions"], np.float32),
-        schema.teacher_forced("model_actions"): np.asarray(cf_tf["model_actions"], np.float32),
-        **{schema.teacher_forced(key): v for key, v in cf_tf["latents"].items()},
-    }
-
-
-def counterfactual_fields(inference: Inference) -> dict[str, Any]:
-    """The store fields of `inference`'s counterfactual rerun (``cf_*``) and its teacher-forced twin (``cf_tf_*``),
-    or {} without a rerun."""
-    cf = inference.counterfactual
-    if cf is None:
-        return {}
-    out = {
-        schema.counterfactual("prompt"): inference.counterfactual_prompt,
-        schema.counterfactual("actions"): np.asarray(cf["actions"], np.float32),
-        schema.counterfactual("model_actions"): np.asarray(cf["model_actions"], np.float32),
-        **{schema.counterfactual(key): v for key, v in cf["latents"].items()},
-    }
-    if inference.teacher_forced is not None:
-        out.update(teacher_forced_fields(inference.teacher_forced))
-    return out
-
-
-def base_record(
-    t: int, element: dict[str, Any], result: dict[str, Any], *, replan_steps: int, state_key: str
-) -> dict[str, Any]:
-    """The record keys every recorded inference has (`openpi.latents.schema`), from its policy input and result."""
-    actions = np.asarray(result["actions"], np.float32)
-    return {
-        "t": t,
-        "prompt": element[env_base.PROMPT_KEY],
-        "actions": actions,  # the full chunk [H, action_dim] after the output transforms
-        "executed_actions": actions[:replan_steps],  # queued for execution (the episode may end earlier)
-        "model_actions": np.asarray(result["model_actions"], np.float32),  # normalized model output [H, AD]
-        "noise": np.asarray(result["noise"], np.float32),
-        "state": np.asarray(element[state_key], np.float32),
-        **result["latents"],
-    }
 
 
 def step_record(t: int, inference: Inference, plan: Plan) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from openpi.envs import base as env_base
 from openpi.latents import store as _store
 from openpi.latents.collect.args import RESUME_IGNORE, CollectionArgs, Plan
-from openpi.latents.collect.disk import NoSpaceError, check_not_full
+from openpi.latents.recording.disk import NoSpaceError, check_not_full
 from openpi.latents.store import location, pickle_format
 from openpi.latents.store import manifest as manifest_lib
 

@@ -34,9 +34,10 @@ from typing import Any
 from openpi.envs import base as env_base
 from openpi.envs import worker as env_worker
 from openpi.latents.collect.args import Plan
-from openpi.latents.collect.episode import EpisodeRecorder, episode_attrs, finish_metadata, infer_one
-from openpi.latents.collect.interrupt import Interrupted, StopOnSignal
+from openpi.latents.collect.episode import EpisodeRecorder, episode_attrs, finish_metadata
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, task_dict
+from openpi.latents.recording.interrupt import Interrupted, StopOnSignal
+from openpi.latents.recording.reruns import infer_one
 from openpi.policies import batching
 from openpi.policies.policy import Policy
 

@@ -28,9 +28,9 @@ from typing import Any
 
 from openpi.latents import store as _store
 from openpi.latents.collect.args import CollectionArgs, Plan, make_plan
-from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, task_dict
 from openpi.latents.collect.parallel import Coordinator, WorkUnit, split_work
+from openpi.latents.recording.interrupt import StopOnSignal
 from openpi.latents.store import format as sf
 from openpi.latents.store.commit import read_commit
 from openpi.latents.store.shared import SharedStoreWriter, clear_claims, ensure_task_groups
@@ -90,7 +90,7 @@ class PolicyWorker:
     """A Ray actor: one policy, ``--num-envs`` env workers, writes its episodes into the shared store."""
 
     def __init__(self, args: CollectionArgs):
-        from openpi.latents.collect.run import load_policy  # the same policy as a one-machine run
+        from openpi.latents.collect.policy import load_policy  # the same policy as a one-machine run
         from openpi.shared.malloc import limit_malloc_arenas
 
         limit_malloc_arenas()

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import pathlib
 import sys
-from typing import Any
 
 import tqdm
 
@@ -26,37 +25,37 @@ from openpi.latents.collect.args import (
     SetupError,
     make_plan,
 )
-from openpi.latents.collect.disk import free_space_warning
 from openpi.latents.collect.episode import episode_attrs, finish_metadata, run_task_episode
-from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.malloc import limit_malloc_arenas
 from openpi.latents.collect.outputs import EpisodeOutcome, Output, check_output, open_output, task_dict
 from openpi.latents.collect.parallel import run_parallel
+from openpi.latents.collect.policy import load_policy
 from openpi.latents.collect.sizes import estimate_size
+from openpi.latents.recording.disk import free_space_warning
+from openpi.latents.recording.interrupt import StopOnSignal
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
-from openpi.policies import policy_config
 from openpi.policies.policy import Policy
 from openpi.shared.cli import cli_message
 
 logger = logging.getLogger(__name__)
 
 
-def build_manifest(plan: Plan) -> dict[str, Any]:
+def build_manifest(plan: Plan) -> manifest_lib.RunManifest:
     """The run manifest (before `manifest_lib.complete_manifest` adds the code version and content hash)."""
     args, preset = plan.args, plan.preset
-    return {
-        "kind": "pi0 LIBERO latent collection",
-        "arguments": dataclasses.asdict(args),
-        "capture_spec": args.capture.to_dict(),
-        "checkpoint": args.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
-        "preset": preset.name,
-        "model_config": preset.model_config.describe(),
-        "suite": plan.tasks[0].suite,
-        "max_steps": plan.max_steps,
+    return manifest_lib.RunManifest(
+        kind="pi0 LIBERO latent collection",
+        arguments=dataclasses.asdict(args),
+        capture_spec=args.capture.to_dict(),
+        checkpoint=args.checkpoint or preset.default_checkpoint or f"random(seed={preset.param_seed})",
+        preset=preset.name,
+        model_config=preset.model_config.describe(),
+        suite=plan.tasks[0].suite,
+        max_steps=plan.max_steps,
         **preset.model_config.layout.manifest_fields(),  # text_start, segment_names, suffix_segment_names
-        "condition": plan.condition.describe(),
-    }
+        condition=plan.condition.describe(),
+    )
 
 
 def _setup(args: CollectionArgs, policy: Policy | None) -> tuple[Plan, Policy, Output]:
@@ -72,19 +71,6 @@ def _setup(args: CollectionArgs, policy: Policy | None) -> tuple[Plan, Policy, O
     if policy is None:
         policy = load_policy(plan)
     return plan, policy, open_output(plan.args, manifest)
-
-
-def load_policy(plan: Plan) -> Policy:
-    """The policy of the run's preset / checkpoint, sampling ``--num-denoise-steps`` steps."""
-    args = plan.args
-    logger.info("Loading policy %s (%s)", plan.preset.name, args.checkpoint or "preset default")
-    return policy_config.create_trained_policy(
-        plan.preset,
-        args.checkpoint,
-        asset_id=args.asset_id,
-        sample_kwargs={"num_steps": args.num_denoise_steps},
-        rng_seed=args.seed,
-    )
 
 
 def collect(

@@ -12,9 +12,10 @@ import dataclasses
 
 from openpi.latents.collect import conditions as conditions_lib
 from openpi.latents.collect.args import CLI_FLAGS, SETUP_ERRORS, CollectionArgs, Plan, SetupError, make_plan
-from openpi.latents.collect.interrupt import StopOnSignal
 from openpi.latents.collect.outputs import EpisodeOutcome, check_output
-from openpi.latents.collect.run import build_manifest, collect, load_policy
+from openpi.latents.collect.policy import load_policy
+from openpi.latents.collect.run import build_manifest, collect
+from openpi.latents.recording.interrupt import StopOnSignal
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 from openpi.policies import presets

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from typing import Any
 
 from openpi import envs
 from openpi.envs import base as env_base
 from openpi.latents import store as _store
-from openpi.latents.collect.disk import check_not_full
+from openpi.latents.recording.args import STORE_RESUME_IGNORE, StoreArgs
+from openpi.latents.recording.disk import check_not_full
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
 from openpi.models.capture import CaptureSpec
@@ -23,16 +23,15 @@ logger = logging.getLogger(__name__)
 KIND = "pi0 latent replay (matched control)"
 # Record streams copied from the source: what the scene and the rollout loop produced, not the model.
 COPIED_STREAMS = ("rollout", "env")
-RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | {
-    "arguments.task_ids",
-    "arguments.queue_size",
-    "arguments.break_stale_lock",
-}
+RESUME_IGNORE = manifest_lib.DEFAULT_RESUME_IGNORE | STORE_RESUME_IGNORE | {"arguments.task_ids"}
 
 
-@dataclasses.dataclass(frozen=True)
-class ReplayArgs:
-    """Re-run a latent store's recorded observations through a control model and write the matched control store."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReplayArgs(StoreArgs):
+    """Re-run a latent store's recorded observations through a control model and write the matched control store.
+
+    The store flags are the shared group of `openpi.latents.recording.args`; the model, capture and number of
+    denoising steps come from the source."""
 
     # The collection to replay: a latent store (directory, s3:// or gs://) recorded with images (the collection's
     # and the server's default; --no-store-images leaves them out and cannot be replayed).
@@ -50,12 +49,6 @@ class ReplayArgs:
     task_ids: tuple[int, ...] = ()
     # Allow the source's own model (the reproduction check: the stored actions and latents come back).
     allow_same_model: bool = False
-    # Continue a replay in --output-dir: finished episodes are kept, an unfinished one is re-run.
-    resume: bool = False
-    # Take over the writer lock of a replay that was killed (see the collection's --break-stale-lock).
-    break_stale_lock: bool = False
-    # Writer queue length (steps).
-    queue_size: int = 8
     # Persistent JAX compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR; neither: compile every run). A
     # second run of the same model loads the compiled programs instead (tiny preset, 2 CPU cores: ~16 s -> ~3 s).
     jax_cache_dir: str | None = None
@@ -67,7 +60,7 @@ class ReplayPlan:
 
     args: ReplayArgs
     source: _store.LatentStore
-    manifest: dict[str, Any]  # the control store's manifest (before complete_manifest)
+    manifest: manifest_lib.RunManifest  # the control store's manifest (before complete_manifest)
     preset: presets.PolicyPreset  # the control model's preset (random init: params from init_seed)
     checkpoint: str | None  # None: random init
     asset_id: str | None
@@ -90,27 +83,29 @@ def _source_store(args: ReplayArgs) -> _store.LatentStore:
     return source
 
 
-def _num_steps(manifest: dict[str, Any], source: _store.LatentStore) -> int:
+def _num_steps(manifest: manifest_lib.RunManifest, source: _store.LatentStore) -> int:
     """Denoising steps per inference: the manifest's, else the stored trajectory's (``x_t`` has S + 1 entries)."""
-    arguments = manifest.get("arguments") or {}
-    n = arguments.get("num_denoise_steps") or arguments.get("num_steps")
+    n = manifest.argument("num_denoise_steps") or manifest.argument("num_steps")
     if n is None:
         eps = (source.episode(t, k) for t in source.task_ids() for k in source.episode_indices(t))
         stored = {int(ep.fields["x_t"].shape[0]) - 1 for ep in eps if "x_t" in ep.fields}
         n = stored.pop() if len(stored) == 1 else None
     if not isinstance(n, int) or n < 1:
         raise ValueError(
-            f"--source {manifest.get('kind', 'store')}: its manifest does not say how many denoising steps each "
+            f"--source {manifest.kind or 'store'}: its manifest does not say how many denoising steps each "
             "inference ran (arguments.num_denoise_steps), nor does a stored trajectory (x_t); a replay needs the "
             "source's number to match it."
         )
     return n
 
 
-def _check_condition(manifest: dict[str, Any]) -> None:
-    condition = manifest.get("condition") or {}
-    edits = {k: v for k, v in (("intervention", condition.get("intervention")), ("text latent",
-             condition.get("text_latent")), ("server intervention", manifest.get("intervention"))) if v}  # fmt: skip
+def _check_condition(manifest: manifest_lib.RunManifest) -> None:
+    named = (
+        ("intervention", manifest.condition_entry("intervention")),
+        ("text latent", manifest.condition_entry("text_latent")),
+        ("server intervention", manifest.intervention),
+    )
+    edits = {k: v for k, v in named if v}
     if edits:
         raise ValueError(
             f"--source ran with {', '.join(edits)} ({edits}); a replay re-runs the observations without model "
@@ -164,14 +159,14 @@ def _local_checkpoint_check(checkpoint: str, asset_id: str) -> str:
     return str(path)
 
 
-def _source_norm_stats_dir(manifest: dict[str, Any], preset: presets.PolicyPreset) -> str:
+def _source_norm_stats_dir(manifest: manifest_lib.RunManifest, preset: presets.PolicyPreset) -> str:
     """The directory of the norm stats the source ran with (a random-init control uses them too)."""
-    checkpoint = str(manifest.get("checkpoint") or "")
+    checkpoint = str(manifest.checkpoint or "")
     if checkpoint.startswith("random(") or not checkpoint:
         if preset.default_norm_stats_dir is None:
             raise ValueError(f"preset {preset.name} has no packaged norm stats for a random-init control.")
         return preset.default_norm_stats_dir
-    asset_id = (manifest.get("arguments") or {}).get("asset_id") or preset.asset_id
+    asset_id = manifest.argument("asset_id") or preset.asset_id
     if location.is_remote(location.as_path(checkpoint)):
         from openpi.shared import download
 
@@ -196,28 +191,27 @@ def _same_model(a: str | None, b: str | None) -> bool:
 
 def make_plan(args: ReplayArgs) -> ReplayPlan:
     """Every check that needs neither the model nor a write; raises ValueError / FileNotFoundError naming the fix."""
-    if args.queue_size < 1:
-        raise ValueError(f"--queue-size must be >= 1, got {args.queue_size}.")
+    args.check_store()
     source = _source_store(args)
     if _same_model(str(args.output_dir), str(source.root)):  # the same path
         raise ValueError(f"--output-dir {args.output_dir} is the --source store; write the control elsewhere.")
-    src = dict(source.manifest)
-    missing = [k for k in ("preset", "model_config", "capture_spec", "checkpoint") if not src.get(k)]
+    src = source.run_manifest
+    missing = [k for k in ("preset", "model_config", "capture_spec", "checkpoint") if not getattr(src, k)]
     if missing:
         raise ValueError(f"--source {source.root}: its manifest lacks {missing}; it was not written by a collection.")
     _check_condition(src)
-    preset = presets.get_preset(src["preset"])
+    preset = presets.get_preset(src.preset)
     config = preset.model_config
-    if config.describe() != src["model_config"]:
+    if config.describe() != src.model_config:
         raise ValueError(
-            f"--source was collected with model {src['model_config']}, but preset {preset.name} is now "
+            f"--source was collected with model {src.model_config}, but preset {preset.name} is now "
             f"{config.describe()}; a control needs the source's config."
         )
-    capture, num_steps = CaptureSpec.from_dict(src["capture_spec"]), _num_steps(src, source)
+    capture, num_steps = CaptureSpec.from_dict(dict(src.capture_spec)), _num_steps(src, source)
     capture.validate(depth=config.depth, num_steps=num_steps)
     sim = envs.get(preset.env)
     episodes = _episodes(source, args.task_ids, sim, (config.action_horizon, config.action_dim))
-    asset_id = args.asset_id or (src.get("arguments") or {}).get("asset_id") or preset.asset_id
+    asset_id = args.asset_id or src.argument("asset_id") or preset.asset_id
     if args.checkpoint is not None:
         control = _local_checkpoint_check(args.checkpoint, asset_id)
         model = {"model": "checkpoint", "init_seed": None, "norm_stats": f"{control}/assets/{asset_id}"}
@@ -228,30 +222,33 @@ def make_plan(args: ReplayArgs) -> ReplayPlan:
         )
         control = f"random(seed={args.init_seed})"
         model = {"model": "random-init", "init_seed": args.init_seed, "norm_stats": f"the source's ({norm_dir})"}
-    same = _same_model(control, src["checkpoint"])
+    same = _same_model(control, src.checkpoint)
     if same and not args.allow_same_model:
         raise ValueError(
             f"The control model {control} is the source's own model: its replay only reproduces the source. Pass "
             "another --init-seed or --checkpoint, or --allow-same-model for that reproduction check."
         )
-    src_args = src.get("arguments") or {}
-    batched = (src_args.get("num_envs") or 1) > 1 and src_args.get("batch_inference", True)
-    batched = batched or (src_args.get("max_batch") or 1) > 1
-    bookkeeping = {"kind", "arguments", "checkpoint", "created", "content_hash", "code_version", "control_of", "replay"}
-    manifest = {
-        **{k: v for k, v in src.items() if k not in bookkeeping},
-        "kind": KIND,
-        "arguments": dataclasses.asdict(args),
-        "checkpoint": control,
-        "control_of": {
+    batched = (src.argument("num_envs") or 1) > 1 and src.argument("batch_inference", True)
+    batched = batched or (src.argument("max_batch") or 1) > 1
+    # The source's manifest (capture spec, model, layout, condition, ...), with what makes this store the control.
+    manifest = dataclasses.replace(
+        src,
+        kind=KIND,
+        arguments=dataclasses.asdict(args),
+        checkpoint=control,
+        created=None,
+        content_hash=None,
+        code_version=None,
+        manifest_version=manifest_lib.MANIFEST_VERSION,
+        control_of={
             "store": str(source.root),
-            "content_hash": src.get("content_hash"),
-            "checkpoint": src["checkpoint"],
-            "preset": src["preset"],
-            "kind": src.get("kind"),
-            "arguments": src_args,
+            "content_hash": src.content_hash,
+            "checkpoint": src.checkpoint,
+            "preset": src.preset,
+            "kind": src.kind,
+            "arguments": dict(src.arguments or {}),
         },
-        "replay": {
+        replay={
             **model,
             "num_denoise_steps": num_steps,
             "same_model_as_source": same,
@@ -259,7 +256,7 @@ def make_plan(args: ReplayArgs) -> ReplayPlan:
             "copied_from_source": "t, prompt, state, images, executed_actions (the source's actions), episode "
             "attrs and outcome; the model outputs, latents and cf_* reruns are the control's",
         },
-    }
+    )
     checkpoint = None if args.checkpoint is None else control
     return ReplayPlan(args, source, manifest, preset, checkpoint, asset_id, capture, num_steps, sim, tuple(episodes))
 
@@ -281,7 +278,7 @@ def check_output(plan: ReplayPlan) -> None:
 
 def load_policy(plan: ReplayPlan) -> Policy:
     """The control policy, sampling the source's number of denoising steps."""
-    logger.info("Loading the control model %s", plan.manifest["checkpoint"])
+    logger.info("Loading the control model %s", plan.manifest.checkpoint)
     return policy_config.create_trained_policy(
         plan.preset,
         plan.checkpoint,

@@ -9,15 +9,9 @@ from typing import Any
 from openpi.envs import base as env_base
 from openpi.latents import schema
 from openpi.latents import store as _store
-from openpi.latents.collect.episode import (
-    Inference,
-    base_record,
-    counterfactual_fields,
-    rerun_with_prompt,
-    teacher_forced_fields,
-    teacher_forced_rerun,
-)
-from openpi.latents.collect.interrupt import StopOnSignal
+from openpi.latents.recording.interrupt import StopOnSignal
+from openpi.latents.recording.records import base_record, counterfactual_fields, teacher_forced_fields
+from openpi.latents.recording.reruns import Inference, rerun_with_prompt, teacher_forced_rerun
 from openpi.latents.replay.plan import (
     COPIED_STREAMS,
     KIND,

@@ -17,6 +17,7 @@ import numpy as np
 from openpi.latents.analysis.metrics import registry as R
 from openpi.latents.analysis.run.result import CollectionAnalysis, attention_means, pooled_values, quiet_nan_warnings
 from openpi.latents.report.notes import fmt
+from openpi.latents.store.manifest import RunManifest
 
 CONTROL_STYLE = dict(color="0.45", ls="--", lw=1.2)
 _STREAMS = ("text_only", "expert_0", "expert_1")
@@ -27,8 +28,8 @@ def matching(res: CollectionAnalysis) -> str:
     ctrl = res.control
     if ctrl is None:
         return "no control collection"
-    of = ctrl.source["manifest"].get("control_of") or {}
-    mine = res.source["manifest"].get("content_hash")
+    of = RunManifest.of(ctrl.source["manifest"]).control_of or {}
+    mine = RunManifest.of(res.source["manifest"]).content_hash
     if of and mine and of.get("content_hash") == mine:
         return "matched replay of this collection (same observations and noise, other weights)"
     if of:
@@ -41,15 +42,15 @@ def summary(res: CollectionAnalysis) -> dict[str, Any] | None:
     ctrl = res.control
     if ctrl is None:
         return None
-    man = ctrl.source["manifest"]
+    man = RunManifest.of(ctrl.source["manifest"])
     return {
         "label": res.control_label,
         "matching": matching(res),
         "root": str(ctrl.source["root"]),
-        "checkpoint": man.get("checkpoint"),
-        "kind": man.get("kind"),
-        "control_of": {k: v for k, v in (man.get("control_of") or {}).items() if k != "arguments"} or None,
-        "replay": man.get("replay"),
+        "checkpoint": man.checkpoint,
+        "kind": man.kind,
+        "control_of": {k: v for k, v in (man.control_of or {}).items() if k != "arguments"} or None,
+        "replay": man.replay,
         "n_tasks": ctrl.source["n_tasks"],
         "n_episodes": len(ctrl.episodes),
     }

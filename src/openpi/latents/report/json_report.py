@@ -45,6 +45,7 @@ from openpi.latents.report.denoise_report import denoise_json
 from openpi.latents.report.notes import SPLIT_NOTE, cf_text_positions
 from openpi.latents.report.pooled_report import pooled_json
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics
+from openpi.latents.store.manifest import RunManifest, to_json_compatible
 
 MANIFEST_KEYS = (
     "preset",
@@ -57,6 +58,11 @@ MANIFEST_KEYS = (
     "code_version",
     "content_hash",
 )
+
+
+def _manifest_summary(manifest: RunManifest) -> dict[str, Any]:
+    """The manifest fields metrics.json repeats (None where the manifest lacks one)."""
+    return {k: to_json_compatible(getattr(manifest, k)) for k in MANIFEST_KEYS}
 
 
 def clean(v: Any) -> Any:
@@ -232,7 +238,7 @@ def metrics_json(res: CollectionAnalysis) -> dict[str, Any]:
     return {
         "source": {
             **{k: v for k, v in res.source.items() if k != "manifest"},
-            "manifest": {k: res.source["manifest"].get(k) for k in MANIFEST_KEYS},
+            "manifest": _manifest_summary(RunManifest.of(res.source["manifest"])),
             "success_rate": float(np.mean([e.success for e in res.episodes])),
             "text_only_cf_positions": cf_text_positions(res),
         },

@@ -17,6 +17,7 @@ from openpi.latents.report.pooled_report import pooled_sections
 from openpi.latents.report.readings import readings
 from openpi.latents.report.statistics import STATE_TOKEN_NOTE, figure_statistics, statistics_line
 from openpi.latents.report.tables import TABLES
+from openpi.latents.store.manifest import RunManifest
 
 # (figure, section title, reading) in report order
 SECTIONS = (
@@ -30,15 +31,15 @@ SECTIONS = (
 
 
 def _header(res: CollectionAnalysis, figures: dict[str, Any]) -> list[str]:
-    man = res.source["manifest"]
+    man = RunManifest.of(res.source["manifest"])
     n_s = sum(e.success for e in res.episodes)
     no_steps = res.source.get("episodes_without_steps") or []
     return [
         "# Language-loss report",
         "",
-        f"Collection `{res.source['root']}`: preset `{man.get('preset')}`, checkpoint `{man.get('checkpoint')}`, suite "
-        f"`{man.get('suite')}`; {res.source['n_tasks']} tasks, {len(res.episodes)} episodes, {n_s} successful. "
-        f"Capture: `{json.dumps(man.get('capture_spec'))}`. Token embedding: `{res.source.get('embedding')}`."
+        f"Collection `{res.source['root']}`: preset `{man.preset}`, checkpoint `{man.checkpoint}`, suite "
+        f"`{man.suite}`; {res.source['n_tasks']} tasks, {len(res.episodes)} episodes, {n_s} successful. "
+        f"Capture: `{json.dumps(man.capture_spec)}`. Token embedding: `{res.source.get('embedding')}`."
         + (
             f" {res.source.get('n_errored', 0)} episode(s) ended with an error, {len(no_steps)} of them before the "
             "first inference (no rollout step: skipped by every metric; listed under Episodes with errors)."

@@ -19,6 +19,7 @@ import numpy as np
 from openpi.latents.analysis.metrics import registry as R
 from openpi.latents.analysis.run.result import CollectionAnalysis, quiet_nan_warnings
 from openpi.latents.report import control as C
+from openpi.latents.store.manifest import RunManifest
 
 PANEL_IN = (4.4, 3.3)
 DPI = 100
@@ -327,9 +328,9 @@ def overview(res: CollectionAnalysis, out: pathlib.Path) -> dict[str, Any]:
     if not panels:
         panels = [("nothing to show", _note("no metric could be computed"))]
     n = len(res.episodes)
-    src = res.source["manifest"]
+    src = RunManifest.of(res.source["manifest"])
     title = (
-        f"{src.get('preset', '?')} on {src.get('suite', '?')}: {res.source['n_tasks']} tasks, {n} episodes, "
+        f"{src.preset or '?'} on {src.suite or '?'}: {res.source['n_tasks']} tasks, {n} episodes, "
         f"{sum(e.success for e in res.episodes)} successes"
     )
     return _figure(panels[:6], out / "overview.png", title)

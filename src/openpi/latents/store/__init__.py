@@ -29,6 +29,7 @@ from openpi.latents.store.format import (
 from openpi.latents.store.loading import detect_format, load_inference_task_data
 from openpi.latents.store.location import ObjectPath, ObjectStoreError
 from openpi.latents.store.lock import StoreLockedError
+from openpi.latents.store.manifest import MANIFEST_VERSION, RunManifest
 from openpi.latents.store.opening import check_writable
 from openpi.latents.store.pickle_format import PickleTaskWriter, export_pickle
 from openpi.latents.store.reader import EpisodeReader, LatentStore, completed_episodes, materialize, open_store
@@ -36,6 +37,7 @@ from openpi.latents.store.views import TaskData, TasksView
 from openpi.latents.store.writer import LatentStoreWriteError, LatentStoreWriter, create_or_open
 
 __all__ = [
+    "MANIFEST_VERSION",
     "DamagedEpisodeError",
     "EpisodeReader",
     "EpisodeWriter",
@@ -46,6 +48,7 @@ __all__ = [
     "ObjectPath",
     "ObjectStoreError",
     "PickleTaskWriter",
+    "RunManifest",
     "StoreCorruptionError",
     "StoreFormatError",
     "StoreLockedError",

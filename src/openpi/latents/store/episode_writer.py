@@ -20,7 +20,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import zarr
@@ -33,9 +33,6 @@ from openpi.latents.store import commit as commit_lib
 from openpi.latents.store import format as sf
 from openpi.latents.store import location
 from openpi.latents.store import manifest as manifest_lib
-
-if TYPE_CHECKING:
-    from openpi.latents.store.writer import LatentStoreWriter
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -172,10 +169,20 @@ class EpisodeSink:
         self._commit(complete=True)
 
 
+class WriteQueue(Protocol):
+    """What an :class:`EpisodeWriter` needs of the store writer (`writer.LatentStoreWriter`): its failure check, its
+    queue to the background thread, and the note that an episode is finished. The writer creates the episode
+    writers, so this side names only the contract."""
+
+    def _check(self) -> None: ...
+    def _put(self, item: tuple) -> None: ...
+    def _episode_finished(self, sink: EpisodeSink) -> None: ...
+
+
 class EpisodeWriter:
     """Producer-side handle of one episode: ``append_step(record)`` per inference, then ``finish(metadata)``."""
 
-    def __init__(self, writer: LatentStoreWriter, sink: EpisodeSink):
+    def __init__(self, writer: WriteQueue, sink: EpisodeSink):
         self._writer = writer
         self._sink = sink
         self.task_id = sink.task_id

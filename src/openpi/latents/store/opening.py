@@ -113,7 +113,7 @@ def _check_content(
     if n_episodes:
         stored, _ = sf.read_store_manifest(root)  # validates root attrs and manifest.json
         incomplete_episodes(root)  # raises for a damaged episode that may have finished (resume would refuse)
-        diffs = manifest_lib.manifest_differences(stored, dict(manifest), ignore=resume_ignore)
+        diffs = manifest_lib.manifest_differences(stored, manifest, ignore=resume_ignore)
         if diffs:
             raise ValueError(
                 f"Cannot resume {root}: it was written with a different manifest. Differing fields:\n  "

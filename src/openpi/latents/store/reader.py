@@ -43,6 +43,7 @@ from openpi.latents.store.format import (
     require_attrs,
     scan_episode_dirs,
 )
+from openpi.latents.store.manifest import RunManifest
 from openpi.latents.store.views import TaskData, TasksView
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,8 @@ class LatentStore:
         self.root = location.as_path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such latent store directory (or an empty prefix).")
-        self.manifest, self.attrs = sf.read_store_manifest(self.root)
+        self.manifest, self.attrs = sf.read_store_manifest(self.root)  # the manifest's JSON, as stored
+        self.run_manifest = RunManifest.from_json(self.manifest)  # what readers read
         self._dirs = scan_episode_dirs(self.root)
         self._tasks: dict[int, dict[str, Any]] = {}
         self._episodes: dict[tuple[int, int], EpisodeReader] = {}

@@ -12,10 +12,28 @@ episodes show their committed steps and ``metadata["complete"] == False``).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from openpi.latents.store.reader import EpisodeReader, LatentStore
+
+# What the views read of an episode and of a store (`reader.EpisodeReader`, `reader.LatentStore` provide it; the
+# reader builds the views, so the views name only this contract, not the reader).
+class EpisodeReader(Protocol):
+    path: Any
+    step_t: list[int]
+
+    @property
+    def metadata(self) -> dict[str, Any]: ...
+    def keys_at(self, step: int) -> list[str]: ...
+    def read_step_value(self, key: str, step: int) -> Any: ...
+
+
+class LatentStore(Protocol):
+    def task_ids(self) -> list[int]: ...
+    def task_info(self, task_id: int) -> dict[str, Any]: ...
+    def episode(self, task_id: int, episode_index: int) -> EpisodeReader: ...
+    def episode_indices(self, task_id: int, *, include_incomplete: bool = False) -> list[int]: ...
+    def task_data(self, task_id: int, *, include_incomplete: bool = False) -> Mapping[str, Any]: ...
+
 
 _TASK_SCALAR_KEYS = ("task_id", "task_name", "language", "suite")
 

@@ -2,7 +2,7 @@
 
 Pairing: an episode of a condition store is paired with the baseline store's episode of the same task and initial
 state (episode index k) when both ran with the same seed; both then drew the same noise at every inference index
-(`openpi.latents.collect.episode.episode_noise`), so inference i of the two is compared.
+(`openpi.latents.recording.records.episode_noise`), so inference i of the two is compared.
 
 Per condition (definitions, also written into the report):
 
@@ -223,7 +223,7 @@ class BehaviourAnalysis:
 
 def _condition_of(store) -> dict[str, Any]:
     """The manifest's condition; a store from before conditions existed ran the baseline."""
-    return store.manifest.get("condition") or {"name": "baseline", "prompt_mode": "task", "intervention": None}
+    return dict(store.run_manifest.condition or {"name": "baseline", "prompt_mode": "task", "intervention": None})
 
 
 def _is_baseline(cond: dict[str, Any]) -> bool:
@@ -296,7 +296,7 @@ def analyze_conditions(
     notes, effects, pro = [], [], []
     for path, st in stores.items():
         effects.append(_effect(path, st, base_store, base_eps, threshold, n_boot, seed, notes))
-        if str(st.manifest.get("suite")) in PRO_SUITE_NAMES:
+        if str(st.run_manifest.suite) in PRO_SUITE_NAMES:
             eps = _episodes(st)
             pro += [{"condition": effects[-1].name, **row} for row in pro_prompt_rows(
                 [{"task_id": t, **ep.metadata} for (t, _), ep in sorted(eps.items())]
@@ -305,16 +305,16 @@ def analyze_conditions(
     effects.sort(key=lambda e: (e.recipe or "", e.layer if e.layer is not None else -1, e.name))
     return BehaviourAnalysis(
         str(base_path), _condition_of(base_store), tuple(effects), threshold, n_boot, tuple(notes), correction,
-        tuple(pro), str(base_store.manifest.get("suite")),
+        tuple(pro), str(base_store.run_manifest.suite),
     )  # fmt: skip
 
 
 def _effect(path, st, base_store, base_eps, threshold, n_boot, seed, notes) -> ConditionEffect:
     """One condition against the baseline: paired where the initial states match, else unpaired."""
     cond = _condition_of(st)
-    batching = inference_batching(base_store.manifest), inference_batching(st.manifest)
+    batching = inference_batching(base_store.run_manifest), inference_batching(st.run_manifest)
     same_batching = batching[0] == batching[1]
-    suites = base_store.manifest.get("suite"), st.manifest.get("suite")
+    suites = base_store.run_manifest.suite, st.run_manifest.suite
     pairs, refused = [], []
     cond_eps = _episodes(st)
     for key, ep in cond_eps.items():
@@ -359,7 +359,7 @@ def _effect(path, st, base_store, base_eps, threshold, n_boot, seed, notes) -> C
     return ConditionEffect(
         str(cond["name"]), str(path), cond, tuple(pairs), diff, (lo, hi), why, b, c,
         mcnemar_exact(b, c) if unpaired_reason is None else math.nan, unpaired_reason, unpaired, p_fisher,
-        divergence_reason, suite=str(st.manifest.get("suite")),
+        divergence_reason, suite=str(st.run_manifest.suite),
     )  # fmt: skip
 
 

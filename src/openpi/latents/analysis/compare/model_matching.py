@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from openpi.latents.analysis.compare.behaviour import _condition_of
 from openpi.latents.analysis.data.labels import model_depth
+from openpi.latents.store.manifest import RunManifest
 
 # Episode attrs that must agree between paired episodes (when either run recorded them).
 EPISODE_KEYS = ("init_state_index", "seed", "prompt", "max_steps", "task_language")
@@ -73,9 +74,12 @@ class ModelSide:
         return "none: no state token and a prompt without the state (the model never sees the robot state)"
 
 
-def describe_side(root: str, manifest: dict[str, Any], discrete_state_input: bool | None = None) -> ModelSide:
+def describe_side(
+    root: str, manifest: RunManifest | Mapping[str, Any], discrete_state_input: bool | None = None
+) -> ModelSide:
     """A :class:`ModelSide` from a collection manifest (the model code is imported only to parse its config)."""
-    text = manifest.get("model_config")
+    manifest = RunManifest.of(manifest)
+    text = manifest.model_config
     family, horizon = "unknown", None
     if text:
         from openpi.models import pi0_config
@@ -87,13 +91,13 @@ def describe_side(root: str, manifest: dict[str, Any], discrete_state_input: boo
             family = "pi0.5" if "pi05=True" in str(text) else "unknown"
     return ModelSide(
         root=root,
-        preset=manifest.get("preset"),
-        checkpoint=manifest.get("checkpoint"),
+        preset=manifest.preset,
+        checkpoint=manifest.checkpoint,
         model_config=text,
         family=family,
         depth=model_depth(manifest)[0],
         action_horizon=horizon,
-        suffix_segments=tuple(manifest.get("suffix_segment_names") or ()),
+        suffix_segments=tuple(manifest.suffix_segment_names or ()),
         discrete_state_input=discrete_state_input if family == "pi0.5" else None,
     )
 
@@ -165,8 +169,8 @@ def match_collections(
             )
         stores.append(store_lib.open_store(p))
     sa, sb = stores
-    a = describe_side(str(path_a), sa.manifest, discrete_state_input[0])
-    b = describe_side(str(path_b), sb.manifest, discrete_state_input[1])
+    a = describe_side(str(path_a), sa.run_manifest, discrete_state_input[0])
+    b = describe_side(str(path_b), sb.run_manifest, discrete_state_input[1])
     head = f"{a.family} `{path_a}` vs {b.family} `{path_b}`"
     if a.identity == b.identity:
         raise CollectionMismatchError(
@@ -175,7 +179,7 @@ def match_collections(
         )
     problems = []
     for what, va, vb, fix in (
-        ("suite", sa.manifest.get("suite"), sb.manifest.get("suite"), "collect both with the same --task-suite"),
+        ("suite", sa.run_manifest.suite, sb.run_manifest.suite, "collect both with the same --task-suite"),
         (
             "condition",
             _condition_of(sa),
@@ -243,7 +247,7 @@ def match_collections(
         *(f"per-episode {f}" for f in EPISODE_KEYS),
     )
     return MatchedCollections(
-        a, b, sa.manifest.get("suite"), _condition_of(sa), languages, tuple(pairs), tuple(excluded), checked
+        a, b, sa.run_manifest.suite, _condition_of(sa), languages, tuple(pairs), tuple(excluded), checked
     )
 
 
@@ -265,12 +269,12 @@ def find_comparison(
     from openpi.latents.analysis.compare.behaviour import _is_baseline, find_stores
 
     paths = find_stores(conditions)
-    manifests = {p: store_lib.open_store(p).manifest for p in paths}
+    manifests = {p: store_lib.open_store(p).run_manifest for p in paths}
 
-    def identity(m) -> tuple:
-        return m.get("model_config"), m.get("preset"), m.get("checkpoint")
+    def identity(m: RunManifest) -> tuple:
+        return m.model_config, m.preset, m.checkpoint
 
-    mine = identity(store_lib.open_store(primary).manifest)
+    mine = identity(store_lib.open_store(primary).run_manifest)
     ids = {identity(m) for m in manifests.values()}
     if mine not in ids or len(ids) == 1:
         return None, paths, []

@@ -26,15 +26,16 @@ from typing import Any
 
 from scipy import stats as _scipy_stats
 
+from openpi.latents.store.manifest import RunManifest
+
 __all__ = ["fisher_exact", "inference_batching", "pairing_refusal", "pro_prompt_rows"]
 
 
-def inference_batching(manifest: dict[str, Any]) -> str:
-    """"batched" when the run's inferences went through padded multi-env model calls, else "single"."""
-    args = manifest.get("arguments") or {}
-    cond = manifest.get("condition") or {}
-    edits = cond.get("intervention") is not None or cond.get("text_latent") is not None
-    batched = int(args.get("num_envs", 1) or 1) > 1 and bool(args.get("batch_inference", True)) and not edits
+def inference_batching(manifest: RunManifest | dict[str, Any]) -> str:
+    """ "batched" when the run's inferences went through padded multi-env model calls, else "single"."""
+    m = RunManifest.of(manifest)
+    edits = m.condition_entry("intervention") is not None or m.condition_entry("text_latent") is not None
+    batched = int(m.argument("num_envs", 1) or 1) > 1 and bool(m.argument("batch_inference", True)) and not edits
     return "batched" if batched else "single"
 
 

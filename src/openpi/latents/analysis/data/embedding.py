@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from openpi.latents.store.manifest import RunManifest
+
 EMBEDDING_PATH = ("PaliGemma", "llm", "embedder", "input_embedding")
 FINAL_NORM_PATH = ("PaliGemma", "llm", "final_norm", "scale")
 _RANDOM_RE = re.compile(r"^random\(seed=(-?\d+)\)$")
@@ -93,17 +95,18 @@ def token_embedding_from_model_config(model_config: str, param_seed: int) -> Tok
     return TokenEmbedding(leaves[0], leaves[1], f"{model_config} random(seed={param_seed})")
 
 
-def token_embedding_for_manifest(manifest: Mapping[str, Any]) -> TokenEmbedding:
+def token_embedding_for_manifest(manifest: RunManifest | Mapping[str, Any]) -> TokenEmbedding:
     """The embedding leaves of the checkpoint a collection recorded in its manifest (see the module docstring).
 
     Raises ValueError with the reason when the manifest names no usable checkpoint.
     """
-    checkpoint = manifest.get("checkpoint")
+    manifest = RunManifest.of(manifest)
+    checkpoint = manifest.checkpoint
     if not checkpoint:
         raise ValueError("the run manifest records no checkpoint; pass the embedding explicitly")
     m = _RANDOM_RE.match(str(checkpoint))
     if m:
-        model_config = manifest.get("model_config")
+        model_config = manifest.model_config
         if not model_config:
             raise ValueError(
                 f"manifest checkpoint {checkpoint!r} needs the manifest's model_config (Pi0Config.describe()) to "

@@ -13,11 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from openpi.latents.store.manifest import RunManifest
 
-def model_depth(manifest: Mapping[str, Any]) -> tuple[int | None, str | None]:
+
+def model_depth(manifest: RunManifest | Mapping[str, Any]) -> tuple[int | None, str | None]:
     """(depth, name) of the model the manifest's ``model_config`` describes, named by the manifest's preset (else by
     the description); (None, None) when the manifest has no model_config or it names no known configuration."""
-    text = manifest.get("model_config")
+    manifest = RunManifest.of(manifest)
+    text = manifest.model_config
     if not text:
         return None, None
     from openpi.models import pi0_config
@@ -26,7 +29,7 @@ def model_depth(manifest: Mapping[str, Any]) -> tuple[int | None, str | None]:
         depth = pi0_config.Pi0Config.from_description(str(text)).depth
     except ValueError:
         return None, None
-    return depth, str(manifest.get("preset") or text)
+    return depth, str(manifest.preset or text)
 
 
 def variants_of_width(width: int | None) -> list[tuple[str, int]]:
@@ -73,7 +76,7 @@ def _from_capture_spec(
 
 
 def resolve_layers(
-    manifest: Mapping[str, Any], n_stored: int, width: int | None = None
+    manifest: RunManifest | Mapping[str, Any], n_stored: int, width: int | None = None
 ) -> tuple[tuple[int, ...], str, str | None]:
     """(label of each stored layer, "model" | "capture_position", note or None).
 
@@ -83,8 +86,9 @@ def resolve_layers(
     variant of width ``width`` (what the data implies); otherwise they are labelled by capture position 0..n-1. Every
     case that is not read off a capture_spec comes with a note saying so.
     """
+    manifest = RunManifest.of(manifest)
     depth, model = model_depth(manifest)
-    spec = manifest.get("capture_spec")
+    spec = manifest.capture_spec
     if isinstance(spec, Mapping):
         return _from_capture_spec(spec, n_stored, depth, model)
     what = "the manifest has no capture_spec" if manifest else "no run manifest (e.g. a pickle written before "
@@ -110,7 +114,9 @@ def resolve_layers(
     )
 
 
-def resolve_denoise_steps(manifest: Mapping[str, Any], n_stored: int) -> tuple[tuple[int, ...], str, str | None]:
+def resolve_denoise_steps(
+    manifest: RunManifest | Mapping[str, Any], n_stored: int
+) -> tuple[tuple[int, ...], str, str | None]:
     """(denoising-step id of each captured step, "model" | "capture_position", note or None).
 
     Ids come from the manifest's ``capture_spec`` (``CaptureSpec.step_indices(num_steps)``, num_steps = the
@@ -120,14 +126,15 @@ def resolve_denoise_steps(manifest: Mapping[str, Any], n_stored: int) -> tuple[t
     from openpi.models.capture import CaptureSpec
 
     positions = tuple(range(n_stored))
-    spec = manifest.get("capture_spec")
+    manifest = RunManifest.of(manifest)
+    spec = manifest.capture_spec
     if not isinstance(spec, Mapping):
         return (
             positions,
             "capture_position",
             ("no capture_spec in the manifest: denoising steps labelled by capture position, not step ids"),
         )
-    num_steps = int((manifest.get("arguments") or {}).get("num_denoise_steps", 10))
+    num_steps = int(manifest.argument("num_denoise_steps", 10))
     try:
         ids = CaptureSpec.from_dict(dict(spec)).step_indices(num_steps)
     except (ValueError, TypeError) as e:

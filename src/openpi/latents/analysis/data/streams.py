@@ -27,6 +27,8 @@ import numpy as np
 from openpi.latents import schema
 from openpi.latents.analysis import measures as M
 from openpi.latents.analysis.data.labels import resolve_layers
+from openpi.latents.store.manifest import RunManifest
+from openpi.shared import record_keys as rk
 
 STREAMS = ("text_only", "expert_0", "expert_1")
 
@@ -74,14 +76,14 @@ def _make(name, key, mode, fields, manifest, **kw) -> Stream:
 
 
 def _text_stream(fields, manifest, spec, streams, missing) -> None:
-    n_text = fields["text_mask"][0][-1] if "text_mask" in fields else 0
-    if "text_only_hidden_states" in fields:
-        streams["text_only"] = _make("text_only", "text_only_hidden_states", "text", fields, manifest, n_text=n_text)
-    elif "expert_0_hidden_states" in fields and n_text:
-        tp = fields["expert_0_hidden_states"][0][-2]
-        start = int(manifest.get("text_start", tp - n_text))
+    n_text = fields[rk.TEXT_MASK][0][-1] if rk.TEXT_MASK in fields else 0
+    if rk.TEXT_ONLY_HIDDEN_STATES in fields:
+        streams["text_only"] = _make("text_only", rk.TEXT_ONLY_HIDDEN_STATES, "text", fields, manifest, n_text=n_text)
+    elif rk.EXPERT_0_HIDDEN_STATES in fields and n_text:
+        tp = fields[rk.EXPERT_0_HIDDEN_STATES][0][-2]
+        start = int(tp - n_text if manifest.text_start is None else manifest.text_start)
         streams["text_only"] = _make(
-            "text_only", "expert_0_hidden_states", "text_from_full", fields, manifest, text_start=start, n_text=n_text
+            "text_only", rk.EXPERT_0_HIDDEN_STATES, "text_from_full", fields, manifest, text_start=start, n_text=n_text
         )
     else:
         missing["text_only"] = (
@@ -92,35 +94,35 @@ def _text_stream(fields, manifest, spec, streams, missing) -> None:
 def _camera_count(fields, cam_names, notes: list[str]) -> int:
     if cam_names:
         return len(cam_names)
-    if "segment_mask" in fields:
-        return fields["segment_mask"][0][-1] - 1
-    if "expert_0_segment_means" in fields:
-        return fields["expert_0_segment_means"][0][-2] - 1
+    if rk.SEGMENT_MASK in fields:
+        return fields[rk.SEGMENT_MASK][0][-1] - 1
+    if rk.EXPERT_0_SEGMENT_MEANS in fields:
+        return fields[rk.EXPERT_0_SEGMENT_MEANS][0][-2] - 1
     notes.append("camera layout unknown (no segment_names, no segment_mask): the image tokens form one segment")
     return 1
 
 
 def _expert0_stream(fields, manifest, spec, streams, missing) -> None:
-    seg_stored = "segment_mask" in fields
+    seg_stored = rk.SEGMENT_MASK in fields
     notes: list[str] = []
-    cam_names = [s for s in (manifest.get("segment_names") or []) if s != "text"]
+    cam_names = [s for s in (manifest.segment_names or ()) if s != "text"]
     n_cams = _camera_count(fields, cam_names, notes)
     if not seg_stored:
         notes.append(
             "no segment_mask stored (written before the capture recorded it): every camera is treated as valid (a "
             "masked camera's meaningless states would count)"
         )
-    if "expert_0_hidden_states" in fields:
-        n_text = fields["text_mask"][0][-1] if "text_mask" in fields else 0
-        tp = fields["expert_0_hidden_states"][0][-2]
-        start = int(manifest.get("text_start", tp - max(n_text, 0)))
+    if rk.EXPERT_0_HIDDEN_STATES in fields:
+        n_text = fields[rk.TEXT_MASK][0][-1] if rk.TEXT_MASK in fields else 0
+        tp = fields[rk.EXPERT_0_HIDDEN_STATES][0][-2]
+        start = int(tp - max(n_text, 0) if manifest.text_start is None else manifest.text_start)
         if start % n_cams:
             notes.append(f"text_start {start} is not a multiple of {n_cams} cameras: the image tokens form one segment")
             n_cams = 1
-        key, mode, kw = "expert_0_hidden_states", "full", {"text_start": start}
-    elif "expert_0_segment_means" in fields:
-        key, mode, kw = "expert_0_segment_means", "pooled", {}
-        n_cams = min(n_cams, fields["expert_0_segment_means"][0][-2] - 1)
+        key, mode, kw = rk.EXPERT_0_HIDDEN_STATES, "full", {"text_start": start}
+    elif rk.EXPERT_0_SEGMENT_MEANS in fields:
+        key, mode, kw = rk.EXPERT_0_SEGMENT_MEANS, "pooled", {}
+        n_cams = min(n_cams, fields[rk.EXPERT_0_SEGMENT_MEANS][0][-2] - 1)
     else:
         missing["expert_0"] = f"expert 0 not captured (CaptureSpec.expert_0={spec.get('expert_0')!r})"
         return
@@ -137,25 +139,26 @@ def _expert0_stream(fields, manifest, spec, streams, missing) -> None:
     )
 
 
-def suffix_roles(manifest: Mapping[str, Any]) -> tuple[bool, str]:
+def suffix_roles(manifest: RunManifest | Mapping[str, Any]) -> tuple[bool, str]:
     """(whether expert-1 token 0 is pi0's state token, where that was read): the manifest's
     ``suffix_segment_names`` (pi0: ["state", "actions"], pi0.5: ["action_0", "actions_1:"]), else its
     ``model_config`` (``pi05=True``), else pi0 is assumed."""
-    names = manifest.get("suffix_segment_names")
+    manifest = RunManifest.of(manifest)
+    names = manifest.suffix_segment_names
     if names:
         return names[0] == "state", f"manifest suffix_segment_names {list(names)}"
-    config = manifest.get("model_config")
+    config = manifest.model_config
     if isinstance(config, str) and config:
         return "pi05=True" not in config, "manifest model_config"
     return True, "assumed pi0 (the manifest names no suffix layout): query 0 taken as the state token"
 
 
 def _expert1_stream(fields, manifest, spec, streams, missing) -> None:
-    att = "attention_to_text" in fields
-    att_cf = schema.counterfactual("attention_to_text") in fields
+    att = rk.ATTENTION_TO_TEXT in fields
+    att_cf = schema.counterfactual(rk.ATTENTION_TO_TEXT) in fields
     state, source = suffix_roles(manifest)
     kw = dict(attention=att, attention_cf=att_cf, state_query=state, state_query_source=source)
-    for key, mode in (("expert_1_hidden_states", "full"), ("expert_1_segment_means", "pooled")):
+    for key, mode in ((rk.EXPERT_1_HIDDEN_STATES, "full"), (rk.EXPERT_1_SEGMENT_MEANS, "pooled")):
         if key in fields:
             streams["expert_1"] = _make("expert_1", key, mode, fields, manifest, **kw)
             return
@@ -164,18 +167,21 @@ def _expert1_stream(fields, manifest, spec, streams, missing) -> None:
             f"expert 1 not captured (CaptureSpec.expert_1={spec.get('expert_1')!r}, no attention_to_text)"
         )
         return
-    shape, dims = fields["attention_to_text"]
+    shape, dims = fields[rk.ATTENTION_TO_TEXT]
     n = shape[dims.index("layer")]
     layers, kind, note = resolve_layers(manifest, n, None)
     streams["expert_1"] = Stream("expert_1", None, "none", n, layers, False, layer_kind=kind, layer_note=note, **kw)
     missing["expert_1_hidden"] = f"expert 1 hidden states not captured (CaptureSpec.expert_1={spec.get('expert_1')!r})"
 
 
-def discover_streams(fields: Mapping[str, tuple], manifest: Mapping[str, Any]) -> tuple[dict[str, Stream], dict]:
+def discover_streams(
+    fields: Mapping[str, tuple], manifest: RunManifest | Mapping[str, Any]
+) -> tuple[dict[str, Stream], dict]:
     """Streams present in an episode's ``fields`` ({key: (shape, dims)}), and {stream: reason} for those missing."""
     streams: dict[str, Stream] = {}
     missing: dict[str, str] = {}
-    spec = manifest.get("capture_spec") or {}
+    manifest = RunManifest.of(manifest)
+    spec = manifest.capture_spec or {}
     for add in (_text_stream, _expert0_stream, _expert1_stream):
         add(fields, manifest, spec, streams, missing)
     return streams, missing

@@ -35,6 +35,7 @@ import numpy as np
 from openpi.latents import schema
 from openpi.latents.analysis import measures as M
 from openpi.latents.analysis.stats.clustered import cluster_bootstrap_ci
+from openpi.latents.store.manifest import RunManifest
 
 if TYPE_CHECKING:
     from openpi.latents.analysis.run.result import CollectionAnalysis
@@ -82,9 +83,9 @@ class DenoiseSensitivity:
     first_is_input: bool = False  # the first stored layer is model layer 0, the embedded input (0 when teacher-forced)
 
 
-def _tokens(stream, manifest: Mapping[str, Any]) -> tuple[slice, str]:
+def _tokens(stream, manifest: RunManifest | Mapping[str, Any]) -> tuple[slice, str]:
     """The suffix tokens compared (an index into the token / segment axis) and their description."""
-    names = manifest.get("suffix_segment_names")
+    names = RunManifest.of(manifest).suffix_segment_names
     pi0 = names is None or names[0] == "state"  # no names (older stores): pi0, the only model that had none
     if not pi0:
         return slice(None), "every suffix token (pi0.5: no state token)"

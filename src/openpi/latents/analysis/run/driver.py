@@ -38,6 +38,7 @@ from openpi.latents.analysis.metrics import step as SM
 from openpi.latents.analysis.run import denoise_sensitivity as DS
 from openpi.latents.analysis.run.result import CollectionAnalysis
 from openpi.latents.analysis.run.settings import AnalysisSettings
+from openpi.latents.store.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def analyze_collection(
         res.control = analyze_collection(
             control, settings, embedding=None if embedding is None else control_embedding, progress=progress
         )
-        res.control_label = control_label or str(res.control.source["manifest"].get("checkpoint") or "control")
+        res.control_label = control_label or str(RunManifest.of(res.control.source["manifest"]).checkpoint or "control")
     res.timings["total_s"] = time.monotonic() - t0
     return res
 
@@ -302,8 +303,7 @@ def _analyze_layer(
 
 def _stored_bf16(run: R.RunContext) -> bool:
     """Hidden states stored in bfloat16 (the capture's default) rather than float32 / float16."""
-    spec = (run.source.manifest or {}).get("capture_spec") or {}
-    return spec.get("dtype", "bfloat16") == "bfloat16"
+    return RunManifest.of(run.source.manifest).capture("dtype", "bfloat16") == "bfloat16"
 
 
 def _layer_mean(run: R.RunContext, stream: S.Stream, j: int) -> np.ndarray | None:
