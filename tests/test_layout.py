@@ -120,8 +120,8 @@ def test_graph_sees_submodule_type_only_and_deferred_imports():
     # writer.py: `from openpi.latents.store import format as sf` is an edge to the submodule, not the package
     assert "openpi.latents.store.format" in graph["openpi.latents.store.writer"]
     assert "openpi.latents.store" not in graph["openpi.latents.store.writer"]
-    # type-only: views.py imports the reader under `if TYPE_CHECKING:`
-    assert "openpi.latents.store.reader" in graph["openpi.latents.store.views"]
+    # type-only: text_latent.py imports the model config under `if TYPE_CHECKING:`
+    assert "openpi.models.pi0_config" in graph["openpi.latents.text_latent"]
     # deferred: the analysis source imports the store reader inside a function (make_source)
     assert "openpi.latents.store.reader" in graph["openpi.latents.analysis.data.source"]
 
@@ -135,11 +135,8 @@ def test_no_import_cycles_in_analysis_or_report():
     assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
-# Circles in other packages are being dissolved on their own branches (models/: "seam"; store/, collect/, latents/
-# top level: "contract"); this test passes once they land (strict: an unexpected pass fails, so it gets flipped).
-# Left at the time of writing (models/ has none since "seam" landed): store episode_writer <-> writer; store reader <->
-# views; collect ray_backend <-> run; collect.conditions <-> latents.text_latent.
-@pytest.mark.xfail(strict=True, reason="import cycles in store/, collect/, latents/ until the contract branch lands")
+# Every circle, in every package, deferred and type-only imports included (issue 17 part 5: models/ by the model seam,
+# store/, collect/ and latents/ by the run contract, analysis/ and report/ by the settings split).
 def test_no_import_cycles_in_src():
     cycles = import_cycles(import_graph())
     assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
@@ -154,21 +151,6 @@ def _assert_kept(contract_id: str) -> None:
         str(REPO / "pyproject.toml"), limit_to_contracts=(contract_id,), cache_dir=None, no_logo=True
     )
     assert kept, f"import-linter contract {contract_id!r} broken (report above)"
-
-
-def import_graph_all() -> dict[str, set[str]]:
-    """The import graph with every import: module level, deferred (in functions) and type-only alike."""
-    modules = _modules()
-    known = set(modules)
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        edges: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                edges |= _targets(name, path.name == "__init__.py", node, known)
-        edges.discard(name)
-        graph[name] = edges
-    return graph
 
 
 # The producer side and the store (issue 17 part 5, outside analysis/ and models/): no circle even through a deferred
@@ -187,15 +169,14 @@ _NO_CIRCLE_PACKAGES = (
 
 
 def test_no_circles_through_deferred_or_type_only_imports_on_the_producer_side():
-    graph = import_graph_all()
+    graph = import_graph()
     # deferred and type-only imports are edges here (the module-level graph skips both)
     assert "openpi.latents.collect.ray_backend" in graph["openpi.latents.collect.run"]  # imported inside a function
     assert "openpi.models.pi0_config" in graph["openpi.latents.text_latent"]  # imported under TYPE_CHECKING
     ours = {m for m in graph if m.startswith(_NO_CIRCLE_PACKAGES)}
     assert "openpi.latents.store.views" in ours and "openpi.latents.collect.ray_backend" in ours
-    sub = {m: graph[m] & ours for m in ours}
-    cycle = find_cycle(sub)
-    assert cycle is None, "import cycle (deferred and type-only imports included): " + " -> ".join(cycle or [])
+    cycles = import_cycles({m: graph[m] & ours for m in ours})
+    assert cycles == [], "import cycles (deferred and type-only imports included): " + "; ".join(map(str, cycles))
 
 
 def test_no_producer_imports_another_producers_internals():
@@ -207,7 +188,7 @@ def test_no_producer_imports_another_producers_internals():
         "replay": ("openpi.latents.replay",),
         "synthetic": ("openpi.latents.synthetic_collection",),
     }
-    graph = import_graph_all()
+    graph = import_graph()
     bad = [
         f"{module} ({name}) imports {target}"
         for name, own in producers.items()
