@@ -45,13 +45,15 @@ def _one_minus_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def floors(states: np.ndarray, *, seed: int = 0, max_rows: int = 2048) -> dict[str, float]:
     """{metric: floor} of :data:`FLOOR_METRICS` from stored bf16 ``states`` [..., W] (values as read, any float
     dtype); rows with a zero norm are left out."""
-    x = np.asarray(states, np.float64).reshape(-1, np.shape(states)[-1])
-    x = x[np.linalg.norm(x, axis=-1) > 0]
-    if not len(x):
+    # Rows are picked before the float64 copy: the analysis hands over a whole read block (memory stays one block).
+    rows = np.asarray(states).reshape(-1, np.shape(states)[-1])
+    keep = np.flatnonzero(np.any(rows != 0, axis=-1))
+    if not len(keep):
         return {m: float("nan") for m in FLOOR_METRICS}
     rng = np.random.default_rng(seed)
-    if len(x) > max_rows:
-        x = x[rng.choice(len(x), max_rows, replace=False)]
+    if len(keep) > max_rows:
+        keep = keep[rng.choice(len(keep), max_rows, replace=False)]
+    x = rows[keep].astype(np.float64)
     pre = x + rng.uniform(-0.5, 0.5, x.shape) * _ulp_bf16(x)
     rel = np.linalg.norm(pre - x, axis=-1) / np.linalg.norm(pre, axis=-1)
     centre = pre.mean(0) if len(x) > 1 else np.zeros(x.shape[-1])

@@ -292,13 +292,21 @@ def _analyze_layer(
                 cam = _read_block(block, "segment_mask" in fields)
                 if len(floors.get(stream.name, ())) == j and _stored_bf16(run):  # first block only
                     x = SM.drift_states(stream, block.x)
-                    valid = None if block.mask is None else np.broadcast_to(block.mask, x.shape[:-1])
-                    floor = PF.floors(x if valid is None else x[valid], seed=run.settings.stats.seed)
-                    floors.setdefault(stream.name, []).append(floor)
+                    floors.setdefault(stream.name, []).append(_precision_floor(x, block.mask, run.settings.stats.seed))
                 _run(block_metrics, block, step_values)
                 probe.add(stream, block, cam)
         _run(episode_metrics, R.LayerBlock(**common, steps=None, embedding=emb), step_values)
     return probe.result(stream)
+
+
+def _precision_floor(x: np.ndarray, mask: np.ndarray | None, seed: int, max_rows: int = 2048) -> dict[str, float]:
+    """The bf16 floor from at most ``max_rows`` valid positions of a block [..., W], gathered by index: a copy of the
+    whole block (``x[mask]``) would raise the analysis's peak memory by a block per layer."""
+    lead = x.shape[:-1]
+    idx = np.flatnonzero(np.ones(lead, bool) if mask is None else np.broadcast_to(mask, lead))
+    if len(idx) > max_rows:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_rows, replace=False))
+    return PF.floors(x[np.unravel_index(idx, lead)], seed=seed, max_rows=max_rows)
 
 
 def _stored_bf16(run: R.RunContext) -> bool:
