@@ -59,4 +59,6 @@ def test_one_stream_point_vocabulary():
     assert intervention.STREAM_POINTS == stream_points.EDIT_POINTS
     assert set(stream_points.EDIT_POINTS) < set(stream_points.TAP_POINTS)
     assert taps.Stream is stream_points.StreamPoint
-    assert stream_points.EDIT_POINTS == ("residual", "head_out", "attn_out", "post_attn_residual")
+    # the four of the seam, then the FFN points of the causal maps (MLP output, FFN hidden activations)
+    assert stream_points.EDIT_POINTS[:4] == ("residual", "head_out", "attn_out", "post_attn_residual")
+    assert set(stream_points.EDIT_POINTS[4:]) == {"mlp_out", "ffn_hidden"}
